@@ -1,0 +1,1 @@
+"""A customizable consistent-hashing load balancer."""

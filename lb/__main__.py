@@ -1,0 +1,3 @@
+from lb.stack import main
+
+main()

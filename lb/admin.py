@@ -1,0 +1,219 @@
+"""``/add`` and ``/rm``: validation, then reserve in the registry, act, commit or roll back.
+
+Every check that can reject a call runs before anything changes, and the registry entries a
+call creates are reserved under the registry lock before any replica starts, so two concurrent
+calls can never pick the same name or server id and a rejected call leaves no trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, TypeVar
+
+from lb.backends import Backend, BackendError, Instance, ReplicaSpec
+from lb.errors import ApiError
+from lb.hashring import RingFull
+from lb.heartbeat import wait_ready
+from lb.registry import READY, REMOVING, Registry, Replica, State
+from lb.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Docker's container-name rule; 63 keeps every name usable as a DNS label (network alias).
+HOSTNAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z")
+MAX_HOSTNAME = 63
+ADD_TOO_MANY = "Length of hostname list is more than newly added instances"
+RM_TOO_MANY = "Length of hostname list is more than removable instances"
+STOP_TIMEOUT = 10.0
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def parse_scale_request(body: Any, too_many: str) -> tuple[int, list[str]]:
+    """``{"n": int >= 1, "hostnames": [names]}`` -> (n, hostnames), or an ``ApiError(400)``."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "Request body must be a JSON object like {\"n\": 1, \"hostnames\": []}")
+    unknown = sorted(set(body) - {"n", "hostnames"})
+    if unknown:
+        raise ApiError(400, f"Unknown field '{unknown[0]}' (expected 'n' and 'hostnames')")
+    if "n" not in body:
+        raise ApiError(400, "Field 'n' is required")
+    n = body["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ApiError(400, "Field 'n' must be a positive integer")
+    hostnames = body.get("hostnames")
+    if hostnames is None:
+        hostnames = []
+    if not isinstance(hostnames, list):
+        raise ApiError(400, "Field 'hostnames' must be a list of strings")
+    if len(hostnames) > n:
+        raise ApiError(400, too_many)
+    seen: set[str] = set()
+    for name in hostnames:
+        if not isinstance(name, str):
+            raise ApiError(400, "Field 'hostnames' must be a list of strings")
+        if len(name) > MAX_HOSTNAME or not HOSTNAME_RE.match(name):
+            raise ApiError(400, f"Invalid hostname {_show(name)}: use 1 to {MAX_HOSTNAME} of "
+                                "[a-zA-Z0-9_.-], starting with a letter or digit")
+        if name in seen:
+            raise ApiError(400, f"Hostname '{name}' is given more than once")
+        seen.add(name)
+    return n, hostnames
+
+
+def _show(name: str) -> str:
+    """A name for an error message: quoted, escaped, and not absurdly long."""
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    return "'" + shown.encode("ascii", "backslashreplace").decode("ascii").replace("'", "\\'") + "'"
+
+
+def random_hostname(taken: Iterable[str]) -> str:
+    taken = set(taken)
+    while True:
+        name = "replica-" + secrets.token_hex(3)
+        if name not in taken:
+            return name
+
+
+def parallel(fn: Callable[[T], R], items: list[T]) -> list[R | BaseException]:
+    """``fn`` over ``items`` on a few threads; each result or the exception it raised."""
+    if not items:
+        return []
+
+    def safe(item: T) -> R | BaseException:
+        try:
+            return fn(item)
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller, who decides
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(safe, items))
+
+
+class Admin:
+    """Scales the replica set through the registry and a backend."""
+
+    def __init__(self, settings: Settings, registry: Registry, backend: Backend) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.backend = backend
+
+    # -- /add --------------------------------------------------------------------------------
+    def add(self, n: int, hostnames: list[str]) -> State:
+        owner = f"add:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        deadline = time.time() + self.settings.start_timeout + 10
+        with self.registry.update() as state:
+            entries = self._reserve(state, n, hostnames, owner, deadline)
+        specs = [ReplicaSpec(e.hostname, e.server_id) for e in entries]
+        results = parallel(self.backend.start, specs)
+        started = [r for r in results if isinstance(r, Instance)]
+        failed = [r for r in results if not isinstance(r, Instance)]
+        if not failed:
+            with self.registry.update() as state:
+                for inst in started:
+                    entry = state.find(inst.hostname)
+                    if entry is not None and entry.owner == owner:
+                        entry.handle, entry.address = inst.handle, inst.address
+            ready = wait_ready([i.address for i in started], self.settings.start_timeout)
+            if len(ready) == len(started):
+                return self._commit_add(owner)
+            slow = sorted(i.hostname for i in started if i.address not in ready)
+            reason = (f"New replicas did not answer their heartbeat within "
+                      f"{self.settings.start_timeout:g}s: {', '.join(slow)}")
+        else:
+            reason = f"Could not start new replicas: {failed[0]}"
+        self._roll_back_add(owner, started)
+        raise ApiError(503, reason + "; nothing was added")
+
+    def _reserve(self, state: State, n: int, hostnames: list[str], owner: str,
+                 deadline: float) -> list[Replica]:
+        taken = {r.hostname for r in state.replicas}
+        for name in hostnames:
+            if name in taken:
+                raise ApiError(409, f"Hostname '{name}' already exists")
+        current = len(state.members())
+        if current + n > self.settings.max_replicas:
+            raise ApiError(409, f"Adding {n} would make {current + n} replicas; the maximum is "
+                                f"{self.settings.max_replicas} (LB_MAX_REPLICAS)")
+        names = list(hostnames)
+        for _ in range(n - len(hostnames)):
+            names.append(random_hostname(taken | set(names)))
+        ring = state.hash_ring()
+        entries = []
+        try:
+            for name, server_id in zip(names, islice(state.free_server_ids(), n)):
+                slots = ring.add(server_id)
+                entries.append(Replica(name, server_id, list(slots), owner=owner,
+                                       deadline=deadline))
+        except RingFull as exc:
+            raise ApiError(409, f"The hash map has no room for {n} more replicas "
+                                f"({ring.slots} slots, {ring.virtual_per_server} each)") from exc
+        state.replicas.extend(entries)
+        return entries
+
+    def _commit_add(self, owner: str) -> State:
+        now = time.time()
+        with self.registry.update() as state:
+            for entry in state.replicas:
+                if entry.owner == owner:
+                    entry.state, entry.owner, entry.deadline = READY, None, None
+                    entry.last_heartbeat, entry.failures = now, 0
+        log.info("added replicas; now %s", state.rep())
+        return state
+
+    def _roll_back_add(self, owner: str, started: list[Instance]) -> None:
+        parallel(lambda i: self.backend.stop(i.handle, STOP_TIMEOUT), started)
+        with self.registry.update() as state:
+            state.replicas = [r for r in state.replicas if r.owner != owner]
+        log.warning("rolled back an /add of %d replicas", len(started))
+
+    # -- /rm ---------------------------------------------------------------------------------
+    def remove(self, n: int, hostnames: list[str]) -> State:
+        owner = f"rm:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        with self.registry.update() as state:
+            chosen = self._choose_removals(state, n, hostnames)
+            for entry in chosen:
+                entry.state, entry.owner = REMOVING, owner
+                entry.deadline = time.time() + STOP_TIMEOUT + 10
+            handles = [e.handle for e in chosen if e.handle]
+        # Routers stop sending new requests as soon as they see the entries leave the ready
+        # set; the backend's graceful stop lets requests already in flight finish.
+        results = parallel(lambda h: self.backend.stop(h, STOP_TIMEOUT), handles)
+        failed = {h for h, r in zip(handles, results) if isinstance(r, BaseException)}
+        for handle, result in zip(handles, results):
+            if isinstance(result, BaseException):
+                log.error("stopping removed replica %s failed; the supervisor will retry: %s",
+                          handle, result)
+        with self.registry.update() as state:
+            state.replicas = [r for r in state.replicas
+                              if not (r.owner == owner and r.state == REMOVING
+                                      and r.handle not in failed)]
+        log.info("removed %s; now %s", [e.hostname for e in chosen], state.rep())
+        return state
+
+    def _choose_removals(self, state: State, n: int, hostnames: list[str]) -> list[Replica]:
+        members = {r.hostname: r for r in state.members()}
+        for name in hostnames:
+            if name not in members:
+                raise ApiError(409, f"Replica '{name}' does not exist")
+            if members[name].adding:
+                raise ApiError(409, f"Replica '{name}' is still being added; try again shortly")
+        if n > len(members):
+            raise ApiError(409, f"Cannot remove {n} replicas: only {len(members)} exist")
+        others = [r for name, r in members.items() if name not in hostnames and not r.adding]
+        extra = n - len(hostnames)
+        if extra > len(others):
+            raise ApiError(409, f"Cannot remove {n} replicas now: "
+                                f"{len(members) - len(hostnames) - len(others)} of the others "
+                                "are still being added")
+        return [members[h] for h in hostnames] + random.sample(others, extra)

@@ -1,0 +1,128 @@
+"""The balancer's Flask app: the contract's admin endpoints and the routed GET."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from flask import Flask, Request, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
+from lb.backends import BackendError, create_backend
+from lb.bootstrap import ensure_registry
+from lb.errors import ApiError, envelope, success
+from lb.registry import Registry, RegistryBusy, RegistryError
+from lb.router import HOP_BY_HOP, Router, request_key
+from lb.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Defaults, then ``LB_*`` environment variables, then ``config`` (setting names as keys)."""
+    settings = Settings.from_env(**dict(config or {}))
+    app = Flask("lb")
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    registry = Registry(settings.registry_path, settings.lock_timeout)
+    ensure_registry(settings, registry)
+    admin = Admin(settings, registry, create_backend(settings))
+    router = Router(settings, registry)
+    app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router}
+
+    @app.get("/rep")
+    def rep() -> Response:
+        return jsonify(success(registry.read().rep()))
+
+    @app.post("/add")
+    def add() -> Response:
+        n, hostnames = parse_scale_request(_json_body(request), ADD_TOO_MANY)
+        return jsonify(success(admin.add(n, hostnames).rep()))
+
+    @app.delete("/rm")
+    def rm() -> Response:
+        n, hostnames = parse_scale_request(_json_body(request), RM_TOO_MANY)
+        return jsonify(success(admin.remove(n, hostnames).rep()))
+
+    @app.get("/", defaults={"path": ""})
+    @app.get("/<path:path>")
+    def route(path: str) -> Response:
+        key = request_key(settings.hash_key, request.headers, request.args, request.remote_addr)
+        upstream = router.forward(_target(request), _forward_headers(request), key)
+        if upstream.status == 404:
+            raise ApiError(400, f"'{request.path}' endpoint does not exist in server replicas")
+        reply = Response(upstream.body, status=upstream.status, headers=upstream.headers)
+        reply.headers["X-Served-By"] = upstream.replica.hostname
+        return reply
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> tuple[Response, int]:
+        return jsonify(exc.body()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        reply = jsonify(envelope(f"{exc.name}: {request.method} {request.path}"
+                                 if code in (404, 405) else str(exc.description or exc.name)))
+        if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            reply.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return reply, code
+
+    @app.errorhandler(RegistryBusy)
+    def busy(exc: RegistryBusy) -> tuple[Response, int]:
+        log.warning("registry busy: %s", exc)
+        return jsonify(envelope("The balancer is busy (registry locked); try again")), 503
+
+    @app.errorhandler(RegistryError)
+    @app.errorhandler(BackendError)
+    def internal(exc: Exception) -> tuple[Response, int]:
+        log.error("%s", exc, exc_info=exc)
+        return jsonify(envelope(f"Internal error: {exc}")), 500
+
+    return app
+
+
+def _json_body(req: Request) -> Any:
+    """The body as JSON whatever the Content-Type (``curl -d`` sends a form type)."""
+    raw = req.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"Malformed JSON body: {str(exc)[:100]}") from exc
+
+
+def _target(req: Request) -> str:
+    """Path and query as the client sent them (no decode/re-encode round trip)."""
+    raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI") or ""
+    if raw.startswith("/"):
+        return raw
+    if raw:  # absolute form, "GET http://host/path HTTP/1.1"
+        parts = urlsplit(raw)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    query = req.query_string.decode("latin-1")
+    return quote(req.path, safe="/%:@!$&'()*+,;=~") + (f"?{query}" if query else "")
+
+
+def _forward_headers(req: Request) -> dict[str, str]:
+    """End-to-end headers only, plus the ``X-Forwarded-*`` a replica needs to know its client."""
+    named = {h.strip().lower() for h in req.headers.get("Connection", "").split(",")}
+    drop = HOP_BY_HOP | named | {"host", "content-length"}
+    headers = {k: v for k, v in req.headers.items() if k.lower() not in drop}
+    client = req.remote_addr or ""
+    prior = req.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
+    headers["X-Forwarded-Host"] = req.host
+    headers["X-Forwarded-Proto"] = req.scheme
+    rid = req.headers.get("X-Request-ID", "")
+    headers["X-Request-ID"] = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
+    return headers

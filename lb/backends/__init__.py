@@ -1,0 +1,20 @@
+"""Replica backends behind one interface; ``create_backend`` picks one by setting."""
+
+from __future__ import annotations
+
+from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.settings import Settings
+
+__all__ = ["Backend", "BackendError", "Instance", "ReplicaSpec", "create_backend"]
+
+
+def create_backend(settings: Settings) -> Backend:
+    if settings.backend == "local":
+        from lb.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+    if settings.backend == "docker":
+        from lb.backends.docker import DockerBackend
+
+        return DockerBackend(settings)
+    raise BackendError(f"unknown backend {settings.backend!r}")

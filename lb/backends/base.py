@@ -1,0 +1,61 @@
+"""The one seam between the system and wherever replicas run."""
+
+from __future__ import annotations
+
+import abc
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+
+class BackendError(Exception):
+    """Root of the backends' errors: a replica could not be started, stopped or listed."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What to start: a replica named ``hostname`` answering as ``Server: <server_id>``."""
+
+    hostname: str
+    server_id: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A running replica, as the backend sees it."""
+
+    hostname: str
+    handle: str  # the backend's own id for it (pid/create-time, container id, ...)
+    address: str  # base URL the balancer and the supervisor use, e.g. http://127.0.0.1:41234
+    server_id: int | None = None
+
+
+class Backend(abc.ABC):
+    """Start, stop and list the replicas of one deployment.
+
+    Implementations only ever touch replicas they marked as this deployment's own.
+    """
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def start(self, spec: ReplicaSpec) -> Instance:
+        """Start a replica and return at once; readiness is the caller's heartbeat to check."""
+
+    @abc.abstractmethod
+    def stop(self, handle: str, timeout: float = 10.0) -> None:
+        """Stop gracefully (in-flight requests finish), then force. Already gone is success."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Instance]:
+        """Replicas of this deployment that are running now."""
+
+    def is_running(self, handle: str) -> bool:
+        """Whether the replica behind ``handle`` still runs (may be cheaper than ``list``)."""
+        return any(i.handle == handle for i in self.list())
+
+    def stop_all(self, timeout: float = 10.0) -> int:
+        """Stop every replica of this deployment; returns how many there were."""
+        instances = self.list()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda i: self.stop(i.handle, timeout), instances))
+        return len(instances)

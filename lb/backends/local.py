@@ -1,0 +1,174 @@
+"""Replicas as local gunicorn processes on loopback.
+
+Each replica is ``gunicorn 'replica.app:create_app()'`` in a session of its own (so it outlives
+the balancer worker that started it), listening on a socket this backend binds first on a free
+loopback port and hands over as ``fd://N``: the port is known before the child runs and cannot be
+taken by anyone else in between. Every process of a replica carries a unique token in its
+environment; the handle is ``"<pid>/<token>"``, so a reused pid is never mistaken for a replica
+and stop() finds a replica's workers even after its master was killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+
+import psutil
+
+from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENV_DEPLOYMENT = "HASHLB_DEPLOYMENT"
+ENV_TOKEN = "HASHLB_INSTANCE"
+ENV_HOSTNAME = "HASHLB_HOSTNAME"
+ENV_ADDRESS = "HASHLB_ADDRESS"
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.deployment = settings.deployment
+        self.threads = settings.replica_threads
+        self.log_dir = os.path.join(os.path.dirname(settings.registry_path), "logs")
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children_lock = threading.Lock()
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, spec: ReplicaSpec) -> Instance:
+        self._reap()
+        token = uuid.uuid4().hex
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(256)
+            address = "http://127.0.0.1:%d" % sock.getsockname()[1]
+            env = dict(os.environ)
+            env.update({
+                "SERVER_ID": str(spec.server_id),
+                ENV_DEPLOYMENT: self.deployment,
+                ENV_TOKEN: token,
+                ENV_HOSTNAME: spec.hostname,
+                ENV_ADDRESS: address,
+            })
+            os.makedirs(self.log_dir, exist_ok=True)
+            log_path = os.path.join(self.log_dir, f"{spec.hostname}.log")
+            fd = sock.fileno()
+            cmd = [
+                sys.executable, "-m", "gunicorn",
+                "--bind", f"fd://{fd}",
+                "--workers", "1", "--worker-class", "gthread", "--threads", str(self.threads),
+                "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning",
+                "--no-control-socket",
+                "--name", f"{self.deployment}-{spec.hostname}",
+                "replica.app:create_app()",
+            ]
+            with open(log_path, "ab") as logfile:
+                proc = subprocess.Popen(
+                    cmd, env=env, pass_fds=(fd,), start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                )
+        except OSError as exc:
+            raise BackendError(f"cannot start replica {spec.hostname}: {exc}") from exc
+        finally:
+            sock.close()  # the child holds its own copy
+        with self._children_lock:
+            self._children[proc.pid] = proc
+        log.info("started replica %s (server id %d) pid %d at %s",
+                 spec.hostname, spec.server_id, proc.pid, address)
+        return Instance(spec.hostname, f"{proc.pid}/{token}", address, spec.server_id)
+
+    # -- stop ------------------------------------------------------------------------------------
+    def stop(self, handle: str, timeout: float = 10.0) -> None:
+        pid, token = _parse_handle(handle)
+        procs = self._processes(token)
+        masters = [p for p in procs if p.pid == pid] or procs
+        for p in masters:
+            _signal(p, signal.SIGTERM)  # gunicorn: graceful, in-flight requests finish
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            _signal(p, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=2)
+        # Workers outlive a master killed with SIGKILL for a moment: sweep what is left.
+        for p in self._processes(token):
+            _signal(p, signal.SIGKILL)
+        self._reap()
+
+    # -- list --------------------------------------------------------------------------------------
+    def list(self) -> list[Instance]:
+        groups: dict[str, list[tuple[psutil.Process, dict[str, str]]]] = {}
+        for proc in psutil.process_iter(["environ"], ad_value=None):
+            env = proc.info["environ"] or {}
+            if env.get(ENV_DEPLOYMENT) == self.deployment and env.get(ENV_TOKEN) and _alive(proc):
+                groups.setdefault(env[ENV_TOKEN], []).append((proc, env))
+        instances = []
+        for token, members in groups.items():
+            pids = {p.pid for p, _ in members}
+            # The master is the member whose parent is not a member.
+            master, env = next(((p, e) for p, e in members if _ppid(p) not in pids), members[0])
+            instances.append(Instance(
+                env.get(ENV_HOSTNAME, "?"), f"{master.pid}/{token}", env.get(ENV_ADDRESS, ""),
+                int(env["SERVER_ID"]) if env.get("SERVER_ID", "").isdigit() else None,
+            ))
+        return instances
+
+    def is_running(self, handle: str) -> bool:
+        pid, token = _parse_handle(handle)
+        try:
+            proc = psutil.Process(pid)
+            return proc.environ().get(ENV_TOKEN) == token and _alive(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            self._reap()
+            return False
+
+    # -- internals -----------------------------------------------------------------------------
+    def _processes(self, token: str) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["environ"], ad_value=None):
+            env = proc.info["environ"] or {}
+            if env.get(ENV_TOKEN) == token and _alive(proc):
+                found.append(proc)
+        return found
+
+    def _reap(self) -> None:
+        """Collect exit statuses of replicas this process started (no zombies left behind)."""
+        with self._children_lock:
+            for pid, proc in list(self._children.items()):
+                if proc.poll() is not None:
+                    del self._children[pid]
+
+
+def _parse_handle(handle: str) -> tuple[int, str]:
+    pid, sep, token = handle.partition("/")
+    if not sep or not pid.isdigit() or not token:
+        raise BackendError(f"not a local replica handle: {handle!r}")
+    return int(pid), token
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _ppid(proc: psutil.Process) -> int | None:
+    try:
+        return proc.ppid()
+    except psutil.Error:
+        return None
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass  # already gone: that is what we wanted

@@ -1,0 +1,21 @@
+"""gunicorn settings for the balancer, from the same ``LB_*`` settings as everything else.
+
+``gunicorn -c python:lb.gunicorn_conf`` serves ``lb.app:create_app()``.
+"""
+
+from lb.settings import Settings
+
+_settings = Settings.from_env()
+
+wsgi_app = "lb.app:create_app()"
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+keepalive = 5
+timeout = 60
+graceful_timeout = 15
+loglevel = _settings.log_level
+proc_name = f"{_settings.deployment}-lb"
+# Several deployments (and the test suite) run side by side: no shared control socket.
+control_socket_disable = True

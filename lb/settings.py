@@ -1,0 +1,158 @@
+"""Every setting, declared once.
+
+Each field of :class:`Settings` is one setting: its type, its default and its help text. The
+environment variable is ``LB_`` + the upper-cased field name; ``lb-run --help`` and the README's
+table are derived from the same declarations (``settings_table``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "LB_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- the balancer -----------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "Address the balancer listens on")
+    port: int = _opt(5000, "Port the balancer listens on")
+    workers: int = _opt(2, "gunicorn worker processes of the balancer")
+    threads: int = _opt(16, "Threads per balancer worker (gthread)")
+    # -- the hash map -----------------------------------------------------------------------
+    n: int = _opt(3, "Replicas at start (N)")
+    slots: int = _opt(512, "Slots in the consistent hash map (M)")
+    virtual: int = _opt(0, "Virtual servers per replica (K); 0 means log2(M)")
+    hash: str = _opt("seed", "Hash preset: seed, cs60002 or xxhash (well mixed)")
+    probing: str = _opt("linear", "Slot conflict resolution: linear or quadratic")
+    hash_key: str = _opt(
+        "random",
+        "What is hashed: random (6-digit id per request), client (client address), "
+        "header:NAME or query:NAME (falls back to random when absent)",
+    )
+    # -- replicas -----------------------------------------------------------------------------
+    backend: str = _opt("local", "Where replicas run: local (processes) or docker")
+    deployment: str = _opt("hashlb", "Name of this deployment: labels/marks everything it starts")
+    max_replicas: int = _opt(32, "Most replicas /add may bring the set to")
+    start_timeout: float = _opt(20.0, "Seconds /add waits for new replicas' heartbeat")
+    replica_threads: int = _opt(4, "Threads of each local replica's gunicorn worker")
+    # -- routing ------------------------------------------------------------------------------
+    connect_timeout: float = _opt(0.5, "Seconds to connect to a replica before trying the next")
+    upstream_timeout: float = _opt(5.0, "Seconds to wait for a replica's reply")
+    retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
+    max_body: int = _opt(65536, "Largest admin request body, in bytes")
+    # -- the supervisor -----------------------------------------------------------------------
+    heartbeat_interval: float = _opt(0.5, "Seconds between heartbeat rounds")
+    heartbeat_timeout: float = _opt(0.5, "Seconds a heartbeat may take")
+    heartbeat_failures: int = _opt(2, "Missed heartbeats before a replica is declared down")
+    restart_backoff: float = _opt(30.0, "Longest wait between restarts of a replica that fails")
+    # -- shared state -------------------------------------------------------------------------
+    registry: str = _opt("", "Registry JSON file; empty means <tmp>/<deployment>/registry.json")
+    lock_timeout: float = _opt(10.0, "Seconds to wait for the registry lock")
+    # -- docker backend -----------------------------------------------------------------------
+    image: str = _opt("hashlb-server:latest", "Replica image (docker backend)")
+    network: str = _opt("net1", "Docker network the replicas join (docker backend)")
+    log_level: str = _opt("info", "Log level: debug, info, warning, error")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def virtual_per_server(self) -> int:
+        return self.virtual or max(1, int(math.log2(self.slots)))
+
+    @property
+    def registry_path(self) -> str:
+        if self.registry:
+            return os.path.abspath(self.registry)
+        return os.path.join(tempfile.gettempdir(), self.deployment, "registry.json")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then ``LB_*`` variables, then explicit overrides (tests)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``LB_*`` variables, to hand to child processes."""
+        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        from lb.hashring import PRESETS, PROBING  # local: keep import order simple
+
+        checks = [
+            (1 <= self.port <= 65535, "port must be 1..65535"),
+            (self.workers >= 1 and self.threads >= 1, "workers and threads must be >= 1"),
+            (self.n >= 0, "n must be >= 0"),
+            (self.slots >= 2, "slots must be >= 2"),
+            (self.virtual >= 0, "virtual must be >= 0"),
+            (self.hash in PRESETS, f"hash must be one of {', '.join(PRESETS)}"),
+            (self.probing in PROBING, f"probing must be one of {', '.join(PROBING)}"),
+            (_valid_hash_key(self.hash_key), "hash_key must be random, client, header:NAME or query:NAME"),
+            (self.backend in ("local", "docker"), "backend must be local or docker"),
+            (self.max_replicas >= 1, "max_replicas must be >= 1"),
+            (self.n <= self.max_replicas, "n must not exceed max_replicas"),
+            (self.n * self.virtual_per_server <= self.slots, "n * virtual must fit in slots"),
+            (self.heartbeat_failures >= 1, "heartbeat_failures must be >= 1"),
+            (self.retries >= 0, "retries must be >= 0"),
+            (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
+                 self.connect_timeout, self.upstream_timeout, self.lock_timeout) > 0,
+             "timeouts and intervals must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+
+def _valid_hash_key(value: str) -> bool:
+    if value in ("random", "client"):
+        return True
+    kind, _, name = value.partition(":")
+    return kind in ("header", "query") and bool(name)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def settings_table(markdown: bool = False) -> str:
+    """The settings as a table, for ``--help`` and the README."""
+    rows = [(PREFIX + f.name.upper(), repr(f.default) if f.default == "" else str(f.default),
+             f.metadata["help"]) for f in dataclasses.fields(Settings)]
+    if markdown:
+        lines = ["| variable | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{name}` | `{default}` | {help} |" for name, default, help in rows]
+        return "\n".join(lines)
+    width = max(len(r[0]) for r in rows)
+    dwidth = max(len(r[1]) for r in rows)
+    return "\n".join(f"  {n:<{width}}  {d:<{dwidth}}  {h}" for n, d, h in rows)

@@ -1,0 +1,152 @@
+"""``lb-run``: the whole system in one command.
+
+Starts a fresh registry, the supervisor (which brings up the N replicas) and the balancer under
+gunicorn; waits until the replicas answer; on Ctrl-C or SIGTERM stops the balancer and the
+supervisor, then every replica of the deployment, and nothing else. A supervisor that dies is
+started again; if the balancer dies, everything stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
+
+from lb.backends import create_backend
+from lb.bootstrap import ensure_registry
+from lb.logs import configure_logging
+from lb.registry import READY, Registry, RegistryError
+from lb.settings import Settings, SettingsError, settings_table
+
+log = logging.getLogger("lb-run")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lb-run",
+        description="Run the load balancer, its supervisor and N replicas (local processes by "
+                    "default) until Ctrl-C. Settings come from LB_* environment variables.",
+        epilog="settings (environment variable, default, meaning):\n" + settings_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--keep-registry", action="store_true",
+                        help="resume from the existing registry instead of starting afresh")
+    parser.add_argument("--ready-timeout", type=float, default=60.0,
+                        help="seconds to wait for the first replicas (default 60)")
+    return parser.parse_args(argv)
+
+
+class Stack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.registry_path, settings.lock_timeout)
+        self.backend = create_backend(settings)
+        self.env = {**os.environ, **settings.to_env(), "LB_REGISTRY": settings.registry_path}
+        self.supervisor: subprocess.Popen[bytes] | None = None
+        self.balancer: subprocess.Popen[bytes] | None = None
+        self.signalled: list[int] = []
+
+    def start(self, keep_registry: bool) -> None:
+        if not keep_registry:
+            self.stop_replicas()  # leftovers of an earlier run that did not end cleanly
+        ensure_registry(self.settings, self.registry, reset=not keep_registry)
+        self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
+        self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
+                                     "-c", "python:lb.gunicorn_conf"])
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.signalled:
+            try:
+                state = self.registry.read()
+                if all(r.state == READY for r in state.members()):
+                    return True
+            except RegistryError:
+                pass
+            if self.balancer is not None and self.balancer.poll() is not None:
+                return False
+            time.sleep(0.1)
+        return False
+
+    def run(self) -> int:
+        """Watch the children until a signal comes or the balancer dies."""
+        while not self.signalled:
+            assert self.balancer is not None and self.supervisor is not None
+            if self.balancer.poll() is not None:
+                log.error("the balancer exited with %s; stopping", self.balancer.returncode)
+                return 1
+            if self.supervisor.poll() is not None:
+                log.warning("the supervisor exited with %s; starting it again",
+                            self.supervisor.returncode)
+                self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        # The supervisor goes first so it cannot start replicas we are about to stop.
+        for proc in (self.supervisor, self.balancer):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in (self.supervisor, self.balancer):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        stopped = self.stop_replicas()
+        log.info("stopped %d replicas", stopped)
+
+    def stop_replicas(self) -> int:
+        handles = set()
+        try:
+            handles = {r.handle for r in self.registry.read().replicas if r.handle}
+        except RegistryError:
+            pass
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self.backend.stop, handles))
+        return len(handles) + self.backend.stop_all()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"lb-run: {exc}")
+    configure_logging(settings)
+    stack = Stack(settings)
+
+    def note(signum: int, _frame: object) -> None:
+        stack.signalled.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+    code = 1
+    try:
+        stack.start(args.keep_registry)
+        if stack.wait_ready(args.ready_timeout):
+            rep = stack.registry.read().rep()
+            log.info("ready: http://%s:%d  N=%d %s  (Ctrl-C stops everything)",
+                     settings.host, settings.port, rep["N"], rep["replicas"])
+            code = stack.run()
+        elif not stack.signalled:
+            log.error("replicas were not ready within %.0fs", args.ready_timeout)
+        else:
+            code = 0
+    finally:
+        stack.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

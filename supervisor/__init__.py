@@ -1,0 +1,1 @@
+"""The supervisor: heartbeats every replica, replaces dead ones, reconciles with the registry."""

@@ -1,0 +1,198 @@
+"""The supervisor's reconcile loop, one ``tick()`` at a time (after gunicorn's arbiter).
+
+Each tick:
+1. **probe**: every replica's ``/heartbeat`` from a small thread pool, and whether its process
+   or container still exists;
+2. **mark**: record the results; a replica whose process is gone, or that missed
+   ``heartbeat_failures`` heartbeats in a row, is *down*; a new one that never became ready in
+   ``start_timeout`` is *down* too and counts towards the crash-loop guard;
+3. **reconcile**: every wanted replica that is down or has no process gets one: a dead
+   replica's replacement takes a new random hostname and keeps the server id and the slots, so
+   no request key moves; removals that an ``/rm`` left half-done are finished; replicas of this
+   deployment that no registry entry knows are stopped.
+
+A replacement is reserved in the registry before it starts and committed after, with checks
+that the entry is still the one we reserved, so an ``/rm`` racing with it, or a supervisor
+killed half-way and restarted, leaves neither a duplicate nor an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lb.admin import random_hostname
+from lb.backends import Backend, Instance, ReplicaSpec
+from lb.heartbeat import probe
+from lb.registry import DOWN, READY, REMOVING, STARTING, Registry, Replica
+from lb.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OWNER = "supervisor"
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """Start a replica for ``hostname`` (server id ``server_id``), first stopping ``old``."""
+
+    hostname: str
+    server_id: int
+    old_handle: str | None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, registry: Registry, backend: Backend) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.backend = backend
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="heartbeat")
+        self._orphan_sightings: dict[str, int] = {}
+        self.replacements = 0
+
+    def release_own_holds(self) -> None:
+        """At start-up: what an earlier supervisor reserved and never committed is ours now."""
+        with self.registry.update() as state:
+            for r in state.replicas:
+                if r.owner == OWNER:
+                    r.deadline = 0.0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- one round -----------------------------------------------------------------------------
+    def tick(self) -> None:
+        state = self.registry.read()
+        targets = [r for r in state.replicas
+                   if r.handle and r.address and r.state != REMOVING and not r.adding]
+        alive = {r.handle: self.backend.is_running(r.handle) for r in targets}  # type: ignore[misc]
+        answers = dict(zip(
+            [r.hostname for r in targets],
+            self.pool.map(lambda r: alive[r.handle] and probe(
+                r.address, self.settings.heartbeat_timeout), targets),
+        ))
+        jobs, removals = self._mark(answers, alive)
+        self._finish_removals(removals)
+        self._run(jobs)
+        self._stop_orphans()
+
+    def _mark(self, answers: dict[str, bool],
+              alive: dict[str | None, bool]) -> tuple[list[Job], list[Replica]]:
+        now = time.time()
+        jobs: list[Job] = []
+        with self.registry.update() as state:
+            taken = {r.hostname for r in state.replicas}
+            for r in state.replicas:
+                if r.hostname in answers and r.handle in alive:
+                    self._record(r, answers[r.hostname], alive[r.handle], now)
+            for r in state.replicas:
+                if r.state == REMOVING or r.held or r.not_before > now:
+                    continue
+                if r.state == DOWN or r.handle is None:
+                    old = r.handle
+                    if r.state == DOWN:  # a dead replica's replacement gets a new name
+                        r.hostname = random_hostname(taken)
+                        taken.add(r.hostname)
+                    r.state, r.handle, r.address = STARTING, None, None
+                    r.owner, r.deadline = OWNER, now + self.settings.start_timeout
+                    r.failures, r.created = 0, now
+                    jobs.append(Job(r.hostname, r.server_id, old))
+            removals = [r for r in state.replicas if r.state == REMOVING and not r.held]
+        return jobs, removals
+
+    def _record(self, r: Replica, answered: bool, running: bool, now: float) -> None:
+        if answered:
+            if r.state != READY:
+                log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
+            r.state, r.failures, r.restarts, r.last_heartbeat = READY, 0, 0, now
+            r.owner = r.deadline = None
+            return
+        r.failures += 1
+        if r.state == READY and (not running or r.failures >= self.settings.heartbeat_failures):
+            log.warning("replica %s (server id %d) is down: %s", r.hostname, r.server_id,
+                        "its process is gone" if not running else
+                        f"missed {r.failures} heartbeats")
+            r.state = DOWN
+        elif r.state == STARTING and (not running or now > (r.deadline or 0)):
+            r.restarts += 1
+            delay = min(self.settings.restart_backoff, 0.5 * 2 ** (r.restarts - 1))
+            r.state, r.not_before, r.owner, r.deadline = DOWN, now + delay, None, None
+            log.error("replica %s (server id %d) never became ready (%d in a row); "
+                      "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
+
+    # -- acting --------------------------------------------------------------------------------
+    def _run(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        running = {i.hostname: i for i in self.backend.list()}
+        for job, result in zip(jobs, self.pool.map(lambda j: self._start(j, running), jobs)):
+            self._commit(job, result)
+
+    def _start(self, job: Job, running: dict[str, Instance]) -> Instance | Exception:
+        try:
+            if job.old_handle:
+                self.backend.stop(job.old_handle, timeout=2.0)  # dead or hung: no long drain
+            if job.hostname in running:  # started before a crash of ours: adopt it
+                log.info("adopting running replica %s", job.hostname)
+                return running[job.hostname]
+            return self.backend.start(ReplicaSpec(job.hostname, job.server_id))
+        except Exception as exc:  # noqa: BLE001 - recorded below, retried with back-off
+            return exc
+
+    def _commit(self, job: Job, result: Instance | Exception) -> None:
+        now = time.time()
+        orphan: Instance | None = None
+        with self.registry.update() as state:
+            r = state.find(job.hostname)
+            ours = r is not None and r.owner == OWNER and r.state == STARTING
+            if isinstance(result, Exception):
+                log.error("could not start replica %s: %s", job.hostname, result)
+                if ours and r is not None:
+                    r.restarts += 1
+                    r.state, r.owner, r.deadline = DOWN, None, None
+                    r.not_before = now + min(self.settings.restart_backoff,
+                                             0.5 * 2 ** (r.restarts - 1))
+                return
+            if ours and r is not None:
+                r.handle, r.address = result.handle, result.address
+                r.owner, r.deadline = None, now + self.settings.start_timeout
+                self.replacements += 1
+                log.info("started replica %s (server id %d)", r.hostname, r.server_id)
+            else:  # removed (or taken over) while we were starting it
+                orphan = result
+        if orphan is not None:
+            log.info("replica %s is no longer wanted; stopping it", orphan.hostname)
+            self.backend.stop(orphan.handle, STOP_TIMEOUT)
+
+    def _finish_removals(self, removals: list[Replica]) -> None:
+        """Finish what an ``/rm`` that died half-way left: stop, then forget."""
+        for r in removals:
+            log.info("finishing the removal of %s", r.hostname)
+            if r.handle:
+                self.backend.stop(r.handle, STOP_TIMEOUT)
+            with self.registry.update() as state:
+                state.replicas = [x for x in state.replicas
+                                  if not (x.hostname == r.hostname and x.state == REMOVING)]
+
+    def _stop_orphans(self) -> None:
+        """Stop replicas of this deployment that no entry knows, seen twice in a row.
+
+        The registry is read after listing, so a replica an ``/add`` has just started is
+        already reserved under its hostname; the second sighting covers the rest.
+        """
+        instances = self.backend.list()
+        state = self.registry.read()
+        known_handles = {r.handle for r in state.replicas if r.handle}
+        known_names = {r.hostname for r in state.replicas if r.handle is None or r.held}
+        sightings: dict[str, int] = {}
+        for inst in instances:
+            if inst.handle in known_handles or inst.hostname in known_names:
+                continue
+            sightings[inst.handle] = self._orphan_sightings.get(inst.handle, 0) + 1
+            if sightings[inst.handle] >= 2:
+                log.warning("stopping orphan replica %s (%s)", inst.hostname, inst.handle)
+                self.backend.stop(inst.handle, STOP_TIMEOUT)
+        self._orphan_sightings = sightings
