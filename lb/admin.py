@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any, TypeVar
 
-from lb.backends import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends import Backend, Instance, ReplicaSpec
 from lb.errors import ApiError
 from lb.hashring import RingFull
 from lb.heartbeat import wait_ready

@@ -50,7 +50,7 @@ class LocalBackend(Backend):
         try:
             sock.bind(("127.0.0.1", 0))
             sock.listen(256)
-            address = "http://127.0.0.1:%d" % sock.getsockname()[1]
+            address = f"http://127.0.0.1:{sock.getsockname()[1]}"
             env = dict(os.environ)
             env.update({
                 "SERVER_ID": str(spec.server_id),
