@@ -12,7 +12,7 @@ help:  ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,analysis,ops]'
 	touch $@
 
 venv: $(STAMP)  ## Create .venv and install the project with its pinned dependencies

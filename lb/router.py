@@ -5,6 +5,7 @@ No Flask in here: the app hands over the request's parts and turns the result in
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -17,9 +18,9 @@ import xxhash
 from requests.adapters import HTTPAdapter
 
 from lb.errors import ApiError
-from lb.hashring import HashRing
 from lb.registry import Registry, RegistryView, Replica
 from lb.settings import Settings
+from lb.strategies import Lookup, build_lookup
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset({
@@ -56,11 +57,24 @@ def request_key(spec: str, headers: Mapping[str, str], query: Mapping[str, str],
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """The routable replicas of one registry version, on their persisted slots."""
+    """The routable replicas of one registry version and the strategy's lookup over them."""
 
     version: int
-    ring: HashRing
+    ring: Lookup
     by_id: dict[int, Replica]
+
+
+class RouterEvents:
+    """What the router reports (metrics and logs subscribe here); the default ignores it."""
+
+    def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
+        """A replica answered (any status) after ``seconds``; ``attempt`` 0 is the first try."""
+
+    def unreachable(self, replica: Replica, error: BaseException) -> None:
+        """A replica could not be reached; the next candidate gets the request."""
+
+    def exhausted(self, tried: list[str]) -> None:
+        """No candidate could serve the request."""
 
 
 @dataclass
@@ -73,8 +87,11 @@ class Upstream:
 
 
 class Router:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry,
+                 events: RouterEvents | None = None) -> None:
         self.settings = settings
+        self.events = events or RouterEvents()
+        self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
         self._view = RegistryView(registry)
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
@@ -88,7 +105,8 @@ class Router:
             state = self._view.current()
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
-                self._table = RoutingTable(state.version, state.hash_ring(routable),
+                self._table = RoutingTable(state.version,
+                                           build_lookup(self.settings, state, routable),
                                            {r.server_id: r for r in routable})
             return self._table
 
@@ -97,18 +115,36 @@ class Router:
         table = self.table()
         limit = 1 + self.settings.retries
         now = time.monotonic()
-        first = table.ring.lookup(key)
-        if first is not None and self._suspects.get(table.by_id[first].hostname, 0) <= now:
-            chosen = [table.by_id[first]]  # the common case: no walk at all
-            if limit == 1:
-                return chosen
-        chosen, later = [], []
+        if self.settings.bounded_load:
+            return self._bounded(table, key, limit, now)
+        chosen: list[Replica] = []
+        later: list[Replica] = []
         for server_id in table.ring.walk(key):
             replica = table.by_id[server_id]
             (later if self._suspects.get(replica.hostname, 0) > now else chosen).append(replica)
             if len(chosen) >= limit:
                 break
         return (chosen + later)[:limit]
+
+    def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
+        """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
+
+        A replica already holding ``ceil(c * mean)`` of this worker's in-flight requests
+        (counting this one) is passed over for the next one clockwise; overflow only walks.
+        """
+        n = len(table.by_id)
+        if n == 0:
+            return []
+        with self._lock:
+            total = sum(self.inflight.values()) + 1
+        cap = max(1, math.ceil(self.settings.bounded_load * total / n))
+        ok: list[Replica] = []
+        full: list[Replica] = []
+        for server_id in table.ring.walk(key):
+            replica = table.by_id[server_id]
+            busy = self.inflight.get(replica.hostname, 0) + 1 > cap
+            (full if busy or self._suspects.get(replica.hostname, 0) > now else ok).append(replica)
+        return (ok + full)[:limit]
 
     def suspect(self, replica: Replica) -> None:
         self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
@@ -137,13 +173,26 @@ class Router:
             raise ApiError(503, "No replica available to serve the request")
         timeout = (self.settings.connect_timeout, self.settings.upstream_timeout)
         tried: list[str] = []
-        for replica in candidates:
+        for attempt, replica in enumerate(candidates):
             tried.append(replica.hostname)
+            began = time.perf_counter()
+            self._count(replica.hostname, +1)
             try:
-                return self._get(replica, target, headers, timeout, tried)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+                upstream = self._get(replica, target, headers, timeout, tried)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 self.suspect(replica)
+                self.events.unreachable(replica, exc)
+                continue
+            finally:
+                self._count(replica.hostname, -1)
+            self.events.forwarded(replica, upstream.status, time.perf_counter() - began, attempt)
+            return upstream
+        self.events.exhausted(tried)
         raise ApiError(502, f"No replica could serve the request (tried {', '.join(tried)})")
+
+    def _count(self, hostname: str, delta: int) -> None:
+        with self._lock:
+            self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
 
     def _get(self, replica: Replica, target: str, headers: Mapping[str, str],
              timeout: tuple[float, float], tried: list[str]) -> Upstream:

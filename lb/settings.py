@@ -39,6 +39,10 @@ class Settings:
     virtual: int = _opt(0, "Virtual servers per replica (K); 0 means log2(M)")
     hash: str = _opt("seed", "Hash preset: seed, cs60002 or xxhash (well mixed)")
     probing: str = _opt("linear", "Slot conflict resolution: linear or quadratic")
+    strategy: str = _opt("ring", "Lookup strategy: ring (the consistent hash map) or maglev")
+    bounded_load: float = _opt(
+        0.0, "Bounded loads: no replica gets more than c x the mean in-flight requests of a "
+             "worker (c > 1, e.g. 1.25); 0 turns it off")
     hash_key: str = _opt(
         "random",
         "What is hashed: random (6-digit id per request), client (client address), "
@@ -55,6 +59,7 @@ class Settings:
     upstream_timeout: float = _opt(5.0, "Seconds to wait for a replica's reply")
     retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
+    admin_token: str = _opt("", "When set, /add and /rm need 'Authorization: Bearer <token>'")
     # -- the supervisor -----------------------------------------------------------------------
     heartbeat_interval: float = _opt(0.5, "Seconds between heartbeat rounds")
     heartbeat_timeout: float = _opt(0.5, "Seconds a heartbeat may take")
@@ -66,6 +71,8 @@ class Settings:
     # -- docker backend -----------------------------------------------------------------------
     image: str = _opt("hashlb-server:latest", "Replica image (docker backend)")
     network: str = _opt("net1", "Docker network the replicas join (docker backend)")
+    replica_memory: str = _opt("256m", "Memory limit of each replica container (docker backend)")
+    replica_cpus: float = _opt(0.5, "CPU limit of each replica container (docker backend)")
     log_level: str = _opt("info", "Log level: debug, info, warning, error")
 
     # ------------------------------------------------------------------------------------------
@@ -101,6 +108,7 @@ class Settings:
 
     def validate(self) -> None:
         from lb.hashring import PRESETS, PROBING  # local: keep import order simple
+        from lb.strategies import STRATEGIES
 
         checks = [
             (1 <= self.port <= 65535, "port must be 1..65535"),
@@ -110,6 +118,8 @@ class Settings:
             (self.virtual >= 0, "virtual must be >= 0"),
             (self.hash in PRESETS, f"hash must be one of {', '.join(PRESETS)}"),
             (self.probing in PROBING, f"probing must be one of {', '.join(PROBING)}"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.bounded_load == 0 or self.bounded_load > 1, "bounded_load must be 0 or > 1"),
             (_valid_hash_key(self.hash_key), "hash_key must be random, client, header:NAME or query:NAME"),
             (self.backend in ("local", "docker"), "backend must be local or docker"),
             (self.max_replicas >= 1, "max_replicas must be >= 1"),

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real stack (``lb-run``: gunicorn + supervisor + replica processes) on
+loopback, registries in ``tmp_path``, and cleanup that leaves no process of a test behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from lb.backends.local import ENV_DEPLOYMENT
+from lb.registry import READY, Registry, State
+from lb.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deployment_processes(deployment: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["environ"], ad_value=None):
+        if (proc.info["environ"] or {}).get(ENV_DEPLOYMENT) == deployment:
+            found.append(proc)
+    return found
+
+
+def kill_deployment(deployment: str) -> int:
+    procs = deployment_processes(deployment)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return len(procs)
+
+
+@dataclass
+class RunningStack:
+    """An ``lb-run`` process and what a test needs to talk to it."""
+
+    url: str
+    settings: Settings
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.settings.registry_path)
+
+    def state(self) -> State:
+        return self.registry.read()
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.session.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return self.session.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def delete(self, path: str, **kw: Any) -> requests.Response:
+        return self.session.delete(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def rep(self) -> dict[str, Any]:
+        reply = self.get("/rep")
+        assert reply.status_code == 200, reply.text
+        return reply.json()["message"]
+
+    def wait_ready(self, n: int | None = None, timeout: float = 30.0) -> State:
+        """Until every wanted replica is ready (and there are ``n``, if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            members = state.members()
+            if all(r.state == READY for r in members) and (n is None or len(members) == n):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready after {timeout}s: {state.to_dict()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
+    """Start ``lb-run`` with settings overrides; stopped (and checked clean) after the test."""
+    started: list[RunningStack] = []
+
+    def start(**overrides: Any) -> RunningStack:
+        deployment = f"t{uuid.uuid4().hex[:10]}"
+        values: dict[str, Any] = {
+            "port": free_port(), "deployment": deployment, "workers": 2, "threads": 8,
+            "registry": str(tmp_path / deployment / "registry.json"),
+        }
+        values.update(overrides)
+        settings = Settings.from_env({}, **values)
+        env = {**os.environ, **settings.to_env()}
+        log_path = tmp_path / f"{deployment}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "lb"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        stack = RunningStack(f"http://127.0.0.1:{settings.port}", settings, proc, log_path)
+        started.append(stack)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if stack.get("/rep", timeout=2).status_code == 200:
+                    stack.wait_ready(settings.n, timeout=max(1.0, deadline - time.monotonic()))
+                    return stack
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"lb-run did not come up:\n{stack.log()}")
+            time.sleep(0.1)
+
+    yield start
+
+    for stack in started:
+        stack.session.close()
+        if stack.proc.poll() is None:
+            stack.proc.send_signal(signal.SIGTERM)
+            try:
+                stack.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stack.proc.kill()
+        leftovers = kill_deployment(stack.settings.deployment)
+        assert leftovers == 0, f"{leftovers} processes of {stack.settings.deployment} outlived lb-run"
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., RunningStack]) -> RunningStack:
+    """The default system: N=3 local replicas, spec hash functions."""
+    return make_stack()
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no engine here"
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Docker tests skip without an engine, except under CI where that is a failure."""
+    if any("docker" in item.keywords for item in items) and not docker_available():
+        if os.environ.get("CI") == "true":
+            return  # let them run and fail loudly
+        skip = pytest.mark.skip(reason="no Docker engine answers (set up one: see README)")
+        for item in items:
+            if "docker" in item.keywords:
+                item.add_marker(skip)
