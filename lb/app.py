@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -42,6 +43,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def rep() -> Response:
         return jsonify(success(registry.read().rep()))
 
+    @app.before_request
+    def require_admin_token() -> None:
+        if settings.admin_token and request.path in ("/add", "/rm"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+                raise ApiError(401, "Missing or wrong admin token (Authorization: Bearer ...)")
+
     @app.post("/add")
     def add() -> Response:
         n, hostnames = parse_scale_request(_json_body(request), ADD_TOO_MANY)
@@ -65,7 +73,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> tuple[Response, int]:
-        return jsonify(exc.body()), exc.status
+        reply = jsonify(exc.body())
+        if exc.status == 401:
+            reply.headers["WWW-Authenticate"] = "Bearer"
+        return reply, exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
