@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from flask import Flask, Request, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
 from lb.backends import BackendError, create_backend
@@ -25,6 +25,7 @@ from lb.settings import Settings
 log = logging.getLogger(__name__)
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -63,6 +64,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/", defaults={"path": ""})
     @app.get("/<path:path>")
     def route(path: str) -> Response:
+        if request.path in ADMIN_METHODS:  # GET /add is a mistake, not a path for the replicas
+            raise MethodNotAllowed(valid_methods=ADMIN_METHODS[request.path])
         key = request_key(settings.hash_key, request.headers, request.args, request.remote_addr)
         upstream = router.forward(_target(request), _forward_headers(request), key)
         if upstream.status == 404:

@@ -96,26 +96,29 @@ class RunningStack:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
-    """Start ``lb-run`` with settings overrides; stopped (and checked clean) after the test."""
-    started: list[RunningStack] = []
+class StackFactory:
+    """Starts ``lb-run`` processes with settings overrides and stops them all at the end,
+    checking that nothing of theirs outlived them."""
 
-    def start(**overrides: Any) -> RunningStack:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.started: list[RunningStack] = []
+
+    def __call__(self, **overrides: Any) -> RunningStack:
         deployment = f"t{uuid.uuid4().hex[:10]}"
         values: dict[str, Any] = {
             "port": free_port(), "deployment": deployment, "workers": 2, "threads": 8,
-            "registry": str(tmp_path / deployment / "registry.json"),
+            "registry": str(self.base / deployment / "registry.json"),
         }
         values.update(overrides)
         settings = Settings.from_env({}, **values)
         env = {**os.environ, **settings.to_env()}
-        log_path = tmp_path / f"{deployment}.log"
+        log_path = self.base / f"{deployment}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "lb"], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
         stack = RunningStack(f"http://127.0.0.1:{settings.port}", settings, proc, log_path)
-        started.append(stack)
+        self.started.append(stack)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -128,18 +131,34 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
                 raise AssertionError(f"lb-run did not come up:\n{stack.log()}")
             time.sleep(0.1)
 
-    yield start
+    def stop_all(self) -> None:
+        for stack in self.started:
+            stack.session.close()
+            if stack.proc.poll() is None:
+                stack.proc.send_signal(signal.SIGTERM)
+                try:
+                    stack.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    stack.proc.kill()
+            leftovers = kill_deployment(stack.settings.deployment)
+            assert leftovers == 0, (
+                f"{leftovers} processes of {stack.settings.deployment} outlived lb-run")
 
-    for stack in started:
-        stack.session.close()
-        if stack.proc.poll() is None:
-            stack.proc.send_signal(signal.SIGTERM)
-            try:
-                stack.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                stack.proc.kill()
-        leftovers = kill_deployment(stack.settings.deployment)
-        assert leftovers == 0, f"{leftovers} processes of {stack.settings.deployment} outlived lb-run"
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
+    """Start ``lb-run`` with settings overrides; stopped (and checked clean) after the test."""
+    factory = StackFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """One default stack for a whole module of tests that leave it as they found it."""
+    factory = StackFactory(tmp_path_factory.mktemp("shared"))
+    yield factory()
+    factory.stop_all()
 
 
 @pytest.fixture

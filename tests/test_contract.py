@@ -1,0 +1,112 @@
+"""The public contract, call by call, against a real stack (gunicorn + supervisor + replicas)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import RunningStack
+
+pytestmark = pytest.mark.system
+
+FAILURE = {"status": "failure"}
+
+
+def error(message: str) -> dict[str, str]:
+    return {"message": f"<Error> {message}", "status": "failure"}
+
+
+def test_contract_walkthrough(stack: RunningStack) -> None:
+    reply = stack.get("/rep")
+    assert reply.status_code == 200
+    assert reply.json() == {"message": {"N": 3, "replicas": ["Server1", "Server2", "Server3"]},
+                            "status": "successful"}
+
+    reply = stack.post("/add", json={"n": 4, "hostnames": ["S5", "S4", "S10", "S11"]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"message": {"N": 7, "replicas": [
+        "Server1", "Server2", "Server3", "S5", "S4", "S10", "S11"]}, "status": "successful"}
+
+    reply = stack.delete("/rm", json={"n": 3, "hostnames": ["S5", "S4"]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status"] == "successful" and body["message"]["N"] == 4
+    left = body["message"]["replicas"]
+    assert len(left) == 4 and "S5" not in left and "S4" not in left
+    before = ["Server1", "Server2", "Server3", "S10", "S11"]
+    assert [h for h in before if h in left] == left  # order kept, one random other gone
+    assert stack.rep() == body["message"]
+
+    reply = stack.post("/add", json={"n": 1, "hostnames": ["A", "B"]})
+    assert (reply.status_code, reply.json()) == (400, error(
+        "Length of hostname list is more than newly added instances"))
+    reply = stack.delete("/rm", json={"n": 1, "hostnames": ["S10", "S11"]})
+    assert (reply.status_code, reply.json()) == (400, error(
+        "Length of hostname list is more than removable instances"))
+    assert stack.rep() == body["message"]
+
+
+def test_add_without_names_gets_random_valid_unique_names(stack: RunningStack) -> None:
+    reply = stack.post("/add", json={"n": 2})
+    assert reply.status_code == 200, reply.text
+    names = reply.json()["message"]["replicas"]
+    assert names[:3] == ["Server1", "Server2", "Server3"] and len(set(names)) == 5
+    assert all(re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", n) for n in names[3:])
+    # the new replicas serve at once: /add returned after their heartbeat
+    state = stack.state()
+    assert all(r.state == "ready" for r in state.members())
+    reply = stack.delete("/rm", json={"n": 2})
+    assert reply.status_code == 200 and reply.json()["message"]["N"] == 3
+
+
+def test_routed_get_and_unknown_path(shared_stack: RunningStack) -> None:
+    stack = shared_stack
+    ids = {str(r.server_id) for r in stack.state().members()}
+    for _ in range(20):
+        reply = stack.get("/home")
+        assert reply.status_code == 200
+        message = reply.json()["message"]
+        assert message.startswith("Hello from Server: ")
+        assert message.split("Server: ")[1] in ids
+        assert reply.json()["status"] == "successful"
+        assert reply.headers["X-Served-By"] in stack.rep()["replicas"]
+    reply = stack.get("/heartbeat")
+    assert reply.status_code == 200 and reply.content == b""
+    for path in ("/other", "/", "/home/extra", "/a%20b"):
+        reply = stack.get(path)
+        assert reply.status_code == 400
+        shown = path.replace("%20", " ")
+        assert reply.json() == error(f"'{shown}' endpoint does not exist in server replicas")
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "code", "message"), [
+    ("post", "/add", {"data": "{nope"}, 400, "Malformed JSON body"),
+    ("post", "/add", {"data": ""}, 400, "Field 'n' is required"),
+    ("post", "/add", {"json": {"n": 0}}, 400, "Field 'n' must be a positive integer"),
+    ("post", "/add", {"json": {"n": "1"}}, 400, "Field 'n' must be a positive integer"),
+    ("post", "/add", {"json": {"n": 1, "hostnames": ["bad name"]}}, 400, "Invalid hostname"),
+    ("post", "/add", {"json": {"n": 1, "hostnames": ["Server2"]}}, 409,
+     "Hostname 'Server2' already exists"),
+    ("post", "/add", {"json": {"n": 1000}}, 409, "Adding 1000 would make 1003 replicas"),
+    ("post", "/add", {"data": "x" * 70000}, 413, ""),
+    ("delete", "/rm", {"json": {"n": 1, "hostnames": ["Nope"]}}, 409,
+     "Replica 'Nope' does not exist"),
+    ("delete", "/rm", {"json": {"n": 4}}, 409, "Cannot remove 4 replicas: only 3 exist"),
+    ("delete", "/rm", {"json": [1]}, 400, "Request body must be a JSON object"),
+    ("post", "/rep", {}, 405, "Method Not Allowed"),
+    ("get", "/add", {}, 405, "Method Not Allowed"),
+    ("put", "/home", {}, 405, "Method Not Allowed"),
+])
+def test_bad_admin_calls_get_the_envelope_and_change_nothing(
+    shared_stack: RunningStack, method: str, path: str, kwargs: dict, code: int, message: str
+) -> None:
+    stack = shared_stack
+    before = stack.state()
+    reply = stack.session.request(method.upper(), stack.url + path, timeout=30, **kwargs)
+    assert reply.status_code == code, reply.text
+    body = reply.json()
+    assert set(body) == {"message", "status"} and body["status"] == "failure"
+    assert body["message"].startswith("<Error> " + message)
+    after = stack.state()
+    assert after.version == before.version and after.to_dict() == before.to_dict()
