@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,9 +144,11 @@ class Registry:
     def __init__(self, path: str, lock_timeout: float = 10.0) -> None:
         self.path = os.path.abspath(path)
         self.lock_timeout = lock_timeout
-        # thread_local=False: one FileLock object may be used from many threads of a worker.
-        self._lock = filelock.FileLock(self.path + ".lock", timeout=lock_timeout,
-                                       thread_local=False)
+        # A FileLock object is re-entrant: a second thread using the same object would walk
+        # straight in. Threads of one process queue on a plain lock first; processes on the
+        # file lock.
+        self._thread_lock = threading.Lock()
+        self._lock = filelock.FileLock(self.path + ".lock", timeout=lock_timeout)
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -173,16 +176,23 @@ class Registry:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        began = time.monotonic()
+        if not self._thread_lock.acquire(timeout=self.lock_timeout):
+            raise RegistryBusy(f"registry {self.path} busy in this process for "
+                               f"{self.lock_timeout}s")
         try:
-            self._lock.acquire()
-        except filelock.Timeout as exc:
-            raise RegistryBusy(
-                f"registry lock {self._lock.lock_file} not acquired in {self.lock_timeout}s"
-            ) from exc
-        try:
-            yield
+            try:
+                self._lock.acquire(timeout=max(0.0, self.lock_timeout - (time.monotonic() - began)))
+            except filelock.Timeout as exc:
+                raise RegistryBusy(
+                    f"registry lock {self._lock.lock_file} not acquired in {self.lock_timeout}s"
+                ) from exc
+            try:
+                yield
+            finally:
+                self._lock.release()
         finally:
-            self._lock.release()
+            self._thread_lock.release()
 
     @contextmanager
     def update(self) -> Iterator[State]:

@@ -19,7 +19,9 @@ killed half-way and restarted, leaves neither a duplicate nor an orphan.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +37,28 @@ OWNER = "supervisor"
 STOP_TIMEOUT = 10.0
 
 
+class SupervisorEvents:
+    """What the supervisor reports (metrics subscribe here); the default ignores it."""
+
+    def heartbeat_missed(self, replica: Replica) -> None:
+        """``replica`` did not answer a heartbeat (or its process is gone)."""
+
+    def marked_down(self, replica: Replica, reason: str) -> None:
+        """``replica`` is down: ``process_gone``, ``missed_heartbeats`` or ``never_ready``."""
+
+    def replacing(self, replica: Replica) -> None:
+        """A down replica's replacement (same server id, new hostname) is about to start."""
+
+    def became_ready(self, replica: Replica) -> None:
+        """``replica`` answered its first heartbeat."""
+
+    def start_failed(self, hostname: str) -> None:
+        """The backend could not start ``hostname``."""
+
+    def ticked(self) -> None:
+        """One round of the reconcile loop is done."""
+
+
 @dataclass(frozen=True)
 class Job:
     """Start a replica for ``hostname`` (server id ``server_id``), first stopping ``old``."""
@@ -45,11 +69,16 @@ class Job:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, registry: Registry, backend: Backend) -> None:
+    def __init__(self, settings: Settings, registry: Registry, backend: Backend,
+                 events: SupervisorEvents | None = None) -> None:
         self.settings = settings
+        self.events = events or SupervisorEvents()
         self.registry = registry
         self.backend = backend
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="heartbeat")
+        self.reaper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reaper")
+        self._stopping: set[str] = set()
+        self._stopping_lock = threading.Lock()
         self._orphan_sightings: dict[str, int] = {}
         self.replacements = 0
 
@@ -62,6 +91,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.reaper.shutdown(wait=True)  # a stop under way finishes: no half-stopped replica
 
     # -- one round -----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -78,6 +108,7 @@ class Supervisor:
         self._finish_removals(removals)
         self._run(jobs)
         self._stop_orphans()
+        self.events.ticked()
 
     def _mark(self, answers: dict[str, bool],
               alive: dict[str | None, bool]) -> tuple[list[Job], list[Replica]]:
@@ -96,6 +127,7 @@ class Supervisor:
                     if r.state == DOWN:  # a dead replica's replacement gets a new name
                         r.hostname = random_hostname(taken)
                         taken.add(r.hostname)
+                        self.events.replacing(r)
                     r.state, r.handle, r.address = STARTING, None, None
                     r.owner, r.deadline = OWNER, now + self.settings.start_timeout
                     r.failures, r.created = 0, now
@@ -107,19 +139,23 @@ class Supervisor:
         if answered:
             if r.state != READY:
                 log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
+                self.events.became_ready(r)
             r.state, r.failures, r.restarts, r.last_heartbeat = READY, 0, 0, now
             r.owner = r.deadline = None
             return
         r.failures += 1
+        self.events.heartbeat_missed(r)
         if r.state == READY and (not running or r.failures >= self.settings.heartbeat_failures):
             log.warning("replica %s (server id %d) is down: %s", r.hostname, r.server_id,
                         "its process is gone" if not running else
                         f"missed {r.failures} heartbeats")
             r.state = DOWN
+            self.events.marked_down(r, "missed_heartbeats" if running else "process_gone")
         elif r.state == STARTING and (not running or now > (r.deadline or 0)):
             r.restarts += 1
             delay = min(self.settings.restart_backoff, 0.5 * 2 ** (r.restarts - 1))
             r.state, r.not_before, r.owner, r.deadline = DOWN, now + delay, None, None
+            self.events.marked_down(r, "never_ready")
             log.error("replica %s (server id %d) never became ready (%d in a row); "
                       "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
 
@@ -150,6 +186,7 @@ class Supervisor:
             ours = r is not None and r.owner == OWNER and r.state == STARTING
             if isinstance(result, Exception):
                 log.error("could not start replica %s: %s", job.hostname, result)
+                self.events.start_failed(job.hostname)
                 if ours and r is not None:
                     r.restarts += 1
                     r.state, r.owner, r.deadline = DOWN, None, None
@@ -170,12 +207,36 @@ class Supervisor:
     def _finish_removals(self, removals: list[Replica]) -> None:
         """Finish what an ``/rm`` that died half-way left: stop, then forget."""
         for r in removals:
+            def forget(name: str = r.hostname) -> None:
+                with self.registry.update() as state:
+                    state.replicas = [x for x in state.replicas
+                                      if not (x.hostname == name and x.state == REMOVING)]
+
             log.info("finishing the removal of %s", r.hostname)
-            if r.handle:
-                self.backend.stop(r.handle, STOP_TIMEOUT)
-            with self.registry.update() as state:
-                state.replicas = [x for x in state.replicas
-                                  if not (x.hostname == r.hostname and x.state == REMOVING)]
+            self._stop_in_background(r.handle, then=forget, key=f"rm:{r.hostname}")
+
+    def _stop_in_background(self, handle: str | None, then: Callable[[], None] | None = None,
+                            key: str | None = None) -> None:
+        """Stop without holding up the tick (a graceful stop takes seconds); once per key."""
+        key = key or handle or ""
+        with self._stopping_lock:
+            if key in self._stopping:
+                return
+            self._stopping.add(key)
+
+        def work() -> None:
+            try:
+                if handle:
+                    self.backend.stop(handle, STOP_TIMEOUT)
+                if then is not None:
+                    then()
+            except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
+                log.error("stopping %s failed: %s", key, exc)
+            finally:
+                with self._stopping_lock:
+                    self._stopping.discard(key)
+
+        self.reaper.submit(work)
 
     def _stop_orphans(self) -> None:
         """Stop replicas of this deployment that no entry knows, seen twice in a row.
@@ -194,5 +255,5 @@ class Supervisor:
             sightings[inst.handle] = self._orphan_sightings.get(inst.handle, 0) + 1
             if sightings[inst.handle] >= 2:
                 log.warning("stopping orphan replica %s (%s)", inst.hostname, inst.handle)
-                self.backend.stop(inst.handle, STOP_TIMEOUT)
+                self._stop_in_background(inst.handle)
         self._orphan_sightings = sightings

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,10 +89,8 @@ def test_missing_and_corrupt_files_are_distinct_errors(tmp_path: Path) -> None:
 
 def test_lock_timeout_is_registry_busy(registry: Registry) -> None:
     other = Registry(registry.path, lock_timeout=0.2)
-    with registry.locked():
-        with pytest.raises(RegistryBusy):
-            with other.update():
-                pass
+    with registry.locked(), pytest.raises(RegistryBusy), other.update():
+        pass
 
 
 def test_reset_keeps_version_growing(registry: Registry) -> None:
@@ -134,3 +134,18 @@ def test_parallel_writers_lose_no_update(registry: Registry) -> None:
     assert len(names) == 3 + 6 * 25 == len(set(names))
     ids = [r.server_id for r in state.replicas]
     assert len(set(ids)) == len(ids)  # no two writers handed out the same server id
+
+
+def test_threads_sharing_one_registry_object_lose_no_update(registry: Registry) -> None:
+    # A balancer worker's threads share one Registry: they must exclude each other too.
+    def add(i: int) -> None:
+        with registry.update() as state:
+            sid = next(state.free_server_ids())
+            time.sleep(0.001)  # widen the window a lost update would need
+            state.replicas.append(Replica(f"thread-{i}", sid, []))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(add, range(200)))
+    state = registry.read()
+    assert len(state.replicas) == 203
+    assert len({r.server_id for r in state.replicas}) == 203
