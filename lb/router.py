@@ -196,7 +196,7 @@ class Router:
 
     def _get(self, replica: Replica, target: str, headers: Mapping[str, str],
              timeout: tuple[float, float], tried: list[str]) -> Upstream:
-        reply = self._session().get(replica.address + target, headers=dict(headers),
+        reply = self._session().get(f"{replica.address}{target}", headers=dict(headers),
                                     timeout=timeout, stream=True, allow_redirects=False)
         try:
             body = reply.raw.read(decode_content=False)  # bytes as sent, encoding untouched

@@ -98,7 +98,7 @@ class Supervisor:
         state = self.registry.read()
         targets = [r for r in state.replicas
                    if r.handle and r.address and r.state != REMOVING and not r.adding]
-        alive = {r.handle: self.backend.is_running(r.handle) for r in targets}  # type: ignore[misc]
+        alive = {r.handle: self.backend.is_running(r.handle) for r in targets if r.handle}
         answers = dict(zip(
             [r.hostname for r in targets],
             self.pool.map(lambda r: alive[r.handle] and probe(
@@ -111,7 +111,7 @@ class Supervisor:
         self.events.ticked()
 
     def _mark(self, answers: dict[str, bool],
-              alive: dict[str | None, bool]) -> tuple[list[Job], list[Replica]]:
+              alive: dict[str, bool]) -> tuple[list[Job], list[Replica]]:
         now = time.time()
         jobs: list[Job] = []
         with self.registry.update() as state:
