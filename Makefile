@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast lint typecheck clean
+.PHONY: help venv run test test-fast lint typecheck settings-table clean
 
 help:  ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -31,6 +31,12 @@ lint: $(STAMP)  ## ruff
 
 typecheck: $(STAMP)  ## mypy
 	$(BIN)/mypy lb replica supervisor
+
+settings-table: $(STAMP)  ## Rewrite the README's settings table from lb/settings.py
+	$(BIN)/python -c 'import re, pathlib; from lb.settings import settings_table as t; \
+	p = pathlib.Path("README.md"); s = p.read_text(); \
+	p.write_text(re.sub(r"(<!-- settings:start -->).*(<!-- settings:end -->)", \
+	lambda m: m.group(1) + "\n" + t(markdown=True) + "\n" + m.group(2), s, flags=re.S))'
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
