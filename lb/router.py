@@ -108,6 +108,9 @@ class Router:
                 self._table = RoutingTable(state.version,
                                            build_lookup(self.settings, state, routable),
                                            {r.server_id: r for r in routable})
+                # Forget idle counters of replicas that left (hostnames churn with replacements).
+                names = {r.hostname for r in routable}
+                self.inflight = {h: c for h, c in self.inflight.items() if c or h in names}
             return self._table
 
     def candidates(self, key: int) -> list[Replica]:
