@@ -1,18 +1,36 @@
 """Lookup strategies: how a request key becomes a replica, over the routable replicas.
 
 Every strategy answers ``lookup(key)`` (one server id or None) and ``walk(key, skip)`` (distinct
-server ids in the order to try them). ``ring`` is the consistent hash map itself, on the slots
-persisted in the registry. Pure: no I/O.
+server ids in the order to try them). Pure: no I/O.
+
+- ``ring``: the consistent hash map itself (``LB_HASH``, ``LB_SLOTS``, ``LB_VIRTUAL``), on the
+  slots persisted in the registry: the specification's map.
+- ``ring160``: a well-mixed ring in one setting: xxHash, 65,536 slots, 160 virtual servers per
+  replica, placed from the routable server ids alone (ascending, so the map is a function of the
+  set of ids, and a replacement that keeps its server id moves no key).
+- ``maglev``: Maglev hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size 65,537
+  that every replica fills in turn along its own permutation, so each owns M/N entries +- 1.
+
+The router rebuilds its lookup whenever the registry's version changes, which happens on every
+heartbeat round; the two built-from-ids strategies are therefore cached by their inputs and only
+built again when the set of routable server ids changes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
+
+import xxhash
 
 from lb.hashring import HashRing
 from lb.registry import Replica, State
 from lb.settings import Settings
+
+MAGLEV_TABLE_SIZE = 65537  # prime; the paper's default, >> 100 x the largest N we allow
+RING160_SLOTS = 65536
+RING160_VIRTUAL = 160
 
 
 class Lookup(Protocol):
@@ -21,14 +39,142 @@ class Lookup(Protocol):
     def walk(self, key: int, skip: Iterable[int] = ()) -> Iterator[int]: ...
 
 
+def _u64(*values: int) -> bytes:
+    return b"".join((v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for v in values)
+
+
+def key_hash(key: int) -> int:
+    """A request key mixed to 64 bits (Maglev's table index is this mod M)."""
+    return xxhash.xxh64_intdigest(_u64(key), seed=0x4D41474C)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+class Maglev:
+    """Maglev's lookup table over a set of server ids.
+
+    Each server id i has a permutation of the M entries, ``(offset_i + j * skip_i) mod M`` with
+    offset and skip from two independent hashes of i (M prime, so every skip in 1..M-1 visits
+    every entry). Servers take turns, in ascending id order, claiming the next entry of their
+    permutation that is still free, until the table is full: each ends up with floor(M/N) or
+    ceil(M/N) entries. The table depends only on the set of ids, never on history.
+    """
+
+    def __init__(self, server_ids: Iterable[int], table_size: int = MAGLEV_TABLE_SIZE) -> None:
+        if not _is_prime(table_size):
+            raise ValueError(f"the Maglev table size must be prime, not {table_size}")
+        ids = sorted(set(server_ids))
+        if len(ids) > table_size:
+            raise ValueError(f"{len(ids)} servers do not fit a table of {table_size}")
+        self.table_size = table_size
+        self.servers = ids
+        self.table: list[int] = self._populate(ids, table_size) if ids else []
+
+    @staticmethod
+    def _populate(ids: list[int], m: int) -> list[int]:
+        offsets = [xxhash.xxh64_intdigest(_u64(i), seed=0x0FF5E7) % m for i in ids]
+        skips = [xxhash.xxh64_intdigest(_u64(i), seed=0x5C1F) % (m - 1) + 1 for i in ids]
+        position = list(offsets)  # each server's current entry along its permutation
+        table = [-1] * m
+        filled = 0
+        while True:
+            for n, server_id in enumerate(ids):
+                c, skip = position[n], skips[n]
+                while table[c] >= 0:
+                    c += skip
+                    if c >= m:
+                        c -= m
+                table[c] = server_id
+                c += skip
+                position[n] = c - m if c >= m else c
+                filled += 1
+                if filled == m:
+                    return table
+
+    def lookup(self, key: int) -> int | None:
+        if not self.table:
+            return None
+        return self.table[key_hash(key) % self.table_size]
+
+    def walk(self, key: int, skip: Iterable[int] = ()) -> Iterator[int]:
+        """``lookup(key)`` first, then the other servers in the order the table lists them
+        from the key's entry on: a pseudo-random order per key, so the keys of a replica that
+        cannot serve spread over all the others instead of piling onto one neighbour."""
+        if not self.table:
+            return
+        seen = set(skip)
+        remaining = len(set(self.servers) - seen)
+        m = self.table_size
+        start = key_hash(key) % m
+        for n in range(m):
+            if remaining == 0:
+                return
+            owner = self.table[(start + n) % m]
+            if owner not in seen:
+                seen.add(owner)
+                remaining -= 1
+                yield owner
+
+    def shares(self) -> dict[int, float]:
+        """Fraction of the table (and so of a uniform key space) each server answers for."""
+        counts = dict.fromkeys(self.servers, 0)
+        for owner in self.table:
+            counts[owner] += 1
+        return {s: c / self.table_size for s, c in counts.items()}
+
+
+def well_mixed_ring(server_ids: Iterable[int], slots: int = RING160_SLOTS,
+                    virtual: int = RING160_VIRTUAL) -> HashRing:
+    """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers,
+    ids placed in ascending order (the same set of ids always gives the same map)."""
+    ring = HashRing(slots, virtual, "xxhash", "linear")
+    for server_id in sorted(set(server_ids)):
+        ring.add(server_id)
+    ring.lookup(0)  # build the slot table now, not under the first request
+    return ring
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_maglev(server_ids: tuple[int, ...]) -> Maglev:
+    return Maglev(server_ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_ring160(server_ids: tuple[int, ...]) -> HashRing:
+    return well_mixed_ring(server_ids)
+
+
+def _ids(routable: list[Replica]) -> tuple[int, ...]:
+    return tuple(sorted(r.server_id for r in routable))
+
+
 def _ring(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
     ring: HashRing = state.hash_ring(routable)
     return ring
 
 
+def _ring160(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
+    return _cached_ring160(_ids(routable))
+
+
+def _maglev(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
+    return _cached_maglev(_ids(routable))
+
+
 Builder = Callable[[Settings, State, list[Replica]], Lookup]
 
-STRATEGIES: dict[str, Builder] = {"ring": _ring}
+STRATEGIES: dict[str, Builder] = {"ring": _ring, "ring160": _ring160, "maglev": _maglev}
 
 
 def build_lookup(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
