@@ -73,6 +73,10 @@ class Settings:
     network: str = _opt("net1", "Docker network the replicas join (docker backend)")
     replica_memory: str = _opt("256m", "Memory limit of each replica container (docker backend)")
     replica_cpus: float = _opt(0.5, "CPU limit of each replica container (docker backend)")
+    docker_address: str = _opt(
+        "auto", "How replicas are reached (docker backend): name (http://<hostname>:5000, "
+                "inside the Docker network), ip (the container's address on it, from the host) "
+                "or auto (name when this process runs in a container on that network, else ip)")
     log_level: str = _opt("info", "Log level: debug, info, warning, error")
 
     # ------------------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class Settings:
             (self.bounded_load == 0 or self.bounded_load > 1, "bounded_load must be 0 or > 1"),
             (_valid_hash_key(self.hash_key), "hash_key must be random, client, header:NAME or query:NAME"),
             (self.backend in ("local", "docker"), "backend must be local or docker"),
+            (self.docker_address in ("auto", "name", "ip"), "docker_address must be auto, name or ip"),
             (self.max_replicas >= 1, "max_replicas must be >= 1"),
             (self.n <= self.max_replicas, "n must not exceed max_replicas"),
             (self.n * self.virtual_per_server <= self.slots, "n * virtual must fit in slots"),
