@@ -1,0 +1,114 @@
+"""The analysis tool: its pure parts, the balance report, and A-1..A-4 against real stacks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from analysis import balance, experiments
+from analysis.client import AnalysisError, Result, parse_server_id
+from analysis.explain import explain_preset
+from analysis.report import markdown_table, summarize, text_table
+from analysis.stacks import CommandKiller, RegistryKiller
+from tests.conftest import RunningStack
+
+
+# -- pure ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "sid"), [
+    ('{"message": "Hello from Server: 12", "status": "successful"}', 12),
+    ('{"message":"Hello from Server: 3"}', 3),
+    ('{"message": "<Error> nope", "status": "failure"}', None),
+])
+def test_server_id_is_read_from_the_contracts_reply(body: str, sid: int | None) -> None:
+    assert parse_server_id(body) == sid
+
+
+def test_summary_counts_per_replica_and_errors() -> None:
+    results = ([Result(0.0, 0.01, 200, 1, "Server1")] * 6 + [Result(0.0, 0.02, 200, 2, "S2")] * 2
+               + [Result(0.5, 1.0, 0, error="ClientConnectorError")])
+    s = summarize(results, n=3)
+    assert s["per_server"] == {"1": 6, "2": 2}
+    assert (s["ok"], s["errors"], s["min"], s["max"]) == (8, 1, 0, 6)
+    assert s["max_over_mean"] == pytest.approx(6 / (8 / 3), abs=1e-3)
+    assert s["hostnames"] == {"1": ["Server1"], "2": ["S2"]}
+
+
+def test_tables() -> None:
+    assert markdown_table(["a", "b"], [(1, 2)]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert text_table(["name", "n"], [("x", 10)]).splitlines()[2] == "x     10"
+
+
+def test_command_killer_fills_in_the_template_and_reports_failure() -> None:
+    assert CommandKiller("true {hostname} {server_id}").kill("S1", 1) == "true S1 1"
+    with pytest.raises(AnalysisError, match="failed"):
+        CommandKiller("false {hostname}").kill("S1", 1)
+
+
+def test_registry_killer_needs_a_known_replica(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"replicas": [{"hostname": "S1", "handle": None}]}))
+    with pytest.raises(AnalysisError, match="no local process"):
+        RegistryKiller(str(path)).kill("S1", 1)
+    with pytest.raises(AnalysisError, match="no replica"):
+        RegistryKiller(str(path)).kill("S9", 9)
+
+
+def test_the_contracts_imbalance_facts_hold() -> None:
+    """contract.md: seed ~97% to one replica; handout's H reaches 87 of 512 slots, ~84%."""
+    seed, handout = explain_preset("seed"), explain_preset("cs60002")
+    assert 0.95 < seed["request_share"]["1"] < 0.98
+    assert seed["arcs"]["2"] == [1] * 9  # ids 2 and 3 own only the slot their server sits on
+    assert handout["slots_reached_by_H"] == 87
+    assert 0.80 < handout["request_share"]["1"] < 0.88
+
+
+def test_balance_report_writes_tables_and_ranks_maglev_best(tmp_path: Path) -> None:
+    results = balance.run(str(tmp_path), count=1000, n_min=2, n_max=4,
+                          only=["ring seed", "maglev"], repeats=2, echo=False)
+    for name in ("balance.md", "balance.json", "balance.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    maglev, seed = balance.verdict(results["maglev"]), balance.verdict(results["ring seed"])
+    assert maglev["share_ok"] and maglev["exact_movement_ok"]
+    assert seed["max_mean"] > 1.9 and not seed["balance_ok"]
+    assert "| maglev |" in (tmp_path / "balance.md").read_text()
+
+
+# -- against real stacks ---------------------------------------------------------------------
+@pytest.mark.system
+def test_a1_a2_a3_against_a_running_stack(make_stack: Callable[..., RunningStack],
+                                          tmp_path: Path) -> None:
+    stack = make_stack()
+    ctx = experiments.Context(stack.url, str(tmp_path), requests=300, concurrency=8,
+                              progress=False, registry=stack.settings.registry_path,
+                              log=lambda _: None)
+    s1 = experiments.a1(ctx)
+    assert s1["ok"] == 300 and s1["replicas"] == 3
+    assert max(s1["per_server"].values()) > 0.9 * 300  # the seed's lopsided map, as documented
+
+    rows = experiments.a2(ctx, range(2, 4))
+    assert [r["replicas"] for r in rows] == [2, 3] and all(r["ok"] == 300 for r in rows)
+    assert stack.rep()["N"] == 3  # put back as it was
+
+    data = experiments.a3(ctx, duration=8.0, kill_at=1.5)
+    assert all(c["ok"] for c in data["endpoints"]), data["endpoints"]
+    timeline = data["timeline"]
+    assert timeline["victim_id"] == 1
+    assert timeline["recovery_s"] is not None  # the replacement served within the run
+    for name in ("a1.png", "a1.json", "a1.csv", "a2.png", "a2.csv", "a3.png", "a3.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.system
+def test_a4_side_by_side_over_given_targets(make_stack: Callable[..., RunningStack],
+                                            tmp_path: Path) -> None:
+    stack = make_stack(strategy="maglev")
+    ctx = experiments.Context(stack.url, str(tmp_path), requests=300, concurrency=8,
+                              progress=False, log=lambda _: None)
+    out = experiments.a4(ctx, ["maglev"], spawn=False, targets={"maglev": stack.url},
+                         n_values=range(3, 4))
+    assert max(out["maglev"]["a1"]["per_server"].values()) < 0.5 * 300
+    assert (tmp_path / "a4.png").stat().st_size > 0
+    assert (tmp_path / "a4" / "maglev" / "a1.json").exists()
