@@ -17,8 +17,9 @@ LB_IMAGE        ?= hashlb-server:latest
 LB_LB_IMAGE     ?= hashlb-lb:latest
 DOCKER_SOCKET   ?= /var/run/docker.sock
 
-# The base image: the official slim image when it is here (or PULL_BASE=yes may fetch it), else
-# a Debian image built locally with debootstrap from the machine's own Debian mirror.
+# The base image: the official slim image when it is here (PULL_BASE=yes tries to pull it first),
+# else a Debian image built locally with debootstrap from the machine's own Debian mirror (no
+# image registry needed). BASE_IMAGE=... picks any other Debian-like image with python3-venv.
 DEFAULT_BASE    := python:3.12-slim
 LOCAL_BASE      ?= hashlb-base:bookworm
 BASE_SUITE      ?= bookworm
@@ -33,10 +34,12 @@ COMPOSE_RUN = LB_DEPLOYMENT=$(LB_DEPLOYMENT) LB_NETWORK=$(LB_NETWORK) \
 	$(COMPOSE) -p $(COMPOSE_PROJECT) -f docker-compose.yml
 REPLICAS_OF = $(DOCKER) ps -aq --filter label=hashlb.deployment=$(LB_DEPLOYMENT) --filter label=hashlb.role=replica
 
-base-image:  ## The image base: python:3.12-slim if present (PULL_BASE=yes: pulled), else built with debootstrap
-	@if [ "$(PULL_BASE)" = yes ]; then $(DOCKER) pull $(DEFAULT_BASE) || true; fi
-	@if $(DOCKER) image inspect $(DEFAULT_BASE) >/dev/null 2>&1; then \
-	    echo "base image: $(DEFAULT_BASE)"; \
+base-image:  ## The base image: python:3.12-slim if here (PULL_BASE=yes: pull it), else one built with debootstrap
+	@base="$(BASE_IMAGE)"; \
+	if [ "$(PULL_BASE)" = yes ] && [ "$$base" = "$(LOCAL_BASE)" ] && $(DOCKER) pull $(DEFAULT_BASE); then \
+	    base=$(DEFAULT_BASE); fi; \
+	if [ "$$base" != "$(LOCAL_BASE)" ]; then \
+	    echo "base image: $$base"; \
 	elif $(DOCKER) image inspect $(LOCAL_BASE) >/dev/null 2>&1; then \
 	    echo "base image: $(LOCAL_BASE) (built earlier)"; \
 	else \
@@ -77,13 +80,13 @@ wheels: base-image | $(STAMP)  ## Download the images' Python packages as wheels
 	    touch $$stamp; \
 	else echo "wheels: up to date for Python $$py"; fi
 
-build: wheels  ## Build the images: replica ($(LB_IMAGE)) and balancer/supervisor ($(LB_LB_IMAGE))
+build: wheels  ## Build the images: replica (hashlb-server) and balancer/supervisor (hashlb-lb)
 	$(DOCKER) build --quiet --build-arg BASE_IMAGE=$(BASE_IMAGE) -f Dockerfile.server -t $(LB_IMAGE) .
 	$(DOCKER) build --quiet --build-arg BASE_IMAGE=$(BASE_IMAGE) -f Dockerfile.lb -t $(LB_LB_IMAGE) .
 	@for image in server lb; do  # superseded builds (the venv stages stay: they are the cache) \
 	    $(DOCKER) image prune --force --filter label=hashlb.image=$$image >/dev/null; done
 
-up: build  ## Start the stack in Docker; returns when the balancer answers on 127.0.0.1:$(LB_PUBLISH_PORT)
+up: build  ## Start the stack in Docker; returns when the balancer answers on 127.0.0.1:5000
 	$(COMPOSE_RUN) up -d --no-build
 	@for _ in $$(seq 180); do \
 	    python3 -c 'import urllib.request as u; u.build_opener(u.ProxyHandler({})).open( \

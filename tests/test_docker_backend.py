@@ -136,6 +136,8 @@ def test_replica_container_shape(deployment: Deployment,
     assert info["HostConfig"]["Memory"] == 128 * 2**20
     assert info["HostConfig"]["NanoCpus"] == 250_000_000
     assert info["HostConfig"]["RestartPolicy"]["Name"] in ("", "no")  # the supervisor's job
+    assert info["HostConfig"]["CapDrop"] == ["ALL"]
+    assert info["HostConfig"]["LogConfig"]["Config"]["max-size"] == "10m"
     endpoint = info["NetworkSettings"]["Networks"][deployment.network]
     assert hostname in endpoint["Aliases"]
     # From the host (this test) the replica is reached at its address on the network.

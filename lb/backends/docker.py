@@ -36,6 +36,8 @@ LABEL_SERVER_ID = "hashlb.server_id"
 ROLE_REPLICA = "replica"
 REPLICA_PORT = 5000
 CLIENT_TIMEOUT = 60  # seconds per API call; a stop adds its own grace period to it
+PIDS_LIMIT = 256  # a replica is one gunicorn master, one worker and its threads
+LOG_ROTATION = {"max-size": "10m", "max-file": "3"}  # replicas log every request
 
 # What the SDK raises: its own errors, and requests' for an engine that does not answer.
 _FAILURES = (docker_errors.DockerException, requests.RequestException)
@@ -97,6 +99,8 @@ class DockerBackend(Backend):
             self._remove_leftover(spec.hostname)
             host_config = api.create_host_config(
                 network_mode=self.network, mem_limit=self.memory, nano_cpus=self.nano_cpus,
+                pids_limit=PIDS_LIMIT, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                log_config={"Type": "json-file", "Config": LOG_ROTATION},
             )
             networking = api.create_networking_config({
                 self.network: api.create_endpoint_config(aliases=[spec.hostname]),
