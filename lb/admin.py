@@ -28,8 +28,9 @@ from lb.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Docker's container-name rule; 63 keeps every name usable as a DNS label (network alias).
-HOSTNAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z")
+# Docker's container-name rule (two characters at least: Docker refuses "a"); 63 keeps every
+# name usable as a DNS label (network alias).
+HOSTNAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+\Z")
 MAX_HOSTNAME = 63
 ADD_TOO_MANY = "Length of hostname list is more than newly added instances"
 RM_TOO_MANY = "Length of hostname list is more than removable instances"
@@ -63,7 +64,7 @@ def parse_scale_request(body: Any, too_many: str) -> tuple[int, list[str]]:
         if not isinstance(name, str):
             raise ApiError(400, "Field 'hostnames' must be a list of strings")
         if len(name) > MAX_HOSTNAME or not HOSTNAME_RE.match(name):
-            raise ApiError(400, f"Invalid hostname {_show(name)}: use 1 to {MAX_HOSTNAME} of "
+            raise ApiError(400, f"Invalid hostname {_show(name)}: use 2 to {MAX_HOSTNAME} of "
                                 "[a-zA-Z0-9_.-], starting with a letter or digit")
         if name in seen:
             raise ApiError(400, f"Hostname '{name}' is given more than once")

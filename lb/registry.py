@@ -232,7 +232,17 @@ class Registry:
 
     def _write(self, state: State) -> None:
         folder = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".tmp", dir=folder)
+        prefix = f".{os.path.basename(self.path)}-"
+        # Writes happen under the lock only, so a temp file of ours that is already there was
+        # left by a writer killed mid-write: clear it, or every such kill leaves one behind.
+        for entry in os.scandir(folder):
+            if (entry.name.startswith(prefix) and entry.name.endswith(".tmp")
+                    and len(entry.name) == len(prefix) + 8 + 4):  # mkstemp: 8 random chars
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(state.to_dict(), fh, indent=1)

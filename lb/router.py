@@ -199,8 +199,13 @@ class Router:
 
     def _get(self, replica: Replica, target: str, headers: Mapping[str, str],
              timeout: tuple[float, float], tried: list[str]) -> Upstream:
-        reply = self._session().get(f"{replica.address}{target}", headers=dict(headers),
-                                    timeout=timeout, stream=True, allow_redirects=False)
+        session = self._session()
+        prepared = session.prepare_request(
+            requests.Request("GET", f"{replica.address}{target}", headers=dict(headers)))
+        # The target as the client sent it: preparing it would drop dot segments and decode
+        # unreserved escapes, turning "/%2e%2e/x" into a literal "/../x" for the replica.
+        prepared.url = f"{replica.address}{target}"
+        reply = session.send(prepared, timeout=timeout, stream=True, allow_redirects=False)
         try:
             body = reply.raw.read(decode_content=False)  # bytes as sent, encoding untouched
         except BaseException:

@@ -117,7 +117,9 @@ class Supervisor:
         with self.registry.update() as state:
             taken = {r.hostname for r in state.replicas}
             for r in state.replicas:
-                if r.hostname in answers and r.handle in alive:
+                # An /rm may have taken the entry since the probe: a heartbeat answered before
+                # must not turn it back into a ready replica (which, stopped, gets replaced).
+                if r.hostname in answers and r.handle in alive and r.state != REMOVING:
                     self._record(r, answers[r.hostname], alive[r.handle], now)
             for r in state.replicas:
                 if r.state == REMOVING or r.held or r.not_before > now:

@@ -10,6 +10,7 @@ and stop() finds a replica's workers even after its master was killed.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import psutil
@@ -93,10 +95,10 @@ class LocalBackend(Backend):
         masters = [p for p in procs if p.pid == pid] or procs
         for p in masters:
             _signal(p, signal.SIGTERM)  # gunicorn: graceful, in-flight requests finish
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        alive = _wait_gone(procs, timeout)
         for p in alive:
             _signal(p, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=2)
+        _wait_gone(alive, 2)
         # Workers outlive a master killed with SIGKILL for a moment: sweep what is left.
         for p in self._processes(token):
             _signal(p, signal.SIGKILL)
@@ -130,7 +132,7 @@ class LocalBackend(Backend):
             return False
 
     # -- internals -----------------------------------------------------------------------------
-    def _processes(self, token: str) -> list[psutil.Process]:
+    def _processes(self, token: str) -> builtins.list[psutil.Process]:
         found = []
         for proc in psutil.process_iter(["environ"], ad_value=None):
             env = proc.info["environ"] or {}
@@ -158,6 +160,20 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``procs`` still running after up to ``timeout`` seconds.
+
+    A zombie has stopped: a replica this process did not start stays a zombie until its parent
+    (often the supervisor) reaps it, and ``psutil.wait_procs`` would wait out the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _alive(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def _ppid(proc: psutil.Process) -> int | None:
