@@ -86,14 +86,16 @@ build: wheels  ## Build the images: replica (hashlb-server) and balancer/supervi
 	@for image in server lb; do  # superseded builds (the venv stages stay: they are the cache) \
 	    $(DOCKER) image prune --force --filter label=hashlb.image=$$image >/dev/null; done
 
-up: build  ## Start the stack in Docker; returns when the balancer answers on 127.0.0.1:5000
+up: build  ## Start the stack in Docker; returns when it serves on 127.0.0.1:5000 (LB_PUBLISH_PORT)
 	$(COMPOSE_RUN) up -d --no-build
 	@for _ in $$(seq 180); do \
-	    python3 -c 'import urllib.request as u; u.build_opener(u.ProxyHandler({})).open( \
-	        "http://127.0.0.1:$(LB_PUBLISH_PORT)/rep", timeout=2)' 2>/dev/null \
-	        && { echo "balancer on http://127.0.0.1:$(LB_PUBLISH_PORT) (replicas: make ps)"; exit 0; }; \
+	    python3 -c 'import json, urllib.request as u; o = u.build_opener(u.ProxyHandler({})); \
+	        url = "http://127.0.0.1:$(LB_PUBLISH_PORT)"; \
+	        n = json.load(o.open(url + "/rep", timeout=2))["message"]["N"]; \
+	        n == 0 or o.open(url + "/home", timeout=2)' 2>/dev/null \
+	        && { echo "serving on http://127.0.0.1:$(LB_PUBLISH_PORT)"; exit 0; }; \
 	    sleep 0.5; \
-	done; echo "the balancer did not answer within 90s: see make logs" >&2; exit 1
+	done; echo "not serving within 90s: see make logs" >&2; exit 1
 
 down:  ## Remove the stack: replicas by label (also those /add started), then containers, network, volume
 	-$(COMPOSE_RUN) stop --timeout 10

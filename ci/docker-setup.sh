@@ -23,6 +23,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 if ! docker info >/dev/null 2>&1; then
+    # A machine handed on as it was may keep the pid file of an engine that no longer runs.
+    if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+        rm -f /var/run/docker.pid
+    fi
     echo "docker-setup: starting dockerd (log: $DOCKERD_LOG)"
     PATH="$PATH:/usr/sbin:/sbin" setsid nohup dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
     for _ in $(seq "$READY_SECONDS"); do
