@@ -68,10 +68,12 @@ class Stack:
                "LB_NETWORK": self.network, "LB_PUBLISH_PORT": str(self.port), "LB_N": "0",
                # The tests pick a replica by key (X-Key); requests without it stay random.
                "LB_HASH_KEY": "header:X-Key"}
-        proc = subprocess.run(["make", "-s", target], cwd=ROOT, env=env, capture_output=True,
+        return subprocess.run(["make", "-s", target], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout, check=False)
+
+    def make_ok(self, target: str) -> None:
+        proc = self.make(target)
         assert proc.returncode == 0, f"make {target}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc
 
     # -- the balancer's API ----------------------------------------------------------------------
     def get(self, path: str, **kw: Any) -> requests.Response:
@@ -164,7 +166,7 @@ class Stack:
 def start_stack(client: docker.DockerClient) -> Stack:
     stack = Stack(f"hlbt{uuid.uuid4().hex[:8]}", free_port(), client)
     try:
-        stack.make("up")
+        stack.make_ok("up")
     except BaseException:
         force_clean(stack)
         raise
@@ -175,10 +177,7 @@ def force_clean(stack: Stack) -> None:
     """Whatever a failed test left: by the stack's labels only."""
     stack.http.close()
     if stack.leftovers():
-        subprocess.run(["make", "-s", "down"], cwd=ROOT, check=False, capture_output=True,
-                       env={**os.environ, "COMPOSE_PROJECT": stack.project,
-                            "LB_DEPLOYMENT": stack.deployment, "LB_NETWORK": stack.network,
-                            "LB_PUBLISH_PORT": str(stack.port)})
+        stack.make("down")
         remove_by_label(stack.client, f"{COMPOSE_PROJECT_LABEL}={stack.project}",
                         f"{LABEL_DEPLOYMENT}={stack.deployment}")
 
@@ -187,8 +186,10 @@ def force_clean(stack: Stack) -> None:
 def stack(docker_client: docker.DockerClient, docker_images: None) -> Iterator[Stack]:  # noqa: F811
     stack = start_stack(docker_client)
     yield stack
-    stack.make("down")
-    force_clean(stack)
+    try:
+        stack.make_ok("down")
+    finally:
+        force_clean(stack)
 
 
 class Traffic:
@@ -377,7 +378,7 @@ def test_make_down_leaves_nothing(docker_client: docker.DockerClient,  # noqa: F
         assert reply.status_code == 200, reply.text
         stack.assert_docker_agrees()
         assert stack.leftovers()["containers"]
-        stack.make("down")
+        stack.make_ok("down")
         assert stack.leftovers() == {}
     finally:
         force_clean(stack)
