@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from flask import Flask, Request, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
 from lb.backends import BackendError, create_backend
@@ -107,6 +107,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 def _json_body(req: Request) -> Any:
     """The body as JSON whatever the Content-Type (``curl -d`` sends a form type)."""
     raw = req.get_data(cache=False)
+    limit = req.max_content_length
+    # Without a Content-Length (chunked), werkzeug stops reading at the limit without a word:
+    # a longer body would be cut there and obeyed. One byte more tells.
+    if limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     if not raw.strip():
         return {}
     try:
@@ -130,7 +135,10 @@ def _target(req: Request) -> str:
 def _forward_headers(req: Request) -> dict[str, str]:
     """End-to-end headers only, plus the ``X-Forwarded-*`` a replica needs to know its client."""
     named = {h.strip().lower() for h in req.headers.get("Connection", "").split(",")}
-    drop = HOP_BY_HOP | named | {"host", "content-length"}
+    # Claims about the client or the scheme that only a proxy may make (the replica's gunicorn
+    # trusts its loopback peer): the edge sets its own X-Forwarded-* and passes no others on.
+    spoofable = {"forwarded", "x-real-ip", "x-forwarded-ssl", "x-forwarded-protocol"}
+    drop = HOP_BY_HOP | named | spoofable | {"host", "content-length"}
     headers = {k: v for k, v in req.headers.items() if k.lower() not in drop}
     client = req.remote_addr or ""
     prior = req.headers.get("X-Forwarded-For")

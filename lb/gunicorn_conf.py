@@ -19,3 +19,7 @@ loglevel = _settings.log_level
 proc_name = f"{_settings.deployment}-lb"
 # Several deployments (and the test suite) run side by side: no shared control socket.
 control_socket_disable = True
+# The balancer is the edge: no client, loopback ones included (gunicorn trusts 127.0.0.1 by
+# default), may claim https with X-Forwarded-Proto or set SCRIPT_NAME/PATH_INFO by header.
+secure_scheme_headers: dict[str, str] = {}
+forwarder_headers = ""

@@ -47,8 +47,8 @@ def running_stack(folder: Path, **overrides: Any) -> Iterator[RunningStack]:
                 if stack.get("/rep", timeout=2).status_code == 200:
                     stack.wait_ready(settings.n, timeout=max(1.0, deadline - time.monotonic()))
                     break
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or its worker still booting
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"lb-run did not come up:\n{stack.log()}")
             time.sleep(0.1)

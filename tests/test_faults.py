@@ -282,3 +282,41 @@ def test_sigterm_stops_what_lb_run_started_and_nothing_else(
     assert other.get("/home").status_code == 200
     with pytest.raises(requests.ConnectionError):
         requests.get(stack.url + "/rep", timeout=5)
+
+
+def test_balancer_worker_killed_during_add_leaves_no_orphan(
+        make_stack: Callable[..., RunningStack]) -> None:
+    """SIGKILL every balancer worker while an /add is starting replicas: the client gets a
+    connection error; once the reservation expires the supervisor takes the entries over (it
+    adopts what was started, starts what was not). No duplicate, no orphan, all ready."""
+    stack = make_stack(start_timeout=5.0)
+    results: list[object] = []
+
+    def add() -> None:
+        try:
+            results.append(requests.post(stack.url + "/add", timeout=60,
+                                         json={"n": 2, "hostnames": ["K1", "K2"]}).status_code)
+        except requests.RequestException as exc:
+            results.append(type(exc).__name__)
+
+    caller = threading.Thread(target=add)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            r.hostname == "K1" and r.handle for r in stack.state().replicas):
+        time.sleep(0.005)  # until a replica of the /add is started and recorded
+    for worker in balancer_workers_of(stack.proc.pid):
+        worker.kill()
+    caller.join(timeout=90)
+    t0 = time.monotonic()
+    wait_for(lambda: processes_match_registry(stack.state(), stack.settings.deployment)
+             or (None if all(r.state == READY for r in stack.state().members())
+                 else "not all ready"), timeout=90)
+    state = stack.state()
+    report("balancer workers SIGKILLed mid-/add", client_saw=results,
+           settled_after_s=round(time.monotonic() - t0, 1),
+           members=[r.hostname for r in state.members()])
+    names = [r.hostname for r in state.members()]
+    assert len(names) == len(set(names))
+    assert {"K1", "K2"} <= set(names) or not {"K1", "K2"} & set(names)  # all or nothing
+    assert stack.get("/home").status_code == 200

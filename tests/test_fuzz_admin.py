@@ -275,6 +275,9 @@ def test_hostile_admin_input_against_a_real_stack(make_stack: Callable[..., Runn
     one()
     big = b'{"n": 1, "hostnames": [' + b'"x",' * (MAX_BODY // 4) + b'"y"]}'
     port = stack.url.rsplit(":", 1)[1]
+    # Valid JSON within the limit, then more than the limit: werkzeug used to cut the body at
+    # LB_MAX_BODY and the /add went through.
+    padded = b'{"n": 1, "hostnames": ["P1"]}' + b" " * MAX_BODY + b"trailing junk"
     odd = {
         "oversized, with Content-Length": (
             b"POST /add HTTP/1.1\r\nHost: 127.0.0.1:" + port.encode() +
@@ -283,6 +286,10 @@ def test_hostile_admin_input_against_a_real_stack(make_stack: Callable[..., Runn
         "oversized, chunked": (
             b"POST /add HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n" + f"{len(big):x}".encode() + b"\r\n" + big +
+            b"\r\n0\r\n\r\n"),
+        "chunked, valid JSON padded past the limit": (
+            b"POST /add HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + f"{len(padded):x}".encode() + b"\r\n" + padded +
             b"\r\n0\r\n\r\n"),
         "chunked, invalid JSON": (
             b"DELETE /rm HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"

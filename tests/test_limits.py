@@ -4,6 +4,7 @@ and a slow echo server, all on loopback."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -125,3 +126,27 @@ def test_upstream_timeout_moves_on_from_a_slow_replica(tmp_path: Path, retries: 
         assert reply.status_code == 200 and reply.headers["X-Served-By"] == "Server2"
     else:
         assert reply.status_code == 502 and "Server1" in envelope_of(reply)
+
+
+def test_max_body_holds_for_a_chunked_body_too(tmp_path: Path) -> None:
+    """With no Content-Length (chunked), werkzeug stops reading at the limit without a word:
+    a body of valid JSON plus megabytes of anything was cut at LB_MAX_BODY and obeyed."""
+    with serve_in_thread() as echo:
+        app = inprocess_balancer(str(tmp_path), [echo] * 3, max_body=1024)
+        client = app.test_client()
+        before = Path(registry_of(app).path).read_bytes()
+        valid = json.dumps({"n": 1, "hostnames": ["S7"]}).encode()
+
+        def chunked(data: bytes) -> Any:
+            return client.post("/add", input_stream=io.BytesIO(data),
+                               content_type="application/json",
+                               environ_overrides={"wsgi.input_terminated": True,
+                                                  "CONTENT_LENGTH": ""})
+
+        for tail in (b" " * 2000, b" " * 2000 + b"garbage", b" " * (1025 - len(valid))):
+            reply = chunked(valid + tail)
+            assert reply.status_code == 413, (len(tail), reply.get_data())
+            envelope_of(reply)
+            assert Path(registry_of(app).path).read_bytes() == before
+        reply = chunked(valid + b" " * (1024 - len(valid)))  # exactly the limit: fine
+        assert reply.status_code == 200, reply.get_data()

@@ -1,0 +1,165 @@
+"""Hostile requests on the routed path, sent byte for byte to a real stack (gunicorn in front).
+
+The stack has one replica: an echo server registered like any other (see ``helpers_echo``),
+which answers with what it received, so each test sees exactly what the balancer forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningStack
+from tests.helpers_chaos import report
+from tests.helpers_echo import start_echo_replica
+from tests.helpers_stack import RawReply, get_request, raw_http, running_stack
+
+pytestmark = pytest.mark.system
+TRIED: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("hostile"), n=0) as running:
+        start_echo_replica(running.registry, running.settings.deployment, "echo-1")
+        yield running
+        report("hostile routed requests", inputs_tried=sum(TRIED.values()), **TRIED)
+
+
+def send(stack: RunningStack, kind: str, target: bytes, *headers: bytes) -> RawReply:
+    TRIED[kind] = TRIED.get(kind, 0) + 1
+    reply = raw_http(stack.url, get_request(target, *headers))
+    assert reply.status < 500, (target[:100], reply.status, reply.body[:300])
+    return reply
+
+
+def echoed(reply: RawReply) -> dict[str, Any]:
+    assert reply.status == 200, reply.body[:300]
+    assert reply.header("X-Served-By") == "echo-1"
+    data: dict[str, Any] = json.loads(reply.body)
+    return data
+
+
+def received_headers(reply: RawReply) -> dict[str, str]:
+    return {k.lower(): v for k, v in echoed(reply)["headers"]}
+
+
+def upper_escapes(target: str) -> str:
+    """``%2e`` and ``%2E`` are the same octet (RFC 3986 section 6.2.2.1)."""
+    return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group(0).upper(), target)
+
+
+@pytest.mark.parametrize("target", [
+    "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/..%2f..%2fetc/passwd", "/a/./b/../c",
+    "/home/../heartbeat", "/%2E%2E%5C..%5Cwin.ini", "/echo/%41%2F%25%00?q=%FF&x=a+b",
+    "//double//slash", "/x?a=1&a=2&b=%26&c", "/~user/%7Euser", "/x;param=1", "/%E2%82%AC",
+    "/" + "a" * 3000, "/x?" + "q=1&" * 700,
+])
+def test_the_target_reaches_the_replica_as_the_client_sent_it(stack: RunningStack,
+                                                               target: str) -> None:
+    """No decoding, no dot-segment removal: what the client sent is what the replica gets.
+
+    (The router used to let requests "prepare" the URL: "/%2e%2e/x" reached the replica as a
+    literal "/../x", and "/a/./b/../c" as "/a/c".)
+    """
+    reply = send(stack, "path", target.encode())
+    assert upper_escapes(echoed(reply)["raw_uri"]) == upper_escapes(target)
+
+
+def test_an_absolute_form_target_is_routed_by_its_path_only(stack: RunningStack) -> None:
+    reply = send(stack, "path", b"http://internal.example:8080/admin?x=1")
+    data = echoed(reply)
+    assert data["raw_uri"] == "/admin?x=1"
+    assert "internal.example" not in received_headers(reply)["host"]
+
+
+@pytest.mark.parametrize(("target", "headers"), [
+    (b"/caf\xc3\xa9", ()),  # raw non-ASCII in the request line
+    (b"/sp ace", ()),
+    (b"*", ()),
+    (b"/" + b"a" * 5000, ()),  # longer than gunicorn's request line limit (4094)
+    (b"/x", (b"X-Big: " + b"y" * 9000,)),  # one header longer than the limit (8190)
+    (b"/x", tuple(f"X-H{i}: v".encode() for i in range(120))),  # more than 100 headers
+    (b"/x", (b"Content-Length: 5", b"Transfer-Encoding: chunked")),  # smuggling attempt
+    (b"/x", (b"Content-Length: 1", b"Content-Length: 2")),
+    (b"/x", (b"Bad Header: v",)),
+    (b"/x", (b"X-Ctl: a\x01b",)),
+])
+def test_malformed_requests_are_refused_with_a_4xx(stack: RunningStack, target: bytes,
+                                                   headers: tuple[bytes, ...]) -> None:
+    reply = send(stack, "malformed", target, *headers)
+    assert 400 <= reply.status < 500
+    assert echoed(send(stack, "path", b"/after")) ["raw_uri"] == "/after"  # still serving
+
+
+@pytest.mark.xfail(strict=True, reason="gunicorn answers request-line and header parse errors "
+                   "itself, as HTML, before the app sees the request")
+def test_malformed_requests_get_the_contract_envelope(stack: RunningStack) -> None:
+    reply = send(stack, "malformed", b"/" + b"a" * 5000)
+    assert json.loads(reply.body)["status"] == "failure"
+
+
+def test_hop_by_hop_headers_stay_on_their_hop(stack: RunningStack) -> None:
+    reply = send(stack, "headers", b"/hop",
+                 b"Connection: keep-alive, X-Drop-Me", b"X-Drop-Me: secret",
+                 b"Keep-Alive: timeout=5", b"TE: trailers", b"Upgrade: websocket",
+                 b"Proxy-Authorization: Basic eDp5", b"Proxy-Connection: keep-alive",
+                 b"Trailer: X-T", b"X-Keep: yes", b"Authorization: Bearer end-to-end")
+    got = received_headers(reply)
+    for name in ("x-drop-me", "keep-alive", "te", "upgrade", "proxy-authorization",
+                 "proxy-connection", "trailer", "transfer-encoding"):
+        assert name not in got, (name, got)
+    assert "x-drop-me" not in got.get("connection", "").lower()
+    assert got["x-keep"] == "yes"
+    assert got["authorization"] == "Bearer end-to-end"  # end-to-end: the replica's business
+
+
+def test_x_forwarded_for_appends_the_client_address(stack: RunningStack) -> None:
+    plain = received_headers(send(stack, "headers", b"/xff"))
+    assert plain["x-forwarded-for"] == "127.0.0.1"
+    spoofed = received_headers(send(stack, "headers", b"/xff", b"X-Forwarded-For: 6.6.6.6"))
+    assert [a.strip() for a in spoofed["x-forwarded-for"].split(",")] == ["6.6.6.6", "127.0.0.1"]
+    two = received_headers(send(stack, "headers", b"/xff", b"X-Forwarded-For: 6.6.6.6",
+                                b"X-Forwarded-For: 7.7.7.7, 8.8.8.8"))
+    assert [a.strip() for a in two["x-forwarded-for"].split(",")] == \
+        ["6.6.6.6", "7.7.7.7", "8.8.8.8", "127.0.0.1"]
+    underscored = received_headers(send(stack, "headers", b"/xff",
+                                        b"X_Forwarded_For: 9.9.9.9"))
+    assert "9.9.9.9" not in json.dumps(underscored)
+
+
+def test_spoofed_forwarding_headers_are_overwritten(stack: RunningStack) -> None:
+    got = received_headers(send(stack, "headers", b"/fwd", b"X-Forwarded-Host: evil.example",
+                                b"X-Forwarded-Proto: https", b"X-Forwarded-Ssl: on"))
+    assert got["x-forwarded-host"] == "balancer.test"  # the Host the client asked for
+    # The balancer speaks plain HTTP: no loopback client may make it claim https (gunicorn
+    # trusted X-Forwarded-Proto from 127.0.0.1 by default and the replica was told "https").
+    assert got["x-forwarded-proto"] == "http"
+    for claim in ("Forwarded: for=6.6.6.6;proto=https", "X-Real-IP: 6.6.6.6",
+                  "X-Forwarded-Protocol: ssl"):
+        got = received_headers(send(stack, "headers", b"/fwd", claim.encode()))
+        assert claim.split(":")[0].lower() not in got, got
+    host = received_headers(send(stack, "headers", b"/fwd"))["host"]
+    assert host.startswith("127.0.0.1:")  # the replica's own address, not the client's Host
+
+
+def test_request_ids_are_kept_only_when_harmless(stack: RunningStack) -> None:
+    kept = received_headers(send(stack, "headers", b"/rid", b"X-Request-ID: abc-123.x:y"))
+    assert kept["x-request-id"] == "abc-123.x:y"
+    for bad in (b"a b", b"<script>", b"x" * 200, b"\xc3\xa9"):
+        got = received_headers(send(stack, "headers", b"/rid", b"X-Request-ID: " + bad))
+        assert re.fullmatch(r"[0-9a-f]{32}", got["x-request-id"]), got["x-request-id"]
+
+
+def test_only_get_is_routed(stack: RunningStack) -> None:
+    for method in ("POST", "PUT", "PATCH", "DELETE", "TRACE"):
+        TRIED["methods"] = TRIED.get("methods", 0) + 1
+        request = f"{method} /home HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n" \
+                  "Connection: close\r\n\r\n".encode()
+        reply = raw_http(stack.url, request)
+        assert reply.status == 405, (method, reply.status)
+        assert json.loads(reply.body)["status"] == "failure"
