@@ -75,10 +75,13 @@ class Maglev:
         if not _is_prime(table_size):
             raise ValueError(f"the Maglev table size must be prime, not {table_size}")
         ids = sorted(set(server_ids))
+        if ids and ids[0] < 0:
+            raise ValueError("server ids must be >= 0")
         if len(ids) > table_size:
             raise ValueError(f"{len(ids)} servers do not fit a table of {table_size}")
         self.table_size = table_size
         self.servers = ids
+        self._ids = frozenset(ids)
         self.table: list[int] = self._populate(ids, table_size) if ids else []
 
     @staticmethod
@@ -114,17 +117,19 @@ class Maglev:
         if not self.table:
             return
         seen = set(skip)
-        remaining = len(set(self.servers) - seen)
+        remaining = len(self._ids - seen)
         m = self.table_size
-        start = key_hash(key) % m
-        for n in range(m):
+        table = self.table
+        entry = key_hash(key) % m
+        for _ in range(m):
             if remaining == 0:
                 return
-            owner = self.table[(start + n) % m]
+            owner = table[entry]
             if owner not in seen:
                 seen.add(owner)
                 remaining -= 1
                 yield owner
+            entry = entry + 1 if entry + 1 < m else 0
 
     def shares(self) -> dict[int, float]:
         """Fraction of the table (and so of a uniform key space) each server answers for."""

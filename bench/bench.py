@@ -1,0 +1,466 @@
+"""The benchmark: the same 3 replicas behind this balancer, HAProxy and nginx, and directly.
+
+One run, one machine, loopback only, every load bounded in time (wrk ``-d``):
+
+1. ``lb-run`` starts the balancer, its supervisor and 3 local replicas (hash key ``query:id``,
+   the settings below); HAProxy (``balance url_param id`` + ``hash-type consistent``) and nginx
+   (``hash $arg_id consistent``) are started on the *same* 3 replica addresses.
+2. **Saturation**: wrk with a fixed number of keep-alive connections, each request
+   ``GET /home?id=<random 6-digit>``, against each target in turn, ``--rounds`` times
+   (interleaved, so a burst of outside load hits every target alike). *direct* is one wrk per
+   replica at the same time with a third of the connections each; its p99 is the largest of the
+   three (an upper bound of the combined p99) and its p50 the request-weighted mean.
+3. **Half load**: wrk2 (constant rate) is not in Debian, so every target gets a *paced* wrk:
+   few connections, each waiting a fixed delay (wrk's Lua ``delay()``) between a reply and its
+   next request, calibrated so the offered rate is half of the balancer's saturation rate. The
+   balancer-added p99 is its p99 minus the direct p99 at the same rate.
+4. CPU per request of each proxy and of the replicas (``psutil`` CPU times over each run).
+5. The micro-benchmark (``bench/micro.py``) and, with ``--profile``, py-spy on the balancer's
+   workers under saturation (``bench/profile.txt``).
+
+Writes ``bench/results.md`` and ``bench/results.json``. Run it with ``bash bench/run.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from analysis.stacks import LocalStack, free_port
+from bench import micro
+
+WRK_LUA = """
+math.randomseed(tonumber(os.getenv("WRK_SEED") or "1") + os.time())
+local pause = tonumber(os.getenv("WRK_DELAY_MS") or "0")
+request = function()
+  return wrk.format("GET", "/home?id=" .. math.random(100000, 999999))
+end
+if pause > 0 then
+  delay = function() return pause end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %d, \\"us\\": %d, \\"p50\\": %d, \\"p90\\": %d, \\"p99\\": %d, "
+    .. "\\"errors\\": %d, \\"non2xx\\": %d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+HAPROXY_CFG = """
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance url_param id
+    hash-type consistent
+{servers}
+"""
+
+NGINX_CONF = """
+daemon off;
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream replicas {{
+        hash $arg_id consistent;
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://replicas;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+# -- the other proxies -------------------------------------------------------------------------
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port}")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], port: int, what: str, log: str) -> Iterator[psutil.Process]:
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, what)
+        yield psutil.Process(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def haproxy(replicas: list[str], folder: str) -> Iterator[tuple[str, psutil.Process]]:
+    port = free_port()
+    servers = "\n".join(f"    server s{i} {a.split('//')[1]}" for i, a in enumerate(replicas, 1))
+    cfg = os.path.join(folder, "haproxy.cfg")
+    with open(cfg, "w", encoding="utf-8") as fh:
+        fh.write(HAPROXY_CFG.format(port=port, servers=servers))
+    with _process(["haproxy", "-f", cfg, "-db"], port, "haproxy",
+                  os.path.join(folder, "haproxy.log")) as proc:
+        yield f"http://127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def nginx(replicas: list[str], folder: str, workers: int) -> Iterator[tuple[str, psutil.Process]]:
+    port = free_port()
+    prefix = os.path.join(folder, "nginx")
+    os.makedirs(prefix, exist_ok=True)
+    servers = "\n".join(f"        server {a.split('//')[1]};" for a in replicas)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w", encoding="utf-8") as fh:
+        fh.write(NGINX_CONF.format(port=port, servers=servers, dir=prefix, workers=workers))
+    with _process(["nginx", "-p", prefix, "-c", conf], port, "nginx",
+                  os.path.join(folder, "nginx.log")) as proc:
+        yield f"http://127.0.0.1:{port}", proc
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _tree(p: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [p, *p.children(recursive=True)]
+    return []
+
+
+def wrk(urls: list[str], connections: int, seconds: float, lua: str,
+        delay_ms: float = 0.0) -> dict[str, Any]:
+    """One wrk per URL at the same time, ``connections`` split between them; merged."""
+    per = max(1, connections // len(urls))
+    env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}"}
+    procs = []
+    for k, url in enumerate(urls):
+        env_k = {**env, "WRK_SEED": str(k)}
+        procs.append(subprocess.Popen(
+            ["wrk", "-t1", f"-c{per}", f"-d{seconds:.0f}s", "--timeout", "5s", "-s", lua, url],
+            env=env_k, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    parts = []
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 60)
+        line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk gave no summary:\n{out}")
+        parts.append(json.loads(line[8:]))
+    requests = sum(x["requests"] for x in parts)
+    secs = max(x["us"] for x in parts) / 1e6
+    return {
+        "requests": requests,
+        "rps": requests / secs,
+        "p50_ms": sum(x["p50"] * x["requests"] for x in parts) / max(1, requests) / 1000,
+        "p90_ms": max(x["p90"] for x in parts) / 1000,
+        "p99_ms": max(x["p99"] for x in parts) / 1000,
+        "errors": sum(x["errors"] for x in parts),
+        "non2xx": sum(x["non2xx"] for x in parts),
+        "connections": per * len(urls),
+    }
+
+
+def measured(target: dict[str, Any], connections: int, seconds: float, lua: str,
+             replicas: list[psutil.Process], delay_ms: float = 0.0) -> dict[str, Any]:
+    proxy = [q for p in target["procs"] for q in _tree(p)]
+    before_proxy, before_rep = _cpu(proxy), _cpu(replicas)
+    result = wrk(target["urls"], connections, seconds, lua, delay_ms)
+    n = max(1, result["requests"])
+    result["proxy_cpu_us"] = 1e6 * (_cpu(proxy) - before_proxy) / n if proxy else 0.0
+    result["replica_cpu_us"] = 1e6 * (_cpu(replicas) - before_rep) / n
+    return result
+
+
+def paced(target: dict[str, Any], rate: float, connections: int, seconds: float, lua: str,
+          replicas: list[psutil.Process]) -> dict[str, Any]:
+    """wrk with a per-connection pause calibrated to offer ``rate`` requests per second."""
+    cycle_ms = 1000 * connections / rate
+    probe = wrk(target["urls"], connections, 3, lua, delay_ms=cycle_ms)
+    latency_ms = max(0.0, 1000 * probe["connections"] / max(probe["rps"], 1e-9) - cycle_ms)
+    delay = max(0.1, cycle_ms - latency_ms)
+    result = measured(target, connections, seconds, lua, replicas, delay_ms=delay)
+    result["offered_rps"] = rate
+    result["delay_ms"] = delay
+    return result
+
+
+# -- the run -------------------------------------------------------------------------------------
+def replica_processes(registry_path: str) -> tuple[list[str], list[psutil.Process]]:
+    with open(registry_path, encoding="utf-8") as fh:
+        entries = sorted(json.load(fh)["replicas"], key=lambda e: e["server_id"])
+    addresses = [e["address"] for e in entries]
+    procs = []
+    for e in entries:
+        with contextlib.suppress(psutil.Error, ValueError):
+            procs += _tree(psutil.Process(int(e["handle"].split("/")[0])))
+    return addresses, procs
+
+
+def balancer_processes(stack: LocalStack) -> list[psutil.Process]:
+    """lb-run's gunicorn (master and workers); the supervisor is counted apart."""
+    assert stack.proc is not None
+    root = psutil.Process(stack.proc.pid)
+    return [p for p in root.children() if "gunicorn" in " ".join(p.cmdline())]
+
+
+def profile(pids: list[int], seconds: float, out_raw: str) -> None:
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        raise RuntimeError("py-spy is not installed (bash bench/run.sh --profile installs it)")
+    procs = [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                               "--rate", "250", "--nonblocking", "--format", "raw",
+                               "--output", f"{out_raw}.{pid}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for pid in pids]
+    for p in procs:
+        p.wait(timeout=seconds + 60)
+    with open(out_raw, "w", encoding="utf-8") as fh:
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError), open(f"{out_raw}.{pid}") as part:
+                fh.write(part.read())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = tempfile.mkdtemp(prefix="lb-bench-")
+    lua = os.path.join(work, "ids.lua")
+    with open(lua, "w", encoding="utf-8") as fh:
+        fh.write(WRK_LUA)
+    settings = {"hash_key": "query:id", "strategy": args.strategy, "log_level": "warning",
+                "workers": str(args.lb_workers), "threads": str(args.lb_threads)}
+    meta: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "balancer_settings": {f"LB_{k.upper()}": v for k, v in settings.items()},
+        "versions": _versions(),
+        "args": vars(args),
+    }
+    print(f"starting the stack ({meta['balancer_settings']}) ...", file=sys.stderr)
+    with LocalStack("bench", settings, os.path.join(work, "stack")) as stack:
+        addresses, replicas = replica_processes(stack.registry)
+        lb_procs = balancer_processes(stack)
+        with haproxy(addresses, work) as (hurl, hproc), \
+                nginx(addresses, work, args.nginx_workers) as (nurl, nproc):
+            targets: dict[str, dict[str, Any]] = {
+                "balancer": {"urls": [stack.url], "procs": lb_procs},
+                "haproxy": {"urls": [hurl], "procs": [hproc]},
+                "nginx": {"urls": [nurl], "procs": [nproc]},
+                "direct": {"urls": addresses, "procs": []},
+            }
+            targets = {k: v for k, v in targets.items() if k in args.targets.split(",")}
+            for name, t in targets.items():  # warm up: connections, pools, caches
+                print(f"warming up {name} ...", file=sys.stderr)
+                wrk(t["urls"], args.connections, 2, lua)
+            saturation: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for r in range(args.rounds):
+                for name, t in targets.items():
+                    print(f"round {r + 1}/{args.rounds}: {name}, {args.connections} connections, "
+                          f"{args.duration:.0f} s ...", file=sys.stderr)
+                    saturation[name].append(measured(t, args.connections, args.duration, lua,
+                                                     replicas))
+            lb_rps = statistics.median(x["rps"] for x in saturation["balancer"])
+            rate = lb_rps / 2
+            half: dict[str, dict[str, Any]] = {}
+            for name, t in targets.items() if not args.quick else ():
+                print(f"half load: {name} at {rate:.0f} req/s ...", file=sys.stderr)
+                half[name] = paced(t, rate, args.paced_connections, args.duration, lua, replicas)
+            prof = None
+            if args.profile:
+                print("profiling the balancer under saturation (py-spy) ...", file=sys.stderr)
+                raw = os.path.join(work, "profile.raw")
+                loader = subprocess.Popen(
+                    ["wrk", "-t1", f"-c{args.connections}", f"-d{int(args.profile_seconds) + 2}s",
+                     "-s", lua, stack.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                workers = [c.pid for m in lb_procs for c in m.children()]
+                profile(workers, args.profile_seconds, raw)
+                loader.wait(timeout=args.profile_seconds + 60)
+                from bench.profile_summary import summarize
+                with open(raw, encoding="utf-8") as fh:
+                    prof = summarize(fh.readlines())
+    print("micro-benchmark ...", file=sys.stderr)
+    micro_rows = micro.run() if not args.quick else []
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"meta": meta, "saturation": saturation, "half_load": half, "micro": micro_rows,
+            "profile": prof}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for cmd, args in (("haproxy", ["-v"]), ("nginx", ["-v"]), ("wrk", ["-v"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            text = subprocess.run([cmd, *args], capture_output=True, text=True, check=False,
+                                  timeout=10).stdout
+            text += subprocess.run([cmd, *args], capture_output=True, text=True, check=False,
+                                   timeout=10).stderr
+            out[cmd] = text.strip().splitlines()[0] if text.strip() else "?"
+    out["python"] = platform.python_version()
+    return out
+
+
+# -- the report ----------------------------------------------------------------------------------
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def render(data: dict[str, Any]) -> str:
+    sat, half, meta = data["saturation"], data["half_load"], data["meta"]
+    names = ["balancer", "haproxy", "nginx", "direct"]
+    label = {"balancer": "(a) this balancer", "haproxy": "(b) HAProxy, hash-type consistent",
+             "nginx": "(c) nginx, hash $arg_id consistent", "direct": "(d) replicas directly"}
+    h = {k: _median(sat["haproxy"], k) for k in ("rps", "p50_ms", "p99_ms")}
+    lines = [
+        "# Benchmark: this balancer, HAProxy, nginx and the replicas directly",
+        "",
+        (f"{meta['when']}; {meta['machine']}; load average before {meta['load_before']}, after "
+        f"{meta['load_after']} (the 2 cores are shared with other engineers' test runs, and "
+        "wrk, the replicas and the proxy under test all run on them too: figures move by "
+        "tens of percent between runs)."),
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+        (f"Balancer settings: {', '.join(f'{k}={v}' for k, v in meta['balancer_settings'].items())}"
+        f"; 3 local replicas (gunicorn gthread, 1 worker each)."),
+        "",
+        (f"## Saturation: wrk, {meta['args']['connections']} keep-alive connections, "
+        f"{meta['args']['duration']:.0f} s per run, median of {meta['args']['rounds']} "
+        "interleaved rounds"),
+        "",
+        ("| target | requests/s | p50 | p99 | rps / HAProxy | p50 / HAProxy | p99 / HAProxy | "
+        "proxy CPU per request | replica CPU per request | errors | all rounds (req/s) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        rows = sat[n]
+        rps, p50, p99 = (_median(rows, k) for k in ("rps", "p50_ms", "p99_ms"))
+        proxy = _median(rows, "proxy_cpu_us")
+        lines.append(
+            f"| {label[n]} | {rps:.0f} | {p50:.2f} ms | {p99:.2f} ms | {rps / h['rps']:.2f} | "
+            f"{p50 / h['p50_ms']:.2f} | {p99 / h['p99_ms']:.2f} | "
+            f"{'-' if n == 'direct' else f'{proxy:.0f} µs'} | "
+            f"{_median(rows, 'replica_cpu_us'):.0f} µs | "
+            f"{sum(r['errors'] + r['non2xx'] for r in rows)} | "
+            f"{', '.join(str(round(r['rps'])) for r in rows)} |")
+    rate = half["balancer"]["offered_rps"]
+    lines += [
+        "",
+        (f"## Half load: {rate:.0f} req/s offered (half the balancer's saturation rate), paced "
+        f"wrk with {meta['args']['paced_connections']} connections, {meta['args']['duration']:.0f} s"),
+        "",
+        "| target | achieved req/s | p50 | p90 | p99 | added p99 vs direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    d99 = half["direct"]["p99_ms"]
+    for n in names:
+        r = half[n]
+        added = "-" if n == "direct" else f"{r['p99_ms'] - d99:+.2f} ms"
+        lines.append(f"| {label[n]} | {r['rps']:.0f} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms"
+                     f" | {r['p99_ms']:.2f} ms | {added} |")
+    lines += ["", ("## Micro-benchmark: the balancer's own work per request (best of 5 x 20,000 "
+              "calls)"), "", micro.table(data["micro"])]
+    if data.get("profile"):
+        lines += ["", ("## Profile of a balancer worker under saturation (py-spy, "
+                  "non-idle samples)"), "", "```", data["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run (10)")
+    parser.add_argument("--connections", type=int, default=24, help="saturation (24)")
+    parser.add_argument("--paced-connections", type=int, default=6, help="half load (6)")
+    parser.add_argument("--rounds", type=int, default=2, help="saturation rounds (2)")
+    parser.add_argument("--strategy", default="maglev", help="LB_STRATEGY for the balancer")
+    parser.add_argument("--lb-workers", type=int, default=2, help="LB_WORKERS (2)")
+    parser.add_argument("--lb-threads", type=int, default=8, help="LB_THREADS (8)")
+    parser.add_argument("--nginx-workers", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="py-spy the balancer's workers")
+    parser.add_argument("--profile-seconds", type=float, default=8)
+    parser.add_argument("--targets", default="balancer,haproxy,nginx,direct")
+    parser.add_argument("--quick", action="store_true",
+                        help="saturation only (for tuning): no half load, no micro-benchmark")
+    parser.add_argument("--out", default=os.path.join(HERE, "results.md"))
+    parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    args = parser.parse_args(argv)
+    for tool in ("wrk", "haproxy", "nginx"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is missing; bash bench/run.sh installs it")
+    data = run(args)
+    if args.quick:
+        for name, rows in data["saturation"].items():
+            print(name, [(round(r["rps"]), round(r["p99_ms"], 1), round(r["proxy_cpu_us"]))
+                         for r in rows])
+        if data["profile"]:
+            print(data["profile"])
+        return
+    report = render(data)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        fh.write(report)
+    with open(args.json, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+    print(report)
+    print(f"written: {args.out}, {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
