@@ -5,8 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -18,27 +16,30 @@ from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
 from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.errors import ApiError, envelope, success
+from lb.logs import request_id
+from lb.ops.blueprint import init_ops
+from lb.ops.metrics import BalancerMetrics
 from lb.registry import Registry, RegistryBusy, RegistryError
 from lb.router import HOP_BY_HOP, Router, request_key
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Defaults, then ``LB_*`` environment variables, then ``config`` (setting names as keys)."""
     settings = Settings.from_env(**dict(config or {}))
-    app = Flask("lb")
+    app = Flask("lb", static_folder=None)  # no /static/ route: every GET path but /_lb/ is routed
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     registry = Registry(settings.registry_path, settings.lock_timeout)
     ensure_registry(settings, registry)
     admin = Admin(settings, registry, create_backend(settings))
-    router = Router(settings, registry)
+    metrics = BalancerMetrics()
+    router = Router(settings, registry, metrics)
     app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router}
+    init_ops(app, metrics)  # /_lb/ endpoints, request ids, access log, reply counts
 
     @app.get("/rep")
     def rep() -> Response:
@@ -145,6 +146,5 @@ def _forward_headers(req: Request) -> dict[str, str]:
     headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
     headers["X-Forwarded-Host"] = req.host
     headers["X-Forwarded-Proto"] = req.scheme
-    rid = req.headers.get("X-Request-ID", "")
-    headers["X-Request-ID"] = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
+    headers["X-Request-ID"] = request_id(req.environ, req.headers.get("X-Request-ID"))
     return headers

@@ -3,6 +3,10 @@
 ``gunicorn -c python:lb.gunicorn_conf`` serves ``lb.app:create_app()``.
 """
 
+from typing import Any
+
+from lb.logs import logging_config
+from lb.ops.metrics import mark_process_dead
 from lb.settings import Settings
 
 _settings = Settings.from_env()
@@ -16,6 +20,7 @@ keepalive = 5
 timeout = 60
 graceful_timeout = 15
 loglevel = _settings.log_level
+logconfig_dict = logging_config(_settings)  # LB_LOG_FORMAT for gunicorn's lines and the app's
 proc_name = f"{_settings.deployment}-lb"
 # Several deployments (and the test suite) run side by side: no shared control socket.
 control_socket_disable = True
@@ -23,3 +28,8 @@ control_socket_disable = True
 # default), may claim https with X-Forwarded-Proto or set SCRIPT_NAME/PATH_INFO by header.
 secure_scheme_headers: dict[str, str] = {}
 forwarder_headers = ""
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone: its live metrics files go too (prometheus-client multiprocess mode)."""
+    mark_process_dead(worker.pid)

@@ -1,14 +1,91 @@
-"""Log set-up shared by every process of the system."""
+"""Log set-up shared by every process of the system: one line per event.
+
+``LB_LOG_FORMAT=text`` (the default) writes lines a person reads; ``json`` writes one JSON object
+per line for a log shipper. Both carry the same fields: the ``extra`` a call passes (``request_id``,
+``replica``, ``status``, ...) become keys of the JSON object, and the text line already says them
+in its message. gunicorn's own loggers are configured the same way (``logging_config`` is handed
+to it as ``logconfig_dict``), so a balancer's output is all of one format.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.config
+import re
+import time
+import uuid
+from typing import Any
 
 from lb.settings import Settings
 
+TEXT_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+# A client's X-Request-ID is kept (and forwarded) only when it looks like an id.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+REQUEST_ID_KEY = "lb.request_id"
+
+# Attributes every LogRecord has; anything else on a record came in through ``extra``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, pid, message, then the extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _utc(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def _utc(created: float) -> str:
+    """ISO 8601 in UTC with milliseconds: ``2026-11-24T00:20:21.123Z``."""
+    millis = int(created % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for ``settings`` (also gunicorn's ``logconfig_dict``)."""
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter} if settings.log_format == "json" else {"format": TEXT_FORMAT}
+    )
+    level = settings.log_level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"lb": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "lb",
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {
+            # gunicorn adds handlers of its own to these; ours replace them. Its access log is
+            # off: lb.access writes the line per request, with the request id and the replica.
+            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": False},
+        },
+    }
+
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    logging.config.dictConfig(logging_config(settings))
+
+
+def request_id(environ: dict[str, Any], given: str | None) -> str:
+    """The id of the request behind ``environ``: the client's ``given`` X-Request-ID when it is
+    well formed, else a new one; the same value however often it is asked for."""
+    rid = environ.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        environ[REQUEST_ID_KEY] = rid
+    return str(rid)

@@ -78,6 +78,8 @@ class Settings:
                 "inside the Docker network), ip (the container's address on it, from the host) "
                 "or auto (name when this process runs in a container on that network, else ip)")
     log_level: str = _opt("info", "Log level: debug, info, warning, error")
+    log_format: str = _opt(
+        "text", "Log lines: text (for people) or json (one object per line, for log shippers)")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -132,6 +134,7 @@ class Settings:
             (self.n * self.virtual_per_server <= self.slots, "n * virtual must fit in slots"),
             (self.heartbeat_failures >= 1, "heartbeat_failures must be >= 1"),
             (self.retries >= 0, "retries must be >= 0"),
+            (self.log_format in ("text", "json"), "log_format must be text or json"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
                  self.connect_timeout, self.upstream_timeout, self.lock_timeout) > 0,
              "timeouts and intervals must be > 0"),

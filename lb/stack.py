@@ -21,6 +21,7 @@ from typing import NoReturn
 from lb.backends import create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
+from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
 from lb.registry import READY, Registry, RegistryError
 from lb.settings import Settings, SettingsError, settings_table
 
@@ -56,6 +57,8 @@ class Stack:
         if not keep_registry:
             self.stop_replicas()  # leftovers of an earlier run that did not end cleanly
         ensure_registry(self.settings, self.registry, reset=not keep_registry)
+        # Metrics of every balancer worker and the supervisor, added up at scrape time.
+        self.env[ENV_DIR] = prepare_multiprocess_dir(self.settings.registry_path)
         self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
         self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
                                      "-c", "python:lb.gunicorn_conf"])

@@ -11,6 +11,7 @@ import time
 from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
+from lb.ops.supervision import SupervisorMetrics
 from lb.registry import Registry, RegistryError
 from lb.settings import Settings, SettingsError
 from supervisor.core import Supervisor
@@ -26,7 +27,7 @@ def main() -> None:
     configure_logging(settings)
     registry = Registry(settings.registry_path, settings.lock_timeout)
     ensure_registry(settings, registry)
-    supervisor = Supervisor(settings, registry, create_backend(settings))
+    supervisor = Supervisor(settings, registry, create_backend(settings), SupervisorMetrics())
     supervisor.release_own_holds()
 
     stop = threading.Event()

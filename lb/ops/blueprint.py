@@ -1,0 +1,172 @@
+"""The balancer's own endpoints, under the reserved prefix ``/_lb/``, and its request hooks.
+
+Every other GET path is routed to a replica, so the balancer keeps one prefix for itself: a
+replica path under ``/_lb/`` is never reachable through the balancer, and nothing the balancer
+adds later can shadow a replica's path outside it. The hooks give every request an id (the
+client's ``X-Request-ID`` when well formed, else a new one), send it back in the reply's
+``X-Request-ID`` (the router forwards the same id to the replica), count the reply and write one
+log line for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import metadata
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from werkzeug.exceptions import MethodNotAllowed
+
+from lb.errors import ApiError, success
+from lb.logs import request_id
+from lb.ops.metrics import CONTENT_TYPE, BalancerMetrics, sample_sums
+from lb.ops.openapi import PREFIX, openapi_document
+from lb.ops.status import Counts, RateWindow, build_status
+from lb.registry import Registry, RegistryError
+
+access_log = logging.getLogger("lb.access")
+
+STARTED_KEY = "lb.started"
+ENDPOINTS = ("healthz", "readyz", "status", "status.json", "metrics", "openapi.json")
+
+bp = Blueprint("ops", __name__, url_prefix=PREFIX, static_folder="static",
+               template_folder="templates")
+
+
+def init_ops(app: Flask, metrics: BalancerMetrics) -> None:
+    """Register the ``/_lb/`` endpoints and the per-request hooks on ``app``."""
+    app.extensions["lb"]["metrics"] = metrics
+    app.extensions["lb"]["rates"] = RateWindow()
+    app.before_request(_begin)
+    app.after_request(_finish)
+    app.register_blueprint(bp)
+
+
+# -- every request --------------------------------------------------------------------------------
+def _begin() -> None:
+    request.environ[STARTED_KEY] = time.perf_counter()
+    request_id(request.environ, request.headers.get("X-Request-ID"))
+
+
+def _finish(reply: Response) -> Response:
+    rid = request_id(request.environ, request.headers.get("X-Request-ID"))
+    reply.headers["X-Request-ID"] = rid
+    endpoint = request.endpoint or "none"
+    _ext()["metrics"].response(endpoint, reply.status_code)
+    began = request.environ.get(STARTED_KEY)
+    ms = None if began is None else (time.perf_counter() - began) * 1000
+    replica = reply.headers.get("X-Served-By")
+    path = request.full_path.rstrip("?") if request.query_string else request.path
+    # The balancer's own endpoints are polled (status page, scrapes): quiet unless debugging.
+    level = logging.DEBUG if endpoint.startswith("ops.") else logging.INFO
+    access_log.log(
+        level, "%s %s %d %s %s rid=%s", request.method, path, reply.status_code,
+        replica or "-", "-" if ms is None else f"{ms:.1f}ms", rid,
+        extra={"request_id": rid, "method": request.method, "path": path,
+               "status": reply.status_code, "replica": replica, "endpoint": endpoint,
+               "duration_ms": None if ms is None else round(ms, 3),
+               "client": request.remote_addr},
+    )
+    return reply
+
+
+def _ext() -> dict[str, Any]:
+    ext: dict[str, Any] = current_app.extensions["lb"]
+    return ext
+
+
+def _registry() -> Registry:
+    registry: Registry = _ext()["registry"]
+    return registry
+
+
+def _no_store(reply: Response) -> Response:
+    reply.headers["Cache-Control"] = "no-store"
+    return reply
+
+
+# -- endpoints ------------------------------------------------------------------------------------
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: this worker answers. Nothing else is checked, so a busy registry or a set
+    of dead replicas never gets the balancer itself restarted."""
+    return _no_store(jsonify(success("alive")))
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Readiness: the registry can be read and at least one replica is routable."""
+    try:
+        routable = len(_registry().read().routable())
+    except RegistryError as exc:
+        raise ApiError(503, f"Not ready: the registry cannot be read ({exc})") from exc
+    if routable == 0:
+        raise ApiError(503, "Not ready: no routable replica")
+    return _no_store(jsonify(success({"ready": True, "routable": routable})))
+
+
+def status_document() -> dict[str, Any]:
+    ext = _ext()
+    state = _registry().read()
+    families = list(ext["metrics"].families())
+    requests = sample_sums(families, "lb_routed_requests_total", "replica")
+    unreachable = sample_sums(families, "lb_upstream_unreachable_total", "replica")
+    failed = _server_errors(families)
+    counts = {name: Counts(requests.get(name, 0.0),
+                           failed.get(name, 0.0) + unreachable.get(name, 0.0))
+              for name in set(requests) | set(unreachable) | {r.hostname for r in state.replicas}}
+    span, rates = ext["rates"].rates(time.monotonic(), counts)
+    return build_status(state, counts, rates, span, current_app.config["SETTINGS"])
+
+
+def _server_errors(families: list[Any]) -> dict[str, float]:
+    """5xx answers per replica."""
+    sums: dict[str, float] = {}
+    for family in families:
+        for s in family.samples:
+            if s.name == "lb_routed_requests_total" and s.labels.get("code", "").startswith("5"):
+                name = s.labels.get("replica", "")
+                sums[name] = sums.get(name, 0.0) + s.value
+    return sums
+
+
+@bp.get("/status.json")
+def status_json() -> Response:
+    return _no_store(jsonify(success(status_document())))
+
+
+@bp.get("/status")
+def status_page() -> Response:
+    html = render_template("status.html", status=status_document(), prefix=PREFIX)
+    return _no_store(Response(html, mimetype="text/html"))
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    ext = _ext()
+    if not ext["metrics"].enabled:
+        raise ApiError(503, "Metrics need prometheus-client: pip install 'hashlb[ops]'")
+    return _no_store(Response(ext["metrics"].exposition(_registry()), content_type=CONTENT_TYPE))
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    try:
+        version = metadata.version("hashlb")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return jsonify(openapi_document(version))
+
+
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@bp.route("/", defaults={"rest": ""}, methods=ANY_METHOD, strict_slashes=False)
+@bp.route("/<path:rest>", methods=ANY_METHOD)
+def reserved(rest: str) -> Response:
+    """Anything else under the prefix is the balancer's, never a replica's."""
+    if rest in ENDPOINTS:
+        raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
+    raise ApiError(404, f"'{request.path}' is not an endpoint of the balancer "
+                        f"({PREFIX}/ is reserved for it)")

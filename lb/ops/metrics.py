@@ -1,0 +1,237 @@
+"""Prometheus metrics of the balancer's workers and of the supervisor, served at /_lb/metrics.
+
+gunicorn runs several worker processes and the supervisor is another process, so counters live
+in prometheus-client's *multiprocess mode*: every process writes its own memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` (``lb-run`` makes one per deployment beside the registry and empties
+it at start) and a scrape, whichever worker answers it, adds up the files of every process.
+Without that variable (a bare ``create_app()`` in tests) each process counts for itself.
+
+Figures about the replica set (desired, ready, down, shares of the ring, the hash map's
+parameters) are not counted anywhere: a collector reads them from the registry at scrape time.
+
+prometheus-client is the optional ``ops`` extra: without it everything here is a no-op and
+/_lb/metrics answers 503.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from lb.registry import STATES, Registry, RegistryError, Replica
+from lb.router import RouterEvents
+
+try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.multiprocess import MultiProcessCollector
+except ImportError:  # pragma: no cover - the "ops" extra is not installed
+    prometheus_client = None  # type: ignore[assignment]
+
+ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def available() -> bool:
+    return prometheus_client is not None
+
+
+def multiprocess_dir() -> str | None:
+    """The shared folder of this process's metrics, when it runs in multiprocess mode; created
+    if missing (a container given the variable but not the folder still starts)."""
+    folder = os.environ.get(ENV_DIR) or None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def prepare_multiprocess_dir(registry_path: str) -> str:
+    """``<registry folder>/metrics``, created and emptied of an earlier run's files.
+
+    Only ``*.db`` files are removed: the folder is ours, but a person may have pointed it
+    somewhere unexpected, and nothing else in it is ours to delete.
+    """
+    folder = os.path.join(os.path.dirname(os.path.abspath(registry_path)), "metrics")
+    os.makedirs(folder, exist_ok=True)
+    for path in glob.glob(os.path.join(folder, "*.db")):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return folder
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn's ``child_exit``: drop a dead worker's live gauges (counters stay counted)."""
+    if prometheus_client is not None and multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class BalancerMetrics(RouterEvents):
+    """The worker's counters; it is also the router's ``RouterEvents`` subscriber."""
+
+    def __init__(self) -> None:
+        self.enabled = available()
+        self.multiprocess = self.enabled and multiprocess_dir() is not None
+        if not self.enabled:
+            return
+        # In multiprocess mode the files are the registry; a private one avoids duplicate
+        # registration when a process builds more than one app (tests).
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._routed = Counter("lb_routed_requests", "Requests a replica answered, by replica "
+                               "hostname and the status code it answered with",
+                               ["replica", "code"], registry=reg)
+        self._latency = Histogram("lb_upstream_latency_seconds", "Time a replica took to "
+                                  "answer a routed request (connect to last byte)", ["replica"],
+                                  buckets=LATENCY_BUCKETS, registry=reg)
+        self._unreachable = Counter("lb_upstream_unreachable", "Attempts that could not reach "
+                                    "a replica (refused, reset, timed out)", ["replica"],
+                                    registry=reg)
+        self._retries = Counter("lb_retries", "Requests passed on to a further replica "
+                                "clockwise after one could not be reached", registry=reg)
+        self._exhausted = Counter("lb_exhausted", "Requests that no replica could serve (502)",
+                                  registry=reg)
+        self._responses = Counter("lb_responses", "Replies of the balancer, by endpoint (rep, "
+                                  "add, rm, route, ops.*, none) and status code",
+                                  ["endpoint", "code"], registry=reg)
+
+    # -- RouterEvents --------------------------------------------------------------------------
+    def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
+        if not self.enabled:
+            return
+        self._routed.labels(replica.hostname, str(status)).inc()
+        self._latency.labels(replica.hostname).observe(seconds)
+        if attempt:
+            self._retries.inc(attempt)
+
+    def unreachable(self, replica: Replica, error: BaseException) -> None:
+        if self.enabled:
+            self._unreachable.labels(replica.hostname).inc()
+
+    def exhausted(self, tried: list[str]) -> None:
+        if not self.enabled:
+            return
+        self._exhausted.inc()
+        if len(tried) > 1:
+            self._retries.inc(len(tried) - 1)
+
+    # -- the balancer's replies ----------------------------------------------------------------
+    def response(self, endpoint: str, status: int) -> None:
+        if self.enabled:
+            self._responses.labels(endpoint, str(status)).inc()
+
+    # -- reading -------------------------------------------------------------------------------
+    def families(self) -> Iterable[Metric]:
+        """What this process (or, in multiprocess mode, every process) has counted."""
+        if not self.enabled:
+            return []
+        if self.multiprocess:
+            return MultiProcessCollector(None).collect()
+        return self.registry.collect()
+
+    def exposition(self, registry: Registry) -> bytes:
+        """The Prometheus text of everything: counted figures plus the registry's."""
+        if not self.enabled:
+            raise RuntimeError("prometheus-client is not installed")
+        out = CollectorRegistry(auto_describe=False)
+        if self.multiprocess:
+            MultiProcessCollector(out)
+        else:
+            out.register(_Families(self.registry))
+        out.register(ReplicaSetCollector(registry, self.multiprocess))
+        return prometheus_client.generate_latest(out)
+
+
+class _Families:
+    """A collector that yields another registry's metrics (single-process mode)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.source.collect()
+
+
+class ReplicaSetCollector:
+    """Gauges read from the registry at scrape time: they are facts about the state, not
+    events, so the workers need not agree on them."""
+
+    def __init__(self, registry: Registry, multiprocess: bool) -> None:
+        self.registry = registry
+        self.multiprocess = multiprocess
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("lb_registry_up", "1 when the registry could be read")
+        mode = GaugeMetricFamily("lb_metrics_multiprocess", "1 when counters add up every "
+                                 "process of the deployment (PROMETHEUS_MULTIPROC_DIR is set)")
+        mode.add_metric([], 1.0 if self.multiprocess else 0.0)
+        yield mode
+        try:
+            state = self.registry.read()
+        except RegistryError:
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        version = GaugeMetricFamily("lb_registry_version", "Writes the registry has seen")
+        version.add_metric([], float(state.version))
+        yield version
+        desired = GaugeMetricFamily("lb_replicas_desired", "Replicas wanted (N of /rep)")
+        desired.add_metric([], float(len(state.members())))
+        yield desired
+        by_state = GaugeMetricFamily("lb_replicas", "Registry entries by state", labels=["state"])
+        for name in STATES:
+            by_state.add_metric([name], float(sum(r.state == name for r in state.replicas)))
+        yield by_state
+        routable = state.routable()
+        shares = state.hash_ring(routable).shares()
+        share = GaugeMetricFamily("lb_replica_share", "Fraction of the hash map's slots a "
+                                  "routable replica answers for", labels=["replica", "server_id"])
+        for r in routable:
+            share.add_metric([r.hostname, str(r.server_id)], shares.get(r.server_id, 0.0))
+        yield share
+        missed = GaugeMetricFamily("lb_replica_heartbeat_failures", "Consecutive heartbeats a "
+                                   "replica has missed", labels=["replica"])
+        age = GaugeMetricFamily("lb_replica_heartbeat_age_seconds", "Seconds since a replica's "
+                                "last answered heartbeat", labels=["replica"])
+        now = time.time()
+        for r in state.members():
+            missed.add_metric([r.hostname], float(r.failures))
+            if r.last_heartbeat is not None:
+                age.add_metric([r.hostname], max(0.0, now - r.last_heartbeat))
+        yield missed
+        yield age
+        ring = state.ring
+        info = GaugeMetricFamily("lb_hash_map_info", "The hash map: preset, probing, M slots, "
+                                 "K virtual servers per replica (value always 1)",
+                                 labels=["preset", "probing", "slots", "virtual"])
+        info.add_metric([ring.hash, ring.probing, str(ring.slots), str(ring.virtual)], 1.0)
+        yield info
+        slots = GaugeMetricFamily("lb_hash_map_slots", "Slots in the hash map (M)")
+        slots.add_metric([], float(ring.slots))
+        yield slots
+        virtual = GaugeMetricFamily("lb_hash_map_virtual_per_server", "Virtual servers per "
+                                    "replica (K)")
+        virtual.add_metric([], float(ring.virtual))
+        yield virtual
+
+
+def sample_sums(families: Iterable[Metric], name: str, by: str) -> dict[str, float]:
+    """Sum the samples called ``name`` by the value of their label ``by``."""
+    sums: dict[str, float] = {}
+    for family in families:
+        for s in family.samples:
+            if s.name == name:
+                key = s.labels.get(by, "")
+                sums[key] = sums.get(key, 0.0) + s.value
+    return sums

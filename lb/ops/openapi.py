@@ -1,0 +1,324 @@
+"""The OpenAPI 3.1 description of the balancer, served at /_lb/openapi.json.
+
+Written by hand, next to the code it describes, and kept true by ``tests/test_openapi.py``: the
+document must validate, and every response it lists is provoked on a real stack and checked
+against its schema (and every reply seen there must be listed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lb.admin import HOSTNAME_RE, MAX_HOSTNAME
+
+JSON = "application/json"
+PREFIX = "/_lb"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: str, example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": _ref(schema)}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {JSON: media}}
+
+
+def _failure(description: str, example: str | None = None) -> dict[str, Any]:
+    return _json(description, "Failure",
+                 None if example is None else {"message": f"<Error> {example}",
+                                               "status": "failure"})
+
+
+def _success(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["message", "status"],
+        "additionalProperties": False,
+        "properties": {"message": schema, "status": {"const": "successful"}},
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Failure": {
+        "description": "The contract's error envelope, for every error the balancer returns.",
+        "type": "object",
+        "required": ["message", "status"],
+        "additionalProperties": False,
+        "properties": {
+            "message": {"type": "string", "pattern": "^<Error> "},
+            "status": {"const": "failure"},
+        },
+    },
+    "Rep": {
+        "type": "object",
+        "required": ["N", "replicas"],
+        "additionalProperties": False,
+        "properties": {
+            "N": {"type": "integer", "minimum": 0},
+            "replicas": {"type": "array", "items": {"type": "string"},
+                         "description": "Hostnames of the managed replicas"},
+        },
+    },
+    "RepReply": _success(_ref("Rep")),
+    "ScaleRequest": {
+        "type": "object",
+        "required": ["n"],
+        "additionalProperties": False,
+        "properties": {
+            "n": {"type": "integer", "minimum": 1},
+            "hostnames": {
+                "type": "array",
+                "description": "At most n names; the rest are chosen at random (/add) or "
+                               "removed at random (/rm)",
+                "items": {"type": "string", "maxLength": MAX_HOSTNAME,
+                          "pattern": "^" + HOSTNAME_RE.pattern.removesuffix("\\Z") + "$"},
+            },
+        },
+    },
+    "HomeReply": {
+        "description": "A replica's /home reply, passed through as it is.",
+        "type": "object",
+        "required": ["message", "status"],
+        "properties": {
+            "message": {"type": "string", "pattern": "^Hello from Server: [0-9]+$"},
+            "status": {"const": "successful"},
+        },
+    },
+    "Alive": _success({"const": "alive"}),
+    "Ready": _success({
+        "type": "object",
+        "required": ["ready", "routable"],
+        "additionalProperties": False,
+        "properties": {"ready": {"const": True}, "routable": {"type": "integer", "minimum": 1}},
+    }),
+    "ReplicaStatus": {
+        "type": "object",
+        "required": ["hostname", "server_id", "state", "routable", "address", "virtual_slots",
+                     "slots_owned", "share", "last_heartbeat", "heartbeat_age", "failures",
+                     "restarts", "requests", "errors", "request_rate", "error_rate"],
+        "additionalProperties": False,
+        "properties": {
+            "hostname": {"type": "string"},
+            "server_id": {"type": "integer", "minimum": 1},
+            "state": {"enum": ["starting", "ready", "down", "removing"]},
+            "routable": {"type": "boolean", "description": "Ready and has an address: requests "
+                                                           "go to it"},
+            "address": {"type": ["string", "null"]},
+            "virtual_slots": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                              "description": "Where its K virtual servers sit on the map"},
+            "slots_owned": {"type": "integer", "minimum": 0,
+                            "description": "Slots whose requests it answers now"},
+            "share": {"type": "number", "minimum": 0, "maximum": 1,
+                      "description": "slots_owned / M"},
+            "last_heartbeat": {"type": ["number", "null"], "description": "Unix time"},
+            "heartbeat_age": {"type": ["number", "null"], "description": "Seconds"},
+            "failures": {"type": "integer", "minimum": 0,
+                         "description": "Consecutive missed heartbeats"},
+            "restarts": {"type": "integer", "minimum": 0,
+                         "description": "Consecutive starts that never became ready"},
+            "requests": {"type": "integer", "minimum": 0,
+                         "description": "Requests it answered since lb-run started"},
+            "errors": {"type": "integer", "minimum": 0,
+                       "description": "Its 5xx answers plus attempts that could not reach it"},
+            "request_rate": {"type": ["number", "null"], "minimum": 0,
+                             "description": "Per second over the last rate_window seconds"},
+            "error_rate": {"type": ["number", "null"], "minimum": 0},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": ["deployment", "generated_at", "registry_version", "rep",
+                     "replicas_desired", "replicas_by_state", "hash_map", "ring",
+                     "rate_window", "totals", "replicas"],
+        "additionalProperties": False,
+        "properties": {
+            "deployment": {"type": "string"},
+            "generated_at": {"type": "number"},
+            "registry_version": {"type": "integer"},
+            "rep": _ref("Rep"),
+            "replicas_desired": {"type": "integer", "minimum": 0},
+            "replicas_by_state": {
+                "type": "object",
+                "required": ["starting", "ready", "down", "removing"],
+                "additionalProperties": {"type": "integer", "minimum": 0},
+            },
+            "hash_map": {
+                "type": "object",
+                "required": ["preset", "slots", "virtual", "probing", "strategy", "hash_key"],
+                "additionalProperties": False,
+                "properties": {
+                    "preset": {"type": "string"}, "slots": {"type": "integer"},
+                    "virtual": {"type": "integer"}, "probing": {"type": "string"},
+                    "strategy": {"type": "string"}, "hash_key": {"type": "string"},
+                },
+            },
+            "ring": {
+                "type": "object",
+                "required": ["slots", "arcs", "virtual_servers"],
+                "additionalProperties": False,
+                "properties": {
+                    "slots": {"type": "integer", "minimum": 1},
+                    "arcs": {"type": "array", "description": "[first slot, last slot, server id] "
+                             "of each run of slots one routable replica answers for",
+                             "items": {"type": "array", "minItems": 3, "maxItems": 3,
+                                       "items": {"type": "integer", "minimum": 0}}},
+                    "virtual_servers": {"type": "array", "description": "[slot, server id] of "
+                                        "every virtual server in the registry",
+                                        "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                                                  "items": {"type": "integer", "minimum": 0}}},
+                },
+            },
+            "rate_window": {"type": ["number", "null"],
+                            "description": "Seconds the rates span; null on a first sample"},
+            "totals": {
+                "type": "object",
+                "required": ["requests", "errors"],
+                "additionalProperties": False,
+                "properties": {"requests": {"type": "integer", "minimum": 0},
+                               "errors": {"type": "integer", "minimum": 0}},
+            },
+            "replicas": {"type": "array", "items": _ref("ReplicaStatus")},
+        },
+    },
+    "StatusReply": _success(_ref("Status")),
+}
+
+_SCALE_BODY = {"required": False, "content": {JSON: {"schema": _ref("ScaleRequest")}}}
+_TOKEN: list[dict[str, list[str]]] = [{}, {"adminToken": []}]
+_UNAUTHORIZED = _failure("LB_ADMIN_TOKEN is set and the request lacks "
+                         "'Authorization: Bearer <token>'")
+_DEFAULT = _failure("The balancer's own trouble (registry locked or unreadable, ...)")
+
+
+def _routed(ok: dict[str, Any], not_served: bool) -> dict[str, Any]:
+    out = {"200": ok}
+    if not_served:
+        out["400"] = _failure("No replica serves this path (it answered 404)",
+                              "'/other' endpoint does not exist in server replicas")
+    out["502"] = _failure("No replica could be reached (each one was tried clockwise)")
+    out["503"] = _failure("No replica is available", "No replica available to serve the request")
+    return out
+
+
+PATHS: dict[str, Any] = {
+    "/rep": {"get": {
+        "operationId": "rep", "tags": ["contract"], "summary": "The managed replicas",
+        "responses": {"200": _json("N and the replicas' hostnames", "RepReply"),
+                      "default": _DEFAULT},
+    }},
+    "/add": {"post": {
+        "operationId": "add", "tags": ["contract"], "security": _TOKEN,
+        "summary": "Start n new replicas (named as given, the rest at random)",
+        "description": "All or nothing: a rejected or failed call changes nothing. The body is "
+                       "read as JSON whatever its Content-Type.",
+        "requestBody": _SCALE_BODY,
+        "responses": {
+            "200": _json("The replica set after the call", "RepReply"),
+            "400": _failure("Malformed body, n not a positive integer, an invalid hostname, or "
+                            "more hostnames than n",
+                            "Length of hostname list is more than newly added instances"),
+            "401": _UNAUTHORIZED,
+            "409": _failure("A name already exists, the maximum or the hash map would be "
+                            "exceeded"),
+            "413": _failure("Body larger than LB_MAX_BODY"),
+            "503": _failure("The new replicas could not be started in time; nothing was added"),
+            "default": _DEFAULT,
+        },
+    }},
+    "/rm": {"delete": {
+        "operationId": "rm", "tags": ["contract"], "security": _TOKEN,
+        "summary": "Remove n replicas: the named ones, then others at random",
+        "requestBody": _SCALE_BODY,
+        "responses": {
+            "200": _json("The replica set after the call", "RepReply"),
+            "400": _failure("Malformed body, n not a positive integer, or more hostnames than n",
+                            "Length of hostname list is more than removable instances"),
+            "401": _UNAUTHORIZED,
+            "409": _failure("A named replica does not exist, or n exceeds the replicas"),
+            "413": _failure("Body larger than LB_MAX_BODY"),
+            "default": _DEFAULT,
+        },
+    }},
+    "/home": {"get": {
+        "operationId": "home", "tags": ["routed"],
+        "summary": "Routed to one replica by the consistent hash map",
+        "responses": _routed(_json("The replica's reply", "HomeReply"), not_served=False),
+    }},
+    "/{path}": {"get": {
+        "operationId": "routed", "tags": ["routed"],
+        "summary": "Any other GET: routed to one replica, whose reply is passed back",
+        "description": "The path may have several segments. Paths under /_lb/ are the "
+                       "balancer's own and are never routed.",
+        "parameters": [{"name": "path", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": _routed({"description": "The replica's reply, as it sent it (e.g. "
+                                             "/heartbeat: an empty body)"}, not_served=True),
+    }},
+    f"{PREFIX}/healthz": {"get": {
+        "operationId": "healthz", "tags": ["operations"],
+        "summary": "Liveness: the balancer answers",
+        "responses": {"200": _json("Alive", "Alive")},
+    }},
+    f"{PREFIX}/readyz": {"get": {
+        "operationId": "readyz", "tags": ["operations"],
+        "summary": "Readiness: the registry is readable and at least one replica is routable",
+        "responses": {"200": _json("Ready to route", "Ready"),
+                      "503": _failure("Not ready", "Not ready: no routable replica")},
+    }},
+    f"{PREFIX}/status.json": {"get": {
+        "operationId": "status", "tags": ["operations"],
+        "summary": "Replicas, heartbeats, ring, request counts and recent rates",
+        "responses": {"200": _json("The status document", "StatusReply"),
+                      "default": _DEFAULT},
+    }},
+    f"{PREFIX}/status": {"get": {
+        "operationId": "statusPage", "tags": ["operations"],
+        "summary": "The live status page (HTML; refreshes itself from status.json)",
+        "responses": {"200": {"description": "An HTML page",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }},
+    f"{PREFIX}/metrics": {"get": {
+        "operationId": "metrics", "tags": ["operations"],
+        "summary": "Prometheus metrics of every worker and of the supervisor",
+        "responses": {
+            "200": {"description": "Prometheus text exposition format 0.0.4",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "503": _failure("prometheus-client is not installed (pip install 'hashlb[ops]')"),
+        },
+    }},
+    f"{PREFIX}/openapi.json": {"get": {
+        "operationId": "openapi", "tags": ["operations"], "summary": "This document",
+        "responses": {"200": {"description": "OpenAPI 3.1",
+                              "content": {JSON: {"schema": {"type": "object"}}}}},
+    }},
+}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hashlb: consistent-hashing load balancer",
+            "version": version,
+            "description": "The contract's endpoints (/rep, /add, /rm and routed GETs) and the "
+                           f"balancer's own endpoints under the reserved prefix {PREFIX}/. "
+                           "Every error uses the envelope {\"message\": \"<Error> ...\", "
+                           "\"status\": \"failure\"}.",
+        },
+        "tags": [
+            {"name": "contract", "description": "Fixed by the contract: same keys, strings, "
+                                                "codes"},
+            {"name": "routed", "description": "GETs passed on to a replica"},
+            {"name": "operations", "description": f"The balancer's own, under {PREFIX}/"},
+        ],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"adminToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "Needed by /add and /rm only when LB_ADMIN_TOKEN is set"}},
+        },
+    }

@@ -1,0 +1,155 @@
+"""The status document behind /_lb/status.json, the status page and ``lbctl status``.
+
+Built from the registry (replicas, states, heartbeats, the hash map) and the metrics counters
+(requests and errors per replica, added up over every worker). Recent rates come from a small
+window of earlier samples this worker took: the counters are shared, so any worker's samples
+give the deployment's rate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lb.registry import STATES, State
+from lb.settings import Settings
+
+RATE_WINDOW_SECONDS = 60.0  # samples older than this are dropped
+RATE_MIN_SECONDS = 1.0  # a rate needs samples at least this far apart
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Cumulative figures of one replica: requests it answered, and errors (5xx answers plus
+    attempts that could not reach it)."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+
+
+class RateWindow:
+    """Per-key rates from cumulative counts sampled now and then."""
+
+    def __init__(self, window: float = RATE_WINDOW_SECONDS) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, dict[str, Counts]]] = deque()
+        self._lock = threading.Lock()
+
+    def rates(self, now: float, counts: dict[str, Counts]) -> tuple[float | None,
+                                                                     dict[str, Counts]]:
+        """Record ``counts`` taken at ``now``; return the seconds the rates span (None when
+        there is no earlier sample far enough back) and per-key rates per second."""
+        with self._lock:
+            while self._samples and now - self._samples[0][0] > self.window:
+                self._samples.popleft()
+            base = next((s for s in self._samples if now - s[0] >= RATE_MIN_SECONDS), None)
+            if not self._samples or now - self._samples[-1][0] >= RATE_MIN_SECONDS:
+                self._samples.append((now, counts))
+        if base is None:
+            return None, {}
+        span = now - base[0]
+        out = {}
+        for key, c in counts.items():
+            before = base[1].get(key, Counts())
+            # A counter only goes back when the deployment restarted: count from zero then.
+            requests = c.requests - before.requests if c.requests >= before.requests else c.requests
+            errors = c.errors - before.errors if c.errors >= before.errors else c.errors
+            out[key] = Counts(requests / span, errors / span)
+        return span, out
+
+
+def arcs(owner_by_slot: Iterable[int | None]) -> list[list[int]]:
+    """Runs of consecutive slots with one owner: ``[first, last, server_id]`` each."""
+    runs: list[list[int]] = []
+    for slot, owner in enumerate(owner_by_slot):
+        if owner is None:
+            continue
+        if runs and runs[-1][2] == owner and runs[-1][1] == slot - 1:
+            runs[-1][1] = slot
+        else:
+            runs.append([slot, slot, owner])
+    return runs
+
+
+def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Counts],
+                 span: float | None, settings: Settings,
+                 now: float | None = None) -> dict[str, Any]:
+    """The status document (see the OpenAPI description's ``Status`` schema)."""
+    now = time.time() if now is None else now
+    routable = state.routable()
+    ring = state.hash_ring(routable)
+    shares = ring.shares()
+    slots = ring.slots
+    # Which routable replica answers for each slot: the table lookup() uses.
+    owners = _owners(ring, slots)
+    routable_names = {r.hostname for r in routable}
+    replicas = []
+    for r in state.replicas:
+        c = counts.get(r.hostname, Counts())
+        rate = rates.get(r.hostname)
+        replicas.append({
+            "hostname": r.hostname,
+            "server_id": r.server_id,
+            "state": r.state,
+            "routable": r.hostname in routable_names,
+            "address": r.address,
+            "virtual_slots": sorted(r.slots),
+            "slots_owned": round(shares.get(r.server_id, 0.0) * slots),
+            "share": shares.get(r.server_id, 0.0),
+            "last_heartbeat": r.last_heartbeat,
+            "heartbeat_age": None if r.last_heartbeat is None else max(0.0, now - r.last_heartbeat),
+            "failures": r.failures,
+            "restarts": r.restarts,
+            "requests": int(c.requests),
+            "errors": int(c.errors),
+            "request_rate": None if rate is None else rate.requests,
+            "error_rate": None if rate is None else rate.errors,
+        })
+    members = state.members()
+    return {
+        "deployment": settings.deployment,
+        "generated_at": now,
+        "registry_version": state.version,
+        "rep": state.rep(),
+        "replicas_desired": len(members),
+        "replicas_by_state": {name: sum(r.state == name for r in state.replicas)
+                              for name in STATES},
+        "hash_map": {
+            "preset": state.ring.hash,
+            "slots": state.ring.slots,
+            "virtual": state.ring.virtual,
+            "probing": state.ring.probing,
+            "strategy": settings.strategy,
+            "hash_key": settings.hash_key,
+        },
+        "ring": {
+            "slots": slots,
+            "arcs": arcs(owners),
+            "virtual_servers": sorted([s, r.server_id] for r in state.replicas for s in r.slots),
+        },
+        "rate_window": span,
+        "totals": {
+            "requests": int(sum(c.requests for c in counts.values())),
+            "errors": int(sum(c.errors for c in counts.values())),
+        },
+        "replicas": replicas,
+    }
+
+
+def _owners(ring: Any, slots: int) -> list[int | None]:
+    """Owner of each slot in the routing table: the first virtual server at or after it."""
+    occupied = [s for s in range(slots) if ring.owner_of_slot(s) is not None]
+    if not occupied:
+        return [None] * slots
+    table: list[int | None] = [None] * slots
+    nxt = ring.owner_of_slot(occupied[0])
+    for slot in range(slots - 1, -1, -1):
+        owner = ring.owner_of_slot(slot)
+        if owner is not None:
+            nxt = owner
+        table[slot] = nxt
+    return table

@@ -1,0 +1,292 @@
+"""The balancer's own endpoints under /_lb/, request ids, log lines and the status document,
+on an in-process app (no gunicorn, no supervisor, no replica processes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from lb.app import create_app
+from lb.logs import JsonFormatter, logging_config
+from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
+from lb.ops.status import Counts, RateWindow, arcs, build_status
+from lb.registry import READY, Registry
+from lb.router import Upstream
+from lb.settings import Settings, SettingsError
+
+HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    monkeypatch.delenv(ENV_DIR, raising=False)  # single-process metrics: this app's own
+    yield create_app({"registry": str(tmp_path / "registry.json"), "deployment": "t-ops"})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def js(reply: Any) -> Any:
+    """A test client reply's JSON body (which must be there)."""
+    body = reply.get_json()
+    assert body is not None, reply.data
+    return body
+
+
+def make_ready(app: Flask, address: str) -> None:
+    """Mark every replica ready at ``address`` (nothing need answer there)."""
+    registry: Registry = app.extensions["lb"]["registry"]
+    with registry.update() as state:
+        for r in state.replicas:
+            r.state, r.address, r.handle, r.last_heartbeat = READY, address, "1/x", 1.0
+
+
+def metric_values(client: FlaskClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    reply = client.get("/_lb/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["Content-Type"].startswith("text/plain")
+    values = {}
+    for family in text_string_to_metric_families(reply.get_data(as_text=True)):
+        for s in family.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return values
+
+
+# -- the reserved prefix --------------------------------------------------------------------------
+def test_healthz_is_alive_whatever_the_replicas(client: FlaskClient) -> None:
+    reply = client.get("/_lb/healthz")
+    assert (reply.status_code, reply.json) == (200, {"message": "alive", "status": "successful"})
+
+
+def test_readyz_needs_a_routable_replica(app: Flask, client: FlaskClient) -> None:
+    reply = client.get("/_lb/readyz")
+    assert reply.status_code == 503
+    assert reply.json == {"message": "<Error> Not ready: no routable replica",
+                          "status": "failure"}
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    reply = client.get("/_lb/readyz")
+    assert reply.status_code == 200
+    assert reply.json == {"message": {"ready": True, "routable": 3}, "status": "successful"}
+
+
+def test_readyz_fails_when_the_registry_cannot_be_read(app: Flask, client: FlaskClient) -> None:
+    Path(app.extensions["lb"]["registry"].path).write_text("not json")
+    reply = client.get("/_lb/readyz")
+    assert reply.status_code == 503
+    assert js(reply)["message"].startswith("<Error> Not ready: the registry cannot be read")
+
+
+@pytest.mark.parametrize("path", ["/_lb", "/_lb/", "/_lb/nope", "/_lb/metrics/x", "/_lb/home"])
+def test_reserved_paths_are_never_routed(app: Flask, client: FlaskClient, path: str) -> None:
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    reply = client.get(path)
+    assert reply.status_code == 404
+    assert reply.json == {"message": f"<Error> '{path}' is not an endpoint of the balancer "
+                                     "(/_lb/ is reserved for it)", "status": "failure"}
+
+
+def test_wrong_method_on_a_reserved_endpoint_is_405(client: FlaskClient) -> None:
+    reply = client.post("/_lb/metrics")
+    assert reply.status_code == 405
+    assert js(reply)["status"] == "failure"
+    assert "GET" in reply.headers["Allow"]
+
+
+def test_paths_outside_the_prefix_are_still_routed(app: Flask, client: FlaskClient) -> None:
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    for path in ("/_lbx", "/x/_lb/metrics", "/static/status.js"):
+        reply = client.get(path)
+        assert reply.status_code == 502, path  # routed: every replica was tried, none answered
+        assert js(reply)["message"].startswith("<Error> No replica could serve the request")
+
+
+# -- request ids ----------------------------------------------------------------------------------
+def forwarded_ids(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the router answer 200 itself and remember the X-Request-ID it would forward."""
+    router = app.extensions["lb"]["router"]
+    seen: list[str] = []
+    make_ready(app, "http://127.0.0.1:9")
+
+    def forward(target: str, headers: dict[str, str], key: int) -> Upstream:
+        seen.append(headers["X-Request-ID"])
+        replica = router.candidates(key)[0]
+        return Upstream(200, [("Content-Type", "text/plain")], b"ok", replica)
+
+    monkeypatch.setattr(router, "forward", forward)
+    return seen
+
+
+def test_request_id_is_kept_forwarded_and_returned(app: Flask, client: FlaskClient,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = forwarded_ids(app, monkeypatch)
+    reply = client.get("/home", headers={"X-Request-ID": "abc-123.x:y_z"})
+    assert reply.status_code == 200
+    assert reply.headers["X-Request-ID"] == "abc-123.x:y_z"
+    assert seen == ["abc-123.x:y_z"]
+
+
+@pytest.mark.parametrize("given", [None, "", "has space", "x" * 129, "semi;colon"])
+def test_missing_or_odd_request_id_gets_a_new_one(app: Flask, client: FlaskClient,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   given: str | None) -> None:
+    seen = forwarded_ids(app, monkeypatch)
+    reply = client.get("/home", headers={} if given is None else {"X-Request-ID": given})
+    rid = reply.headers["X-Request-ID"]
+    assert HEX32.match(rid)
+    assert seen == [rid]
+
+
+def test_every_reply_has_a_request_id(client: FlaskClient) -> None:
+    for reply in (client.get("/rep"), client.post("/add", data="{"), client.get("/_lb/nope"),
+                  client.get("/_lb/healthz")):
+        assert HEX32.match(reply.headers["X-Request-ID"])
+
+
+def test_access_log_line_carries_the_request_id(client: FlaskClient,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lb.access"):
+        client.get("/rep", headers={"X-Request-ID": "rid-7"})
+    [record] = [r for r in caplog.records if r.name == "lb.access"]
+    assert record.getMessage().startswith("GET /rep 200 - ")
+    assert record.getMessage().endswith(" rid=rid-7")
+    fields = vars(record)
+    assert (fields["request_id"], fields["status"], fields["path"]) == ("rid-7", 200, "/rep")
+
+
+# -- logs -----------------------------------------------------------------------------------------
+def test_json_log_line_has_the_extras() -> None:
+    logger = logging.getLogger("lb.access")
+    record = logger.makeRecord("lb.access", logging.INFO, __file__, 1, "GET %s %d", ("/home", 200),
+                               None, extra={"request_id": "r1", "replica": "Server1",
+                                            "status": 200})
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["message"] == "GET /home 200"
+    assert (data["level"], data["logger"], data["request_id"], data["replica"], data["status"]) \
+        == ("info", "lb.access", "r1", "Server1", 200)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["ts"])
+
+
+def test_json_log_line_carries_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "failed", (),
+                                                   __import__("sys").exc_info())
+    data = json.loads(JsonFormatter().format(record))
+    assert "ValueError: boom" in data["exc"]
+
+
+def test_log_format_setting() -> None:
+    assert Settings.from_env({}).log_format == "text"
+    assert "()" in logging_config(Settings.from_env({"LB_LOG_FORMAT": "json"}))["formatters"]["lb"]
+    assert "format" in logging_config(Settings.from_env({}))["formatters"]["lb"]
+    with pytest.raises(SettingsError, match="log_format"):
+        Settings.from_env({"LB_LOG_FORMAT": "xml"})
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_unreachable_replicas_are_counted_as_retries_and_exhaustion(
+        app: Flask, client: FlaskClient) -> None:
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    assert client.get("/home").status_code == 502
+    values = metric_values(client)
+    tried = sum(v for (name, _), v in values.items() if name == "lb_upstream_unreachable_total")
+    assert tried == 3  # 1 + LB_RETRIES (2) distinct replicas
+    assert values[("lb_retries_total", ())] == 2
+    assert values[("lb_exhausted_total", ())] == 1
+    assert values[("lb_responses_total", (("code", "502"), ("endpoint", "route")))] == 1
+    assert values[("lb_replicas", (("state", "ready"),))] == 3
+    assert values[("lb_replicas_desired", ())] == 3
+    assert values[("lb_hash_map_info", (("preset", "seed"), ("probing", "linear"),
+                                        ("slots", "512"), ("virtual", "9")))] == 1
+    shares = [v for (name, _), v in values.items() if name == "lb_replica_share"]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(1.0)
+
+
+def test_prepare_multiprocess_dir_removes_only_metric_files(tmp_path: Path) -> None:
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_123.db").write_bytes(b"x")
+    (folder / "notes.txt").write_text("keep me")
+    assert prepare_multiprocess_dir(str(tmp_path / "registry.json")) == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+# -- the status document and page -----------------------------------------------------------------
+def test_status_json_describes_every_replica(app: Flask, client: FlaskClient) -> None:
+    make_ready(app, "http://127.0.0.1:9")
+    reply = client.get("/_lb/status.json")
+    assert reply.status_code == 200 and js(reply)["status"] == "successful"
+    s: dict[str, Any] = js(reply)["message"]
+    assert s["rep"] == {"N": 3, "replicas": ["Server1", "Server2", "Server3"]}
+    assert [r["server_id"] for r in s["replicas"]] == [1, 2, 3]
+    assert sum(r["slots_owned"] for r in s["replicas"]) == s["ring"]["slots"] == 512
+    assert sum(r["share"] for r in s["replicas"]) == pytest.approx(1.0)
+    assert all(len(r["virtual_slots"]) == 9 for r in s["replicas"])
+    covered = sum(last + 1 - first for first, last, _ in s["ring"]["arcs"])
+    assert covered == 512
+    assert s["hash_map"] == {"preset": "seed", "slots": 512, "virtual": 9, "probing": "linear",
+                             "strategy": "ring", "hash_key": "random"}
+
+
+def test_status_page_is_server_rendered(app: Flask, client: FlaskClient) -> None:
+    reply = client.get("/_lb/status")
+    assert reply.status_code == 200 and reply.mimetype == "text/html"
+    html = reply.get_data(as_text=True)
+    for name in ("Server1", "Server2", "Server3"):
+        assert f'data-hostname="{name}"' in html
+    assert 'data-status-url="/_lb/status.json"' in html
+    script = client.get("/_lb/static/status.js")
+    assert script.status_code == 200 and b"fetch(url" in script.data
+
+
+def test_arcs_are_runs_of_one_owner() -> None:
+    assert arcs([1, 1, 2, 2, 2, 1]) == [[0, 1, 1], [2, 4, 2], [5, 5, 1]]
+    assert arcs([None, None]) == []
+
+
+def test_rates_come_from_samples_at_least_a_second_apart() -> None:
+    window = RateWindow(window=60)
+    assert window.rates(100.0, {"a": Counts(10, 1)}) == (None, {})
+    assert window.rates(100.5, {"a": Counts(12, 1)}) == (None, {})  # too close to the first
+    span, rates = window.rates(102.0, {"a": Counts(30, 3), "b": Counts(4, 0)})
+    assert span == 2.0
+    assert rates == {"a": Counts(10.0, 1.0), "b": Counts(2.0, 0.0)}
+    span, _ = window.rates(200.0, {"a": Counts(30, 3)})  # the old samples aged out
+    assert span is None
+
+
+def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
+    registry: Registry = app.extensions["lb"]["registry"]
+    make_ready(app, "http://127.0.0.1:9")
+    with registry.update() as state:
+        state.replicas[0].state = "down"
+    state = registry.read()
+    s = build_status(state, {"Server2": Counts(5, 1)}, {}, None, app.config["SETTINGS"], now=2.0)
+    down, up2, up3 = s["replicas"]
+    assert (down["routable"], down["slots_owned"], down["share"]) == (False, 0, 0.0)
+    assert up2["slots_owned"] + up3["slots_owned"] == 512
+    assert (up2["requests"], up2["errors"], up2["request_rate"]) == (5, 1, None)
+    assert up2["heartbeat_age"] == 1.0
+    assert {sid for _, _, sid in s["ring"]["arcs"]} == {2, 3}
