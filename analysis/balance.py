@@ -358,10 +358,7 @@ def render(results: dict[str, list[Row]], descriptions: dict[str, str],
 
 def chart(results: dict[str, list[Row]], floor: dict[int, tuple[float, float]],
           path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analysis.charts import log_axis, plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     ns = sorted(floor)
@@ -371,7 +368,7 @@ def chart(results: dict[str, list[Row]], floor: dict[int, tuple[float, float]],
         ax2.plot(xs, [r.moved_remove_max / r.ideal for r in rows], marker="o", label=name)
     ax1.plot(ns, [floor[n][1] for n in ns], "k:", label="uniform sample p95 (noise floor)")
     ax1.axhline(1.05, color="grey", lw=0.8, ls="--")
-    ax1.set_yscale("log")
+    log_axis(ax1)
     ax1.set_xlabel("replicas N")
     ax1.set_ylabel("max / mean requests (log scale)")
     ax1.set_title("Busiest replica, 10,000 random request ids")
@@ -379,7 +376,7 @@ def chart(results: dict[str, list[Row]], floor: dict[int, tuple[float, float]],
     ax2.set_xlabel("replicas N")
     ax2.set_ylabel("moved fraction / (1/N)")
     ax2.set_title("Keys moved when one replica leaves (worst one)")
-    ax2.set_yscale("log")
+    log_axis(ax2)
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.tight_layout()

@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
 
+def log_axis(ax: Axes) -> None:
+    """A log y axis labelled with plain numbers (1, 1.5, 2, 5) rather than powers of ten."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([1, 1.1, 1.25, 1.5, 2, 3, 5, 8])
+
+
 def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -124,7 +134,7 @@ def a4_chart(variants: dict[str, dict[str, Any]], path: str) -> str:
         ax2.plot([r["replicas"] for r in rows], [r["max_over_mean"] for r in rows], marker="o",
                  label=name)
     ax2.axhline(1.0, color="grey", lw=0.8)
-    ax2.set_yscale("log")
+    log_axis(ax2)
     ax2.set_xlabel("replicas N")
     ax2.set_ylabel("busiest replica / mean (log scale)")
     ax2.set_title("A-2 per variant: max/mean load for N = 2..6", fontsize=10)
