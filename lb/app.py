@@ -89,6 +89,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                                  if code in (404, 405) else str(exc.description or exc.name)))
         if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             reply.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        if code == 413:  # the body was left unread: this connection cannot carry another request
+            reply.headers["Connection"] = "close"
         return reply, code
 
     @app.errorhandler(RegistryBusy)

