@@ -234,10 +234,14 @@ def measured(target: dict[str, Any], connections: int, seconds: float, lua: str,
 def paced(target: dict[str, Any], rate: float, connections: int, seconds: float, lua: str,
           replicas: list[psutil.Process]) -> dict[str, Any]:
     """wrk with a per-connection pause calibrated to offer ``rate`` requests per second."""
-    cycle_ms = 1000 * connections / rate
-    probe = wrk(target["urls"], connections, 3, lua, delay_ms=cycle_ms)
-    latency_ms = max(0.0, 1000 * probe["connections"] / max(probe["rps"], 1e-9) - cycle_ms)
-    delay = max(0.1, cycle_ms - latency_ms)
+    cycle_ms = 1000 * connections / rate  # per connection: reply latency + pause
+    delay = cycle_ms
+    for _ in range(3):  # short probes: measure the cycle, take the latency out of the pause
+        probe = wrk(target["urls"], connections, 3, lua, delay_ms=delay)
+        actual_ms = 1000 * probe["connections"] / max(probe["rps"], 1e-9)
+        if abs(actual_ms - cycle_ms) < 0.03 * cycle_ms:
+            break
+        delay = max(0.1, delay + cycle_ms - actual_ms)
     result = measured(target, connections, seconds, lua, replicas, delay_ms=delay)
     result["offered_rps"] = rate
     result["delay_ms"] = delay
@@ -324,7 +328,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, t in targets.items() if not args.quick else ():
                 print(f"half load: {name} at {rate:.0f} req/s ...", file=sys.stderr)
                 half[name] = paced(t, rate, args.paced_connections, args.duration, lua, replicas)
-            prof = None
+            single: dict[str, dict[str, Any]] = {}
+            for name, t in targets.items() if not args.quick else ():
+                print(f"one connection: {name} ...", file=sys.stderr)
+                one = {**t, "urls": t["urls"][:1]}  # direct: one replica (they are identical)
+                single[name] = measured(one, 1, args.duration, lua, replicas)
+            prof = cpu_prof = None
             if args.profile:
                 print("profiling the balancer under saturation (py-spy) ...", file=sys.stderr)
                 raw = os.path.join(work, "profile.raw")
@@ -338,12 +347,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from bench.profile_summary import summarize
                 with open(raw, encoding="utf-8") as fh:
                     prof = summarize(fh.readlines())
+                print("CPU profile in-process (cProfile, CPU clock) ...", file=sys.stderr)
+                from bench.cpu_profile import profile_app
+                cpu_prof = profile_app(stack.registry, 3000, env=stack.env)
     print("micro-benchmark ...", file=sys.stderr)
     micro_rows = micro.run() if not args.quick else []
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     shutil.rmtree(work, ignore_errors=True)
     return {"meta": meta, "saturation": saturation, "half_load": half, "micro": micro_rows,
-            "profile": prof}
+            "profile": prof, "cpu_profile": cpu_prof, "one_connection": single}
 
 
 def _versions() -> dict[str, str]:
@@ -415,12 +427,54 @@ def render(data: dict[str, Any]) -> str:
         added = "-" if n == "direct" else f"{r['p99_ms'] - d99:+.2f} ms"
         lines.append(f"| {label[n]} | {r['rps']:.0f} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms"
                      f" | {r['p99_ms']:.2f} ms | {added} |")
+    if data.get("one_connection"):
+        one = data["one_connection"]
+        lines += ["", (f"## One connection (closed loop: no queueing), {meta['args']['duration']:.0f} s"
+                  " (direct: one replica)"), "",
+                  "| target | req/s | p50 | p99 | added p50 / p99 vs direct |", "|---|---|---|---|---|"]
+        for n in names:
+            r = one[n]
+            added = ("-" if n == "direct" else f"{r['p50_ms'] - one['direct']['p50_ms']:+.2f} ms /"
+                     f" {r['p99_ms'] - one['direct']['p99_ms']:+.2f} ms")
+            lines.append(f"| {label[n]} | {r['rps']:.0f} | {r['p50_ms']:.2f} ms | "
+                         f"{r['p99_ms']:.2f} ms | {added} |")
     lines += ["", ("## Micro-benchmark: the balancer's own work per request (best of 5 x 20,000 "
               "calls)"), "", micro.table(data["micro"])]
+    if data.get("cpu_profile"):
+        lines += ["", ("## Where the balancer's CPU goes (cProfile with a CPU clock, in-process; "
+                  "bench/cpu_profile.py)"), "", "```", data["cpu_profile"], "```"]
     if data.get("profile"):
-        lines += ["", ("## Profile of a balancer worker under saturation (py-spy, "
-                  "non-idle samples)"), "", "```", data["profile"], "```"]
+        lines += ["", ("## Profile of the balancer's workers under saturation (py-spy, wall "
+                  "time of non-idle threads: waits in send/recv count as busy)"), "", "```",
+                  data["profile"], "```"]
     return "\n".join(lines) + "\n"
+
+
+HISTORY_HEAD = """# Benchmark runs, one line each (newest last)
+
+Every `bash bench/run.sh` appends its headline figures here, so a re-run confirms (or not)
+the previous ones. Same machine (2 cores, shared with other engineers' test runs).
+
+| when | load avg before | balancer req/s | HAProxy req/s | ratio | nginx ratio | balancer-added p99 at half load | added p50 / p99, one connection | candidates() worst |
+|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def append_history(data: dict[str, Any], path: str) -> None:
+    sat, half, one = data["saturation"], data["half_load"], data.get("one_connection") or {}
+    lb, hp = _median(sat["balancer"], "rps"), _median(sat["haproxy"], "rps")
+    ng = _median(sat["nginx"], "rps")
+    added = half["balancer"]["p99_ms"] - half["direct"]["p99_ms"]
+    single = (f"{one['balancer']['p50_ms'] - one['direct']['p50_ms']:+.2f} / "
+              f"{one['balancer']['p99_ms'] - one['direct']['p99_ms']:+.2f} ms") if one else "-"
+    worst = max(r["candidates_us"] for r in data["micro"]) if data["micro"] else float("nan")
+    row = (f"| {data['meta']['when']} | {data['meta']['load_before'][0]} | {lb:.0f} | {hp:.0f} | "
+           f"{lb / hp:.2f} | {ng / hp:.2f} | {added:+.2f} ms | {single} | {worst:.1f} µs |\n")
+    new = not os.path.exists(path)
+    with open(path, "a", encoding="utf-8") as fh:
+        if new:
+            fh.write(HISTORY_HEAD)
+        fh.write(row)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     report = render(data)
     with open(args.out, "w", encoding="utf-8") as fh:
         fh.write(report)
+    append_history(data, os.path.join(os.path.dirname(args.out), "history.md"))
     with open(args.json, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1)
     print(report)
