@@ -393,6 +393,9 @@ def render(data: dict[str, Any]) -> str:
         (f"Balancer settings: {', '.join(f'{k}={v}' for k, v in meta['balancer_settings'].items())}"
         f"; 3 local replicas (gunicorn gthread, 1 worker each)."),
         "",
+        ("What was tuned and what holds the balancer back: [tuning.md](tuning.md); every run's "
+         "headline figures: [history.md](history.md)."),
+        "",
         (f"## Saturation: wrk, {meta['args']['connections']} keep-alive connections, "
         f"{meta['args']['duration']:.0f} s per run, median of {meta['args']['rounds']} "
         "interleaved rounds"),
