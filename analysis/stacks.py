@@ -98,6 +98,7 @@ class LocalStack:
     def __init__(self, label: str, settings: dict[str, str], folder: str | None = None) -> None:
         self.label = label
         self.folder = folder or tempfile.mkdtemp(prefix=f"lb-analyze-{label}-")
+        os.makedirs(self.folder, exist_ok=True)
         self.port = free_port()
         self.deployment = f"analysis-{label}-{uuid.uuid4().hex[:6]}"
         self.registry = os.path.join(self.folder, "registry.json")
