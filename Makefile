@@ -42,3 +42,4 @@ clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 
 -include docker.mk
+-include bench/bench.mk

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import requests
 import urllib3
@@ -32,8 +33,11 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 SUSPECT_SECONDS = 1.0
 
 
-def request_key(spec: str, headers: Mapping[str, str], query: Mapping[str, str],
-                client: str | None) -> int:
+class _Lookup(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+
+def request_key(spec: str, headers: _Lookup, query: _Lookup, client: str | None) -> int:
     """The integer the request hash H is applied to.
 
     ``random``: a fresh 6-digit request id (the specification's). ``client``, ``header:NAME``,

@@ -39,7 +39,7 @@ class Settings:
     virtual: int = _opt(0, "Virtual servers per replica (K); 0 means log2(M)")
     hash: str = _opt("seed", "Hash preset: seed, cs60002 or xxhash (well mixed)")
     probing: str = _opt("linear", "Slot conflict resolution: linear or quadratic")
-    strategy: str = _opt("ring", "Lookup strategy: ring (the consistent hash map) or maglev")
+    strategy: str = _opt("ring", "Lookup strategy: ring (the hash map above), ring160 (xxhash, 65536 slots, 160 virtual servers) or maglev")
     bounded_load: float = _opt(
         0.0, "Bounded loads: no replica gets more than c x the mean in-flight requests of a "
              "worker (c > 1, e.g. 1.25); 0 turns it off")
