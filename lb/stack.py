@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from lb.backends import create_backend
@@ -110,14 +109,8 @@ class Stack:
         log.info("stopped %d replicas", stopped)
 
     def stop_replicas(self) -> int:
-        handles = set()
-        try:
-            handles = {r.handle for r in self.registry.read().replicas if r.handle}
-        except RegistryError:
-            pass
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(self.backend.stop, handles))
-        return len(handles) + self.backend.stop_all()
+        """Every replica carrying this deployment's mark, whether the registry knows it or not."""
+        return self.backend.stop_all()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

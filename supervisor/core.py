@@ -154,12 +154,18 @@ class Supervisor:
             r.state = DOWN
             self.events.marked_down(r, "missed_heartbeats" if running else "process_gone")
         elif r.state == STARTING and (not running or now > (r.deadline or 0)):
-            r.restarts += 1
-            delay = min(self.settings.restart_backoff, 0.5 * 2 ** (r.restarts - 1))
-            r.state, r.not_before, r.owner, r.deadline = DOWN, now + delay, None, None
+            delay = self._failed_start(r, now)
             self.events.marked_down(r, "never_ready")
             log.error("replica %s (server id %d) never became ready (%d in a row); "
                       "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
+
+    def _failed_start(self, r: Replica, now: float) -> float:
+        """The crash-loop guard: a start that never became ready waits 0.5, 1, 2 ... seconds
+        (capped at ``restart_backoff``) before the next try; returns the wait."""
+        r.restarts += 1
+        delay = min(self.settings.restart_backoff, 0.5 * 2 ** (r.restarts - 1))
+        r.state, r.not_before, r.owner, r.deadline = DOWN, now + delay, None, None
+        return delay
 
     # -- acting --------------------------------------------------------------------------------
     def _run(self, jobs: list[Job]) -> None:
@@ -190,10 +196,7 @@ class Supervisor:
                 log.error("could not start replica %s: %s", job.hostname, result)
                 self.events.start_failed(job.hostname)
                 if ours and r is not None:
-                    r.restarts += 1
-                    r.state, r.owner, r.deadline = DOWN, None, None
-                    r.not_before = now + min(self.settings.restart_backoff,
-                                             0.5 * 2 ** (r.restarts - 1))
+                    self._failed_start(r, now)
                 return
             if ours and r is not None:
                 r.handle, r.address = result.handle, result.address

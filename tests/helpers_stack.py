@@ -1,68 +1,28 @@
 """A stack shared by the tests of one module, and raw HTTP for requests no client library sends.
 
-``running_stack`` does what ``conftest.make_stack`` does (same ``RunningStack``, same clean-up
-check) in a ``with`` block, so a module-scoped fixture can start one stack for many checks.
+``running_stack`` is ``conftest.StackFactory`` (same ``RunningStack``, same clean-up check) as a
+``with`` block, so a module-scoped fixture can start one stack for many checks.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from lb.settings import Settings
-from tests.conftest import RunningStack, free_port, kill_deployment
+from tests.conftest import RunningStack, StackFactory
 
 
 @contextmanager
 def running_stack(folder: Path, **overrides: Any) -> Iterator[RunningStack]:
-    deployment = f"t{uuid.uuid4().hex[:10]}"
-    values: dict[str, Any] = {
-        "port": free_port(), "deployment": deployment, "workers": 2, "threads": 8,
-        "registry": str(folder / deployment / "registry.json"),
-    }
-    values.update(overrides)
-    settings = Settings.from_env({}, **values)
-    log_path = folder / f"{deployment}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lb"], env={**os.environ,
-                                                                   **settings.to_env()},
-                                stdout=log, stderr=subprocess.STDOUT)
-    stack = RunningStack(f"http://127.0.0.1:{settings.port}", settings, proc, log_path)
+    factory = StackFactory(folder)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if stack.get("/rep", timeout=2).status_code == 200:
-                    stack.wait_ready(settings.n, timeout=max(1.0, deadline - time.monotonic()))
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass  # not listening yet, or its worker still booting
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"lb-run did not come up:\n{stack.log()}")
-            time.sleep(0.1)
-        yield stack
+        yield factory(**overrides)
     finally:
-        stack.session.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        leftovers = kill_deployment(deployment)
-    assert leftovers == 0, f"{leftovers} processes of {deployment} outlived lb-run"
+        factory.stop_all()
 
 
 @dataclass
