@@ -2,6 +2,10 @@
 containers on the stack's own network), the contract call by call on 127.0.0.1, replicas killed
 under traffic, the supervisor killed, and ``make down`` leaving nothing behind.
 
+Every test runs once with Compose v2 (``docker compose``) and once with Compose v1
+(``docker-compose``): the file must mean the same to both. A missing one is skipped, except under
+CI where it is a failure.
+
 Each stack has its own compose project, deployment label, network and published port, so these
 tests can run beside a ``make up`` of the default deployment. It starts with N=0 and the tests
 add replicas with names of their own: the default names (Server1..N) are container names, unique
@@ -37,6 +41,25 @@ from tests.test_docker_backend import (  # noqa: F401 - fixtures
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+COMPOSE_COMMANDS = {"v2": "docker compose", "v1": "docker-compose"}
+
+
+@pytest.fixture(scope="module", params=sorted(COMPOSE_COMMANDS, reverse=True))
+def compose(request: pytest.FixtureRequest) -> str:
+    """The compose command the Make targets use (their ``COMPOSE`` variable)."""
+    command = COMPOSE_COMMANDS[request.param]
+    try:
+        proc = subprocess.run([*command.split(), "version", "--short"], capture_output=True,
+                              text=True, timeout=30, check=False)
+        found = proc.returncode == 0
+    except FileNotFoundError:
+        found = False
+    if not found:
+        why = f"Compose {request.param} (`{command}`) is not installed: ci/docker-setup.sh installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return command
 
 
 @dataclass
@@ -46,6 +69,7 @@ class Stack:
     project: str
     port: int
     client: docker.DockerClient
+    compose: str
     http: requests.Session = field(default_factory=requests.Session)
 
     def __post_init__(self) -> None:
@@ -64,7 +88,7 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def make(self, target: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "COMPOSE_PROJECT": self.project, "LB_DEPLOYMENT": self.deployment,
+        env = {**os.environ, "COMPOSE": self.compose, "COMPOSE_PROJECT": self.project, "LB_DEPLOYMENT": self.deployment,
                "LB_NETWORK": self.network, "LB_PUBLISH_PORT": str(self.port), "LB_N": "0",
                # The tests pick a replica by key (X-Key); requests without it stay random.
                "LB_HASH_KEY": "header:X-Key"}
@@ -163,8 +187,8 @@ class Stack:
         return {k: sorted(set(v)) for k, v in left.items() if v}
 
 
-def start_stack(client: docker.DockerClient) -> Stack:
-    stack = Stack(f"hlbt{uuid.uuid4().hex[:8]}", free_port(), client)
+def start_stack(client: docker.DockerClient, compose: str) -> Stack:
+    stack = Stack(f"hlbt{uuid.uuid4().hex[:8]}", free_port(), client, compose)
     try:
         stack.make_ok("up")
     except BaseException:
@@ -183,8 +207,9 @@ def force_clean(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(docker_client: docker.DockerClient, docker_images: None) -> Iterator[Stack]:  # noqa: F811
-    stack = start_stack(docker_client)
+def stack(docker_client: docker.DockerClient, docker_images: None,  # noqa: F811
+          compose: str) -> Iterator[Stack]:
+    stack = start_stack(docker_client, compose)
     yield stack
     try:
         stack.make_ok("down")
@@ -292,6 +317,37 @@ def test_contract_call_by_call(stack: Stack) -> None:
     stack.assert_docker_agrees()
 
 
+def test_services_run_as_declared(stack: Stack) -> None:
+    """What the engine runs is what docker-compose.yml says, whichever Compose read it."""
+    socket_gid = str(os.stat("/var/run/docker.sock").st_gid)
+    for name, role in (("lb", "balancer"), ("supervisor", "supervisor")):
+        container = stack.service(name)
+        config, host = container.attrs["Config"], container.attrs["HostConfig"]
+        assert config["User"] == "hashlb"
+        assert config["Labels"]["hashlb.role"] == role
+        assert config["Labels"]["hashlb.deployment"] == stack.deployment
+        assert (host["Memory"], host["PidsLimit"]) == (512 * 2**20, 256)
+        assert host["CapDrop"] == ["ALL"] and not host["Privileged"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["GroupAdd"] == [socket_gid]
+        assert host["RestartPolicy"]["Name"] == "unless-stopped"
+        assert host["LogConfig"] == {"Type": "json-file",
+                                     "Config": {"max-size": "10m", "max-file": "3"}}
+        mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+        assert mounts["/var/lib/hashlb"]["Type"] == "volume"
+        assert mounts["/var/run/docker.sock"]["Source"] == "/var/run/docker.sock"
+        assert list(container.attrs["NetworkSettings"]["Networks"]) == [stack.network]
+        env = dict(item.split("=", 1) for item in config["Env"])
+        assert (env["LB_BACKEND"], env["LB_NETWORK"], env["LB_N"]) == ("docker", stack.network, "0")
+    lb, supervisor = stack.service("lb"), stack.service("supervisor")
+    # Published on loopback only; the supervisor serves nothing and has no health check.
+    assert lb.attrs["HostConfig"]["PortBindings"] == {
+        "5000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]}
+    assert lb.attrs["Config"]["Healthcheck"]["Test"][0] == "CMD"
+    assert supervisor.attrs["Config"]["Healthcheck"]["Test"] == ["NONE"]
+    assert supervisor.attrs["Config"]["Cmd"] == ["python", "-m", "supervisor"]
+
+
 def test_killed_replica_is_replaced_under_traffic(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     p = stack.project
     stack.reset([f"{p}-a", f"{p}-b", f"{p}-c"])
@@ -371,8 +427,8 @@ def crash(container: Any) -> None:
 
 
 def test_make_down_leaves_nothing(docker_client: docker.DockerClient,  # noqa: F811
-                                  docker_images: None) -> None:  # noqa: F811
-    stack = start_stack(docker_client)
+                                  docker_images: None, compose: str) -> None:  # noqa: F811
+    stack = start_stack(docker_client, compose)
     try:
         reply = stack.add(2, [f"{stack.project}-runtime"])  # replicas that compose never knew
         assert reply.status_code == 200, reply.text
