@@ -47,7 +47,7 @@ def all_ready(n: int):
 
 
 def test_brings_up_the_wanted_set_then_replaces_the_dead(world) -> None:
-    settings, registry, backend, sup = world
+    _settings, registry, backend, sup = world
     tick_until(sup, registry, all_ready(2))
     assert sorted(i.hostname for i in backend.list()) == ["Server1", "Server2"]
     dead = registry.read().find("Server1")
@@ -61,7 +61,7 @@ def test_brings_up_the_wanted_set_then_replaces_the_dead(world) -> None:
 
 
 def test_a_hung_replica_is_declared_down_by_heartbeat(world) -> None:
-    settings, registry, backend, sup = world
+    _settings, registry, backend, sup = world
     tick_until(sup, registry, all_ready(2))
     hung = registry.read().find("Server2")
     assert hung is not None and hung.handle
@@ -71,7 +71,7 @@ def test_a_hung_replica_is_declared_down_by_heartbeat(world) -> None:
 
 
 def test_removed_replicas_are_not_resurrected_and_half_done_removals_finish(world) -> None:
-    settings, registry, backend, sup = world
+    _settings, registry, backend, sup = world
     tick_until(sup, registry, all_ready(2))
     with registry.update() as state:  # what an /rm that died half-way leaves behind
         r = state.find("Server2")
@@ -86,7 +86,7 @@ def test_removed_replicas_are_not_resurrected_and_half_done_removals_finish(worl
 
 
 def test_orphans_are_stopped_and_unrecorded_starts_adopted(world) -> None:
-    settings, registry, backend, sup = world
+    _settings, registry, backend, sup = world
     tick_until(sup, registry, all_ready(2))
     orphan = backend.start(ReplicaSpec("stray", 99))
     # A replica started for an entry whose handle was never recorded (a crash in between).
