@@ -10,7 +10,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from flask import Flask, Request, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    ClientDisconnected,
+    HTTPException,
+    MethodNotAllowed,
+    RequestEntityTooLarge,
+    RequestTimeout,
+)
 
 from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
 from lb.backends import BackendError, create_backend
@@ -89,8 +95,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                                  if code in (404, 405) else str(exc.description or exc.name)))
         if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             reply.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
-        if code == 413:  # the body was left unread: this connection cannot carry another request
-            reply.headers["Connection"] = "close"
         return reply, code
 
     @app.errorhandler(RegistryBusy)
@@ -109,11 +113,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def _json_body(req: Request) -> Any:
     """The body as JSON whatever the Content-Type (``curl -d`` sends a form type)."""
-    raw = req.get_data(cache=False)
     limit = req.max_content_length
-    # Without a Content-Length (chunked), werkzeug stops reading at the limit without a word:
-    # a longer body would be cut there and obeyed. One byte more tells.
-    if limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1):
+    try:
+        raw = req.get_data(cache=False)
+        # Without a Content-Length (chunked), werkzeug stops reading at the limit without a
+        # word: a longer body would be cut there and obeyed. One byte more tells.
+        too_long = limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1)
+    except (BlockingIOError, ClientDisconnected) as exc:
+        # SO_RCVTIMEO expired (lb.worker): the client went quiet. werkzeug reports it as a
+        # disconnect, raised while handling the BlockingIOError.
+        if isinstance(exc, BlockingIOError) or isinstance(exc.__context__, BlockingIOError):
+            raise RequestTimeout("The request body did not arrive within LB_CLIENT_TIMEOUT") \
+                from exc
+        raise
+    if too_long:
         raise RequestEntityTooLarge()
     if not raw.strip():
         return {}

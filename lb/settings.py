@@ -59,6 +59,9 @@ class Settings:
     upstream_timeout: float = _opt(5.0, "Seconds to wait for a replica's reply")
     retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
+    client_timeout: float = _opt(
+        30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
+              "(headers, body) or for it to take the reply; then the connection is dropped")
     admin_token: str = _opt("", "When set, /add and /rm need 'Authorization: Bearer <token>'")
     # -- the supervisor -----------------------------------------------------------------------
     heartbeat_interval: float = _opt(0.5, "Seconds between heartbeat rounds")
@@ -136,7 +139,8 @@ class Settings:
             (self.retries >= 0, "retries must be >= 0"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
-                 self.connect_timeout, self.upstream_timeout, self.lock_timeout) > 0,
+                 self.connect_timeout, self.upstream_timeout, self.lock_timeout,
+                 self.client_timeout) > 0,
              "timeouts and intervals must be > 0"),
         ]
         for ok, message in checks:

@@ -1,23 +1,40 @@
-"""The balancer's gunicorn worker: gthread, with the contract's JSON envelope on the errors that
-gunicorn answers itself.
+"""The balancer's gunicorn worker: gthread, with two things gthread lacks.
 
-A request gunicorn cannot parse, or one over its limits (request line, header count or size, a
-bad chunk), never reaches Flask: gunicorn's ``Worker.handle_error`` picks the status and logs
-it, then writes an HTML page through ``gunicorn.util.write_error``. That function is the one
-seam for the page's shape (``handle_error`` is its only caller), so this worker swaps it for one
-that writes the same status line as JSON; status codes, logging and the access log stay
-gunicorn's.
+**The contract's envelope on gunicorn's own errors.** A request gunicorn cannot parse, or one
+over its limits (request line, header count or size, a bad chunk), never reaches Flask:
+``Worker.handle_error`` picks the status and logs it, then writes an HTML page through
+``gunicorn.util.write_error``. That function is the one seam for the page's shape
+(``handle_error`` is its only caller), so this worker swaps it for one that writes the same
+status line as JSON; status codes, logging and the access log stay gunicorn's.
+
+**Limits on slow clients** (``LB_CLIENT_TIMEOUT``). gthread waits a few seconds for a new
+connection's first bytes, but once a request has begun it reads the rest of the headers and the
+body, and writes the reply, on a blocking socket with no time limit: a client that sends one
+byte now and then holds one of the worker's threads for as long as it likes, and a handful of
+them stall the balancer (slowloris). Two bounds, both ``LB_CLIENT_TIMEOUT`` seconds:
+
+- the request's headers must be complete that long after a thread took the connection: the
+  worker's main loop, which already expires idle keep-alive connections once a second, shuts
+  down the socket of a request still in its headers (its thread then sees the end of the stream);
+- no single read or write of the connection (body, reply) may wait longer: the kernel's
+  ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` hold whatever gunicorn does with the socket's blocking mode.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import struct
+import threading
+import time
+from typing import Any
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 from lb.errors import envelope
+from lb.settings import Settings
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -29,10 +46,79 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     util.write_nonblock(sock, head + body)
 
 
+def limit_blocking_io(sock: socket.socket, seconds: float) -> None:
+    """Every blocking recv/send on ``sock`` fails (EAGAIN) after ``seconds`` without progress."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+class SlowClientLog(logging.Filter):
+    """gthread logs an expired ``SO_RCVTIMEO`` as "Socket error processing request." with a
+    traceback; one warning line says what happened without filling the log under a slowloris."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BlockingIOError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "slow client: no progress for %gs (LB_CLIENT_TIMEOUT), connection dropped",
+                (self.seconds,), None, None)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class EnvelopeThreadWorker(ThreadWorker):
-    """``gthread`` whose own error replies are ``{"message": "<Error> ...", "status": "failure"}``."""
+    """``gthread`` whose own error replies are ``{"message": "<Error> ...", "status": "failure"}``
+    and whose clients get ``LB_CLIENT_TIMEOUT`` seconds for their headers and for each read or
+    write after them."""
 
     def init_process(self) -> None:
         # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
         util.write_error = write_json_error
+        self.client_timeout = Settings.from_env().client_timeout
+        self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
+        # Connections whose thread is still reading the request's headers -> when it began.
+        self.in_headers: dict[Any, float] = {}
+        self.in_headers_lock = threading.Lock()
         super().init_process()
+
+    def handle(self, conn: Any) -> Any:  # a pool thread
+        with self.in_headers_lock:
+            self.in_headers[conn] = time.monotonic()
+        try:
+            return super().handle(conn)
+        finally:
+            with self.in_headers_lock:
+                self.in_headers.pop(conn, None)
+
+    def handle_request(self, req: Any, conn: Any) -> Any:  # the headers are in
+        with self.in_headers_lock:
+            self.in_headers.pop(conn, None)
+        return super().handle_request(req, conn)
+
+    def murder_pending(self) -> None:  # the main loop, about once a second
+        super().murder_pending()
+        deadline = time.monotonic() - self.client_timeout
+        with self.in_headers_lock:
+            late = [conn for conn, began in self.in_headers.items() if began < deadline]
+            for conn in late:
+                del self.in_headers[conn]
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue  # already gone
+                self.log.warning("slow client %s: request headers not complete within %gs "
+                                 "(LB_CLIENT_TIMEOUT), connection dropped",
+                                 conn.client[0] if conn.client else "?", self.client_timeout)
+
+    def enqueue_req(self, conn: Any) -> None:
+        # Each connection once, when it first reaches a thread (keep-alive ones come back here).
+        if not getattr(conn, "io_limited", False):
+            limit_blocking_io(conn.sock, self.client_timeout)
+            conn.io_limited = True
+        super().enqueue_req(conn)

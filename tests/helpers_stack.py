@@ -64,6 +64,14 @@ def raw_http(url: str, request: bytes, timeout: float = 30) -> RawReply:
     return RawReply(status, headers, body)  # type: ignore[arg-type]
 
 
+def stalled_body(url: str, method: str, path: str, *headers: bytes) -> RawReply:
+    """A request whose body stops coming: 7 of the 40 bytes it announces. The balancer answers
+    once ``LB_CLIENT_TIMEOUT`` has passed, and closes the connection."""
+    head = b"\r\n".join([f"{method} {path} HTTP/1.1".encode(), b"Host: balancer.test",
+                          b"Content-Type: application/json", b"Content-Length: 40", *headers])
+    return raw_http(url, head + b'\r\n\r\n{"n": 1')
+
+
 def _dechunk(data: bytes) -> bytes:
     out = b""
     while data:

@@ -25,6 +25,7 @@ from lb.ops.metrics import ENV_DIR
 from lb.ops.openapi import openapi_document
 from lb.registry import READY
 from tests.conftest import RunningStack
+from tests.helpers_stack import stalled_body
 
 SPEC = openapi_document("test")
 SPEC_URI = "urn:hashlb:openapi"
@@ -109,10 +110,17 @@ def live(stack: RunningStack, checker: Checker, path: str, method: str, url: str
     return out
 
 
+def stalled(stack: RunningStack, checker: Checker, path: str, method: str) -> Reply:
+    raw = stalled_body(stack.url, method.upper(), path, f"Authorization: Bearer {TOKEN}".encode())
+    out = Reply(raw.status, raw.header("Content-Type") or "", raw.body)
+    checker.check(path, method, out)
+    return out
+
+
 @pytest.mark.system
 def test_live_replies_match_the_document(make_stack: Callable[..., RunningStack],
                                          checker: Checker) -> None:
-    stack = make_stack(admin_token=TOKEN, max_replicas=5)
+    stack = make_stack(admin_token=TOKEN, max_replicas=5, client_timeout=1)
 
     def call(path: str, method: str, url: str | None = None, **kw: Any) -> Reply:
         return live(stack, checker, path, method, url or path, **kw)
@@ -135,11 +143,13 @@ def test_live_replies_match_the_document(make_stack: Callable[..., RunningStack]
     assert call("/add", "post", json=body).status == 409  # S5 exists
     assert call("/add", "post", json={"n": 1, "hostnames": ["A", "B"]}).status == 400
     assert call("/add", "post", data=b"{" * 70000).status == 413
+    assert stalled(stack, checker, "/add", "post").status == 408
     assert not checker.request_body_ok({"n": 0})
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["S5"]}, token=False).status == 401
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["nope"]}).status == 409
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["A", "B"]}).status == 400
     assert call("/rm", "delete", data=b"[" * 70000).status == 413
+    assert stalled(stack, checker, "/rm", "delete").status == 408
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["S5"]}).status == 200
 
     # With no replica left: routed GETs and readiness fail as documented.

@@ -223,6 +223,7 @@ PATHS: dict[str, Any] = {
             "401": _UNAUTHORIZED,
             "409": _failure("A name already exists, the maximum or the hash map would be "
                             "exceeded"),
+            "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
             "413": _failure("Body larger than LB_MAX_BODY"),
             "503": _failure("The new replicas could not be started in time; nothing was added"),
             "default": _DEFAULT,
@@ -238,6 +239,7 @@ PATHS: dict[str, Any] = {
                             "Length of hostname list is more than removable instances"),
             "401": _UNAUTHORIZED,
             "409": _failure("A named replica does not exist, or n exceeds the replicas"),
+            "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
             "413": _failure("Body larger than LB_MAX_BODY"),
             "default": _DEFAULT,
         },
