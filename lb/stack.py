@@ -17,7 +17,7 @@ import sys
 import time
 from typing import NoReturn
 
-from lb.backends import create_backend
+from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
@@ -55,6 +55,7 @@ class Stack:
     def start(self, keep_registry: bool) -> None:
         if not keep_registry:
             self.stop_replicas()  # leftovers of an earlier run that did not end cleanly
+        self.backend.prepare()  # e.g. the replicas' Docker network
         ensure_registry(self.settings, self.registry, reset=not keep_registry)
         # Metrics of every balancer worker and the supervisor, added up at scrape time.
         self.env[ENV_DIR] = prepare_multiprocess_dir(self.settings.registry_path)
@@ -105,8 +106,13 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        stopped = self.stop_replicas()
-        log.info("stopped %d replicas", stopped)
+        try:
+            stopped = self.stop_replicas()
+            self.backend.release()
+        except BackendError as exc:
+            log.error("could not clean up: %s", exc)
+        else:
+            log.info("stopped %d replicas", stopped)
 
     def stop_replicas(self) -> int:
         """Every replica carrying this deployment's mark, whether the registry knows it or not."""
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
             log.error("replicas were not ready within %.0fs", args.ready_timeout)
         else:
             code = 0
+    except BackendError as exc:  # no engine, no network: say so, no traceback
+        log.error("cannot start: %s", exc)
     finally:
         stack.stop()
     sys.exit(code)

@@ -8,10 +8,13 @@ tree, a client, and a throw-away deployment (its own label and network) removed 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from lb.backends.docker import (
     DockerBackend,
 )
 from lb.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import RunningStack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_LABEL = "hashlb.test"  # on containers a test makes itself, outside any deployment
@@ -206,3 +209,71 @@ def test_stop_all_removes_dead_replicas_too(deployment: Deployment,
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
     assert not backend.is_running(alive.handle)
 
+
+
+@pytest.mark.docker
+def test_prepare_makes_the_network_and_release_removes_only_that(
+        docker_client: docker.DockerClient) -> None:
+    name = f"hlbt{uuid.uuid4().hex[:8]}"
+    backend = DockerBackend(Settings.from_env({}, backend="docker", deployment=name,
+                                              network=f"{name}-net"))
+    try:
+        backend.prepare()
+        backend.prepare()  # idempotent: still one network of that name
+        (made,) = docker_client.networks.list(names=[f"{name}-net"])
+        assert made.attrs["Driver"] == "bridge"
+        assert made.attrs["Labels"] == {LABEL_DEPLOYMENT: name, LABEL_ROLE: "network"}
+        backend.release()
+        assert docker_client.networks.list(names=[f"{name}-net"]) == []
+        backend.release()  # nothing left to do: no error
+
+        # A network it did not make (compose's carries the deployment label, no role) stays.
+        theirs = docker_client.networks.create(f"{name}-net", driver="bridge",
+                                               labels={LABEL_DEPLOYMENT: name})
+        backend.prepare()
+        assert [n.id for n in docker_client.networks.list(names=[f"{name}-net"])] == [theirs.id]
+        backend.release()
+        assert [n.id for n in docker_client.networks.list(names=[f"{name}-net"])] == [theirs.id]
+    finally:
+        remove_by_label(docker_client, f"{LABEL_DEPLOYMENT}={name}")
+
+
+@pytest.mark.docker
+def test_lb_run_with_the_docker_backend_cleans_up_after_itself(
+        make_stack: Callable[..., RunningStack], docker_client: docker.DockerClient,
+        docker_images: None) -> None:
+    """``LB_BACKEND=docker lb-run`` on the host, no compose: it makes the replicas' network,
+    reaches the containers by IP, and takes everything away again at the end."""
+    name = f"hlbt{uuid.uuid4().hex[:8]}"
+    label = f"{LABEL_DEPLOYMENT}={name}"
+    try:
+        stack = make_stack(backend="docker", deployment=name, network=f"{name}-net", n=2)
+        reply = stack.get("/home")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["message"] in {"Hello from Server: 1", "Hello from Server: 2"}
+        added = stack.post("/add", json={"n": 1, "hostnames": [f"{name}-x"]})
+        assert added.status_code == 200, added.text
+        containers = docker_client.containers.list(filters={"label": label})
+        assert sorted(c.name for c in containers) == sorted(
+            ["Server1", "Server2", f"{name}-x"])
+        assert all(f"{name}-net" in c.attrs["NetworkSettings"]["Networks"] for c in containers)
+        stack.proc.send_signal(signal.SIGTERM)
+        assert stack.proc.wait(timeout=90) == 0
+        assert "removed network" in stack.log()
+        assert docker_client.containers.list(all=True, filters={"label": label}) == []
+        assert docker_client.networks.list(names=[f"{name}-net"]) == []
+    finally:
+        remove_by_label(docker_client, label)
+
+
+def test_lb_run_without_an_engine_says_so(tmp_path: Path) -> None:
+    env = {**os.environ, "LB_BACKEND": "docker", "LB_PORT": str(free_port()),
+           "LB_DEPLOYMENT": f"hlbt{uuid.uuid4().hex[:8]}",
+           "LB_REGISTRY": str(tmp_path / "registry.json"),
+           # Nothing listens on this loopback port: an engine that does not answer.
+           "DOCKER_HOST": f"tcp://127.0.0.1:{free_port()}"}
+    run = subprocess.run([sys.executable, "-m", "lb"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 1
+    assert "cannot start: cannot reach the Docker engine" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

@@ -49,6 +49,13 @@ class Backend(abc.ABC):
     def list(self) -> list[Instance]:
         """Replicas of this deployment that are running now."""
 
+    def prepare(self) -> None:
+        """Make ready what replicas need before the first one starts (idempotent). ``lb-run``
+        calls it; a deployment that brings its own (compose's network) has it already."""
+
+    def release(self) -> None:
+        """Once every replica is stopped: undo what ``prepare`` made, and nothing else."""
+
     def is_running(self, handle: str) -> bool:
         """Whether the replica behind ``handle`` still runs (may be cheaper than ``list``)."""
         return any(i.handle == handle for i in self.list())

@@ -34,6 +34,7 @@ LABEL_ROLE = "hashlb.role"
 LABEL_HOSTNAME = "hashlb.hostname"
 LABEL_SERVER_ID = "hashlb.server_id"
 ROLE_REPLICA = "replica"
+ROLE_NETWORK = "network"  # a network prepare() created (compose's carry no role)
 REPLICA_PORT = 5000
 CLIENT_TIMEOUT = 60  # seconds per API call; a stop adds its own grace period to it
 PIDS_LIMIT = 256  # a replica is one gunicorn master, one worker and its threads
@@ -91,6 +92,52 @@ class DockerBackend(Backend):
     @property
     def labels(self) -> dict[str, str]:
         return {LABEL_DEPLOYMENT: self.deployment, LABEL_ROLE: ROLE_REPLICA}
+
+    # -- the network -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """The replicas' network: used as it is when a network of that name exists (compose's,
+        or one made by hand), else created as a bridge labelled as this deployment's."""
+        try:
+            self.api.inspect_network(self.network)
+            return
+        except docker_errors.NotFound:
+            pass
+        except _FAILURES as exc:
+            raise BackendError(f"cannot inspect network {self.network}: {exc}") from exc
+        try:
+            self.api.create_network(self.network, driver="bridge", check_duplicate=True,
+                                    labels={LABEL_DEPLOYMENT: self.deployment,
+                                            LABEL_ROLE: ROLE_NETWORK})
+        except docker_errors.APIError as exc:
+            if exc.status_code != 409:  # 409: created meanwhile by someone else: fine
+                raise BackendError(f"cannot create network {self.network}: {exc}") from exc
+        except _FAILURES as exc:
+            raise BackendError(f"cannot create network {self.network}: {exc}") from exc
+        log.info("created network %s for deployment %s", self.network, self.deployment)
+
+    def release(self) -> None:
+        """Remove the network if ``prepare`` made it for this deployment (in this run or one
+        that ended without cleaning up) and no container is on it any more."""
+        try:
+            info = self.api.inspect_network(self.network)
+        except docker_errors.NotFound:
+            return
+        except _FAILURES as exc:
+            raise BackendError(f"cannot inspect network {self.network}: {exc}") from exc
+        labels = info.get("Labels") or {}
+        if labels.get(LABEL_DEPLOYMENT) != self.deployment or \
+                labels.get(LABEL_ROLE) != ROLE_NETWORK:
+            return
+        if info.get("Containers"):
+            log.warning("network %s still has containers on it; leaving it", self.network)
+            return
+        try:
+            self.api.remove_network(info["Id"])
+        except docker_errors.NotFound:
+            return
+        except _FAILURES as exc:
+            raise BackendError(f"cannot remove network {self.network}: {exc}") from exc
+        log.info("removed network %s", self.network)
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, spec: ReplicaSpec) -> Instance:
