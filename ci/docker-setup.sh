@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Docker for the test suite on a fresh Debian machine: the engine, Compose v1 and v2, and
-# debootstrap installed, the engine running, the project's images built. Idempotent: a machine that has all
-# of it only pays for `docker info` and a cached `make build`.
+# debootstrap installed, the engine running, the project's images built. Idempotent: a machine
+# that has all of it only pays for `docker info` and a cached `make build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
