@@ -120,7 +120,7 @@ def stalled(stack: RunningStack, checker: Checker, path: str, method: str) -> Re
 @pytest.mark.system
 def test_live_replies_match_the_document(make_stack: Callable[..., RunningStack],
                                          checker: Checker) -> None:
-    stack = make_stack(admin_token=TOKEN, max_replicas=5, client_timeout=1)
+    stack = make_stack(admin_token=TOKEN, max_replicas=5, client_timeout=2)
 
     def call(path: str, method: str, url: str | None = None, **kw: Any) -> Reply:
         return live(stack, checker, path, method, url or path, **kw)
