@@ -126,7 +126,9 @@ class Supervisor:
                     continue
                 if r.state == DOWN or r.handle is None:
                     old = r.handle
-                    if r.state == DOWN:  # a dead replica's replacement gets a new name
+                    # A dead replica's replacement gets a new name; one that never came up
+                    # (restarts counts its failed starts) is tried again under its own.
+                    if r.state == DOWN and r.restarts == 0:
                         r.hostname = random_hostname(taken)
                         taken.add(r.hostname)
                         self.events.replacing(r)
@@ -179,9 +181,11 @@ class Supervisor:
         try:
             if job.old_handle:
                 self.backend.stop(job.old_handle, timeout=2.0)  # dead or hung: no long drain
-            if job.hostname in running:  # started before a crash of ours: adopt it
+            found = running.get(job.hostname)
+            if found is not None and found.handle != job.old_handle:
+                # Started before a crash of ours: adopt it (not the failed one just stopped).
                 log.info("adopting running replica %s", job.hostname)
-                return running[job.hostname]
+                return found
             return self.backend.start(ReplicaSpec(job.hostname, job.server_id))
         except Exception as exc:  # noqa: BLE001 - recorded below, retried with back-off
             return exc

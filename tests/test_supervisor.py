@@ -16,6 +16,7 @@ from lb.bootstrap import ensure_registry
 from lb.registry import DOWN, READY, REMOVING, Registry
 from lb.settings import Settings
 from supervisor.core import Supervisor
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.system
 
@@ -108,9 +109,11 @@ class NeverStarts(Backend):
 
     def __init__(self) -> None:
         self.attempts: list[float] = []
+        self.names: list[str] = []
 
     def start(self, spec: ReplicaSpec) -> Instance:
         self.attempts.append(time.monotonic())
+        self.names.append(spec.hostname)
         raise BackendError("image missing")
 
     def stop(self, handle: str, timeout: float = 10.0) -> None:
@@ -138,3 +141,53 @@ def test_crash_loop_guard_backs_off(tmp_path: Path) -> None:
     assert all(g >= 0.45 for g in gaps)
     entry = registry.read().replicas[0]
     assert entry.state == DOWN and entry.restarts == len(backend.attempts)
+    assert entry.hostname == "Server1"  # never up, so tried again under its own name
+    assert backend.names == ["Server1"] * len(backend.attempts)
+
+
+class Mute(Backend):
+    """Replicas that start (a process, as far as anyone can tell) and never answer: their
+    address is a loopback port nothing listens on."""
+
+    name = "mute"
+
+    def __init__(self) -> None:
+        self.running: dict[str, Instance] = {}
+        self.log: list[tuple[str, str]] = []  # ("start" | "stop", handle)
+        self.count = 0
+
+    def start(self, spec: ReplicaSpec) -> Instance:
+        self.count += 1
+        inst = Instance(spec.hostname, f"h{self.count}", f"http://127.0.0.1:{free_port()}",
+                        spec.server_id)
+        self.running[inst.handle] = inst
+        self.log.append(("start", inst.handle))
+        return inst
+
+    def stop(self, handle: str, timeout: float = 10.0) -> None:
+        self.running.pop(handle, None)
+        self.log.append(("stop", handle))
+
+    def list(self) -> list[Instance]:
+        return list(self.running.values())
+
+
+def test_a_replica_that_never_answers_is_restarted_under_its_name(tmp_path: Path) -> None:
+    settings = Settings.from_env({}, registry=str(tmp_path / "r.json"), n=1, start_timeout=0.3,
+                                 heartbeat_timeout=0.2, restart_backoff=0.5)
+    registry = Registry(settings.registry_path)
+    ensure_registry(settings, registry)
+    backend = Mute()
+    sup = Supervisor(settings, registry, backend)
+    end = time.monotonic() + 10.0
+    while backend.count < 3 and time.monotonic() < end:
+        sup.tick()
+        time.sleep(0.05)
+    sup.close()
+    assert backend.count >= 3, backend.log
+    # Each try is a new start under the same name, after the previous one was stopped (its
+    # container would hold the name); the stopped one is never adopted back.
+    assert {i.hostname for i in backend.list()} == {"Server1"}
+    assert backend.log[:5] == [("start", "h1"), ("stop", "h1"), ("start", "h2"),
+                               ("stop", "h2"), ("start", "h3")]
+    assert registry.read().replicas[0].hostname == "Server1"
