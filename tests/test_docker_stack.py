@@ -30,6 +30,7 @@ import pytest
 import requests
 
 from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_ROLE, LABEL_SERVER_ID
+from lb.settings import Settings
 from tests.conftest import free_port
 from tests.test_docker_backend import (  # noqa: F401 - fixtures
     ROOT,
@@ -339,6 +340,7 @@ def test_services_run_as_declared(stack: Stack) -> None:
         assert list(container.attrs["NetworkSettings"]["Networks"]) == [stack.network]
         env = dict(item.split("=", 1) for item in config["Env"])
         assert (env["LB_BACKEND"], env["LB_NETWORK"], env["LB_N"]) == ("docker", stack.network, "0")
+        assert set(Settings().to_env()) <= set(env)  # every setting, passed on
     lb, supervisor = stack.service("lb"), stack.service("supervisor")
     # Published on loopback only; the supervisor serves nothing and has no health check.
     assert lb.attrs["HostConfig"]["PortBindings"] == {

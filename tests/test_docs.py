@@ -1,12 +1,19 @@
-"""The README's settings table is derived from the one declaration in lb/settings.py."""
+"""What is written about the settings in more than one place agrees with the one declaration
+in lb/settings.py: the README's table, and the environment docker-compose.yml passes on."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
-from lb.settings import settings_table
+import yaml
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from lb.settings import PREFIX, Settings, settings_table
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+COMPOSE = ROOT / "docker-compose.yml"
 
 
 def test_readme_settings_table_is_current() -> None:
@@ -15,3 +22,28 @@ def test_readme_settings_table_is_current() -> None:
     end = text.index("<!-- settings:end -->")
     assert text[start:end].strip() == settings_table(markdown=True), (
         "README settings table is stale: run `make settings-table`")
+
+
+# Set by the compose deployment itself, not from the shell.
+COMPOSE_FIXED = {"LB_BACKEND", "LB_HOST", "LB_PORT", "LB_REGISTRY", "LB_DOCKER_ADDRESS"}
+# Defaults the compose deployment changes on purpose (its file says why).
+COMPOSE_OWN_DEFAULTS = {"LB_START_TIMEOUT"}
+FROM_SHELL = re.compile(r"^\$\{(LB_[A-Z_]+):-(.*)\}$")
+
+
+def test_compose_passes_every_setting_on_with_its_default() -> None:
+    env = yaml.safe_load(COMPOSE.read_text())["x-settings"]
+    fields = {PREFIX + f.name.upper(): f.name for f in dataclasses.fields(Settings)}
+    assert sorted(set(fields) - set(env)) == [], "settings docker-compose.yml does not pass on"
+    assert sorted(k for k in env if k.startswith(PREFIX) and k not in fields) == []
+    defaults = Settings()
+    for var, name in fields.items():
+        value = str(env[var])
+        match = FROM_SHELL.match(value)
+        if var in COMPOSE_FIXED:
+            assert match is None, f"{var} is fixed by the deployment, not taken from the shell"
+            continue
+        assert match is not None and match.group(1) == var, f"{var}: {value}"
+        if var not in COMPOSE_OWN_DEFAULTS:
+            parsed = getattr(Settings.from_env({var: match.group(2)}), name)
+            assert parsed == getattr(defaults, name), (var, match.group(2))
