@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -165,6 +165,14 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
 def stack(make_stack: Callable[..., RunningStack]) -> RunningStack:
     """The default system: N=3 local replicas, spec hash functions."""
     return make_stack()
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is not installed: a skip, except under CI, whose setup installs
+    it, where that is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def docker_available() -> bool:

@@ -34,7 +34,7 @@ import psutil
 from werkzeug.serving import make_server
 
 from lb.backends import Backend, Instance, ReplicaSpec
-from lb.backends.local import ENV_ADDRESS, ENV_DEPLOYMENT, ENV_HOSTNAME, ENV_TOKEN
+from lb.backends.local import ENV_HOSTNAME, ENV_TOKEN, listen_on_loopback, replica_marks
 from lb.registry import READY, Registry, Replica
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,11 +176,8 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
     shutdown stop it like any other replica.
     """
     token = uuid.uuid4().hex
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(256)
-        address = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock, address = listen_on_loopback()
+    with sock:  # closed here once the child holds its own copy
         with registry.update() as state:  # reserve the id (and slots) before anything runs
             server_id = next(state.free_server_ids())
             slots = state.hash_ring().add(server_id)
@@ -188,9 +185,8 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
             state.replicas.append(Replica(hostname, server_id, list(slots),
                                           owner=f"add:test:{token[:8]}",
                                           deadline=time.time() + timeout))
-        child_env = {**os.environ, **env, "SERVER_ID": str(server_id),
-                     ENV_DEPLOYMENT: deployment, ENV_TOKEN: token, ENV_HOSTNAME: hostname,
-                     ENV_ADDRESS: address}
+        child_env = {**os.environ, **env,
+                     **replica_marks(deployment, hostname, server_id, token, address)}
         fd = sock.fileno()
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", "--workers", "1",
@@ -199,8 +195,6 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
             env=child_env, pass_fds=(fd,), start_new_session=True, cwd=ROOT,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-    finally:
-        sock.close()
     with registry.update() as state:
         entry = state.find(hostname)
         assert entry is not None

@@ -31,7 +31,7 @@ import requests
 
 from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_ROLE, LABEL_SERVER_ID
 from lb.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, unavailable
 from tests.test_docker_backend import (  # noqa: F401 - fixtures
     ROOT,
     docker_client,
@@ -56,10 +56,8 @@ def compose(request: pytest.FixtureRequest) -> str:
     except FileNotFoundError:
         found = False
     if not found:
-        why = f"Compose {request.param} (`{command}`) is not installed: ci/docker-setup.sh installs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"Compose {request.param} (`{command}`) is not installed: "
+                    "ci/docker-setup.sh installs it")
     return command
 
 

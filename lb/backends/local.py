@@ -34,6 +34,27 @@ ENV_HOSTNAME = "HASHLB_HOSTNAME"
 ENV_ADDRESS = "HASHLB_ADDRESS"
 
 
+def listen_on_loopback() -> tuple[socket.socket, str]:
+    """A socket listening on a free loopback port, and its URL: a replica's, bound before the
+    child runs (handed over as ``fd://N``) so the port is known and nobody can take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+    except OSError:
+        sock.close()
+        raise
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def replica_marks(deployment: str, hostname: str, server_id: int, token: str,
+                  address: str) -> dict[str, str]:
+    """The environment of a replica's processes: its server id, and the marks by which list()
+    and stop() know them as this deployment's."""
+    return {"SERVER_ID": str(server_id), ENV_DEPLOYMENT: deployment, ENV_TOKEN: token,
+            ENV_HOSTNAME: hostname, ENV_ADDRESS: address}
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -48,40 +69,30 @@ class LocalBackend(Backend):
     def start(self, spec: ReplicaSpec) -> Instance:
         self._reap()
         token = uuid.uuid4().hex
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(256)
-            address = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            env = dict(os.environ)
-            env.update({
-                "SERVER_ID": str(spec.server_id),
-                ENV_DEPLOYMENT: self.deployment,
-                ENV_TOKEN: token,
-                ENV_HOSTNAME: spec.hostname,
-                ENV_ADDRESS: address,
-            })
-            os.makedirs(self.log_dir, exist_ok=True)
-            log_path = os.path.join(self.log_dir, f"{spec.hostname}.log")
-            fd = sock.fileno()
-            cmd = [
-                sys.executable, "-m", "gunicorn",
-                "--bind", f"fd://{fd}",
-                "--workers", "1", "--worker-class", "gthread", "--threads", str(self.threads),
-                "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning",
-                "--no-control-socket",
-                "--name", f"{self.deployment}-{spec.hostname}",
-                "replica.app:create_app()",
-            ]
-            with open(log_path, "ab") as logfile:
-                proc = subprocess.Popen(
-                    cmd, env=env, pass_fds=(fd,), start_new_session=True,
-                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                )
+            sock, address = listen_on_loopback()
+            with sock:  # closed here once the child holds its own copy
+                env = {**os.environ, **replica_marks(self.deployment, spec.hostname,
+                                                     spec.server_id, token, address)}
+                os.makedirs(self.log_dir, exist_ok=True)
+                log_path = os.path.join(self.log_dir, f"{spec.hostname}.log")
+                fd = sock.fileno()
+                cmd = [
+                    sys.executable, "-m", "gunicorn",
+                    "--bind", f"fd://{fd}",
+                    "--workers", "1", "--worker-class", "gthread", "--threads", str(self.threads),
+                    "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning",
+                    "--no-control-socket",
+                    "--name", f"{self.deployment}-{spec.hostname}",
+                    "replica.app:create_app()",
+                ]
+                with open(log_path, "ab") as logfile:
+                    proc = subprocess.Popen(
+                        cmd, env=env, pass_fds=(fd,), start_new_session=True,
+                        stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                    )
         except OSError as exc:
             raise BackendError(f"cannot start replica {spec.hostname}: {exc}") from exc
-        finally:
-            sock.close()  # the child holds its own copy
         with self._children_lock:
             self._children[proc.pid] = proc
         log.info("started replica %s (server id %d) pid %d at %s",
