@@ -126,12 +126,12 @@ def forwarded_ids(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     make_ready(app, "http://127.0.0.1:9")
 
-    def forward(target: str, headers: dict[str, str], key: int) -> Upstream:
-        seen.append(headers["X-Request-ID"])
+    def forward(target: str, headers: list[tuple[str, str]], key: int, path: str) -> Upstream:
+        seen.append(dict(headers)["X-Request-ID"])
         replica = router.candidates(key)[0]
         return Upstream(200, [("Content-Type", "text/plain")], b"ok", replica)
 
-    monkeypatch.setattr(router, "forward", forward)
+    monkeypatch.setattr(app.extensions["lb"]["forwarder"], "forward", forward)
     return seen
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lb.registry import STATES, Registry, RegistryError, Replica
-from lb.router import RouterEvents
+from lb.routing import RouterEvents
 
 try:
     import prometheus_client
