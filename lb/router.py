@@ -65,11 +65,13 @@ class Forwarder:
                 path: str) -> Upstream:
         """GET ``target`` (path and query as received) with ``headers`` (already the forwarded
         set) from the first replica that answers; ``path`` (decoded) names it in errors."""
-        deadline = time.monotonic() + self.settings.upstream_timeout
-        while self.router.waiting_for_replicas() and time.monotonic() < deadline:
-            time.sleep(STARTING_POLL_SECONDS)
         fields = list(headers)
         attempts = self.router.attempts(key)
+        if not attempts.candidates and self.router.waiting_for_replicas():
+            deadline = time.monotonic() + self.settings.upstream_timeout
+            while self.router.waiting_for_replicas() and time.monotonic() < deadline:
+                time.sleep(STARTING_POLL_SECONDS)
+            attempts = self.router.attempts(key)
         for replica in attempts:
             try:
                 upstream = self._get(replica, target, fields)

@@ -17,6 +17,7 @@ No sockets here; the registry is read through a ``RegistryView`` (one ``stat`` p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_plus, unquote_to_bytes, urlsplit
 
 import xxhash
 from werkzeug.http import HTTP_STATUS_CODES
@@ -147,9 +148,20 @@ def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def forwarded_host(host_header: str | None, server: tuple[str, int] | None) -> str:
     """The host the client asked for, validated as werkzeug validates ``request.host``."""
     return get_host("http", host_header, server)
+
+
+def query_value(query: str, name: str) -> str | None:
+    """The first value of ``name`` in a query string, decoded as werkzeug's ``request.args``
+    decodes it (``+`` is a space, escapes as UTF-8); None when absent."""
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name or unquote_plus(key) == name:
+            return unquote_plus(value)
+    return None
 
 
 def reply_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

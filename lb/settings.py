@@ -32,7 +32,12 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address the balancer listens on")
     port: int = _opt(5000, "Port the balancer listens on")
     workers: int = _opt(2, "gunicorn worker processes of the balancer")
-    threads: int = _opt(16, "Threads per balancer worker (gthread)")
+    threads: int = _opt(
+        16, "Threads per balancer worker: with async, the pool that runs the Flask app (admin "
+            "calls, /_lb/); with threads, the requests a worker serves at once")
+    worker: str = _opt(
+        "async", "Data path of the balancer's workers: async (an event loop; routed GETs never "
+                 "enter Flask) or threads (gthread + Flask, the reference implementation)")
     # -- the hash map -----------------------------------------------------------------------
     n: int = _opt(3, "Replicas at start (N)")
     slots: int = _opt(512, "Slots in the consistent hash map (M)")
@@ -122,6 +127,7 @@ class Settings:
         checks = [
             (1 <= self.port <= 65535, "port must be 1..65535"),
             (self.workers >= 1 and self.threads >= 1, "workers and threads must be >= 1"),
+            (self.worker in ("async", "threads"), "worker must be async or threads"),
             (self.n >= 0, "n must be >= 0"),
             (self.slots >= 2, "slots must be >= 2"),
             (self.virtual >= 0, "virtual must be >= 0"),

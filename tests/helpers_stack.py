@@ -17,8 +17,8 @@ from tests.conftest import RunningStack, StackFactory
 
 
 @contextmanager
-def running_stack(folder: Path, **overrides: Any) -> Iterator[RunningStack]:
-    factory = StackFactory(folder)
+def running_stack(folder: Path, worker: str, **overrides: Any) -> Iterator[RunningStack]:
+    factory = StackFactory(folder, worker)
     try:
         yield factory(**overrides)
     finally:

@@ -23,8 +23,8 @@ TRIED: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    with running_stack(tmp_path_factory.mktemp("hostile"), n=0) as running:
+def stack(tmp_path_factory: pytest.TempPathFactory, lb_worker: str) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("hostile"), lb_worker, n=0) as running:
         start_echo_replica(running.registry, running.settings.deployment, "echo-1")
         yield running
         report("hostile routed requests", inputs_tried=sum(TRIED.values()), **TRIED)

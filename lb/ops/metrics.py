@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - the "ops" extra is not installed
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CHILDREN_KEPT = 4096  # labelled series a worker keeps at hand
 REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -81,6 +82,7 @@ class BalancerMetrics(RouterEvents):
     def __init__(self) -> None:
         self.enabled = available()
         self.multiprocess = self.enabled and multiprocess_dir() is not None
+        self._children: dict[tuple[object, ...], Any] = {}
         if not self.enabled:
             return
         # In multiprocess mode the files are the registry; a private one avoids duplicate
@@ -108,8 +110,8 @@ class BalancerMetrics(RouterEvents):
     def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
         if not self.enabled:
             return
-        self._routed.labels(replica.hostname, str(status)).inc()
-        self._latency.labels(replica.hostname).observe(seconds)
+        self._child(self._routed, replica.hostname, status).inc()
+        self._child(self._latency, replica.hostname).observe(seconds)
         if attempt:
             self._retries.inc(attempt)
 
@@ -127,7 +129,18 @@ class BalancerMetrics(RouterEvents):
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:
         if self.enabled:
-            self._responses.labels(endpoint, str(status)).inc()
+            self._child(self._responses, endpoint, status).inc()
+
+    def _child(self, metric: Any, *labels: object) -> Any:
+        """``metric.labels(*labels)``, remembered: it is on every routed request's path, and
+        ``labels()`` builds and validates the label tuple each time."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > CHILDREN_KEPT:  # hostnames churn with replacements
+                self._children.clear()
+            child = self._children[key] = metric.labels(*(str(v) for v in labels))
+        return child
 
     # -- reading -------------------------------------------------------------------------------
     def families(self) -> Iterable[Metric]:
