@@ -34,6 +34,7 @@ from lb.routing import (
     header_value,
     origin_target,
     request_key,
+    transfer_coding_error,
 )
 from lb.settings import Settings
 
@@ -63,6 +64,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/rep")
     def rep() -> Response:
         return jsonify(success(registry.read().rep()))
+
+    @app.before_request
+    def refuse_unimplemented_codings() -> None:
+        # gunicorn answers 400 itself when chunked is not the final coding; "gzip, chunked"
+        # it accepts and ignores the gzip (lb.aio refuses the same with the same rule).
+        coding = request.headers.get("Transfer-Encoding")
+        error = transfer_coding_error(coding) if coding else None
+        if error is not None:
+            raise error
 
     @app.before_request
     def require_admin_token() -> None:

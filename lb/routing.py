@@ -187,6 +187,21 @@ def error_body(message: str) -> bytes:
                        separators=(",", ":")) + "\n").encode("ascii")
 
 
+def transfer_coding_error(value: str) -> ApiError | None:
+    """What a request's ``Transfer-Encoding`` calls for, or None when it is plain ``chunked``.
+
+    RFC 9112: without ``chunked`` as the final coding (once) a request body has no length
+    that can be determined, 400 (section 6.3); any other coding before it is one this server
+    does not implement, 501 (section 6.1) - never silently ignored.
+    """
+    codings = [c.strip(" \t").lower() for c in value.split(",")]
+    if codings == ["chunked"]:
+        return None
+    if codings[-1] != "chunked" or codings.count("chunked") > 1:
+        return ApiError(400, f"Transfer-Encoding {value!r}: chunked must be the final coding")
+    return ApiError(501, f"Transfer-Encoding {value!r}: only chunked is implemented")
+
+
 def reason_phrase(status: int) -> str:
     return HTTP_STATUS_CODES.get(status, "Unknown")
 

@@ -22,7 +22,6 @@ them stall the balancer (slowloris). Two bounds, both ``LB_CLIENT_TIMEOUT`` seco
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import struct
@@ -33,12 +32,13 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from lb.errors import envelope
+from lb.routing import error_body, reason_phrase
 from lb.settings import Settings
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    body = json.dumps(envelope(f"{reason}: {mesg}" if mesg else reason)).encode()
+    reason = reason_phrase(status_int)  # gunicorn sends 501 as "Bad Request"
+    body = error_body(f"{reason}: {mesg}" if mesg else reason)
     head = (f"HTTP/1.1 {status_int} {reason}\r\n"
             "Connection: close\r\n"
             "Content-Type: application/json\r\n"

@@ -47,6 +47,7 @@ from lb.routing import (
     query_value,
     reason_phrase,
     request_key,
+    transfer_coding_error,
 )
 from lb.settings import Settings
 
@@ -110,6 +111,7 @@ class Request:
     target: str | None = None  # origin form, as received (None: not a routable target)
     path: str = ""  # decoded, as the Flask app matches it
     routed: bool = False  # a GET for the replicas: served without Flask
+    refusal: ApiError | None = None  # answered as it is once the request is in
 
 
 class Server:
@@ -247,12 +249,10 @@ class ClientConnection(asyncio.Protocol):
         if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
             return
         if name.lower() == b"transfer-encoding":
-            codings = [c.strip() for c in value.lower().split(b",")]
-            if codings != [b"chunked"]:
-                if codings[-1:] == [b"chunked"] or b"chunked" not in codings:
-                    raise Refused(501, "Not Implemented: unsupported transfer coding "
-                                       f"{value.decode('latin-1')!r} (only chunked)")
-                raise Refused(400, "Bad Request: chunked must be the last transfer coding")
+            error = transfer_coding_error(value.decode("latin-1"))
+            if error is not None and error.status == 400:  # the body cannot be framed
+                raise Refused(400, f"Bad Request: {error.message}")
+            request.refusal = error  # 501: the chunked body is read, then refused
         key, text = name.decode("latin-1"), value.decode("latin-1")
         request.headers.append((key, text))
         lower = key.lower()
@@ -329,7 +329,10 @@ class ClientConnection(asyncio.Protocol):
 
     async def _handle(self, request: Request) -> None:
         try:
-            if request.routed:
+            if request.refusal is not None:
+                self._write_error(request, request.refusal.status, request.refusal.message,
+                                  "none", None, None)
+            elif request.routed:
                 await self._route(request)
             else:
                 await self._call_app(request)

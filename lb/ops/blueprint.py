@@ -23,6 +23,7 @@ from lb.ops.metrics import CONTENT_TYPE, BalancerMetrics, sample_sums
 from lb.ops.openapi import PREFIX, openapi_document
 from lb.ops.status import Counts, RateWindow, build_status
 from lb.registry import Registry, RegistryError
+from lb.routing import reason_phrase
 
 STARTED_KEY = "lb.started"
 ENDPOINTS = ("healthz", "readyz", "status", "status.json", "metrics", "openapi.json")
@@ -47,6 +48,8 @@ def _begin() -> None:
 
 
 def _finish(reply: Response) -> Response:
+    # "400 Bad Request", as gunicorn's own errors and lb.aio say it (werkzeug upper-cases it).
+    reply.status = f"{reply.status_code} {reason_phrase(reply.status_code)}"
     rid = request_id(request.environ, request.headers.get("X-Request-ID"))
     reply.headers["X-Request-ID"] = rid
     endpoint = request.endpoint or "none"
