@@ -204,7 +204,8 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
                      **replica_marks(deployment, hostname, server_id, token, address)}
         fd = sock.fileno()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", "--workers", "1",
+            [sys.executable, "-m", "gunicorn", "-c", "python:replica.gunicorn_conf",
+             "--bind", f"fd://{fd}", "--workers", "1",
              "--worker-class", "gthread", "--threads", "32", "--graceful-timeout", "10",
              "--log-level", "warning", "--no-control-socket", "tests.helpers_echo:create_app()"],
             env=child_env, pass_fds=(fd,), start_new_session=True, cwd=ROOT,

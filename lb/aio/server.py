@@ -243,7 +243,7 @@ class ClientConnection(asyncio.Protocol):
         if len(request.headers) >= limits.fields:
             raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
                                "'limit request headers fields'")
-        if len(name) + len(value) + 2 > limits.field_size:
+        if len(name) + len(value) + 4 > limits.field_size:  # "name: value\r\n", as gunicorn
             raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
                                "'limit request headers fields size'")
         if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
