@@ -67,7 +67,7 @@ class Forwarder:
         set) from the first replica that answers; ``path`` (decoded) names it in errors."""
         fields = list(headers)
         attempts = self.router.attempts(key)
-        if not attempts.candidates and self.router.waiting_for_replicas():
+        if attempts.empty and self.router.waiting_for_replicas():
             deadline = time.monotonic() + self.settings.upstream_timeout
             while self.router.waiting_for_replicas() and time.monotonic() < deadline:
                 time.sleep(STARTING_POLL_SECONDS)

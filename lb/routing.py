@@ -128,18 +128,19 @@ def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
     client asked for (``X-Forwarded-Host``). Names with ``_`` are dropped as gunicorn drops
     them (``X_Forwarded_For`` would become ``X-Forwarded-For`` in the replica's WSGI environ).
     """
-    pairs = list(headers)
-    named: set[str] = set()
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()  # listed in Connection: hop-by-hop too
     prior: list[str] = []
-    for name, value in pairs:
+    for name, value in headers:
         lower = name.lower()
         if lower == "connection":
             named.update(h.strip().lower() for h in value.split(","))
         elif lower == "x-forwarded-for":
             prior.append(value)
-    out = [(name, value) for name, value in pairs
-           if "_" not in name and name.lower() not in REQUEST_DROP
-           and name.lower() not in named]
+        elif lower not in REQUEST_DROP and "_" not in name:
+            kept.append((lower, name, value))
+    out = [(name, value) for lower, name, value in kept if lower not in named] if named else \
+        [(name, value) for _, name, value in kept]
     forwarded_for = ",".join(prior)
     out.append(("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client))
     out.append(("X-Forwarded-Host", host))
@@ -166,11 +167,16 @@ def query_value(query: str, name: str) -> str | None:
 
 def reply_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """A replica's headers minus those of its own hop (the balancer sets them for its reply)."""
-    pairs = list(headers)
-    named = {h.strip().lower() for name, value in pairs if name.lower() == "connection"
-             for h in value.split(",")}
-    return [(name, value) for name, value in pairs
-            if name.lower() not in RESPONSE_DROP and name.lower() not in named]
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "connection":
+            named.update(h.strip().lower() for h in value.split(","))
+        elif lower not in RESPONSE_DROP:
+            kept.append((lower, name, value))
+    return [(name, value) for lower, name, value in kept if lower not in named] if named else \
+        [(name, value) for _, name, value in kept]
 
 
 def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:
@@ -280,19 +286,29 @@ class Router:
 
     def candidates(self, key: int) -> list[Replica]:
         """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last."""
-        table = self.table()
+        return list(self.choices(self.table(), key))
+
+    def choices(self, table: RoutingTable, key: int) -> Iterator[Replica]:
+        """``candidates`` one at a time: the walk round the ring goes only as far as the
+        request needs (usually its first replica answers)."""
         limit = 1 + self.settings.retries
         now = time.monotonic()
         if self.settings.bounded_load:
-            return self._bounded(table, key, limit, now)
-        chosen: list[Replica] = []
+            yield from self._bounded(table, key, limit, now)
+            return
+        suspects = self._suspects
         later: list[Replica] = []
+        given = 0
         for server_id in table.ring.walk(key):
             replica = table.by_id[server_id]
-            (later if self._suspects.get(replica.hostname, 0) > now else chosen).append(replica)
-            if len(chosen) >= limit:
-                break
-        return (chosen + later)[:limit]
+            if suspects and suspects.get(replica.hostname, 0) > now:
+                later.append(replica)
+                continue
+            yield replica
+            given += 1
+            if given >= limit:
+                return
+        yield from later[:limit - given]
 
     def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
@@ -327,7 +343,7 @@ class Router:
             self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
 
     def attempts(self, key: int) -> Attempts:
-        return Attempts(self, self.candidates(key))
+        return Attempts(self, self.table(), key)
 
 
 class Attempts:
@@ -337,16 +353,22 @@ class Attempts:
     then ``raise attempts.exhausted()``: every rule about what a try means lives here.
     """
 
-    def __init__(self, router: Router, candidates: list[Replica]) -> None:
+    def __init__(self, router: Router, table: RoutingTable, key: int) -> None:
         self.router = router
-        self.candidates = candidates
+        self.table = table
+        self.key = key
         self.tried: list[str] = []
         self._began = 0.0
 
+    @property
+    def empty(self) -> bool:
+        """No replica is routable at all."""
+        return not self.table.by_id
+
     def __iter__(self) -> Iterator[Replica]:
-        if not self.candidates:
+        if self.empty:
             raise ApiError(503, "No replica available to serve the request")
-        for replica in self.candidates:
+        for replica in self.router.choices(self.table, self.key):
             self.tried.append(replica.hostname)
             self.router._count(replica.hostname, +1)
             self._began = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -182,3 +183,20 @@ def test_both_workers_refuse_the_same_requests_in_the_envelope(balancers: tuple[
         body = json.loads(reply.body)
         assert set(body) == {"message", "status"} and body["status"] == "failure"
         assert body["message"].startswith("<Error> ")
+
+
+def test_a_body_in_a_later_packet_of_a_last_request_is_read(balancers: tuple[str, str]) -> None:
+    """``Connection: close`` (or HTTP/1.0) makes a request the connection's last; its body
+    still counts when it arrives after the headers."""
+    for url in balancers:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Length: 10\r\n\r\n")
+            time.sleep(0.3)
+            sock.sendall(b'{"n": "x"}')
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400"), (url, reply[:200])
+        assert b"positive integer" in reply

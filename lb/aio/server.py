@@ -190,7 +190,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or not self.accepting:
+        if self.closed:
             return
         if self.phase != BODY:
             self.head_bytes += len(data)
@@ -248,16 +248,17 @@ class ClientConnection(asyncio.Protocol):
                                "'limit request headers fields size'")
         if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
             return
-        if name.lower() == b"transfer-encoding":
-            error = transfer_coding_error(value.decode("latin-1"))
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        lower = key.lower()
+        if lower == "transfer-encoding":
+            error = transfer_coding_error(text)
             if error is not None and error.status == 400:  # the body cannot be framed
                 raise Refused(400, f"Bad Request: {error.message}")
             request.refusal = error  # 501: the chunked body is read, then refused
-        key, text = name.decode("latin-1"), value.decode("latin-1")
         request.headers.append((key, text))
-        lower = key.lower()
-        known = request.lookup.get(lower)
-        request.lookup[lower] = text if known is None else f"{known},{text}"  # as WSGI joins
+        lookup = request.lookup
+        known = lookup.get(lower)
+        lookup[lower] = text if known is None else f"{known},{text}"  # as a WSGI environ joins
 
     def on_headers_complete(self) -> None:
         request = self.request

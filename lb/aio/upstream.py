@@ -53,7 +53,8 @@ class ReplicaConnection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False
         self._waiter: asyncio.Future[Reply] | None = None
-        self._parser: httptools.HttpResponseParser | None = None
+        # One parser for the connection's whole life: llhttp starts the next message by itself.
+        self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._status = 0
@@ -68,7 +69,7 @@ class ReplicaConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        if self._parser is None:  # bytes nobody asked for: the connection is not reusable
+        if self._waiter is None:  # bytes nobody asked for: the connection is not reusable
             self.close()
             return
         try:
@@ -88,6 +89,10 @@ class ReplicaConnection(asyncio.Protocol):
                                          before_reply=not self._got_bytes))
 
     # -- httptools callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request: stop parsing, never reuse
+            raise UpstreamError("unsolicited reply")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         text = value.decode("latin-1")
@@ -98,7 +103,6 @@ class ReplicaConnection(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), text))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
         self._status = self._parser.get_status_code()
         self._headers_done = True
         if self._status < 200 or self._status in (204, 304):
@@ -108,7 +112,6 @@ class ReplicaConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
         self._finish()
 
@@ -116,7 +119,6 @@ class ReplicaConnection(asyncio.Protocol):
     def exchange(self, request: bytes) -> asyncio.Future[Reply]:
         """Send ``request`` (a complete GET); the future holds the complete answer."""
         assert self.transport is not None and self._waiter is None
-        self._parser = httptools.HttpResponseParser(self)
         self._headers, self._body, self._status, self._content_type = [], [], 0, None
         self._got_bytes = self._headers_done = self._framed = False
         self._waiter = self.loop.create_future()
@@ -133,13 +135,14 @@ class ReplicaConnection(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self) -> None:
-        waiter, self._waiter, self._parser = self._waiter, None, None
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(Reply(self._status, self._headers, b"".join(self._body),
                                     self._content_type))
 
     def _fail(self, error: UpstreamError) -> None:
-        waiter, self._waiter, self._parser = self._waiter, None, None
+        self.keep_alive = False  # the parser's state is unknown: never reused
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
 
@@ -235,12 +238,12 @@ class AsyncForwarder:
         """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``headers`` the
         forwarded set, ``path`` (decoded) names the request in errors."""
         attempts = self.router.attempts(key)
-        if not attempts.candidates and self.router.waiting_for_replicas():
+        if attempts.empty and self.router.waiting_for_replicas():
             deadline = self.loop_time() + self.settings.upstream_timeout
             while self.router.waiting_for_replicas() and self.loop_time() < deadline:
                 await asyncio.sleep(STARTING_POLL_SECONDS)
             attempts = self.router.attempts(key)
-        tail = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1")
+        tail = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
         for replica in attempts:
             address = replica.address or ""  # routable: it has one
             request = b"".join((b"GET ", target, b" HTTP/1.1\r\nHost: ",
