@@ -42,7 +42,10 @@
     setText("requests", s.totals.requests);
     setText("errors", s.totals.errors);
     const h = s.hash_map;
-    setText("hashmap", `${h.preset}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ${h.strategy}`);
+    const formulas = h.formulas && !h.preset.includes("=")
+      ? ` (H(i) = ${h.formulas.H}, Phi(i, j) = ${h.formulas.Phi})` : "";
+    setText("hashmap", `${h.preset}${formulas}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ` +
+                       `${h.strategy}`);
   }
 
   function drawTable(s) {
@@ -100,6 +103,9 @@
                                    stroke: colour(sid)});
       tick.appendChild(el("svg:title", {}, `virtual server of ${names[sid] || sid} at slot ${slot}`));
       parts.push(tick);
+    }
+    if (s.ring.layout === "table") {
+      parts.push(el("svg:text", {x: 0, y: -20}, "table: no arcs"));
     }
     parts.push(el("svg:text", {x: 0, y: -6}, `M = ${slots}`));
     parts.push(el("svg:text", {x: 0, y: 8}, `${s.replicas_by_state.ready} ready`));
