@@ -18,13 +18,16 @@ it is accepted (``check``):
   most 18 characters, 64-bit xxHash of anything else); Phi gets server ids
   ``0 <= i < 2**32`` and ``0 <= j < K``. The compiled functions mask ``i`` into that range, so
   an input outside it cannot reach an unchecked value.
-- No intermediate value may need more than ``MAX_BITS`` bits (so ``9**9**9``, ``1<<10**9``
-  and ``i**100`` are refused, ``(i+1)**(j+99)`` passes with K = 9 and is refused with K = 160);
+- No intermediate value may need more than ``MAX_BITS`` bits (so ``9**9**9``, ``1<<10**9``,
+  ``i**17`` and ``(i+1)**(j+99)`` are refused; ``(i+1)**(j+1)`` passes with K = 9 and is
+  refused with K = 40). That bounds the time too: the costliest formula accepted takes tens of
+  microseconds per request (docs/hash-formulas.md has the figures);
   an exponent or shift count may not be negative (``i**-1`` is a fraction, ``1 << -1`` an
   error); a divisor of ``//`` or ``%`` may not be 0 anywhere in the domain. Evaluation can
   therefore neither hang, nor eat memory, nor fail at run time. Interval arithmetic is
   conservative: ``i % (i*i - i + 1)`` is refused although that divisor is never 0; write
-  ``(... | 1)`` to make a divisor odd and so never 0.
+  ``(... | 1)`` to make a divisor odd and so never 0 (the check knows ``x | y`` is 0 only
+  when both are).
 - A negative result is fine: the ring takes every result mod M with Python's ``%``, which
   lands in 0..M-1 for any integer.
 
@@ -41,9 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_TEXT = 1000  # characters of the whole LB_HASH value
-MAX_NODES = 200  # syntax-tree nodes per formula
-MAX_DEPTH = 32  # nesting of the tree
-MAX_BITS = 4096  # size of any intermediate value, over the whole domain
+MAX_NODES = 200  # terms and operators (expression nodes) per formula
+MAX_DEPTH = 100  # nesting of the tree: a flat sum of n terms is n deep
+MAX_BITS = 1024  # size of any intermediate value, over the whole domain
 KEY_BITS = 64  # H: request keys 0 .. 2**64 - 1
 SERVER_ID_BITS = 32  # Phi: server ids 0 .. 2**32 - 1
 
@@ -80,10 +83,16 @@ class FormulaError(ValueError):
 
 @dataclass(frozen=True)
 class Span:
-    """Every value an expression can take over the domain lies in lo..hi."""
+    """Every value an expression can take over the domain lies in lo..hi (and is never 0 when
+    ``nonzero``: what ``x | 1`` is, although its range may span 0)."""
 
     lo: int
     hi: int
+    nonzero: bool = False
+
+    @property
+    def never_zero(self) -> bool:
+        return self.nonzero or not self.lo <= 0 <= self.hi
 
     @property
     def bits(self) -> int:
@@ -146,13 +155,14 @@ def parse_formulas(text: str, virtual_per_server: int) -> Formulas:
             side, eq, expr = part.partition("=")
             where = start + len(side) + len(eq)
             match = _SIDES.match(side)
+            first = start + 1 + len(part) - len(part.lstrip())  # where the part begins
             if not eq or match is None:
                 raise FormulaError(
-                    f"LB_HASH, character {start + 1 + len(part) - len(part.lstrip())}: "
-                    f"expected 'H=<formula>' or 'Phi=<formula>', found {_clip(part.strip())!r}")
+                    f"LB_HASH, character {first}: expected 'H=<formula>' or 'Phi=<formula>', "
+                    f"found {_clip(part.strip())!r}")
             name = "H" if match.group(1).lower() == "h" else "Phi"
             if name in found:
-                raise FormulaError(f"LB_HASH, character {start + 1}: {name} is given twice")
+                raise FormulaError(f"LB_HASH, character {first}: {name} is given twice")
             found[name] = (expr, where)
         start += len(part) + 1
     missing = [n for n in ("H", "Phi") if n not in found]
@@ -209,7 +219,7 @@ def _parse(name: str, expr: str, offset: int) -> ast.Expression:
     stack: list[tuple[ast.AST, int]] = [(tree, 0)]
     while stack:  # iterative: a deep tree must not exhaust the interpreter's stack here
         node, depth = stack.pop()
-        nodes += 1
+        nodes += isinstance(node, ast.expr)
         col = getattr(node, "col_offset", 0)
         if nodes > MAX_NODES:
             raise _refuse(name, offset, 0, f"more than {MAX_NODES} terms and operators", expr)
@@ -225,7 +235,8 @@ def _parse(name: str, expr: str, offset: int) -> ast.Expression:
             allowed = "i" if name == "H" else "i and j"
             raise _refuse(name, offset, col, f"unknown name {node.id!r}: {name} may use "
                           f"{allowed} only")
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+        stack.extend((child, depth + isinstance(child, ast.expr))
+                     for child in ast.iter_child_nodes(node))
     return tree
 
 
@@ -277,7 +288,7 @@ def check(tree: ast.Expression, domain: dict[str, Span], name: str = "H",
         if isinstance(node, ast.UnaryOp):
             a = span_of(node.operand)
             if isinstance(node.op, ast.USub):
-                return Span(-a.hi, -a.lo)
+                return Span(-a.hi, -a.lo, a.nonzero)
             if isinstance(node.op, ast.Invert):
                 return Span(-a.hi - 1, -a.lo - 1)
             return a
@@ -291,16 +302,22 @@ def check(tree: ast.Expression, domain: dict[str, Span], name: str = "H",
         if isinstance(op, ast.Mult):
             if a.bits + b.bits > MAX_BITS + 1:
                 raise too_big(node, a.bits + b.bits)
-            return fits(node, _corners(lambda x, y: x * y, a, b))
+            product = _corners(lambda x, y: x * y, a, b)
+            return fits(node, Span(product.lo, product.hi, a.never_zero and b.never_zero))
         if isinstance(op, (ast.FloorDiv, ast.Mod)):
-            if 0 in b:
+            if not b.never_zero:
                 raise refuse(node.right, f"this divisor may be 0 (it ranges over {b.text()}); "
                                          "make it nonzero, e.g. (... | 1)")
             if isinstance(op, ast.FloorDiv):
-                return _corners(lambda x, y: x // y, a, b)
+                if b.lo > 0 or b.hi < 0:
+                    return _corners(lambda x, y: x // y, a, b)
+                m = max(abs(a.lo), abs(a.hi))  # b spans 0 but is never 0: |a // b| <= |a|
+                return Span(-m, m)
             if b.lo > 0:
                 return Span(0, min(b.hi - 1, a.hi) if a.lo >= 0 else b.hi - 1)
-            return Span(b.lo + 1, 0)
+            if b.hi < 0:
+                return Span(b.lo + 1, 0)
+            return Span(min(0, b.lo + 1), max(0, b.hi - 1))  # |a % b| < |b|, sign of b
         if isinstance(op, ast.Pow):
             if b.lo < 0:
                 raise refuse(node.right, f"this exponent may be negative ({b.text()}): "
@@ -328,10 +345,13 @@ def check(tree: ast.Expression, domain: dict[str, Span], name: str = "H",
         if isinstance(op, ast.BitAnd) and (a.lo >= 0 or b.lo >= 0):
             return Span(0, min(s.hi for s in (a, b) if s.lo >= 0))
         if isinstance(op, (ast.BitOr, ast.BitXor)) and a.lo >= 0 and b.lo >= 0:
-            return Span(0, 2 ** max(a.bits, b.bits) - 1)
-        # Two's complement: values of -2**B .. 2**B - 1 stay there under & | ^.
+            return Span(0, 2 ** max(a.bits, b.bits) - 1,
+                        isinstance(op, ast.BitOr) and (a.never_zero or b.never_zero))
+        # Two's complement: values of -2**B .. 2**B - 1 stay there under & | ^; x | y is 0
+        # only when both are.
         top_bits = max(a.bits, b.bits)
-        return Span(-(2**top_bits), 2**top_bits - 1)
+        return Span(-(2**top_bits), 2**top_bits - 1,
+                    isinstance(op, ast.BitOr) and (a.never_zero or b.never_zero))
 
     return span_of(tree)
 
