@@ -42,9 +42,10 @@
     setText("requests", s.totals.requests);
     setText("errors", s.totals.errors);
     const h = s.hash_map;
-    const formulas = h.formulas && !h.preset.includes("=")
-      ? ` (H(i) = ${h.formulas.H}, Phi(i, j) = ${h.formulas.Phi})` : "";
-    setText("hashmap", `${h.preset}${formulas}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ` +
+    // Formulas written out when there are any: "seed: H(i) = ..." or just "H(i) = ...".
+    const name = h.formulas ? (h.preset.includes("=") ? "" : `${h.preset}: `) : h.preset;
+    const formulas = h.formulas ? `H(i) = ${h.formulas.H}, Phi(i, j) = ${h.formulas.Phi}` : "";
+    setText("hashmap", `${name}${formulas}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ` +
                        `${h.strategy}`);
   }
 
