@@ -21,15 +21,15 @@ it is accepted (``check``):
 - No intermediate value may need more than ``MAX_BITS`` bits (so ``9**9**9``, ``1<<10**9``,
   ``i**17`` and ``(i+1)**(j+99)`` are refused; ``(i+1)**(j+1)`` passes with K = 9 and is
   refused with K = 40). That bounds the time too: the costliest formula accepted takes tens of
-  microseconds per request (docs/hash-formulas.md has the figures);
-  an exponent or shift count may not be negative (``i**-1`` is a fraction, ``1 << -1`` an
-  error); a divisor of ``//`` or ``%`` may not be 0 anywhere in the domain. Evaluation can
-  therefore neither hang, nor eat memory, nor fail at run time. Interval arithmetic is
-  conservative: ``i % (i*i - i + 1)`` is refused although that divisor is never 0; write
-  ``(... | 1)`` to make a divisor odd and so never 0 (the check knows ``x | y`` is 0 only
-  when both are).
-- A negative result is fine: the ring takes every result mod M with Python's ``%``, which
-  lands in 0..M-1 for any integer.
+  microseconds a call (docs/hash-formulas.md has the figures).
+- An exponent or shift count may not be negative (``i**-1`` is a fraction, ``1 << -1`` an
+  error), and a divisor of ``//`` or ``%`` may not be 0, anywhere in the domain.
+
+Evaluation can therefore neither hang, nor eat memory, nor fail at run time. Interval
+arithmetic is conservative: ``i % (i*i - i + 1)`` is refused although that divisor is never 0;
+``(... | 1)`` makes a divisor odd and so never 0, and the check knows it (``x | y`` is 0 only
+when both are). A negative result is fine: the ring takes every result mod M with Python's
+``%``, which lands in 0..M-1 for any integer.
 
 A refused formula raises :class:`FormulaError` with one line saying what is wrong, where
 (character position in ``LB_HASH``, counted from 1) and the offending text.

@@ -153,3 +153,46 @@ def test_resuming_a_registry_written_with_another_hash_is_refused(tmp_path: Path
     assert deployment_processes(deployment) == []
     run, _ = run_lb(env, "--migrate-hash")
     assert run.returncode == 2 and "--migrate-hash needs --keep-registry" in run.stderr
+
+
+def test_migrate_hash_resumes_a_registry_under_the_new_hash(tmp_path: Path) -> None:
+    """``--keep-registry --migrate-hash``: the registry moves to the settings' map (placed as
+    a fresh start would place it), the log says so, and the stack serves by the new map."""
+    deployment = f"mh{uuid.uuid4().hex[:8]}"
+    registry = Registry(str(tmp_path / "registry.json"))
+    ensure_registry(Settings.from_env({}, registry=registry.path, deployment=deployment),
+                    registry)
+    port = free_port()
+    log_path = tmp_path / "lb-run.log"
+    env = {**os.environ, "LB_HASH": HANDOUT, "LB_HASH_KEY": "query:id",
+           "LB_DEPLOYMENT": deployment, "LB_PORT": str(port), "LB_REGISTRY": registry.path,
+           "LB_WORKERS": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lb", "--keep-registry",
+                                 "--migrate-hash"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    stack = RunningStack(f"http://127.0.0.1:{port}", Settings.from_env(env), proc, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "ready: http" not in stack.log():
+            assert proc.poll() is None and time.monotonic() < deadline, stack.log()
+            time.sleep(0.2)
+        state = stack.state()
+        assert state.ring.hash == "H=i ** 2 + 2 * i + 17; Phi=i ** 2 + j ** 2 + 2 * j + 25"
+        ring = model("cs60002")
+        assert {r.server_id: tuple(r.slots) for r in state.replicas} == ring.placement()
+        assert "moved from the hash map M=512, K=9, hash seed" in stack.log()
+        keys = ids_covering(ring, per_server=5)
+        assert [served_by(stack, k) for k in keys] == [
+            f"Hello from Server: {ring.lookup(k)}" for k in keys]
+    finally:
+        stack.session.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        leftovers = deployment_processes(deployment)
+        for p in leftovers:
+            p.kill()
+    assert leftovers == []
