@@ -138,7 +138,8 @@ def metrics() -> Response:
     ext = _ext()
     if not ext["metrics"].enabled:
         raise ApiError(503, "Metrics need prometheus-client: pip install 'hashlb[ops]'")
-    return _no_store(Response(ext["metrics"].exposition(_registry()), content_type=CONTENT_TYPE))
+    text = ext["metrics"].exposition(_registry(), current_app.config["SETTINGS"])
+    return _no_store(Response(text, content_type=CONTENT_TYPE))
 
 
 @bp.get("/openapi.json")

@@ -23,6 +23,8 @@ from typing import Any
 
 from lb.registry import STATES, Registry, RegistryError, Replica
 from lb.routing import RouterEvents
+from lb.settings import Settings
+from lb.strategies import build_lookup
 
 try:
     import prometheus_client
@@ -151,7 +153,7 @@ class BalancerMetrics(RouterEvents):
             return MultiProcessCollector(None).collect()
         return self.registry.collect()
 
-    def exposition(self, registry: Registry) -> bytes:
+    def exposition(self, registry: Registry, settings: Settings) -> bytes:
         """The Prometheus text of everything: counted figures plus the registry's."""
         if not self.enabled:
             raise RuntimeError("prometheus-client is not installed")
@@ -160,7 +162,7 @@ class BalancerMetrics(RouterEvents):
             MultiProcessCollector(out)
         else:
             out.register(_Families(self.registry))
-        out.register(ReplicaSetCollector(registry, self.multiprocess))
+        out.register(ReplicaSetCollector(registry, self.multiprocess, settings))
         return prometheus_client.generate_latest(out)
 
 
@@ -178,9 +180,10 @@ class ReplicaSetCollector:
     """Gauges read from the registry at scrape time: they are facts about the state, not
     events, so the workers need not agree on them."""
 
-    def __init__(self, registry: Registry, multiprocess: bool) -> None:
+    def __init__(self, registry: Registry, multiprocess: bool, settings: Settings) -> None:
         self.registry = registry
         self.multiprocess = multiprocess
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("lb_registry_up", "1 when the registry could be read")
@@ -207,9 +210,11 @@ class ReplicaSetCollector:
             by_state.add_metric([name], float(sum(r.state == name for r in state.replicas)))
         yield by_state
         routable = state.routable()
-        shares = state.hash_ring(routable).shares()
-        share = GaugeMetricFamily("lb_replica_share", "Fraction of the hash map's slots a "
-                                  "routable replica answers for", labels=["replica", "server_id"])
+        # The strategy that routes, through the interface the status page reads too.
+        shares = build_lookup(self.settings, state, routable).shares()
+        share = GaugeMetricFamily("lb_replica_share", "Fraction of the routing strategy's "
+                                  "key space (ring slots or Maglev table entries) a routable "
+                                  "replica answers for", labels=["replica", "server_id"])
         for r in routable:
             share.add_metric([r.hostname, str(r.server_id)], shares.get(r.server_id, 0.0))
         yield share
@@ -225,10 +230,12 @@ class ReplicaSetCollector:
         yield missed
         yield age
         ring = state.ring
-        info = GaugeMetricFamily("lb_hash_map_info", "The hash map: preset, probing, M slots, "
-                                 "K virtual servers per replica (value always 1)",
-                                 labels=["preset", "probing", "slots", "virtual"])
-        info.add_metric([ring.hash, ring.probing, str(ring.slots), str(ring.virtual)], 1.0)
+        info = GaugeMetricFamily("lb_hash_map_info", "The hash map: hash (a preset name, "
+                                 "formulas or a plug-in), probing, M slots, K virtual servers "
+                                 "per replica, and the strategy that routes (value always 1)",
+                                 labels=["preset", "probing", "slots", "virtual", "strategy"])
+        info.add_metric([ring.hash, ring.probing, str(ring.slots), str(ring.virtual),
+                         self.settings.strategy], 1.0)
         yield info
         slots = GaugeMetricFamily("lb_hash_map_slots", "Slots in the hash map (M)")
         slots.add_metric([], float(ring.slots))
