@@ -33,6 +33,7 @@ class Outcome:
     latencies: list[float] = field(default_factory=list)  # seconds, successful GETs
     attack_connections: int = 0  # connections the attackers opened (reconnects included)
     attack_dropped: int = 0  # ... that the balancer ended
+    dropped_trickling: dict[str, int] = field(default_factory=dict)  # by kind: headers, body
 
     @property
     def success_rate(self) -> float:
@@ -81,11 +82,13 @@ async def _trickle(host: str, port: int, kind: str, stop_at: float, outcome: Out
                     writer.write(drip)
                     await writer.drain()
                     continue
-                if not data:
+                if not data or data.startswith(b"HTTP/1.1 408"):  # dropped, or timed out
                     outcome.attack_dropped += 1
+                    outcome.dropped_trickling[kind] = outcome.dropped_trickling.get(kind, 0) + 1
                     break
         except OSError:
             outcome.attack_dropped += 1
+            outcome.dropped_trickling[kind] = outcome.dropped_trickling.get(kind, 0) + 1
         finally:
             writer.close()
 

@@ -69,11 +69,13 @@ class RunningStack:
     def get(self, path: str, **kw: Any) -> requests.Response:
         return self.session.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
 
+    # Admin calls on a connection of their own: a kept-alive one may be closed by the server
+    # (its keep-alive time) just as a call goes out, and a POST or DELETE is not retried.
     def post(self, path: str, **kw: Any) -> requests.Response:
-        return self.session.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
 
     def delete(self, path: str, **kw: Any) -> requests.Response:
-        return self.session.delete(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+        return requests.delete(self.url + path, timeout=kw.pop("timeout", 60), **kw)
 
     def rep(self) -> dict[str, Any]:
         reply = self.get("/rep")

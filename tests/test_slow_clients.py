@@ -146,6 +146,9 @@ def test_an_attack_of_slow_clients_costs_the_event_driven_worker_no_service(
         factory.stop_all()
     print(f"\n[slow clients] {outcome.summary()}")
     assert outcome.attack_connections >= 60  # the attack did happen ...
-    assert outcome.attack_dropped > 0  # ... and the balancer ended some (LB_CLIENT_TIMEOUT)
+    # Each attacker made progress every 1-2 s, so only a deadline on the whole request (3 s)
+    # ends them, for trickled headers and trickled bodies alike.
+    assert outcome.dropped_trickling.get("headers", 0) >= 30
+    assert outcome.dropped_trickling.get("body", 0) >= 30
     assert outcome.normal_sent >= 20
     assert outcome.success_rate >= 0.99, outcome.summary()
