@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import AnyStr
 from urllib.parse import unquote_plus, unquote_to_bytes, urlsplit
 
 import xxhash
@@ -50,6 +51,8 @@ SET_ON_FORWARD = frozenset({"host", "content-length", "x-forwarded-for", "x-forw
 REQUEST_DROP = HOP_BY_HOP | SPOOFABLE | SET_ON_FORWARD
 # Set again by the balancer for its own reply.
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+_RESPONSE_DROP_ANY = frozenset(RESPONSE_DROP | {n.encode() for n in RESPONSE_DROP})
+_CONNECTION = frozenset({"connection", b"connection"})
 # How long a worker avoids a replica it could not reach, until the supervisor has decided.
 SUSPECT_SECONDS = 1.0
 # While replicas are still starting (a stack that just came up), a routed GET waits for the
@@ -165,15 +168,20 @@ def query_value(query: str, name: str) -> str | None:
     return None
 
 
-def reply_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A replica's headers minus those of its own hop (the balancer sets them for its reply)."""
-    kept: list[tuple[str, str, str]] = []
-    named: set[str] = set()
+def reply_headers(headers: Iterable[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr, AnyStr]]:
+    """A replica's headers minus those of its own hop (the balancer sets them for its reply).
+
+    ``str`` pairs (the threads path) or raw ``bytes`` pairs as parsed (the event-driven path,
+    which passes them on without decoding).
+    """
+    kept: list[tuple[AnyStr, AnyStr, AnyStr]] = []
+    named: set[AnyStr] = set()
     for name, value in headers:
         lower = name.lower()
-        if lower == "connection":
-            named.update(h.strip().lower() for h in value.split(","))
-        elif lower not in RESPONSE_DROP:
+        if lower in _CONNECTION:
+            comma = b"," if isinstance(value, bytes) else ","
+            named.update(t.strip().lower() for t in value.split(comma))  # type: ignore[arg-type]
+        elif lower not in _RESPONSE_DROP_ANY:
             kept.append((lower, name, value))
     return [(name, value) for lower, name, value in kept if lower not in named] if named else \
         [(name, value) for _, name, value in kept]
@@ -339,6 +347,8 @@ class Router:
         self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
 
     def _count(self, hostname: str, delta: int) -> None:
+        if not self.settings.bounded_load:
+            return  # in-flight counts only serve bounded loads
         with self._lock:
             self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
 

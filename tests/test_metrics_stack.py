@@ -75,7 +75,12 @@ def test_routed_counters_sum_to_the_requests_sent(make_stack: Callable[..., Runn
     for _, _, replica in results:
         served[replica] = served.get(replica, 0) + 1
 
+    # The event-driven worker writes its counts about once a second: they add up by then.
+    deadline = time.monotonic() + 10
     samples = scrape(stack)
+    while total(samples, "lb_upstream_latency_seconds_count") < K and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = scrape(stack)
     assert total(samples, "lb_routed_requests_total") == K
     by_replica = {labels["replica"]: v for labels, v in samples["lb_routed_requests_total"]
                   if labels["code"] == "200"}

@@ -335,3 +335,31 @@ def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
     assert (up2["requests"], up2["errors"], up2["request_rate"]) == (5, 1, None)
     assert up2["heartbeat_age"] == 1.0
     assert {sid for _, _, sid in s["ring"]["arcs"]} == {2, 3}
+
+
+def test_batched_counts_give_the_same_figures_as_direct_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event-driven worker batches its counts (BalancerMetrics.flush writes a histogram's
+    buckets itself): the exposition must be what one observe() per request gives."""
+    from lb.ops.metrics import BalancerMetrics
+    from lb.registry import Replica
+
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    direct, batched = BalancerMetrics(), BalancerMetrics()
+    batched.batch_in_this_thread()
+    replicas = [Replica("S1", 1, []), Replica("S2", 2, [])]
+    events = [(replicas[i % 2], 200 if i % 7 else 503, 0.0007 * i, i % 3) for i in range(200)]
+    for metrics in (direct, batched):
+        for replica, status, seconds, attempt in events + [(replicas[0], 200, 20.0, 0)]:
+            metrics.forwarded(replica, status, seconds, attempt)
+            metrics.response("route", status)
+    assert list(batched.families()) != list(direct.families())  # nothing written yet
+    batched.flush()
+
+    def samples(metrics: BalancerMetrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+                      for f in metrics.families() for s in f.samples
+                      if not s.name.endswith("_created"))
+
+    assert samples(batched) == samples(direct)
+    assert any(name == "lb_upstream_latency_seconds_bucket" for name, _, _ in samples(direct))

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
@@ -93,25 +93,43 @@ class Limits:
         return self.request_line + self.fields * (self.field_size + 2) + 4
 
 
-@dataclass
 class Request:
     """One request as parsed, with the body as far as it is kept."""
 
-    url: bytes = b""
-    method: str = ""
-    version: str = "1.1"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    lookup: dict[str, str] = field(default_factory=dict)  # lower-case name -> value(s)
-    keep_alive: bool = True
-    expects_body: bool = False
-    body: bytearray = field(default_factory=bytearray)
-    body_too_large: bool = False  # more than LB_MAX_BODY came (or was announced)
-    body_error: Exception | None = None  # the app is told this when it reads the body
-    began: float = 0.0  # perf_counter at the first byte
-    target: str | None = None  # origin form, as received (None: not a routable target)
-    path: str = ""  # decoded, as the Flask app matches it
-    routed: bool = False  # a GET for the replicas: served without Flask
-    refusal: ApiError | None = None  # answered as it is once the request is in
+    __slots__ = (
+        "began",
+        "body",
+        "body_error",
+        "body_too_large",
+        "expects_body",
+        "headers",
+        "keep_alive",
+        "lookup",
+        "method",
+        "path",
+        "refusal",
+        "routed",
+        "target",
+        "url",
+        "version",
+    )
+
+    def __init__(self, began: float = 0.0) -> None:
+        self.url = b""
+        self.method = ""
+        self.version = "1.1"
+        self.headers: list[tuple[str, str]] = []
+        self.lookup: dict[str, str] = {}  # lower-case name -> value(s)
+        self.keep_alive = True
+        self.expects_body = False
+        self.body = bytearray()
+        self.body_too_large = False  # more than LB_MAX_BODY came (or was announced)
+        self.body_error: Exception | None = None  # the app is told this when it reads the body
+        self.began = began  # perf_counter at the first byte
+        self.target: str | None = None  # origin form, as received (None: not routable)
+        self.path = ""  # decoded, as the Flask app matches it
+        self.routed = False  # a GET for the replicas: served without Flask
+        self.refusal: ApiError | None = None  # answered as it is once the request is in
 
 
 class Server:
@@ -132,6 +150,16 @@ class Server:
         self.closing = False
         self.app_calls = 0  # calls of the Flask app in flight
         self._date = (0, b"")
+        self._status_lines: dict[tuple[str, int], bytes] = {}
+
+    def status_line(self, version: str, status: int) -> bytes:
+        """``HTTP/1.1 200 OK`` and the ``Server`` header, as bytes (a few distinct ones)."""
+        line = self._status_lines.get((version, status))
+        if line is None:
+            line = self._status_lines[(version, status)] = (
+                f"HTTP/{version} {status} {reason_phrase(status)}\r\n".encode("latin-1")
+                + self.server_header)
+        return line
 
     def date_header(self) -> bytes:
         now = int(time.time())
@@ -369,17 +397,16 @@ class ClientConnection(asyncio.Protocol):
         headers = forward_headers(request.headers, self.client,
                                   forwarded_host(lookup.get("host"), self.local), rid)
         try:
-            upstream = await self.server.forwarder.forward(target.encode("latin-1"), headers,
-                                                           key, path)
+            replica, reply = await self.server.forwarder.forward(target.encode("latin-1"),
+                                                                 headers, key, path)
         except ApiError as exc:
             self._write_error(request, exc.status, exc.message, "route", rid, _log_path(target))
             return
-        head = [f"{name}: {value}\r\n" for name, value in upstream.headers]
-        head.append(f"Content-Length: {len(upstream.body)}\r\n"
-                    f"X-Served-By: {upstream.replica.hostname}\r\nX-Request-ID: {rid}\r\n\r\n")
-        self._write(request, upstream.status, "".join(head).encode("latin-1"), upstream.body)
-        self._count(request, "route", upstream.status, rid, _log_path(target),
-                    upstream.replica.hostname)
+        head = b"".join([b"%s: %s\r\n" % pair for pair in reply.headers])
+        tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}\r\n"
+                f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
+        self._write(request, reply.status, head + tail, reply.body)
+        self._count(request, "route", reply.status, rid, _log_path(target), replica.hostname)
 
     # -- everything else: the Flask app ----------------------------------------------------------
     async def _call_app(self, request: Request) -> None:
@@ -447,10 +474,10 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         assert self.transport is not None
-        close = not request.keep_alive or self.server.closing
+        server = self.server
+        close = not request.keep_alive or server.closing
         self.transport.write(b"".join((
-            f"HTTP/{request.version} {status} {reason_phrase(status)}\r\n".encode("latin-1"),
-            self.server.server_header, self.server.date_header(),
+            server.status_line(request.version, status), server.date_header(),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
             head, body)))
 

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import httptools
 
 from lb.registry import Replica
-from lb.router import Upstream
 from lb.routing import (
     STARTING_POLL_SECONDS,
     Router,
@@ -38,8 +37,10 @@ class UpstreamError(ConnectionError):
 
 @dataclass
 class Reply:
+    """A replica's complete answer, its headers as they came (undecoded)."""
+
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes
     content_type: str | None
 
@@ -55,7 +56,7 @@ class ReplicaConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[Reply] | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._status = 0
         self._content_type: str | None = None
@@ -95,12 +96,11 @@ class ReplicaConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        text = value.decode("latin-1")
         if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value):
             self._framed = True
         elif lower == b"content-type":
-            self._content_type = text
-        self._headers.append((name.decode("latin-1"), text))
+            self._content_type = value.decode("latin-1")
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
@@ -234,9 +234,10 @@ class AsyncForwarder:
         self.pool = pool
 
     async def forward(self, target: bytes, headers: Iterable[tuple[str, str]], key: int,
-                      path: str) -> Upstream:
+                      path: str) -> tuple[Replica, Reply]:
         """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``headers`` the
-        forwarded set, ``path`` (decoded) names the request in errors."""
+        forwarded set, ``path`` (decoded) names the request in errors. The replica that
+        answered and its answer, with the headers to pass back (``reply_headers``)."""
         attempts = self.router.attempts(key)
         if attempts.empty and self.router.waiting_for_replicas():
             deadline = self.loop_time() + self.settings.upstream_timeout
@@ -261,8 +262,9 @@ class AsyncForwarder:
         return self.pool.loop.time()
 
     @staticmethod
-    def _passed_back(replica: Replica, reply: Reply, path: str) -> Upstream:
+    def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
         error = replica_error(reply.status, reply.content_type, replica.hostname, path)
         if error is not None:
             raise error
-        return Upstream(reply.status, reply_headers(reply.headers), reply.body, replica)
+        reply.headers = reply_headers(reply.headers)
+        return replica, reply

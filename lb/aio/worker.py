@@ -104,6 +104,8 @@ class AsyncWorker(base.Worker):
                         self.cfg.limit_request_field_size, settings.max_body)
         server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool),
                         bridge, ext["metrics"], self.cfg.keepalive, SERVER)
+        metrics = ext["metrics"]
+        metrics.batch_in_this_thread()  # the loop's counts are written once per sweep
         listeners = [await loop.create_server(lambda: ClientConnection(server, loop),
                                               sock=listener.sock, backlog=self.cfg.backlog)
                      for listener in self.sockets]
@@ -114,6 +116,7 @@ class AsyncWorker(base.Worker):
                 self.log.info("Parent changed, shutting down: %s", self)
                 break
             server.sweep(loop.time())
+            metrics.flush()
             try:
                 await asyncio.wait_for(self._wake.wait(), sweep_every)
             except TimeoutError:
@@ -127,6 +130,7 @@ class AsyncWorker(base.Worker):
             self.notify()
             await asyncio.sleep(0.05)
         server.shut(graceful=False)
+        metrics.flush()
         self.app_calls = server.app_calls
         pool.close()
         bridge.executor.shutdown(wait=False, cancel_futures=True)

@@ -15,8 +15,10 @@ prometheus-client is the optional ``ops`` extra: without it everything here is a
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -37,6 +39,7 @@ except ImportError:  # pragma: no cover - the "ops" extra is not installed
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKET_BOUNDS = (*LATENCY_BUCKETS, float("inf"))  # a histogram's buckets, +Inf included
 CHILDREN_KEPT = 4096  # labelled series a worker keeps at hand
 REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -79,12 +82,22 @@ def mark_process_dead(pid: int) -> None:
 
 
 class BalancerMetrics(RouterEvents):
-    """The worker's counters; it is also the router's ``RouterEvents`` subscriber."""
+    """The worker's counters; it is also the router's ``RouterEvents`` subscriber.
+
+    The event-driven worker counts in batches (``batch_in_this_thread``): what its event loop
+    counts (every routed request: a reply, a replica's answer and its latency) is added up in
+    plain dicts and written to the shared files by ``flush()`` about once a second; in
+    multiprocess mode each write takes a lock and packs a float into a memory map, several per
+    request otherwise. Counts from other threads (the Flask pool) are written at once.
+    """
 
     def __init__(self) -> None:
         self.enabled = available()
         self.multiprocess = self.enabled and multiprocess_dir() is not None
         self._children: dict[tuple[object, ...], Any] = {}
+        self._batch_thread: int | None = None
+        self._counts: dict[tuple[Any, ...], float] = {}  # (metric, *labels) -> to add
+        self._latencies: dict[str, list[float]] = {}  # replica -> [sum, bucket counts...]
         if not self.enabled:
             return
         # In multiprocess mode the files are the registry; a private one avoids duplicate
@@ -108,9 +121,48 @@ class BalancerMetrics(RouterEvents):
                                   "add, rm, route, ops.*, none) and status code",
                                   ["endpoint", "code"], registry=reg)
 
+    # -- batching ------------------------------------------------------------------------------
+    def batch_in_this_thread(self) -> None:
+        """Counts made by the calling thread wait for ``flush()`` (which it must call)."""
+        self._batch_thread = threading.get_ident()
+
+    def _batching(self) -> bool:
+        return self._batch_thread is not None and threading.get_ident() == self._batch_thread
+
+    def flush(self) -> None:
+        """Write the batched counts (from the batching thread only)."""
+        if not self.enabled:
+            return
+        counts, self._counts = self._counts, {}
+        for (metric, *labels), n in counts.items():
+            (self._child(metric, *labels) if labels else metric).inc(n)
+        latencies, self._latencies = self._latencies, {}
+        for hostname, (total, *buckets) in latencies.items():
+            child = self._child(self._latency, hostname)
+            # What Histogram.observe() does per value, per bucket (prometheus-client 0.26,
+            # pinned; tests/test_ops.py checks both ways give the same exposition).
+            child._sum.inc(total)
+            for i, n in enumerate(buckets):
+                if n:
+                    child._buckets[i].inc(n)
+
+    def _count(self, metric: Any, *labels: object) -> None:
+        key = (metric, *labels)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
     # -- RouterEvents --------------------------------------------------------------------------
     def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
         if not self.enabled:
+            return
+        if self._batching():
+            self._count(self._routed, replica.hostname, status)
+            latency = self._latencies.get(replica.hostname)
+            if latency is None:
+                latency = self._latencies[replica.hostname] = [0.0] * (len(BUCKET_BOUNDS) + 1)
+            latency[0] += seconds
+            latency[1 + bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
+            if attempt:
+                self._counts[(self._retries,)] = self._counts.get((self._retries,), 0) + attempt
             return
         self._child(self._routed, replica.hostname, status).inc()
         self._child(self._latency, replica.hostname).observe(seconds)
@@ -130,7 +182,11 @@ class BalancerMetrics(RouterEvents):
 
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._batching():
+            self._count(self._responses, endpoint, status)
+        else:
             self._child(self._responses, endpoint, status).inc()
 
     def _child(self, metric: Any, *labels: object) -> Any:
