@@ -9,7 +9,7 @@
 #   make cluster-down  remove every container, volume and network of the test cluster
 # e.g. make cluster-up LB_PUBLISH_PORT=8080 LB_N=6 ; make cluster-down
 
-.PHONY: node-image swarm-images swarm-up swarm-down cluster-up cluster-down cluster-ps
+.PHONY: node-image swarm-images swarm-up swarm-down cluster-up cluster-down cluster-ps bench-swarm
 
 STACK             ?= hashlb
 SWARM_NODES       ?=
@@ -96,3 +96,8 @@ cluster-ps:  ## The test cluster's nodes, and where each replica runs
 	ids=$$($(SERVICES_OF) --filter label=hashlb.role=replica); [ -z "$$ids" ] || \
 	    $(DOCKER) service ps --filter desired-state=running \
 	        --format 'table {{.Name}}\t{{.Node}}\t{{.CurrentState}}' $$ids
+
+bench-swarm: $(STAMP)  ## Figures on a local 3-node cluster it builds and removes (about 5 min): bench/swarm-results.md
+	@command -v wrk >/dev/null || { apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; }
+	$(BIN)/python bench/swarm.py $(BENCH_ARGS)

@@ -122,11 +122,13 @@ def http_session() -> requests.Session:
     return session
 
 
-def start_cluster(free_port: int) -> tuple[Cluster, subprocess.CompletedProcess[str]]:
+def start_cluster(free_port: int, settings: dict[str, str] | None = None,
+                  ) -> tuple[Cluster, subprocess.CompletedProcess[str]]:
+    """``make cluster-up`` under a fresh name, the stack with ``settings`` (LB_* variables)."""
     name = f"hlbs{uuid.uuid4().hex[:6]}"
     cluster = Cluster(name, Path("/tmp") / name, free_port)
     began = time.monotonic()
-    proc = cluster.make("cluster-up", env=STACK_SETTINGS)
+    proc = cluster.make("cluster-up", env=settings or STACK_SETTINGS)
     print(f"\n[swarm] cluster {name} up in {time.monotonic() - began:.0f}s "
           f"(exit {proc.returncode})", flush=True)
     return cluster, proc

@@ -16,6 +16,11 @@ A replica counts as running while its task is wanted running and has not ended: 
 failed, a task on a node that went down (the manager then wants it shut down) and a task on a
 node being drained all stop counting, and the supervisor replaces the replica wherever Swarm
 can place the new service.
+
+A node that stops outright keeps looking ready to the manager until it misses a few heartbeats
+(seconds), and the scheduler likes it then: its tasks are gone, so it runs the fewest. So a
+node on which a stopped replica's task did not end within the stop's timeout is *suspect* for
+``SUSPECT_SECONDS``: new replicas are kept off it while another ready node is left.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0  # seconds Swarm gives a replica between SIGTERM and SIGKILL
 POLL = 0.1  # seconds between looks at a task's state while waiting for it
+SUSPECT_SECONDS = 30.0  # no new replica on a node whose replica's task would not end
 # Task states before and at running (https://docs.docker.com/engine/swarm/how-swarm-mode-works/
 # swarm-task-states/); every other state (complete, shutdown, failed, rejected, orphaned,
 # remove) means the task has ended or will not run.
@@ -88,8 +94,7 @@ def service_name(hostname: str) -> str:
 
 def is_live(task: dict[str, Any]) -> bool:
     """Whether a task is wanted running and has not ended."""
-    return task.get("DesiredState") == "running" and \
-        (task.get("Status") or {}).get("State") in LIVE_STATES
+    return task.get("DesiredState") == "running" and _state(task) in LIVE_STATES
 
 
 class SwarmBackend(Backend):
@@ -106,7 +111,8 @@ class SwarmBackend(Backend):
         self.start_timeout = settings.start_timeout
         self.engine = Engine(client)
         self._told: set[str] = set()  # handles whose failed task was logged already
-        self._told_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._suspects: dict[str, float] = {}  # node id -> until when (time.monotonic())
 
     @property
     def api(self) -> docker.APIClient:
@@ -157,14 +163,30 @@ class SwarmBackend(Backend):
             # image's); readiness is the supervisor's heartbeat, so the image's check is off.
             healthcheck=Healthcheck(test=["NONE"]),
         )
+        constraints = self.constraints + self._avoid_suspects()
         resources = Resources(cpu_limit=self.nano_cpus, mem_limit=self.memory)
         resources["Limits"]["Pids"] = PIDS_LIMIT  # API 1.41; the SDK has no argument for it
         return TaskTemplate(
             container, resources=resources, restart_policy=RestartPolicy(condition="none"),
             log_driver=DriverConfig("json-file", LOG_ROTATION),
             networks=[NetworkAttachmentConfig(self.network, aliases=[spec.hostname])],
-            placement=Placement(constraints=self.constraints) if self.constraints else None,
+            placement=Placement(constraints=constraints) if constraints else None,
         )
+
+    def _avoid_suspects(self) -> builtins.list[str]:
+        """``node.id!=...`` for each suspect node, as long as a ready node is left besides."""
+        now = time.monotonic()
+        with self._lock:
+            self._suspects = {n: until for n, until in self._suspects.items() if until > now}
+            suspects = set(self._suspects)
+        if not suspects:
+            return []
+        ready = {n["ID"] for n in self.api.nodes()
+                 if (n.get("Status") or {}).get("State") == "ready"
+                 and (n.get("Spec") or {}).get("Availability") == "active"}
+        if not ready - suspects:
+            return []
+        return [f"node.id!={n}" for n in sorted(suspects & ready)]
 
     def _endpoint_spec(self) -> EndpointSpec:
         endpoint = EndpointSpec(mode="dnsrr")
@@ -243,21 +265,28 @@ class SwarmBackend(Backend):
     def _stop_service(self, service_id: str, timeout: float) -> None:
         """Remove the service (Swarm sends its task SIGTERM, SIGKILL after ``STOP_GRACE``),
         then wait up to ``timeout`` for the task to end. A task on a node that is down never
-        reports; the service is gone from the swarm all the same."""
-        task_ids = [t["ID"] for t in self.api.tasks(filters={"service": service_id})]
+        reports; the service is gone from the swarm all the same, and the node is suspect."""
+        running = {t["ID"]: t.get("NodeID") or "" for t in self.api.tasks(
+            filters={"service": service_id}) if _state(t) in LIVE_STATES}
         self._remove_service(service_id)
         deadline = time.monotonic() + timeout
-        while task_ids and time.monotonic() < deadline:
-            task_ids = [t for t in task_ids if self._task_still_running(t)]
-            if task_ids:
+        while running and time.monotonic() < deadline:
+            running = {t: node for t, node in running.items() if self._task_still_running(t)}
+            if running:
                 time.sleep(POLL)
+        for node in set(running.values()) - {""}:
+            log.warning("replica service %s: its task on node %s did not end within %gs; no "
+                        "new replica goes there for %gs", service_id[:12], node[:12], timeout,
+                        SUSPECT_SECONDS)
+            with self._lock:
+                self._suspects[node] = time.monotonic() + SUSPECT_SECONDS
 
     def _task_still_running(self, task_id: str) -> bool:
         try:
             task = self.api.inspect_task(task_id)
         except docker_errors.NotFound:
             return False
-        return (task.get("Status") or {}).get("State") in LIVE_STATES
+        return _state(task) in LIVE_STATES
 
     def _remove_service(self, service_id: str) -> None:
         try:
@@ -322,7 +351,7 @@ class SwarmBackend(Backend):
 
     def _tell_once(self, handle: str, tasks: builtins.list[dict[str, Any]]) -> None:
         """Why a replica's task ended (no such image on a node, killed, node down), once."""
-        with self._told_lock:
+        with self._lock:
             if handle in self._told:
                 return
             self._told.add(handle)
@@ -342,6 +371,10 @@ class SwarmBackend(Backend):
 
     def _ours(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.labels.items())
+
+
+def _state(task: dict[str, Any]) -> str | None:
+    return (task.get("Status") or {}).get("State")
 
 
 def _task_error(task: dict[str, Any]) -> str:
