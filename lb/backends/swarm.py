@@ -266,8 +266,11 @@ class SwarmBackend(Backend):
         """Remove the service (Swarm sends its task SIGTERM, SIGKILL after ``STOP_GRACE``),
         then wait up to ``timeout`` for the task to end. A task on a node that is down never
         reports; the service is gone from the swarm all the same, and the node is suspect."""
-        running = {t["ID"]: t.get("NodeID") or "" for t in self.api.tasks(
-            filters={"service": service_id}) if _state(t) in LIVE_STATES}
+        tasks = [t for t in self.api.tasks(filters={"service": service_id})
+                 if _state(t) in LIVE_STATES]
+        # Only a task the manager still wanted running can tell of a lost node: one it was
+        # already shutting down (a drain) takes its grace period on a node that is fine.
+        running = {t["ID"]: (t.get("NodeID") or "") if is_live(t) else "" for t in tasks}
         self._remove_service(service_id)
         deadline = time.monotonic() + timeout
         while running and time.monotonic() < deadline:
