@@ -46,12 +46,17 @@ swarm-up:  ## Deploy swarm-stack.yml on the swarm manager DOCKER_HOST names; ret
 	    $(DOCKER) node update --label-add hashlb.balancer=true $$self >/dev/null; \
 	    echo "swarm-up: balancer, supervisor and registry go to this node ($$self)"; \
 	fi
+	@# A CLI that has --detach (26 and newer) waits for the services to converge with it.
 	@gid=$${DOCKER_GID:-$$($(DOCKER) run --rm --network none --label hashlb.role=build \
 	        --volume $(DOCKER_SOCKET):/var/run/docker.sock --entrypoint stat $(LB_LB_IMAGE) \
 	        -c %g /var/run/docker.sock)} && \
-	$(SWARM_RUN) DOCKER_GID=$$gid $(DOCKER) stack deploy --resolve-image never \
+	detach=$$($(DOCKER) stack deploy --help | grep -q -- '--detach' && echo --detach=false --quiet); \
+	$(SWARM_RUN) DOCKER_GID=$$gid $(DOCKER) stack deploy --resolve-image never $$detach \
 	    --compose-file swarm-stack.yml $(STACK)
+	@# Serving, and not by the task a re-deploy is replacing.
 	@for _ in $$(seq $$(( $(SWARM_WAIT) * 2 ))); do \
+	    ! $(DOCKER) service inspect --format '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' \
+	        $(STACK)_lb $(STACK)_supervisor | grep -q '^updating$$' && \
 	    python3 -c 'import json, urllib.request as u; o = u.build_opener(u.ProxyHandler({})); \
 	        url = "$(SWARM_URL)"; \
 	        n = json.load(o.open(url + "/rep", timeout=2))["message"]["N"]; \

@@ -104,6 +104,7 @@ def add_twenty(cluster: Cluster) -> dict[str, Any]:
 
 
 def redeploy(cluster: Cluster, constraints: str) -> None:
+    """make swarm-up with other constraints: it returns once the updated balancer serves."""
     proc = cluster.make("swarm-up", timeout=300, env={
         **SETTINGS, "LB_SWARM_CONSTRAINTS": constraints,
         "DOCKER_HOST": cluster.socket("manager")})
