@@ -195,7 +195,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{meta['when']}, {meta['cpus']} cores shared by the three node containers, their "
         "engines, the replicas, the balancer and the load generator; Docker "
-        f"{meta['engine']} in every node. Stack settings: "
+        f"{meta['engine']} in every node; load average (1, 5, 15 min) {meta['load_before']} "
+        f"before, {meta['load_after']} after (other work shared the machine). Stack settings: "
         + ", ".join(f"`{k}={v}`" for k, v in SETTINGS.items()) + ".",
         "",
         "## /add of 20 replicas",
@@ -247,7 +248,8 @@ def main() -> None:
         results: dict[str, Any] = {"meta": {
             "when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
             "engine": cluster.client().version()["Version"], "replicas": args.replicas,
-            "seconds": args.seconds, "connections": args.connections}}
+            "seconds": args.seconds, "connections": args.connections,
+            "load_before": [round(x, 1) for x in os.getloadavg()]}}
         results["add20"] = add_twenty(cluster)
         print("add 20:", results["add20"], flush=True)
         results["throughput"] = throughput(cluster, args.replicas, args.rounds, args.seconds,
@@ -260,6 +262,7 @@ def main() -> None:
     finally:
         cluster.close()
         cluster.make("cluster-down", timeout=300)
+    results["meta"]["load_after"] = [round(x, 1) for x in os.getloadavg()]
     (HERE / "swarm-results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "swarm-results.md").write_text(markdown(results))
     print(markdown(results))
