@@ -185,6 +185,8 @@ def test_stopped_worker_is_replaced_on_the_remaining_nodes(swarm_cluster: Cluste
                key=lambda w: sum(1 for where in before.values() if where == w))
     leaving = {name for name, where in before.items() if where == node}
     assert leaving, f"no replica on a worker: {before}"
+    # A request fails only when every replica it may try (1 + LB_RETRIES) is on the lost node.
+    assert set(before) - leaving, f"every replica is on {node}: {before}"
     node_id = cluster.node_id(node)
     host = docker.from_env(timeout=60)
     load = Load(cluster.url, total=1500, seconds=20, threads=6).start()
