@@ -165,25 +165,37 @@ def node_stop(cluster: Cluster, node_hint: int) -> dict[str, Any]:
     time.sleep(2)
     began = time.monotonic()
     host.containers.get(f"{cluster.name}-{node}").stop(timeout=0)
+    seen: set[str] = set()
+    at: dict[str, float] = {}
     try:
-        rep = wait_until(lambda: not leaving & set((r := cluster.rep(session))["replicas"])
-                         and r["N"] == 6 and r, 120)
-        detected = time.monotonic() - began
-        new = set(rep["replicas"]) - set(before)
-        wait_until(lambda: all_seen(cluster, new), 120, 0)
-        serving = time.monotonic() - began
-        wait_until(lambda: cluster.client().api.inspect_node(node_id)["Status"]["State"]
-                   == "down", 120)
-        down = time.monotonic() - began
+        # One loop watches all three, so each time is its own (not one after the other).
+        while len(at) < 3 and time.monotonic() - began < 180:
+            elapsed = time.monotonic() - began
+            rep = cluster.rep(session)
+            new = set(rep["replicas"]) - set(before)
+            if "detected" not in at and not leaving & set(rep["replicas"]) and rep["N"] == 6:
+                at["detected"] = elapsed
+            if "detected" in at and "serving" not in at:
+                seen |= cluster.serving(session, 10)
+                if new <= seen:
+                    at["serving"] = time.monotonic() - began
+            if "down" not in at and \
+                    cluster.client().api.inspect_node(node_id)["Status"]["State"] == "down":
+                at["down"] = elapsed
+            time.sleep(0.05)
+        where = cluster.placement()
         load.wait()
     finally:
         host.containers.get(f"{cluster.name}-{node}").start()
         host.close()
-    wait_until(lambda: cluster.client().api.inspect_node(node_id)["Status"]["State"]
-               == "ready", 120)
+    if len(at) < 3:
+        raise RuntimeError(f"node stop: only {at} within 180 s")
+    detected, serving, down = at["detected"], at["serving"], at["down"]
+    landed = sorted(where.get(h, "?") for h in new)
     return {"node": node, "replicas_lost": len(leaving), "detected_s": round(detected, 1),
             "all_replacements_serving_s": round(serving, 1),
-            "manager_saw_node_down_s": round(down, 1), "client_requests": load.sent,
+            "manager_saw_node_down_s": round(down, 1), "replacements_on": landed,
+            "client_requests": load.sent,
             "client_failures": len(load.failures),
             "failures": [f for _, f in load.failures[:3]]}
 
@@ -228,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["node_stops"]:
         lines.append(f"| {r['node']} | {r['replicas_lost']} | {r['detected_s']} s | "
                      f"{r['all_replacements_serving_s']} s | {r['manager_saw_node_down_s']} s | "
-                     f"{r['client_requests']} | {r['client_failures']} |")
+                     f"{', '.join(r['replacements_on'])} | {r['client_requests']} | "
+                     f"{r['client_failures']} {r['failures']} |")
     return "\n".join(lines) + "\n"
 
 
