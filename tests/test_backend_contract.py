@@ -96,7 +96,8 @@ def swarm_harness(swarm_cluster: Any) -> Iterator[Harness]:
 
 
 @pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker),
-                        pytest.param("swarm", marks=[pytest.mark.docker, pytest.mark.swarm])])
+                        pytest.param("swarm", marks=[pytest.mark.docker, pytest.mark.swarm,
+                                                      pytest.mark.timeout(900)])])
 def harness(request: pytest.FixtureRequest) -> Harness:
     return request.getfixturevalue(f"{request.param}_harness")
 

@@ -20,7 +20,8 @@ import pytest
 from tests.helpers_chaos import Load, report
 from tests.helpers_swarm import Cluster, http_session, remains_of
 
-pytestmark = [pytest.mark.docker, pytest.mark.swarm]
+# Each test's limit includes building the cluster when it is the first to use it.
+pytestmark = [pytest.mark.docker, pytest.mark.swarm, pytest.mark.timeout(900)]
 
 RECOVERY_TIMEOUT = 90.0  # seconds; a replacement normally serves within a few
 
