@@ -197,7 +197,16 @@ def node_stop(cluster: Cluster, node_hint: int) -> dict[str, Any]:
             "manager_saw_node_down_s": round(down, 1), "replacements_on": landed,
             "client_requests": load.sent,
             "client_failures": len(load.failures),
-            "failures": [f for _, f in load.failures[:3]]}
+            "failures": [f for _, f in load.failures[:20]]}
+
+
+def failure_kinds(failures: list[str]) -> str:
+    """The failures' first words (``HTTP 502``, a connection error), counted."""
+    kinds: dict[str, int] = {}
+    for f in failures:
+        kind = f.split(":", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return "".join(f" ({n}× {k})" for k, n in kinds.items())
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -234,18 +243,22 @@ def markdown(results: dict[str, Any]) -> str:
         "## A worker node stopped outright (6 replicas, a client sending GETs)",
         "",
         ("| node | replicas lost | /rep without them | all replacements serve | manager calls "
-        "the node down | client requests | failed |"),
-        "|---|---|---|---|---|---|---|",
+        "the node down | replacements on | client requests | failed |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["node_stops"]:
         lines.append(f"| {r['node']} | {r['replicas_lost']} | {r['detected_s']} s | "
                      f"{r['all_replacements_serving_s']} s | {r['manager_saw_node_down_s']} s | "
                      f"{', '.join(r['replacements_on'])} | {r['client_requests']} | "
-                     f"{r['client_failures']} {r['failures']} |")
+                     f"{r['client_failures']}{failure_kinds(r['failures'])} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--markdown"]:  # rewrite the .md from the .json of the last run
+        results = json.loads((HERE / "swarm-results.json").read_text())
+        (HERE / "swarm-results.md").write_text(markdown(results))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=6, help="replicas for the throughput runs")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved throughput rounds")
