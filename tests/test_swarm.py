@@ -213,7 +213,7 @@ def test_stopped_worker_is_replaced_on_the_remaining_nodes(swarm_cluster: Cluste
         host.containers.get(f"{cluster.name}-{node}").start()  # it rejoins the swarm
         host.close()
     report("swarm-stop-node", node=node, replicas_lost=len(leaving), detected_s=detected,
-           serving_s=serving, manager_saw_down_s=node_down, requests=load.sent,
+           serving_s=serving, manager_saw_down_by_s=node_down, requests=load.sent,
            failed=len(load.failures), now_on=sorted(set(where.values())))
     assert load.failures == [], load.failures[:5]
 
