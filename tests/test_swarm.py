@@ -4,6 +4,7 @@ own engine (``make cluster-up``), the stack deployed, the balancer reached on a 
 The contract holds through the balancer; replicas spread over the nodes; ``/add`` and ``/rm``
 agree with ``docker service ls``; a replica killed on a worker, a worker drained and a worker
 stopped outright each end with replacements on the nodes left and no failed client request;
+``make swarm-down`` removes the stack and every replica service;
 ``make cluster-down`` leaves nothing. The tests run in file order on one cluster (the last one
 takes it down) and print their figures (``[hard-to-break] swarm-...`` lines).
 """
@@ -216,6 +217,21 @@ def test_stopped_worker_is_replaced_on_the_remaining_nodes(swarm_cluster: Cluste
            serving_s=serving, manager_saw_down_by_s=node_down, requests=load.sent,
            failed=len(load.failures), now_on=sorted(set(where.values())))
     assert load.failures == [], load.failures[:5]
+
+
+def test_swarm_down_removes_the_stack_and_every_replica(swarm_cluster: Cluster) -> None:
+    cluster, session = swarm_cluster, http_session()
+    reply = session.post(cluster.url + "/add", json={"n": 2}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert len(cluster.replica_services()) == 5
+    proc = cluster.make("swarm-down", timeout=300,
+                        env={"DOCKER_HOST": cluster.socket("manager")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    api = cluster.client().api
+    assert api.services() == []  # the stack's two and every replica
+    assert api.networks(names=["net1"]) == []
+    assert [v["Name"] for v in api.volumes()["Volumes"] or []
+            if v["Name"] == f"{cluster.stack}_registry"] == []
 
 
 def test_cluster_down_leaves_nothing(swarm_cluster: Cluster) -> None:
