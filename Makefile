@@ -27,10 +27,10 @@ test-fast: $(STAMP)  ## Run the tests that start no processes
 	$(BIN)/pytest -m "not system and not docker"
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check lb replica supervisor tests
+	$(BIN)/ruff check lb replica supervisor tests examples
 
 typecheck: $(STAMP)  ## mypy
-	$(BIN)/mypy lb replica supervisor
+	$(BIN)/mypy lb replica supervisor examples
 
 settings-table: $(STAMP)  ## Rewrite the README's settings table from lb/settings.py
 	$(BIN)/python -c 'import re, pathlib; from lb.settings import settings_table as t; \

@@ -23,7 +23,9 @@ experiments:
   a4       a1 and a2 for each hash preset (seed, cs60002, xxhash; --variants adds ring160,
            maglev), side by side; --spawn starts one local stack per variant
   all      explain + balance + a1 + a2 + a3 + a4
-  balance  offline: max/mean and key movement of every strategy for N = 2..10 (no balancer)
+  balance  offline: max/mean and key movement of every strategy for N = 2..10 (no balancer);
+           with --hash SPEC: one hash on the ring (a preset, 'H=...; Phi=...' or module:name),
+           the slots H reaches, where the virtual servers land, the shares (--chart: a PNG)
   explain  offline: why the spec's hash functions send ~97% / ~84% to one replica
 
 examples:
@@ -31,6 +33,7 @@ examples:
   lb-analyze a3 --url http://127.0.0.1:5123 --registry /tmp/mine/registry.json
   lb-analyze a3 --url http://127.0.0.1:5000 --kill-cmd 'docker kill {hostname}'
   lb-analyze a4 --spawn
+  lb-analyze balance --hash 'H=3*i**2+7*i+11; Phi=i**2+j**2+2*j+25' --chart
   lb-analyze a4 --target seed=http://127.0.0.1:5001 --target cs60002=http://127.0.0.1:5002 \\
                 --target xxhash=http://127.0.0.1:5003
   lb-analyze all --spawn --variants seed,cs60002,xxhash,ring160,maglev
@@ -71,7 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     balance_group.add_argument("--n-min", type=int, default=2)
     balance_group.add_argument("--n-max", type=int, default=10)
     balance_group.add_argument("--only", action="append", metavar="STRATEGY")
-    return parser.parse_args(argv)
+    balance.add_hash_arguments(balance_group)
+    args = parser.parse_args(argv)
+    if args.hash and args.experiment != "balance":
+        parser.error("--hash goes with the balance experiment: lb-analyze balance --hash SPEC")
+    return args
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -97,6 +104,11 @@ def _target(args: argparse.Namespace, ctx: experiments.Context) -> Iterator[expe
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.experiment == "balance" and args.hash:
+        balance.run_hash(args.hash, args.out, args.chart, args.slots, args.virtual,
+                         args.probing, args.requests, args.seed, args.n_min, args.n_max,
+                         args.repeats)
+        return
     if args.experiment in ("balance", "all"):
         balance.run(args.out, args.requests, args.seed, args.n_min, args.n_max, args.only,
                     args.repeats)

@@ -21,39 +21,52 @@ a request passes over a replica that already holds ceil(c x mean) of them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from lb.hashring import HashRing
-from lb.strategies import Lookup, Maglev, well_mixed_ring
+from analysis.client import AnalysisError
+from lb.hashring import HashRing, resolve_preset
+from lb.strategies import (
+    REQUEST_IDS,
+    Lookup,
+    Maglev,
+    shares_by_weight,
+    slot_weights,
+    well_mixed_ring,
+)
 
 Ids = Sequence[int]
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One strategy as the balance report drives it."""
+    """One strategy as the balance report drives it.
+
+    Shares and slot ownership come from the lookups themselves (``shares()``, ``owners()`` of
+    the ``Lookup`` interface), as on the status page and in the metrics.
+    """
 
     name: str
     description: str
     build: Callable[[Ids], Lookup]
     grow: Callable[[Lookup, Ids, int], Lookup]  # (lookup over ids, ids, new id) -> lookup
     shrink: Callable[[Lookup, Ids, int], Lookup]  # (lookup over ids, ids, leaving id) -> lookup
-    bounded: float = 0.0
-    share: Callable[[Lookup], dict[int, float]] | None = None
-    entries: Callable[[Lookup], Sequence[int | None]] | None = None  # owner of each slot/entry
+    bounded: float = 0.0  # bounded loads route by load too: no key-space figures then
 
 
 def _ring_variant(name: str, preset: str, slots: int = 512, virtual: int = 9,
-                  bounded: float = 0.0, note: str = "") -> Variant:
-    params = {"slots": slots, "virtual_per_server": virtual, "preset": preset}
+                  bounded: float = 0.0, note: str = "", probing: str = "linear") -> Variant:
+    params = {"slots": slots, "virtual_per_server": virtual, "preset": preset,
+              "probing": probing}
 
     def build(ids: Ids) -> Lookup:
         ring = HashRing(**params)  # type: ignore[arg-type]
@@ -75,41 +88,19 @@ def _ring_variant(name: str, preset: str, slots: int = 512, virtual: int = 9,
         ring.remove(leaving)
         return ring
 
-    desc = f"ring, hash preset {preset}, M={slots}, K={virtual}" + (f"; {note}" if note else "")
-    return Variant(name, desc, build, grow, shrink, bounded,
-                   share=lambda lk: lk.shares(),  # type: ignore[attr-defined]
-                   entries=None if bounded else slot_owners)  # type: ignore[arg-type]
-
-
-def slot_owners(ring: HashRing) -> list[int | None]:
-    """The server each slot's requests go to: the first virtual server at or after it."""
-    owners = [ring.owner_of_slot(s) for s in range(ring.slots)]
-    if not any(o is not None for o in owners):
-        return owners
-    table: list[int | None] = [None] * ring.slots
-    nxt: int | None = next(o for o in owners if o is not None)
-    for slot in range(ring.slots - 1, -1, -1):
-        if owners[slot] is not None:
-            nxt = owners[slot]
-        table[slot] = nxt
-    return table
+    desc = (f"ring, hash {preset}, M={slots}, K={virtual}"
+            + (f", {probing} probing" if probing != "linear" else "")
+            + (f"; {note}" if note else ""))
+    return Variant(name, desc, build, grow, shrink, bounded)
 
 
 def _set_variant(name: str, description: str, make: Callable[[Ids], Lookup],
                  bounded: float = 0.0) -> Variant:
-    def entries(lookup: Lookup) -> Sequence[int | None]:
-        if isinstance(lookup, Maglev):
-            return lookup.table
-        assert isinstance(lookup, HashRing)
-        return slot_owners(lookup)
-
     return Variant(
         name, description, make,
         grow=lambda lk, ids, new: make([*ids, new]),
         shrink=lambda lk, ids, leaving: make([i for i in ids if i != leaving]),
         bounded=bounded,
-        share=lambda lk: lk.shares(),  # type: ignore[attr-defined]
-        entries=None if bounded else entries,
     )
 
 
@@ -206,9 +197,9 @@ def measure(variant: Variant, keys: Sequence[int], n_values: Iterable[int],
         placed = assign(base, ids, keys, variant.bounded)
         counts = Counter(placed)
         share = None
-        if variant.share is not None and not variant.bounded:
-            share = max(variant.share(base).values()) * n
-        entries = variant.entries
+        exact = not variant.bounded  # the key space decides alone: figures over all of it
+        if exact:
+            share = max(base.shares().values()) * n
         add, needless_add, exact_add = 1.0, 0.0, None
         if n > 1:
             smaller = variant.build(ids[:-1])
@@ -217,8 +208,8 @@ def measure(variant: Variant, keys: Sequence[int], n_values: Iterable[int],
             after = assign(grown, ids, keys, variant.bounded)
             add = moved(before, after)
             needless_add = sum(a != b and b != n for a, b in zip(before, after)) / len(keys)
-            if entries is not None:
-                exact_add = moved(entries(smaller), entries(grown))
+            if exact:
+                exact_add = moved(smaller.owners(), grown.owners())
         removes, needless, exact_removes = [], [], []
         for i in ids:
             rest = [x for x in ids if x != i]
@@ -226,8 +217,8 @@ def measure(variant: Variant, keys: Sequence[int], n_values: Iterable[int],
             after = assign(shrunk, rest, keys, variant.bounded)
             removes.append(moved(placed, after))
             needless.append(sum(a != b and a != i for a, b in zip(placed, after)) / len(keys))
-            if entries is not None:
-                exact_removes.append(moved(entries(base), entries(shrunk)))
+            if exact:
+                exact_removes.append(moved(base.owners(), shrunk.owners()))
         samples = [_max_mean(assign(base, ids, more, variant.bounded), n) for more in repeats]
         rows.append(Row(n, _max_mean(placed, n), share, add, removes, needless_add,
                         max(needless), samples, exact_add, exact_removes,
@@ -422,6 +413,188 @@ def run(out: str, count: int = 10_000, seed: int = 1, n_min: int = 2, n_max: int
     return results
 
 
+# -- one hash, judged before it goes live (``--hash``) -------------------------------------------
+@dataclass
+class HashReport:
+    """``lb-analyze balance --hash SPEC``: the ring with those hash functions, N = 2..10."""
+
+    spec: str  # canonical: what the registry would store
+    description: str
+    slots: int
+    virtual: int
+    probing: str
+    rows: list[Row]
+    reach: Counter[int]  # slot -> how many of all 6-digit request ids H sends there
+    placement: dict[int, tuple[int, ...]]  # server id -> its virtual servers' slots
+    expected: dict[int, dict[int, float]]  # N -> server id -> share of all 6-digit ids
+
+    @property
+    def verdict(self) -> dict[str, object]:
+        return verdict(self.rows)
+
+    def summary_cells(self) -> list[str]:
+        """The README's analysis table columns: max/mean (sample), its median over the
+        samples, key-space max/mean, moved / ideal over the sample and over the key space."""
+        v = self.verdict
+        return [f"{v['max_mean']:.2f}", f"{v['max_mean_median']:.2f}",
+                f"{v['share_max_mean']:.2f}",
+                f"{v['moved_ratio_min']:.2f} .. {v['moved_ratio_max']:.2f}",
+                f"{v['exact_moved_ratio_min']:.2f} .. {v['exact_moved_ratio_max']:.2f}"]
+
+
+def hash_report(spec: str, slots: int = 512, virtual: int = 9, probing: str = "linear",
+                count: int = 10_000, seed: int = 1, n_min: int = 2, n_max: int = 10,
+                repeats: int = 20) -> HashReport:
+    """Measure the ring with hash ``spec`` (a preset, formulas or a plug-in) like the balance
+    report measures every strategy, plus what only the hash decides: the slots H reaches, where
+    Phi puts the virtual servers, and the share of every 6-digit request id per replica.
+    Raises ``ValueError`` (a ``FormulaError``, a ``HashSpecError``) for an unusable spec."""
+    preset = resolve_preset(spec, virtual)
+    variant = _ring_variant(f"ring {preset.name}", preset.name, slots, virtual,
+                            probing=probing)
+    keys = request_ids(count, seed)
+    more = [request_ids(count, seed + 1000 + r) for r in range(repeats)]
+    rows = measure(variant, keys, range(n_min, n_max + 1), more)
+    # Where a key lands depends on H and M alone: count every 6-digit id once, then weigh.
+    widest = variant.build(list(range(1, n_max + 1)))
+    assert isinstance(widest, HashRing)
+    reach = slot_weights(widest, REQUEST_IDS)
+    expected = {n: shares_by_weight(variant.build(list(range(1, n + 1))), reach)
+                for n in range(n_min, n_max + 1)}
+    return HashReport(preset.name, preset.description, slots, virtual, probing, rows, reach,
+                      widest.placement(), expected)
+
+
+def render_hash_report(report: HashReport, count: int, repeats: int) -> str:
+    total = sum(report.reach.values())
+    busiest = max(report.reach.values()) / total
+    lines = [
+        f"# Balance of LB_HASH={report.spec}",
+        "",
+        (f"{report.description}; M={report.slots}, K={report.virtual}, {report.probing} "
+         "probing; LB_STRATEGY=ring (the other strategies do not use LB_HASH)."),
+        "",
+        (f"H reaches {len(report.reach)} of {report.slots} slots over all {total:,} 6-digit "
+         f"request ids; the busiest slot gets {100 * busiest:.2f} % of them "
+         f"(even: {100 / report.slots:.2f} %)."),
+        "",
+        "## Where the virtual servers land",
+        "",
+        ("Placed in ascending server id order, so id k's slots are the same for every N >= k "
+         "(with the registry's placement, joining replicas never move the others)."),
+        "",
+        "| server id | slots of its virtual servers |",
+        "|---|---|",
+    ]
+    lines += [f"| {sid} | {', '.join(map(str, sorted(slots)))} |"
+              for sid, slots in sorted(report.placement.items())]
+    occupied = sorted(s for slots in report.placement.values() for s in slots)
+    lines += ["", (f"All {len(occupied)} lie in slots {occupied[0]}..{occupied[-1]} of "
+                   f"0..{report.slots - 1}."), "",
+              f"## Load and movement, N = {report.rows[0].n}..{report.rows[-1].n}", "",
+              (f"max/mean over {count:,} random 6-digit ids (seed as `balance`), its median "
+               f"over {repeats} further samples, over the key space (slots), and over all "
+               "6-digit ids (exact: every id counted); moved: fraction of the sample whose "
+               "replica changes when replica N joins, or when one of 1..N leaves (mean / "
+               "worst), next to the ideal 1/N."), "",
+              ("| N | max/mean (sample) | median of samples | key space | all 6-digit ids | "
+               "expected shares, all 6-digit ids (%) | moved on add (/ideal) | "
+               "moved on remove, mean / worst (/ideal) | ideal 1/N |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        shares = report.expected[r.n]
+        figures = " / ".join(f"{100 * shares[i]:.1f}" for i in range(1, r.n + 1))
+        lines.append(
+            f"| {r.n} | {r.max_mean:.3f} | {r.max_mean_median:.3f} | "
+            f"{_f(r.share_max_mean)} | {max(shares.values()) * r.n:.3f} | {figures} | "
+            f"{r.moved_add:.3f} ({r.moved_add / r.ideal:.2f}) | "
+            f"{r.moved_remove_mean:.3f} / {r.moved_remove_max:.3f} "
+            f"({r.moved_remove_max / r.ideal:.2f}) | {r.ideal:.3f} |")
+    lines += ["", "## Summary (worst over N), the columns of the README's analysis table", "",
+              ("| max/mean (sample) | max/mean (median of samples) | key-space max/mean | "
+               "moved / ideal (sample) | moved / ideal (key space) |"),
+              "|---|---|---|---|---|",
+              "| " + " | ".join(report.summary_cells()) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def hash_chart(report: HashReport, path: str) -> None:
+    """The same as PNG: max/mean and movement per N, and where H sends the ids among the
+    virtual servers."""
+    from analysis.charts import log_axis, plt
+
+    fig = plt.figure(figsize=(13, 8))
+    ax1, ax2 = fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 2)
+    ax3 = fig.add_subplot(2, 1, 2)
+    ns = [r.n for r in report.rows]
+    ax1.plot(ns, [r.max_mean for r in report.rows], marker="o", label="sample")
+    ax1.plot(ns, [r.share_max_mean or 0 for r in report.rows], marker="s", label="key space")
+    ax1.plot(ns, [max(report.expected[n].values()) * n for n in ns], marker="^",
+             label="all 6-digit ids")
+    ax1.axhline(1.05, color="grey", lw=0.8, ls="--")
+    log_axis(ax1)
+    ax1.set_xlabel("replicas N")
+    ax1.set_ylabel("max / mean (log scale)")
+    ax1.set_title("Busiest replica")
+    ax1.legend(fontsize=7)
+    ax2.axhspan(0.9, 1.1, color="green", alpha=0.12, label="within 10% of ideal")
+    ax2.plot(ns, [r.moved_add / r.ideal for r in report.rows], marker="o", label="add")
+    ax2.plot(ns, [r.moved_remove_max / r.ideal for r in report.rows], marker="s",
+             label="remove (worst)")
+    log_axis(ax2)
+    ax2.set_yticks([0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10])
+    ax2.set_xlabel("replicas N")
+    ax2.set_ylabel("moved fraction / (1/N)")
+    ax2.set_title("Keys moved")
+    ax2.legend(fontsize=7)
+    total = sum(report.reach.values())
+    ax3.bar(list(report.reach), [100 * c / total for c in report.reach.values()], width=1.0,
+            color="lightgrey", label="% of 6-digit ids hashed to the slot")
+    top = max(100 * c / total for c in report.reach.values())
+    for k, (sid, slots) in enumerate(sorted(report.placement.items())):
+        ax3.vlines(slots, 0, top, colors=f"C{k % 10}", lw=1.0, label=f"id {sid}")
+    ax3.set_xlim(0, report.slots)
+    ax3.set_xlabel(f"slot (0..{report.slots - 1})")
+    ax3.set_ylabel("% of ids")
+    ax3.set_title(f"H reaches {len(report.reach)} of {report.slots} slots; virtual servers "
+                  "of each server id", fontsize=9)
+    ax3.legend(fontsize=6, loc="upper right", ncol=6)
+    fig.suptitle(f"LB_HASH={report.spec}"[:120], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def chart_name(spec: str) -> str:
+    """A file name for ``spec``'s chart: the preset's name, else a digest of the spec."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", spec):
+        return f"balance-{spec}.png"
+    return f"balance-hash-{hashlib.sha1(spec.encode()).hexdigest()[:8]}.png"
+
+
+def run_hash(specs: list[str], out: str, chart: bool = False, slots: int = 512,
+             virtual: int = 9, probing: str = "linear", count: int = 10_000, seed: int = 1,
+             n_min: int = 2, n_max: int = 10, repeats: int = 20,
+             echo: bool = True) -> list[HashReport]:
+    reports = []
+    for spec in specs:
+        try:
+            report = hash_report(spec, slots, virtual, probing, count, seed, n_min, n_max,
+                                 repeats)
+        except ValueError as exc:
+            raise AnalysisError(f"--hash: {exc}") from None
+        reports.append(report)
+        if echo:
+            print(render_hash_report(report, count, repeats))
+        if chart:
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, chart_name(report.spec))
+            hash_chart(report, path)
+            if echo:
+                print(f"chart: {path}")
+    return reports
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="analysis/results", help="results folder")
     parser.add_argument("--requests", type=int, default=10_000, help="request ids (10000)")
@@ -432,9 +605,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-max", type=int, default=10)
     parser.add_argument("--only", action="append", metavar="STRATEGY",
                         help="measure only this strategy (repeatable)")
+    add_hash_arguments(parser)
+
+
+def add_hash_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--hash", action="append", metavar="SPEC",
+                        help="judge these hash functions on the ring instead: a preset, "
+                             "formulas 'H=...; Phi=...' or a plug-in module:name (repeatable)")
+    parser.add_argument("--slots", type=int, default=512, help="--hash: slots M (512)")
+    parser.add_argument("--virtual", type=int, default=9,
+                        help="--hash: virtual servers per replica K (9)")
+    parser.add_argument("--probing", default="linear", help="--hash: linear or quadratic")
+    parser.add_argument("--chart", action="store_true", help="--hash: also write a PNG")
 
 
 def run_args(args: argparse.Namespace) -> None:
+    if args.hash:
+        run_hash(args.hash, args.out, args.chart, args.slots, args.virtual, args.probing,
+                 args.requests, args.seed, args.n_min, args.n_max, args.repeats)
+        return
     run(args.out, args.requests, args.seed, args.n_min, args.n_max, args.only, args.repeats)
 
 
@@ -442,7 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.balance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    run_args(parser.parse_args(argv))
+    try:
+        run_args(parser.parse_args(argv))
+    except AnalysisError as exc:
+        sys.exit(f"analysis.balance: {exc}")
 
 
 if __name__ == "__main__":

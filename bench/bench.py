@@ -1,10 +1,12 @@
-"""The benchmark: the same 3 replicas behind this balancer, HAProxy and nginx, and directly.
+"""The benchmark: the same 3 replicas behind this balancer's two workers, HAProxy and nginx,
+and directly.
 
 One run, one machine, loopback only, every load bounded in time (wrk ``-d``):
 
-1. ``lb-run`` starts the balancer, its supervisor and 3 local replicas (hash key ``query:id``,
-   the settings below); HAProxy (``balance url_param id`` + ``hash-type consistent``) and nginx
-   (``hash $arg_id consistent``) are started on the *same* 3 replica addresses.
+1. ``lb-run`` starts the balancer (``LB_WORKER=async``), its supervisor and 3 local replicas
+   (hash key ``query:id``, the settings below); a second balancer with ``LB_WORKER=threads``
+   serves the same registry on another port; HAProxy (``balance url_param id`` + ``hash-type
+   consistent``) and nginx (``hash $arg_id consistent``) are started on the *same* 3 replicas.
 2. **Saturation**: wrk with a fixed number of keep-alive connections, each request
    ``GET /home?id=<random 6-digit>``, against each target in turn, ``--rounds`` times
    (interleaved, so a burst of outside load hits every target alike). *direct* is one wrk per
@@ -15,7 +17,11 @@ One run, one machine, loopback only, every load bounded in time (wrk ``-d``):
    next request, calibrated so the offered rate is half of the balancer's saturation rate. The
    balancer-added p99 is its p99 minus the direct p99 at the same rate.
 4. CPU per request of each proxy and of the replicas (``psutil`` CPU times over each run).
-5. The micro-benchmark (``bench/micro.py``) and, with ``--profile``, py-spy on the balancer's
+5. **Slow clients**: ``bench/slowloris.py`` against each worker: ``--slow-attackers``
+   connections trickling headers or admin bodies (reconnecting when dropped) for
+   ``--slow-seconds``, beside a normal client's GETs (2 s timeout); its success rate and
+   latency, and the balancer's memory (RSS of its processes) before and at the peak.
+6. The micro-benchmark (``bench/micro.py``) and, with ``--profile``, py-spy on the balancer's
    workers under saturation (``bench/profile.txt``).
 
 Writes ``bench/results.md`` and ``bench/results.json``. Run it with ``bash bench/run.sh``.
@@ -172,6 +178,60 @@ def nginx(replicas: list[str], folder: str, workers: int) -> Iterator[tuple[str,
         yield f"http://127.0.0.1:{port}", proc
 
 
+@contextlib.contextmanager
+def threads_balancer(stack: LocalStack, folder: str) -> Iterator[tuple[str, psutil.Process]]:
+    """A second balancer, ``LB_WORKER=threads``, on the stack's registry and replicas."""
+    port = free_port()
+    env = {**stack.env, "LB_WORKER": "threads", "LB_PORT": str(port),
+           "LB_REGISTRY": stack.registry}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own counters, not the stack's
+    with open(os.path.join(folder, "threads.log"), "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        _wait_port(port, proc, "the threads balancer", timeout=60)
+        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def slow_clients(url: str, procs: list[psutil.Process], attackers: int,
+                 seconds: float) -> dict[str, Any]:
+    """The slow-client attack against ``url``, and the memory of ``procs`` (RSS, MiB) before
+    it and at its peak."""
+    from bench.slowloris import attack
+
+    def rss() -> float:
+        total = 0
+        for proc in (q for p in procs for q in _tree(p)):
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total / 2**20
+
+    before, peak = rss(), [0.0]
+    stop = time.monotonic() + seconds + 5
+
+    def watch() -> None:
+        while time.monotonic() < stop:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.5)
+
+    import threading
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    outcome = attack(url, attackers=attackers, seconds=seconds)
+    stop = time.monotonic()
+    watcher.join()
+    return {**outcome.summary(), "rss_before_mib": round(before, 1),
+            "rss_peak_mib": round(peak[0], 1)}
+
+
 # -- measuring ---------------------------------------------------------------------------------
 def _cpu(procs: list[psutil.Process]) -> float:
     total = 0.0
@@ -290,7 +350,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with open(lua, "w", encoding="utf-8") as fh:
         fh.write(WRK_LUA)
     settings = {"hash_key": "query:id", "strategy": args.strategy, "log_level": "warning",
-                "workers": str(args.lb_workers), "threads": str(args.lb_threads)}
+                "workers": str(args.lb_workers), "threads": str(args.lb_threads),
+                "worker": "async"}
     meta: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
@@ -304,9 +365,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         addresses, replicas = replica_processes(stack.registry)
         lb_procs = balancer_processes(stack)
         with haproxy(addresses, work) as (hurl, hproc), \
-                nginx(addresses, work, args.nginx_workers) as (nurl, nproc):
+                nginx(addresses, work, args.nginx_workers) as (nurl, nproc), \
+                threads_balancer(stack, work) as (turl, tproc):
             targets: dict[str, dict[str, Any]] = {
-                "balancer": {"urls": [stack.url], "procs": lb_procs},
+                "async": {"urls": [stack.url], "procs": lb_procs},
+                "threads": {"urls": [turl], "procs": [tproc]},
                 "haproxy": {"urls": [hurl], "procs": [hproc]},
                 "nginx": {"urls": [nurl], "procs": [nproc]},
                 "direct": {"urls": addresses, "procs": []},
@@ -322,17 +385,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"{args.duration:.0f} s ...", file=sys.stderr)
                     saturation[name].append(measured(t, args.connections, args.duration, lua,
                                                      replicas))
-            lb_rps = statistics.median(x["rps"] for x in saturation["balancer"])
-            rate = lb_rps / 2
+            # Half load: each worker at half its own saturation rate, beside the replicas
+            # directly at the same rate; HAProxy and nginx at the async worker's.
             half: dict[str, dict[str, Any]] = {}
-            for name, t in targets.items() if not args.quick else ():
-                print(f"half load: {name} at {rate:.0f} req/s ...", file=sys.stderr)
-                half[name] = paced(t, rate, args.paced_connections, args.duration, lua, replicas)
+            for worker in [w for w in ("async", "threads") if w in targets and not args.quick]:
+                rate = statistics.median(x["rps"] for x in saturation[worker]) / 2
+                others = ["haproxy", "nginx"] if worker == "async" else []
+                for name in [worker, *others, "direct"]:
+                    if name not in targets:
+                        continue
+                    key = name if name != "direct" else f"direct@{worker}"
+                    print(f"half load: {name} at {rate:.0f} req/s ...", file=sys.stderr)
+                    half[key] = paced(targets[name], rate, args.paced_connections,
+                                      args.duration, lua, replicas)
             single: dict[str, dict[str, Any]] = {}
             for name, t in targets.items() if not args.quick else ():
                 print(f"one connection: {name} ...", file=sys.stderr)
                 one = {**t, "urls": t["urls"][:1]}  # direct: one replica (they are identical)
                 single[name] = measured(one, 1, args.duration, lua, replicas)
+            slow: dict[str, dict[str, Any]] = {}
+            for name in [w for w in ("async", "threads") if w in targets and not args.quick]:
+                print(f"slow clients: {args.slow_attackers} against {name} for "
+                      f"{args.slow_seconds:.0f} s ...", file=sys.stderr)
+                slow[name] = slow_clients(targets[name]["urls"][0], targets[name]["procs"],
+                                          args.slow_attackers, args.slow_seconds)
+                time.sleep(3)  # let the dropped attackers' connections drain
             prof = cpu_prof = None
             if args.profile:
                 print("profiling the balancer under saturation (py-spy) ...", file=sys.stderr)
@@ -355,7 +432,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     shutil.rmtree(work, ignore_errors=True)
     return {"meta": meta, "saturation": saturation, "half_load": half, "micro": micro_rows,
-            "profile": prof, "cpu_profile": cpu_prof, "one_connection": single}
+            "profile": prof, "cpu_profile": cpu_prof, "one_connection": single,
+            "slow_clients": slow}
 
 
 def _versions() -> dict[str, str]:
@@ -378,9 +456,11 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 def render(data: dict[str, Any]) -> str:
     sat, half, meta = data["saturation"], data["half_load"], data["meta"]
-    names = ["balancer", "haproxy", "nginx", "direct"]
-    label = {"balancer": "(a) this balancer", "haproxy": "(b) HAProxy, hash-type consistent",
-             "nginx": "(c) nginx, hash $arg_id consistent", "direct": "(d) replicas directly"}
+    names = [n for n in ("async", "threads", "haproxy", "nginx", "direct") if n in sat]
+    label = {"async": "(a) this balancer, LB_WORKER=async",
+             "threads": "(b) this balancer, LB_WORKER=threads",
+             "haproxy": "(c) HAProxy, hash-type consistent",
+             "nginx": "(d) nginx, hash $arg_id consistent", "direct": "(e) replicas directly"}
     h = {k: _median(sat["haproxy"], k) for k in ("rps", "p50_ms", "p99_ms")}
     lines = [
         "# Benchmark: this balancer, HAProxy, nginx and the replicas directly",
@@ -415,21 +495,41 @@ def render(data: dict[str, Any]) -> str:
             f"{_median(rows, 'replica_cpu_us'):.0f} µs | "
             f"{sum(r['errors'] + r['non2xx'] for r in rows)} | "
             f"{', '.join(str(round(r['rps'])) for r in rows)} |")
-    rate = half["balancer"]["offered_rps"]
     lines += [
         "",
-        (f"## Half load: {rate:.0f} req/s offered (half the balancer's saturation rate), paced "
-        f"wrk with {meta['args']['paced_connections']} connections, {meta['args']['duration']:.0f} s"),
+        (f"## Half load: each worker at half its own saturation rate, paced wrk with "
+         f"{meta['args']['paced_connections']} connections, {meta['args']['duration']:.0f} s; "
+         "the replicas directly at the same rate"),
         "",
-        "| target | achieved req/s | p50 | p90 | p99 | added p99 vs direct |",
-        "|---|---|---|---|---|---|",
+        "| target | offered req/s | achieved req/s | p50 | p90 | p99 | added p99 vs direct |",
+        "|---|---|---|---|---|---|---|",
     ]
-    d99 = half["direct"]["p99_ms"]
-    for n in names:
-        r = half[n]
-        added = "-" if n == "direct" else f"{r['p99_ms'] - d99:+.2f} ms"
-        lines.append(f"| {label[n]} | {r['rps']:.0f} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms"
-                     f" | {r['p99_ms']:.2f} ms | {added} |")
+    for worker in ("async", "threads"):
+        direct = half.get(f"direct@{worker}")
+        for n in [worker, *(("haproxy", "nginx") if worker == "async" else ()), "direct"]:
+            r = half.get(n) if n != "direct" else direct
+            if r is None:
+                continue
+            added = "-" if n == "direct" or direct is None else \
+                f"{r['p99_ms'] - direct['p99_ms']:+.2f} ms"
+            lines.append(f"| {label[n]} | {r['offered_rps']:.0f} | {r['rps']:.0f} | "
+                         f"{r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
+                         f"{added} |")
+    if data.get("slow_clients"):
+        args = meta["args"]
+        lines += ["", (f"## Slow clients: {args['slow_attackers']} connections trickling headers "
+                       f"or admin bodies (a byte every 1-2 s, reconnecting when dropped) for "
+                       f"{args['slow_seconds']:.0f} s, beside a normal client's GET /home every "
+                       "0.25 s with a 2 s timeout"), "",
+                  ("| worker | normal GETs answered | p50 | p95 | attacker connections | "
+                   "dropped by the balancer | balancer memory before / peak |"),
+                  "|---|---|---|---|---|---|---|"]
+        for n, r in data["slow_clients"].items():
+            lines.append(
+                f"| {label[n]} | {r['normal_ok']} of {r['normal_sent']} "
+                f"({100 * r['success_rate']:.1f} %) | {r['p50_ms']} ms | {r['p95_ms']} ms | "
+                f"{r['attack_connections']} | {r['attack_dropped']} | "
+                f"{r['rss_before_mib']} / {r['rss_peak_mib']} MiB |")
     if data.get("one_connection"):
         one = data["one_connection"]
         lines += ["", (f"## One connection (closed loop: no queueing), {meta['args']['duration']:.0f} s"
@@ -461,22 +561,31 @@ the previous ones. Same machine (2 cores, shared with other engineers' test runs
 | when | load avg before | balancer req/s | HAProxy req/s | ratio | nginx ratio | balancer-added p99 at half load | added p50 / p99, one connection | candidates() worst |
 |---|---|---|---|---|---|---|---|---|
 """
+# Since both workers are measured: the first columns are the async worker's, then the threads'.
+HISTORY_BOTH = """
+| when | load avg before | async req/s | threads req/s | HAProxy req/s | async ratio | threads ratio | nginx ratio | async CPU per request | threads CPU per request | async-added p99 at half load | normal GETs answered under slow clients (async / threads) |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
 
 
 def append_history(data: dict[str, Any], path: str) -> None:
-    sat, half, one = data["saturation"], data["half_load"], data.get("one_connection") or {}
-    lb, hp = _median(sat["balancer"], "rps"), _median(sat["haproxy"], "rps")
-    ng = _median(sat["nginx"], "rps")
-    added = half["balancer"]["p99_ms"] - half["direct"]["p99_ms"]
-    single = (f"{one['balancer']['p50_ms'] - one['direct']['p50_ms']:+.2f} / "
-              f"{one['balancer']['p99_ms'] - one['direct']['p99_ms']:+.2f} ms") if one else "-"
-    worst = max(r["candidates_us"] for r in data["micro"]) if data["micro"] else float("nan")
-    row = (f"| {data['meta']['when']} | {data['meta']['load_before'][0]} | {lb:.0f} | {hp:.0f} | "
-           f"{lb / hp:.2f} | {ng / hp:.2f} | {added:+.2f} ms | {single} | {worst:.1f} µs |\n")
-    new = not os.path.exists(path)
-    with open(path, "a", encoding="utf-8") as fh:
-        if new:
-            fh.write(HISTORY_HEAD)
+    sat, half, slow = data["saturation"], data["half_load"], data.get("slow_clients") or {}
+    rps = {n: _median(rows, "rps") for n, rows in sat.items()}
+    cpu = {n: _median(rows, "proxy_cpu_us") for n, rows in sat.items()}
+    hp = rps["haproxy"]
+    added = half["async"]["p99_ms"] - half["direct@async"]["p99_ms"]
+    answered = " / ".join(f"{100 * slow[n]['success_rate']:.1f} %" if n in slow else "-"
+                          for n in ("async", "threads"))
+    row = (f"| {data['meta']['when']} | {data['meta']['load_before'][0]} | {rps['async']:.0f} | "
+           f"{rps['threads']:.0f} | {hp:.0f} | {rps['async'] / hp:.2f} | "
+           f"{rps['threads'] / hp:.2f} | {rps['nginx'] / hp:.2f} | {cpu['async']:.0f} µs | "
+           f"{cpu['threads']:.0f} µs | {added:+.2f} ms | {answered} |\n")
+    text = HISTORY_HEAD
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text if "| async req/s |" in text else text.rstrip("\n") + "\n" + HISTORY_BOTH)
         fh.write(row)
 
 
@@ -493,7 +602,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nginx-workers", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer's workers")
     parser.add_argument("--profile-seconds", type=float, default=8)
-    parser.add_argument("--targets", default="balancer,haproxy,nginx,direct")
+    parser.add_argument("--targets", default="async,threads,haproxy,nginx,direct")
+    parser.add_argument("--slow-attackers", type=int, default=200)
+    parser.add_argument("--slow-seconds", type=float, default=30)
     parser.add_argument("--quick", action="store_true",
                         help="saturation only (for tuning): no half load, no micro-benchmark")
     parser.add_argument("--out", default=os.path.join(HERE, "results.md"))

@@ -29,7 +29,7 @@ from typing import Any
 
 from lb.bootstrap import initial_state
 from lb.registry import READY, Registry, RegistryView
-from lb.router import Router, request_key
+from lb.routing import Router, request_key
 from lb.settings import Settings
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import (
@@ -26,7 +25,17 @@ from lb.logs import request_id
 from lb.ops.blueprint import init_ops
 from lb.ops.metrics import BalancerMetrics
 from lb.registry import Registry, RegistryBusy, RegistryError
-from lb.router import HOP_BY_HOP, Router, request_key
+from lb.router import Forwarder
+from lb.routing import (
+    JSON_TYPE,
+    Router,
+    error_body,
+    forward_headers,
+    header_value,
+    origin_target,
+    request_key,
+    transfer_coding_error,
+)
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Defaults, then ``LB_*`` environment variables, then ``config`` (setting names as keys)."""
     settings = Settings.from_env(**dict(config or {}))
     app = Flask("lb", static_folder=None)  # no /static/ route: every GET path but /_lb/ is routed
+    # "//x" goes to the replicas as "//x": no redirect to "/x" built from the client's Host.
+    app.url_map.merge_slashes = False
+    app.wsgi_app = _empty_path_is_root(app.wsgi_app)  # type: ignore[method-assign]
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     registry = Registry(settings.registry_path, settings.lock_timeout)
@@ -44,12 +56,23 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     admin = Admin(settings, registry, create_backend(settings))
     metrics = BalancerMetrics()
     router = Router(settings, registry, metrics)
-    app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router}
+    forwarder = Forwarder(settings, router)
+    app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router,
+                            "forwarder": forwarder}
     init_ops(app, metrics)  # /_lb/ endpoints, request ids, access log, reply counts
 
     @app.get("/rep")
     def rep() -> Response:
         return jsonify(success(registry.read().rep()))
+
+    @app.before_request
+    def refuse_unimplemented_codings() -> None:
+        # gunicorn answers 400 itself when chunked is not the final coding; "gzip, chunked"
+        # it accepts and ignores the gzip (lb.aio refuses the same with the same rule).
+        coding = request.headers.get("Transfer-Encoding")
+        error = transfer_coding_error(coding) if coding else None
+        if error is not None:
+            raise error
 
     @app.before_request
     def require_admin_token() -> None:
@@ -73,17 +96,24 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def route(path: str) -> Response:
         if request.path in ADMIN_METHODS:  # GET /add is a mistake, not a path for the replicas
             raise MethodNotAllowed(valid_methods=ADMIN_METHODS[request.path])
-        key = request_key(settings.hash_key, request.headers, request.args, request.remote_addr)
-        upstream = router.forward(_target(request), _forward_headers(request), key)
-        if upstream.status == 404:
-            raise ApiError(400, f"'{request.path}' endpoint does not exist in server replicas")
+        target = origin_target(_raw_target(request.environ))
+        if target is None:
+            raise ApiError(400, "Not a request target the balancer routes (use a path)")
+        key = request_key(settings.hash_key, request.headers.get, request.args.get,
+                          request.remote_addr)
+        headers = forward_headers(
+            request.headers.items(), request.remote_addr or "", request.host,
+            request_id(request.environ, request.headers.get("X-Request-ID")))
+        upstream = forwarder.forward(target, headers, key, request.path)
         reply = Response(upstream.body, status=upstream.status, headers=upstream.headers)
+        if header_value(upstream.headers, "Content-Type") is None:
+            del reply.headers["Content-Type"]  # passed back as it is: no default added
         reply.headers["X-Served-By"] = upstream.replica.hostname
         return reply
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> tuple[Response, int]:
-        reply = jsonify(exc.body())
+        reply = Response(error_body(exc.message), mimetype=JSON_TYPE)  # the bytes lb.aio sends
         if exc.status == 401:
             reply.headers["WWW-Authenticate"] = "Bearer"
         return reply, exc.status
@@ -107,6 +137,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def internal(exc: Exception) -> tuple[Response, int]:
         log.error("%s", exc, exc_info=exc)
         return jsonify(envelope(f"Internal error: {exc}")), 500
+
+    return app
+
+
+def _empty_path_is_root(wsgi_app: Any) -> Any:
+    """``GET http://host HTTP/1.1`` (absolute form, no path) has an empty ``PATH_INFO``; werkzeug
+    would answer with a redirect to ``/`` built from the client's Host. It is ``/``."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if not environ.get("PATH_INFO"):
+            environ["PATH_INFO"] = "/"
+        return wsgi_app(environ, start_response)
 
     return app
 
@@ -136,30 +178,13 @@ def _json_body(req: Request) -> Any:
         raise ApiError(400, f"Malformed JSON body: {str(exc)[:100]}") from exc
 
 
-def _target(req: Request) -> str:
-    """Path and query as the client sent them (no decode/re-encode round trip)."""
-    raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI") or ""
-    if raw.startswith("/"):
-        return raw
-    if raw:  # absolute form, "GET http://host/path HTTP/1.1"
-        parts = urlsplit(raw)
-        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    query = req.query_string.decode("latin-1")
-    return quote(req.path, safe="/%:@!$&'()*+,;=~") + (f"?{query}" if query else "")
-
-
-def _forward_headers(req: Request) -> dict[str, str]:
-    """End-to-end headers only, plus the ``X-Forwarded-*`` a replica needs to know its client."""
-    named = {h.strip().lower() for h in req.headers.get("Connection", "").split(",")}
-    # Claims about the client or the scheme that only a proxy may make (the replica's gunicorn
-    # trusts its loopback peer): the edge sets its own X-Forwarded-* and passes no others on.
-    spoofable = {"forwarded", "x-real-ip", "x-forwarded-ssl", "x-forwarded-protocol"}
-    drop = HOP_BY_HOP | named | spoofable | {"host", "content-length"}
-    headers = {k: v for k, v in req.headers.items() if k.lower() not in drop}
-    client = req.remote_addr or ""
-    prior = req.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-    headers["X-Forwarded-Host"] = req.host
-    headers["X-Forwarded-Proto"] = req.scheme
-    headers["X-Request-ID"] = request_id(req.environ, req.headers.get("X-Request-ID"))
-    return headers
+def _raw_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it (no decode/re-encode round trip): gunicorn's
+    ``RAW_URI``, or the ASGI scope's ``raw_path`` when the event-driven worker calls the app."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    scope = environ.get("asgi.scope") or {}
+    query = scope.get("query_string", b"")
+    raw_path = scope.get("raw_path") or environ.get("PATH_INFO", "/").encode("latin-1")
+    return (raw_path + (b"?" + query if query else b"")).decode("latin-1")

@@ -1,17 +1,35 @@
-"""Creating the registry a deployment starts from."""
+"""Creating the registry a deployment starts from, and keeping its hash map consistent.
+
+A registry remembers the hash map it was written with (``RingParams``: M, K, the hash spec in
+canonical form, probing): the replicas' persisted slots were placed by that Phi. Resuming it
+under other settings would route by one map and place new replicas by another, so it is
+refused (``HashMapMismatch``) unless the caller asks to migrate: every replica's virtual
+servers placed again under the new map, in ascending server id order (as a fresh start does).
+"""
 
 from __future__ import annotations
 
 import logging
 
-from lb.registry import Registry, Replica, RingParams, State
+from lb.hashring import HashRing, RingError, canonical_hash
+from lb.registry import Registry, RegistryError, Replica, RingParams, State
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+class HashMapMismatch(RegistryError):
+    """The registry was written with another hash map than the settings ask for."""
+
+
 def ring_params(settings: Settings) -> RingParams:
-    return RingParams(settings.slots, settings.virtual_per_server, settings.hash, settings.probing)
+    k = settings.virtual_per_server
+    return RingParams(settings.slots, k, canonical_hash(settings.hash, k), settings.probing)
+
+
+def describe(params: RingParams) -> str:
+    return (f"M={params.slots}, K={params.virtual}, hash {params.hash}, "
+            f"{params.probing} probing")
 
 
 def initial_state(settings: Settings) -> State:
@@ -24,13 +42,44 @@ def initial_state(settings: Settings) -> State:
     return state
 
 
-def ensure_registry(settings: Settings, registry: Registry, reset: bool = False) -> State:
+def ensure_registry(settings: Settings, registry: Registry, reset: bool = False,
+                    migrate: bool = False) -> State:
     """The registry, created from the settings if missing (or when ``reset``).
 
-    The supervisor starts the new entries, as it starts any wanted replica that is not running.
+    An existing registry written with another hash map is refused with ``HashMapMismatch``,
+    or, with ``migrate``, placed again under the settings' map. The supervisor starts the new
+    entries, as it starts any wanted replica that is not running.
     """
     state = registry.create(initial_state(settings), replace=reset)
-    if state.ring != ring_params(settings):
-        log.warning("registry %s keeps its hash map %s; the settings ask for %s",
-                    registry.path, state.ring, ring_params(settings))
-    return state
+    wanted = ring_params(settings)
+    if state.ring == wanted:
+        return state
+    if not migrate:
+        raise HashMapMismatch(
+            f"registry {registry.path} was written with the hash map {describe(state.ring)}, "
+            f"but the settings ask for {describe(wanted)}; resuming would mix the two. Start "
+            "afresh (lb-run without --keep-registry), set the settings back, or place every "
+            "replica again under the new map (lb-run --keep-registry --migrate-hash)")
+    return migrate_registry(registry, wanted)
+
+
+def migrate_registry(registry: Registry, wanted: RingParams) -> State:
+    """Every entry's virtual servers placed again under ``wanted``; keys move accordingly.
+
+    Entries keep their hostnames, server ids, addresses and processes: only ``slots`` change.
+    """
+    with registry.update() as state:
+        old = state.ring
+        if old == wanted:
+            return state
+        ring = HashRing(wanted.slots, wanted.virtual, wanted.hash, wanted.probing)
+        try:
+            for replica in sorted(state.replicas, key=lambda r: r.server_id):
+                replica.slots = list(ring.add(replica.server_id))
+        except RingError as exc:
+            raise HashMapMismatch(f"registry {registry.path} cannot move to the hash map "
+                                  f"{describe(wanted)}: {exc}") from None
+        state.ring = wanted
+    log.warning("registry %s moved from the hash map %s to %s: %d replicas placed again",
+                registry.path, describe(old), describe(wanted), len(state.replicas))
+    return registry.read()

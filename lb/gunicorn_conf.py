@@ -14,7 +14,10 @@ _settings = Settings.from_env()
 wsgi_app = "lb.app:create_app()"
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "lb.worker.EnvelopeThreadWorker"  # gthread + JSON errors + LB_CLIENT_TIMEOUT
+# async: an event loop per worker, routed GETs never enter Flask (lb/aio/). threads: gthread +
+# Flask for everything, with JSON errors and LB_CLIENT_TIMEOUT (lb/worker.py), the reference.
+worker_class = {"async": "lb.aio.worker.AsyncWorker",
+                "threads": "lb.worker.EnvelopeThreadWorker"}[_settings.worker]
 threads = _settings.threads
 keepalive = 5
 timeout = 60

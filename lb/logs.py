@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from lb.settings import Settings
@@ -81,11 +81,35 @@ def configure_logging(settings: Settings) -> None:
     logging.config.dictConfig(logging_config(settings))
 
 
+def new_request_id(given: str | None) -> str:
+    """The client's ``given`` X-Request-ID when it is well formed, else a new one."""
+    # 128 random bits as 32 hex digits, the shape of a uuid4's hex without its cost.
+    return given if given and REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+
+
 def request_id(environ: dict[str, Any], given: str | None) -> str:
-    """The id of the request behind ``environ``: the client's ``given`` X-Request-ID when it is
-    well formed, else a new one; the same value however often it is asked for."""
+    """The id of the request behind ``environ`` (``new_request_id``), the same value however
+    often it is asked for."""
     rid = environ.get(REQUEST_ID_KEY)
     if rid is None:
-        rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        environ[REQUEST_ID_KEY] = rid
+        rid = environ[REQUEST_ID_KEY] = new_request_id(given)
     return str(rid)
+
+
+access_log = logging.getLogger("lb.access")
+
+
+def log_access(method: str, path: str, status: int, replica: str | None, ms: float | None,
+               rid: str, endpoint: str, client: str | None) -> None:
+    """The one line per request, from whichever data path answered it."""
+    # The balancer's own endpoints are polled (status page, scrapes): quiet unless debugging.
+    level = logging.DEBUG if endpoint.startswith("ops.") else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
+    access_log.log(
+        level, "%s %s %d %s %s rid=%s", method, path, status, replica or "-",
+        "-" if ms is None else f"{ms:.1f}ms", rid,
+        extra={"request_id": rid, "method": method, "path": path, "status": status,
+               "replica": replica, "endpoint": endpoint,
+               "duration_ms": None if ms is None else round(ms, 3), "client": client},
+    )

@@ -32,12 +32,20 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address the balancer listens on")
     port: int = _opt(5000, "Port the balancer listens on")
     workers: int = _opt(2, "gunicorn worker processes of the balancer")
-    threads: int = _opt(16, "Threads per balancer worker (gthread)")
+    threads: int = _opt(
+        16, "Threads per balancer worker: with async, the pool that runs the Flask app (admin "
+            "calls, /_lb/); with threads, the requests a worker serves at once")
+    worker: str = _opt(
+        "async", "Data path of the balancer's workers: async (an event loop; routed GETs never "
+                 "enter Flask) or threads (gthread + Flask, the reference implementation)")
     # -- the hash map -----------------------------------------------------------------------
     n: int = _opt(3, "Replicas at start (N)")
     slots: int = _opt(512, "Slots in the consistent hash map (M)")
     virtual: int = _opt(0, "Virtual servers per replica (K); 0 means log2(M)")
-    hash: str = _opt("seed", "Hash preset: seed, cs60002 or xxhash (well mixed)")
+    hash: str = _opt(
+        "seed", "Hash functions H and Phi: a preset (seed, cs60002, xxhash), integer formulas "
+                "'H=<of i>; Phi=<of i, j>' or a plug-in package.module:name "
+                "(docs/hash-formulas.md)")
     probing: str = _opt("linear", "Slot conflict resolution: linear or quadratic")
     strategy: str = _opt("ring", "Lookup strategy: ring (the hash map above), ring160 (xxhash, 65536 slots, 160 virtual servers) or maglev")
     bounded_load: float = _opt(
@@ -128,16 +136,16 @@ class Settings:
         return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
-        from lb.hashring import PRESETS, PROBING  # local: keep import order simple
+        from lb.hashring import PROBING, resolve_preset  # local: keep import order simple
         from lb.strategies import STRATEGIES
 
         checks = [
             (1 <= self.port <= 65535, "port must be 1..65535"),
             (self.workers >= 1 and self.threads >= 1, "workers and threads must be >= 1"),
+            (self.worker in ("async", "threads"), "worker must be async or threads"),
             (self.n >= 0, "n must be >= 0"),
             (self.slots >= 2, "slots must be >= 2"),
             (self.virtual >= 0, "virtual must be >= 0"),
-            (self.hash in PRESETS, f"hash must be one of {', '.join(PRESETS)}"),
             (self.probing in PROBING, f"probing must be one of {', '.join(PROBING)}"),
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
             (self.bounded_load == 0 or self.bounded_load > 1, "bounded_load must be 0 or > 1"),
@@ -159,6 +167,10 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        try:  # last: formulas are checked over j < K, so K must be valid first
+            resolve_preset(self.hash, self.virtual_per_server)
+        except ValueError as exc:  # a formula refused, a plug-in that cannot be loaded
+            raise SettingsError(str(exc)) from None
 
 
 def _valid_hash_key(value: str) -> bool:

@@ -21,8 +21,9 @@ from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
-from lb.registry import READY, Registry, RegistryError
+from lb.registry import READY, Registry, RegistryError, State
 from lb.settings import Settings, SettingsError, settings_table
+from lb.strategies import build_lookup, expected_shares
 
 log = logging.getLogger("lb-run")
 
@@ -36,10 +37,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--keep-registry", action="store_true",
-                        help="resume from the existing registry instead of starting afresh")
+                        help="resume from the existing registry instead of starting afresh; "
+                             "refused when it was written with another hash map (LB_HASH, "
+                             "LB_SLOTS, LB_VIRTUAL, LB_PROBING)")
+    parser.add_argument("--migrate-hash", action="store_true",
+                        help="with --keep-registry: place every replica's virtual servers again "
+                             "under the settings' hash map instead of refusing (keys move)")
     parser.add_argument("--ready-timeout", type=float, default=60.0,
                         help="seconds to wait for the first replicas (default 60)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.migrate_hash and not args.keep_registry:
+        parser.error("--migrate-hash needs --keep-registry (a fresh registry has nothing to "
+                     "migrate)")
+    return args
 
 
 class Stack:
@@ -52,16 +62,17 @@ class Stack:
         self.balancer: subprocess.Popen[bytes] | None = None
         self.signalled: list[int] = []
 
-    def start(self, keep_registry: bool) -> None:
+    def start(self, keep_registry: bool) -> State:
         if not keep_registry:
             self.stop_replicas()  # leftovers of an earlier run that did not end cleanly
         self.backend.prepare()  # e.g. the replicas' Docker network
-        ensure_registry(self.settings, self.registry, reset=not keep_registry)
+        state = ensure_registry(self.settings, self.registry, reset=not keep_registry)
         # Metrics of every balancer worker and the supervisor, added up at scrape time.
         self.env[ENV_DIR] = prepare_multiprocess_dir(self.settings.registry_path)
         self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
         self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
                                      "-c", "python:lb.gunicorn_conf"])
+        return state
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
@@ -119,6 +130,31 @@ class Stack:
         return self.backend.stop_all()
 
 
+def expected_shares_line(settings: Settings, state: State) -> tuple[int, str]:
+    """The start line: the shares of all 6-digit request ids each wanted replica can expect
+    under the strategy that routes, and a log level (a warning when the map is lopsided)."""
+    members = sorted(state.members(), key=lambda r: r.server_id)
+    if not members:
+        return logging.INFO, f"hash {state.ring.hash}: no replicas at start"
+    shares = expected_shares(build_lookup(settings, state, members))
+    figures = " / ".join(f"{100 * shares.get(r.server_id, 0.0):.1f}" for r in members)
+    names = ", ".join(r.hostname for r in members)
+    n = len(members)
+    top = max(shares.values(), default=0.0) * n
+    if settings.strategy == "ring":
+        head = (f"hash {state.ring.hash} (M={state.ring.slots}, K={state.ring.virtual}): "
+                f"expected shares {figures} % ({names}; all 6-digit request ids)")
+        tail = " - see LB_HASH"
+    else:
+        head = (f"strategy {settings.strategy} (LB_HASH is not used by it): expected shares "
+                f"{figures} % ({names}; all 6-digit request ids)")
+        tail = " - see LB_STRATEGY"
+    if top > 1.5:
+        return logging.WARNING, (f"{head}; the busiest replica gets {top:.1f} x its fair "
+                                 f"share{tail} and docs/hash-formulas.md")
+    return logging.INFO, head + tail
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     try:
@@ -126,6 +162,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except SettingsError as exc:
         sys.exit(f"lb-run: {exc}")
     configure_logging(settings)
+    if args.keep_registry:
+        # Checked before anything is started or stopped: a refused resume leaves the
+        # deployment's replicas exactly as they were.
+        try:
+            ensure_registry(settings, Registry(settings.registry_path, settings.lock_timeout),
+                            migrate=args.migrate_hash)
+        except RegistryError as exc:
+            sys.exit(f"lb-run: {exc}")
     stack = Stack(settings)
 
     def note(signum: int, _frame: object) -> None:
@@ -135,7 +179,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     signal.signal(signal.SIGTERM, note)
     code = 1
     try:
-        stack.start(args.keep_registry)
+        state = stack.start(args.keep_registry)
+        log.log(*expected_shares_line(settings, state))
         if stack.wait_ready(args.ready_timeout):
             rep = stack.registry.read().rep()
             log.info("ready: http://%s:%d  N=%d %s  (Ctrl-C stops everything)",

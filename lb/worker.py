@@ -1,4 +1,4 @@
-"""The balancer's gunicorn worker: gthread, with two things gthread lacks.
+"""The threads worker (``LB_WORKER=threads``): gthread, with what gthread lacks.
 
 **The contract's envelope on gunicorn's own errors.** A request gunicorn cannot parse, or one
 over its limits (request line, header count or size, a bad chunk), never reaches Flask:
@@ -18,11 +18,14 @@ them stall the balancer (slowloris). Two bounds, both ``LB_CLIENT_TIMEOUT`` seco
   down the socket of a request still in its headers (its thread then sees the end of the stream);
 - no single read or write of the connection (body, reply) may wait longer: the kernel's
   ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` hold whatever gunicorn does with the socket's blocking mode.
+
+**Stopping promptly.** On SIGINT, SIGQUIT or SIGTERM the connections whose headers are still
+coming are shut, so no pool thread stays blocked on a slow client while the interpreter waits
+for it (gunicorn would SIGKILL the worker after its graceful timeout: Ctrl-C took 15 s).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import struct
@@ -33,12 +36,13 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from lb.errors import envelope
+from lb.routing import error_body, reason_phrase
 from lb.settings import Settings
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    body = json.dumps(envelope(f"{reason}: {mesg}" if mesg else reason)).encode()
+    reason = reason_phrase(status_int)  # gunicorn sends 501 as "Bad Request"
+    body = error_body(f"{reason}: {mesg}" if mesg else reason)
     head = (f"HTTP/1.1 {status_int} {reason}\r\n"
             "Connection: close\r\n"
             "Content-Type: application/json\r\n"
@@ -100,6 +104,33 @@ class EnvelopeThreadWorker(ThreadWorker):
         with self.in_headers_lock:
             self.in_headers.pop(conn, None)
         return super().handle_request(req, conn)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful
+        super().handle_exit(sig, frame)
+        self.drop_unfinished_headers()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT: quick
+        self.drop_unfinished_headers()
+        super().handle_quit(sig, frame)
+
+    def drop_unfinished_headers(self) -> None:
+        """Stopping: a thread reading a request's headers would keep reading until its client
+        finished or LB_CLIENT_TIMEOUT ran out, and the interpreter waits for every pool thread
+        before it exits (gunicorn then SIGKILLs the worker). Nothing has been asked of those
+        requests yet: their connections are shut, their threads return at once."""
+        for _ in range(3):  # a signal handler: no lock (the main loop may hold it); retry
+            try:
+                pending = list(self.in_headers)
+                break
+            except RuntimeError:  # changed size while copied
+                continue
+        else:
+            return
+        for conn in pending:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue
 
     def murder_pending(self) -> None:  # the main loop, about once a second
         super().murder_pending()

@@ -10,7 +10,8 @@ def main() -> None:
     bind = os.environ.get("REPLICA_BIND", "0.0.0.0:5000")
     threads = os.environ.get("REPLICA_THREADS", "4")
     os.execv(sys.executable, [
-        sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", "1",
+        sys.executable, "-m", "gunicorn", "-c", "python:replica.gunicorn_conf",
+        "--bind", bind, "--workers", "1",
         "--worker-class", "gthread", "--threads", threads, "--graceful-timeout", "5",
         "--access-logfile", "-", *sys.argv[1:], "replica.app:create_app()",
     ])

@@ -9,7 +9,7 @@ import threading
 import time
 
 from lb.backends import BackendError, create_backend
-from lb.bootstrap import ensure_registry
+from lb.bootstrap import HashMapMismatch, ensure_registry
 from lb.logs import configure_logging
 from lb.ops.supervision import SupervisorMetrics
 from lb.registry import Registry, RegistryError
@@ -26,7 +26,10 @@ def main() -> None:
         sys.exit(f"lb-supervisor: {exc}")
     configure_logging(settings)
     registry = Registry(settings.registry_path, settings.lock_timeout)
-    ensure_registry(settings, registry)
+    try:
+        ensure_registry(settings, registry)
+    except HashMapMismatch as exc:
+        sys.exit(f"lb-supervisor: {exc}")
     supervisor = Supervisor(settings, registry, create_backend(settings), SupervisorMetrics())
     supervisor.release_own_holds()
 

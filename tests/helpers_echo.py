@@ -7,7 +7,10 @@ Knobs, from the environment (or the ``env`` argument):
 - ``ECHO_DELAY``: seconds every non-heartbeat reply waits (a slow replica);
 - ``ECHO_HEARTBEAT_DELAY``: seconds ``/heartbeat`` waits (a replica too slow for the supervisor),
   from ``ECHO_HEARTBEAT_SLOW_AFTER`` seconds after start on;
-- ``/slow?s=SECONDS``: that request waits ``SECONDS`` (in-flight requests for drain tests).
+- ``/slow?s=SECONDS``: that request waits ``SECONDS`` (in-flight requests for drain tests);
+- ``/big?n=BYTES``: a reply of ``BYTES`` bytes (at most 16 MiB), for large replies;
+- ``/status?code=CODE``: a reply with that status and an HTML body, as gunicorn's own error
+  pages are (a replica's error page, e.g. its 431 for a request too large for it).
 
 It runs either in a thread of the test process (``serve_in_thread``, for in-process apps with no
 supervisor) or as a gunicorn replica of a real stack (``start_echo_replica``): same server, same
@@ -60,6 +63,18 @@ def create_app(env: Mapping[str, str] | None = None) -> Callable[..., Iterable[b
         query = environ.get("QUERY_STRING", "")
         if path == "/slow":
             time.sleep(float(parse_qs(query).get("s", ["1"])[0]))
+        if path == "/big":
+            size = min(int(parse_qs(query).get("n", ["0"])[0]), 16 << 20)
+            data = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+            start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                      ("Content-Length", str(size)), ("X-Echo", name)])
+            return [data]
+        if path == "/status":
+            code = int(parse_qs(query).get("code", ["500"])[0])
+            page = f"<html><body><h1>{code}</h1></body></html>".encode()
+            start_response(f"{code} Whatever", [("Content-Type", "text/html"),
+                                                ("Content-Length", str(len(page)))])
+            return [page]
         if path == "/home":
             body: dict[str, Any] = {"message": f"Hello from Server: {server_id}",
                                     "status": "successful"}
@@ -189,7 +204,8 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
                      **replica_marks(deployment, hostname, server_id, token, address)}
         fd = sock.fileno()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", "--workers", "1",
+            [sys.executable, "-m", "gunicorn", "-c", "python:replica.gunicorn_conf",
+             "--bind", f"fd://{fd}", "--workers", "1",
              "--worker-class", "gthread", "--threads", "32", "--graceful-timeout", "10",
              "--log-level", "warning", "--no-control-socket", "tests.helpers_echo:create_app()"],
             env=child_env, pass_fds=(fd,), start_new_session=True, cwd=ROOT,

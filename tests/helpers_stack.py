@@ -17,8 +17,8 @@ from tests.conftest import RunningStack, StackFactory
 
 
 @contextmanager
-def running_stack(folder: Path, **overrides: Any) -> Iterator[RunningStack]:
-    factory = StackFactory(folder)
+def running_stack(folder: Path, worker: str, **overrides: Any) -> Iterator[RunningStack]:
+    factory = StackFactory(folder, worker)
     try:
         yield factory(**overrides)
     finally:
@@ -30,6 +30,8 @@ class RawReply:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    reason: str = ""
+    interim: tuple[int, ...] = ()  # 1xx replies before it (100 Continue)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -53,15 +55,21 @@ def raw_http(url: str, request: bytes, timeout: float = 30) -> RawReply:
                 break
             chunks.append(chunk)
     raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    if not lines[0].startswith("HTTP/"):
-        raise AssertionError(f"not an HTTP reply: {raw[:300]!r}")
+    interim: list[int] = []
+    while True:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if not lines[0].startswith("HTTP/"):
+            raise AssertionError(f"not an HTTP reply: {raw[:300]!r}")
+        _, code, reason = (lines[0].split(" ", 2) + [""])[:3]
+        if not code.startswith("1"):
+            break
+        interim.append(int(code))
+        raw = body
     headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:] if ":" in line]
-    status = int(lines[0].split(" ", 2)[1])
     if {k.lower(): v for k, v in headers}.get("transfer-encoding", "").lower() == "chunked":
         body = _dechunk(body)
-    return RawReply(status, headers, body)  # type: ignore[arg-type]
+    return RawReply(int(code), headers, body, reason, tuple(interim))  # type: ignore[arg-type]
 
 
 def stalled_body(url: str, method: str, path: str, *headers: bytes) -> RawReply:

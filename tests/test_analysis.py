@@ -76,6 +76,40 @@ def test_balance_report_writes_tables_and_ranks_maglev_best(tmp_path: Path) -> N
     assert "| maglev |" in (tmp_path / "balance.md").read_text()
 
 
+# The README's "Balance beyond the spec" table: its rows for the presets, as lb-analyze balance
+# --hash must reproduce them.
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_ROWS = {"ring seed (spec)": "seed", "ring cs60002": "cs60002",
+               "ring xxhash, M = 512, K = 9": "xxhash"}
+
+
+@pytest.mark.parametrize(("label", "preset"), README_ROWS.items())
+def test_balance_hash_figures_for_the_presets_match_the_readme(label: str, preset: str) -> None:
+    row = next(line for line in README.read_text().splitlines()
+               if line.startswith(f"| {label} |"))
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert balance.hash_report(preset).summary_cells() == cells[1:6]
+
+
+def test_balance_hash_judges_a_formula_from_the_command_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.__main__ import main
+
+    main(["balance", "--hash", "H=3*i**2+7*i+11; Phi=i**2+j**2+2*j+25", "--chart",
+          "--requests", "1000", "--repeats", "2", "--n-max", "4", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    # 3i^2 + 7i = i(3i + 7) is always even, so H is always odd: half the slots, never the rest.
+    assert "H reaches 256 of 512 slots over all 900,000 6-digit request ids" in out
+    assert "| server id | slots of its virtual servers |" in out
+    assert "| 1 | 26, 29, 34, 41, 50, 61, 74, 89, 106 |" in out  # Phi(1, j) = j^2 + 2j + 26
+    assert out.count("\n| 2 |") == 2 and "| 4 |" in out  # placement and N = 2..4 rows
+    assert "moved on add (/ideal)" in out and "expected shares" in out
+    assert [p.name for p in tmp_path.glob("*.png")] == ["balance-hash-ff57ff04.png"]
+    with pytest.raises(SystemExit, match=r"lb-analyze: --hash: LB_HASH, character 10 \(in Phi\): "
+                                         "unknown name 'k'"):
+        main(["balance", "--hash", "H=i; Phi=k", "--out", str(tmp_path)])
+
+
 # -- against real stacks ---------------------------------------------------------------------
 @pytest.mark.system
 def test_a1_a2_a3_against_a_running_stack(make_stack: Callable[..., RunningStack],

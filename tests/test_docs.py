@@ -5,13 +5,17 @@ swarm-stack.yml pass on."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lb.settings import PREFIX, Settings, settings_table
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -54,3 +58,26 @@ def test_compose_passes_every_setting_on_with_its_default(path: Path, fixed: set
         if var not in COMPOSE_OWN_DEFAULTS:
             parsed = getattr(Settings.from_env({var: match.group(2)}), name)
             assert parsed == getattr(defaults, name), (var, match.group(2))
+
+
+# Spaces, ';', '*' and '(' are what a formula holds; compose's interpolation must keep them.
+FORMULA = "H=(3*i**2 + 7*i + 11) % 65537; Phi=i**2 + j**2 + 2*j + 25"
+COMPOSE_CONFIG = {"docker compose": ["docker", "compose", "-f", str(COMPOSE), "config",
+                                     "--format", "json"],
+                  "docker-compose": ["docker-compose", "-f", str(COMPOSE), "config"]}
+
+
+@pytest.mark.parametrize("tool", sorted(COMPOSE_CONFIG))
+def test_compose_passes_a_hash_formula_through_unchanged(tool: str) -> None:
+    """``<compose> config`` renders the file as the engine gets it (no engine needed)."""
+    if shutil.which(tool.split()[0]) is None:
+        unavailable(f"{tool} is not installed")
+    env = {**os.environ, "LB_HASH": FORMULA, "DOCKER_GID": "0"}
+    run = subprocess.run(COMPOSE_CONFIG[tool], capture_output=True, text=True, env=env,
+                         timeout=60, check=False)
+    if run.returncode != 0 and "is not a docker command" in run.stderr:
+        unavailable(f"{tool} is not installed")
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]  # JSON is YAML too
+    assert {name: s["environment"]["LB_HASH"] for name, s in services.items()} == {
+        "lb": FORMULA, "supervisor": FORMULA}

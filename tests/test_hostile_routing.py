@@ -23,8 +23,8 @@ TRIED: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    with running_stack(tmp_path_factory.mktemp("hostile"), n=0) as running:
+def stack(tmp_path_factory: pytest.TempPathFactory, lb_worker: str) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("hostile"), lb_worker, n=0) as running:
         start_echo_replica(running.registry, running.settings.deployment, "echo-1")
         yield running
         report("hostile routed requests", inputs_tried=sum(TRIED.values()), **TRIED)
@@ -33,7 +33,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 def send(stack: RunningStack, kind: str, target: bytes, *headers: bytes) -> RawReply:
     TRIED[kind] = TRIED.get(kind, 0) + 1
     reply = raw_http(stack.url, get_request(target, *headers))
-    assert reply.status < 500, (target[:100], reply.status, reply.body[:300])
+    assert reply.status < 500 or kind == "replica-error", (target[:100], reply.status,
+                                                         reply.body[:300])
     return reply
 
 
@@ -163,3 +164,48 @@ def test_only_get_is_routed(stack: RunningStack) -> None:
         reply = raw_http(stack.url, request)
         assert reply.status == 405, (method, reply.status)
         assert json.loads(reply.body)["status"] == "failure"
+
+
+@pytest.mark.parametrize("target", [
+    "/%2e%2e/x", "/a%2fb%2Fc", "/%zz", "/%", "/x%4", "/%7euser?q=%2e&r=%zz", "/%c3%A9",
+])
+def test_the_target_is_forwarded_byte_for_byte(stack: RunningStack, target: str) -> None:
+    """Not even escapes are normalised: ``%2e`` stays lower-case, ``%zz`` is not re-escaped
+    as ``%25zz`` (the HTTP client library under the threads path did both)."""
+    assert echoed(send(stack, "path", target.encode()))["raw_uri"] == target
+
+
+def test_an_absolute_form_target_without_a_path_is_routed_as_the_root(
+        stack: RunningStack) -> None:
+    """``GET http://evil.example HTTP/1.1`` used to answer a 308 whose Location came from the
+    client's Host header; no reply of the balancer is a redirect built from client input."""
+    for target in (b"http://evil.example", b"http://evil.example?x=1", b"//double//slash"):
+        reply = send(stack, "path", target)
+        assert reply.status == 200, (target, reply.status, reply.header("Location"))
+        assert reply.header("Location") is None
+    assert echoed(send(stack, "path", b"http://evil.example"))["raw_uri"] == "/"
+
+
+def test_what_the_balancer_adds_never_pushes_a_request_over_the_replicas_limits(
+        stack: RunningStack) -> None:
+    """A request at the balancer's own limits (100 header fields, a field line of 8,190 bytes
+    with its CRLF) still fits the replica after the balancer adds its X-Forwarded-* and
+    X-Request-ID headers; one byte more is the balancer's own 431."""
+    many = tuple(f"X-H{i}: v".encode() for i in range(98))  # + Host + Connection = 100
+    assert echoed(send(stack, "headers", b"/many", *many))["method"] == "GET"
+    name = b"X-Forwarded-For: "
+    big = name + b"1" * (8188 - len(name))  # with its CRLF exactly the limit (as gunicorn counts)
+    got = received_headers(send(stack, "headers", b"/bigxff", big))
+    assert got["x-forwarded-for"].endswith(", 127.0.0.1")
+    assert send(stack, "headers", b"/bigxff", big + b"1").status == 431
+
+
+def test_a_replicas_error_page_reaches_the_client_only_as_the_envelope(
+        stack: RunningStack) -> None:
+    for code in (431, 500, 503):
+        reply = send(stack, "replica-error", f"/status?code={code}".encode())
+        assert reply.status == code
+        assert reply.header("Content-Type") == "application/json"
+        assert json.loads(reply.body) == {
+            "message": f"<Error> Replica echo-1 answered {code} {reply.reason}",
+            "status": "failure"}

@@ -195,6 +195,7 @@ def test_fault_replies_match_the_document(app: Flask, checker: Checker,
     assert local(app, checker, "/_lb/metrics", "get").status == 503
 
 
+@pytest.mark.system  # it adds up what the stack tests above provoked
 def test_every_documented_response_was_seen(checker: Checker) -> None:
     """Runs after the two above (file order): together they provoke every response."""
     documented = {(path, method, code) for path, ops in SPEC["paths"].items()

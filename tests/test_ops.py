@@ -16,13 +16,16 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from analysis import balance
 from lb.app import create_app
+from lb.hashring import PRESETS
 from lb.logs import JsonFormatter, logging_config
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
 from lb.ops.status import Counts, RateWindow, arcs, build_status
 from lb.registry import READY, Registry
 from lb.router import Upstream
 from lb.settings import Settings, SettingsError
+from lb.strategies import Maglev, well_mixed_ring
 
 HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -126,12 +129,12 @@ def forwarded_ids(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     make_ready(app, "http://127.0.0.1:9")
 
-    def forward(target: str, headers: dict[str, str], key: int) -> Upstream:
-        seen.append(headers["X-Request-ID"])
+    def forward(target: str, headers: list[tuple[str, str]], key: int, path: str) -> Upstream:
+        seen.append(dict(headers)["X-Request-ID"])
         replica = router.candidates(key)[0]
         return Upstream(200, [("Content-Type", "text/plain")], b"ok", replica)
 
-    monkeypatch.setattr(router, "forward", forward)
+    monkeypatch.setattr(app.extensions["lb"]["forwarder"], "forward", forward)
     return seen
 
 
@@ -219,7 +222,8 @@ def test_unreachable_replicas_are_counted_as_retries_and_exhaustion(
     assert values[("lb_replicas", (("state", "ready"),))] == 3
     assert values[("lb_replicas_desired", ())] == 3
     assert values[("lb_hash_map_info", (("preset", "seed"), ("probing", "linear"),
-                                        ("slots", "512"), ("virtual", "9")))] == 1
+                                        ("slots", "512"), ("strategy", "ring"),
+                                        ("virtual", "9")))] == 1
     shares = [v for (name, _), v in values.items() if name == "lb_replica_share"]
     assert len(shares) == 3 and sum(shares) == pytest.approx(1.0)
 
@@ -246,8 +250,11 @@ def test_status_json_describes_every_replica(app: Flask, client: FlaskClient) ->
     assert all(len(r["virtual_slots"]) == 9 for r in s["replicas"])
     covered = sum(last + 1 - first for first, last, _ in s["ring"]["arcs"])
     assert covered == 512
-    assert s["hash_map"] == {"preset": "seed", "slots": 512, "virtual": 9, "probing": "linear",
-                             "strategy": "ring", "hash_key": "random"}
+    assert s["hash_map"] == {
+        "preset": "seed", "slots": 512, "virtual": 9, "probing": "linear", "strategy": "ring",
+        "hash_key": "random", "description": PRESETS["seed"].description,
+        "formulas": {"H": "i + 2 * i ** 2 + 17", "Phi": "i + j + 2 * j ** 2 + 25"}}
+    assert s["ring"]["layout"] == "ring"
 
 
 def test_status_page_is_server_rendered(app: Flask, client: FlaskClient) -> None:
@@ -259,6 +266,44 @@ def test_status_page_is_server_rendered(app: Flask, client: FlaskClient) -> None
     assert 'data-status-url="/_lb/status.json"' in html
     script = client.get("/_lb/static/status.js")
     assert script.status_code == 200 and b"fetch(url" in script.data
+
+
+@pytest.mark.parametrize(("strategy", "expected", "layout"), [
+    ("maglev", lambda: Maglev([1, 2, 3]), "table"),
+    ("ring160", lambda: well_mixed_ring([1, 2, 3]), "ring"),
+])
+def test_shares_are_those_of_the_strategy_that_routes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, expected: Any,
+        layout: str) -> None:
+    """The status page, /_lb/status.json, lb_replica_share and lb-analyze balance report the
+    routing strategy's own shares and slots (not the spec ring's 96.5 % for Server1)."""
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    app = create_app({"registry": str(tmp_path / "registry.json"), "deployment": "t-ops",
+                      "strategy": strategy})
+    client = app.test_client()
+    make_ready(app, "http://127.0.0.1:9")
+    lookup = expected()
+    want = lookup.shares()
+    s = js(client.get("/_lb/status.json"))["message"]
+    assert {r["server_id"]: r["share"] for r in s["replicas"]} == pytest.approx(want)
+    assert max(want.values()) < 0.4  # balanced: nothing like the spec ring's 0.965
+    metrics = {dict(labels)["server_id"]: v for (name, labels), v in metric_values(client).items()
+               if name == "lb_replica_share"}
+    assert {int(k): v for k, v in metrics.items()} == pytest.approx(want)
+    assert s["ring"]["slots"] == len(lookup.owners()) > 512
+    assert s["ring"]["layout"] == layout
+    owned = {r["server_id"]: r["slots_owned"] for r in s["replicas"]}
+    assert owned == {sid: sum(o == sid for o in lookup.owners()) for sid in (1, 2, 3)}
+    if layout == "table":
+        assert s["ring"]["arcs"] == [] and s["ring"]["virtual_servers"] == []
+    else:
+        assert sum(last + 1 - first for first, last, _ in s["ring"]["arcs"]) == 65536
+        assert len(s["ring"]["virtual_servers"]) == 3 * 160
+    page = client.get("/_lb/status").get_data(as_text=True)
+    assert f"{want[1] * 100:.1f}%" in page
+    variant = next(v for v in balance.variants() if v.name == strategy)
+    row = balance.measure(variant, [123456], [3])[0]
+    assert row.share_max_mean == pytest.approx(max(want.values()) * 3)
 
 
 def test_arcs_are_runs_of_one_owner() -> None:

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import RunningStack
+from tests.helpers_stack import raw_http
 
 pytestmark = pytest.mark.system
 
@@ -68,6 +69,37 @@ def test_sticky_routing_by_header(make_stack: object) -> None:
         served = {stack.get("/home", headers={"X-User": user}).json()["message"]
                   for _ in range(15)}
         assert len(served) == 1, (user, served)
+
+
+STICKY_VALUES = {  # how each reaches the balancer: escaped in a query, raw in a header
+    "query:user": [b"%C2%B2", b"%D9%A3", b"12345678901234567890123", b"007", b"%FF", b""],
+    "header:X-User": [b"\xb2", b"\xc2\xb2", b"\xd9\xa3", b"12345678901234567890123", b"007"],
+}
+
+
+@pytest.mark.parametrize("spec", list(STICKY_VALUES))
+def test_every_sticky_key_value_routes(make_stack: object, spec: str) -> None:
+    """Values that ``str.isdigit()`` takes for digits but ``int()`` refuses ("²", a raw 0xB2
+    byte in a header, "٣") crashed the request with a 500."""
+    stack: RunningStack = make_stack(hash="xxhash", hash_key=spec)  # type: ignore[operator]
+    for value in STICKY_VALUES[spec]:
+        if spec.startswith("query:"):
+            head = b"GET /home?user=" + value + b" HTTP/1.1\r\n"
+        else:
+            head = b"GET /home HTTP/1.1\r\nX-User: " + value + b"\r\n"
+        reply = raw_http(stack.url, head + b"Host: x\r\nConnection: close\r\n\r\n")
+        assert reply.status == 200, (value, reply.status, reply.body[:300])
+
+
+def test_a_get_while_the_first_replicas_start_waits_for_them(make_stack: object) -> None:
+    """``/rep`` may list replicas that are still starting; a routed GET then waits for one
+    (up to LB_UPSTREAM_TIMEOUT) instead of answering 503 "No replica available"."""
+    stack: RunningStack = make_stack(n=1)  # type: ignore[operator]
+    with stack.registry.update() as state:  # as just after start: its heartbeat not yet in
+        state.replicas[0].state = "starting"
+    reply = stack.get("/home", timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert stack.state().replicas[0].state == "ready"  # the supervisor saw it answer
 
 
 def test_kill_9_of_a_replica_costs_clients_nothing(make_stack: object) -> None:

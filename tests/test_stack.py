@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,25 +35,38 @@ def test_bad_setting_is_a_clear_error_not_a_traceback() -> None:
     assert "Traceback" not in run.stderr
 
 
-def test_ctrl_c_stops_balancer_supervisor_and_every_replica(tmp_path: Path) -> None:
+def start_in_own_session(tmp_path: Path, worker: str) -> tuple[subprocess.Popen[bytes], str,
+                                                                Settings, Path]:
+    """``lb-run`` as a terminal would run it (its own process group, for a Ctrl-C to reach
+    every process of it), up and serving; the process, its URL, settings and log."""
     deployment = f"cc{uuid.uuid4().hex[:8]}"
-    settings = Settings.from_env({}, port=free_port(), deployment=deployment,
+    settings = Settings.from_env({}, port=free_port(), deployment=deployment, worker=worker,
                                  registry=str(tmp_path / "registry.json"))
-    proc = subprocess.Popen([sys.executable, "-m", "lb"], env={**os.environ, **settings.to_env()},
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "lb-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lb"],
+                                env={**os.environ, **settings.to_env()},
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if len(requests.get(url + "/rep", timeout=2).json()["message"]["replicas"]) == 3 \
+                    and requests.get(url + "/home", timeout=5).status_code == 200:
+                return proc, url, settings, log
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"lb-run did not come up:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def test_ctrl_c_stops_balancer_supervisor_and_every_replica(tmp_path: Path,
+                                                            lb_worker: str) -> None:
+    proc, url, settings, _ = start_in_own_session(tmp_path, lb_worker)
+    deployment = settings.deployment
     try:
-        url = f"http://127.0.0.1:{settings.port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if len(requests.get(url + "/rep", timeout=2).json()["message"]["replicas"]) == 3 \
-                        and requests.get(url + "/home", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "lb-run did not come up"
-            time.sleep(0.2)
         assert requests.post(url + "/add", json={"n": 1}, timeout=60).status_code == 200
         assert len(deployment_processes(deployment)) >= 8  # 4 replicas: master + worker each
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -63,6 +77,45 @@ def test_ctrl_c_stops_balancer_supervisor_and_every_replica(tmp_path: Path) -> N
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worker: str) -> None:
+    """Ctrl-C while clients hold kept-alive connections, half-sent requests and a request in
+    flight: everything stops within seconds, and gunicorn never has to SIGKILL a worker that
+    did not stop within its graceful timeout (15 s)."""
+    proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
+    host, port = "127.0.0.1", settings.port
+    held: list[socket.socket] = []
+    try:
+        for _ in range(20):  # kept alive after one request each
+            sock = socket.create_connection((host, port), timeout=10)
+            sock.sendall(b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        for _ in range(5):  # in the middle of their headers
+            sock = socket.create_connection((host, port), timeout=10)
+            sock.sendall(b"GET /home HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        in_flight = socket.create_connection((host, port), timeout=10)
+        in_flight.sendall(b"POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
+                          b'{"n": 1}')
+        held.append(in_flight)
+        time.sleep(0.2)
+        began = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        for sock in held:
+            sock.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    print(f"\n[ctrl-c] worker={lb_worker}: everything stopped {took:.2f} s after Ctrl-C")
+    assert code == 0, text[-2000:]
+    assert "SIGKILL" not in text and "WORKER TIMEOUT" not in text, text[-2000:]
+    assert took < 10, text[-2000:]  # gunicorn's graceful timeout is 15 s
+    assert deployment_processes(settings.deployment) == []
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:

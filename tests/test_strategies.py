@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lb.bootstrap import initial_state
 from lb.hashring import HashRing
 from lb.registry import READY, Registry
-from lb.router import Router
+from lb.routing import Router
 from lb.settings import Settings, SettingsError
 from lb.strategies import (
     MAGLEV_TABLE_SIZE,

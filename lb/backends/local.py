@@ -78,7 +78,7 @@ class LocalBackend(Backend):
                 log_path = os.path.join(self.log_dir, f"{spec.hostname}.log")
                 fd = sock.fileno()
                 cmd = [
-                    sys.executable, "-m", "gunicorn",
+                    sys.executable, "-m", "gunicorn", "-c", "python:replica.gunicorn_conf",
                     "--bind", f"fd://{fd}",
                     "--workers", "1", "--worker-class", "gthread", "--threads", str(self.threads),
                     "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning",

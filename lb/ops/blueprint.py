@@ -10,7 +10,6 @@ log line for it.
 
 from __future__ import annotations
 
-import logging
 import time
 from importlib import metadata
 from typing import Any
@@ -19,13 +18,12 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, render_templ
 from werkzeug.exceptions import MethodNotAllowed
 
 from lb.errors import ApiError, success
-from lb.logs import request_id
+from lb.logs import log_access, request_id
 from lb.ops.metrics import CONTENT_TYPE, BalancerMetrics, sample_sums
 from lb.ops.openapi import PREFIX, openapi_document
 from lb.ops.status import Counts, RateWindow, build_status
 from lb.registry import Registry, RegistryError
-
-access_log = logging.getLogger("lb.access")
+from lb.routing import reason_phrase
 
 STARTED_KEY = "lb.started"
 ENDPOINTS = ("healthz", "readyz", "status", "status.json", "metrics", "openapi.json")
@@ -50,24 +48,17 @@ def _begin() -> None:
 
 
 def _finish(reply: Response) -> Response:
+    # "400 Bad Request", as gunicorn's own errors and lb.aio say it (werkzeug upper-cases it).
+    reply.status = f"{reply.status_code} {reason_phrase(reply.status_code)}"
     rid = request_id(request.environ, request.headers.get("X-Request-ID"))
     reply.headers["X-Request-ID"] = rid
     endpoint = request.endpoint or "none"
     _ext()["metrics"].response(endpoint, reply.status_code)
     began = request.environ.get(STARTED_KEY)
     ms = None if began is None else (time.perf_counter() - began) * 1000
-    replica = reply.headers.get("X-Served-By")
     path = request.full_path.rstrip("?") if request.query_string else request.path
-    # The balancer's own endpoints are polled (status page, scrapes): quiet unless debugging.
-    level = logging.DEBUG if endpoint.startswith("ops.") else logging.INFO
-    access_log.log(
-        level, "%s %s %d %s %s rid=%s", request.method, path, reply.status_code,
-        replica or "-", "-" if ms is None else f"{ms:.1f}ms", rid,
-        extra={"request_id": rid, "method": request.method, "path": path,
-               "status": reply.status_code, "replica": replica, "endpoint": endpoint,
-               "duration_ms": None if ms is None else round(ms, 3),
-               "client": request.remote_addr},
-    )
+    log_access(request.method, path, reply.status_code, reply.headers.get("X-Served-By"), ms,
+               rid, endpoint, request.remote_addr)
     return reply
 
 
@@ -147,7 +138,8 @@ def metrics() -> Response:
     ext = _ext()
     if not ext["metrics"].enabled:
         raise ApiError(503, "Metrics need prometheus-client: pip install 'hashlb[ops]'")
-    return _no_store(Response(ext["metrics"].exposition(_registry()), content_type=CONTENT_TYPE))
+    text = ext["metrics"].exposition(_registry(), current_app.config["SETTINGS"])
+    return _no_store(Response(text, content_type=CONTENT_TYPE))
 
 
 @bp.get("/openapi.json")

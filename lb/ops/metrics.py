@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lb.registry import STATES, Registry, RegistryError, Replica
-from lb.router import RouterEvents
+from lb.routing import RouterEvents
+from lb.settings import Settings
+from lb.strategies import build_lookup
 
 try:
     import prometheus_client
@@ -35,6 +37,7 @@ except ImportError:  # pragma: no cover - the "ops" extra is not installed
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CHILDREN_KEPT = 4096  # labelled series a worker keeps at hand
 REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -81,6 +84,7 @@ class BalancerMetrics(RouterEvents):
     def __init__(self) -> None:
         self.enabled = available()
         self.multiprocess = self.enabled and multiprocess_dir() is not None
+        self._children: dict[tuple[object, ...], Any] = {}
         if not self.enabled:
             return
         # In multiprocess mode the files are the registry; a private one avoids duplicate
@@ -108,8 +112,8 @@ class BalancerMetrics(RouterEvents):
     def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
         if not self.enabled:
             return
-        self._routed.labels(replica.hostname, str(status)).inc()
-        self._latency.labels(replica.hostname).observe(seconds)
+        self._child(self._routed, replica.hostname, status).inc()
+        self._child(self._latency, replica.hostname).observe(seconds)
         if attempt:
             self._retries.inc(attempt)
 
@@ -127,7 +131,18 @@ class BalancerMetrics(RouterEvents):
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:
         if self.enabled:
-            self._responses.labels(endpoint, str(status)).inc()
+            self._child(self._responses, endpoint, status).inc()
+
+    def _child(self, metric: Any, *labels: object) -> Any:
+        """``metric.labels(*labels)``, remembered: it is on every routed request's path, and
+        ``labels()`` builds and validates the label tuple each time."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > CHILDREN_KEPT:  # hostnames churn with replacements
+                self._children.clear()
+            child = self._children[key] = metric.labels(*(str(v) for v in labels))
+        return child
 
     # -- reading -------------------------------------------------------------------------------
     def families(self) -> Iterable[Metric]:
@@ -138,7 +153,7 @@ class BalancerMetrics(RouterEvents):
             return MultiProcessCollector(None).collect()
         return self.registry.collect()
 
-    def exposition(self, registry: Registry) -> bytes:
+    def exposition(self, registry: Registry, settings: Settings) -> bytes:
         """The Prometheus text of everything: counted figures plus the registry's."""
         if not self.enabled:
             raise RuntimeError("prometheus-client is not installed")
@@ -147,7 +162,7 @@ class BalancerMetrics(RouterEvents):
             MultiProcessCollector(out)
         else:
             out.register(_Families(self.registry))
-        out.register(ReplicaSetCollector(registry, self.multiprocess))
+        out.register(ReplicaSetCollector(registry, self.multiprocess, settings))
         return prometheus_client.generate_latest(out)
 
 
@@ -165,9 +180,10 @@ class ReplicaSetCollector:
     """Gauges read from the registry at scrape time: they are facts about the state, not
     events, so the workers need not agree on them."""
 
-    def __init__(self, registry: Registry, multiprocess: bool) -> None:
+    def __init__(self, registry: Registry, multiprocess: bool, settings: Settings) -> None:
         self.registry = registry
         self.multiprocess = multiprocess
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("lb_registry_up", "1 when the registry could be read")
@@ -194,9 +210,11 @@ class ReplicaSetCollector:
             by_state.add_metric([name], float(sum(r.state == name for r in state.replicas)))
         yield by_state
         routable = state.routable()
-        shares = state.hash_ring(routable).shares()
-        share = GaugeMetricFamily("lb_replica_share", "Fraction of the hash map's slots a "
-                                  "routable replica answers for", labels=["replica", "server_id"])
+        # The strategy that routes, through the interface the status page reads too.
+        shares = build_lookup(self.settings, state, routable).shares()
+        share = GaugeMetricFamily("lb_replica_share", "Fraction of the routing strategy's "
+                                  "key space (ring slots or Maglev table entries) a routable "
+                                  "replica answers for", labels=["replica", "server_id"])
         for r in routable:
             share.add_metric([r.hostname, str(r.server_id)], shares.get(r.server_id, 0.0))
         yield share
@@ -212,10 +230,12 @@ class ReplicaSetCollector:
         yield missed
         yield age
         ring = state.ring
-        info = GaugeMetricFamily("lb_hash_map_info", "The hash map: preset, probing, M slots, "
-                                 "K virtual servers per replica (value always 1)",
-                                 labels=["preset", "probing", "slots", "virtual"])
-        info.add_metric([ring.hash, ring.probing, str(ring.slots), str(ring.virtual)], 1.0)
+        info = GaugeMetricFamily("lb_hash_map_info", "The hash map: hash (a preset name, "
+                                 "formulas or a plug-in), probing, M slots, K virtual servers "
+                                 "per replica, and the strategy that routes (value always 1)",
+                                 labels=["preset", "probing", "slots", "virtual", "strategy"])
+        info.add_metric([ring.hash, ring.probing, str(ring.slots), str(ring.virtual),
+                         self.settings.strategy], 1.0)
         yield info
         slots = GaugeMetricFamily("lb_hash_map_slots", "Slots in the hash map (M)")
         slots.add_metric([], float(ring.slots))

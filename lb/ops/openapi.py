@@ -110,9 +110,10 @@ SCHEMAS: dict[str, Any] = {
             "virtual_slots": {"type": "array", "items": {"type": "integer", "minimum": 0},
                               "description": "Where its K virtual servers sit on the map"},
             "slots_owned": {"type": "integer", "minimum": 0,
-                            "description": "Slots whose requests it answers now"},
+                            "description": "Slots (ring) or table entries (maglev) of the "
+                                           "routing strategy whose requests it answers now"},
             "share": {"type": "number", "minimum": 0, "maximum": 1,
-                      "description": "slots_owned / M"},
+                      "description": "slots_owned / ring.slots"},
             "last_heartbeat": {"type": ["number", "null"], "description": "Unix time"},
             "heartbeat_age": {"type": ["number", "null"], "description": "Seconds"},
             "failures": {"type": "integer", "minimum": 0,
@@ -147,26 +148,42 @@ SCHEMAS: dict[str, Any] = {
             },
             "hash_map": {
                 "type": "object",
-                "required": ["preset", "slots", "virtual", "probing", "strategy", "hash_key"],
+                "required": ["preset", "description", "formulas", "slots", "virtual",
+                             "probing", "strategy", "hash_key"],
                 "additionalProperties": False,
                 "properties": {
-                    "preset": {"type": "string"}, "slots": {"type": "integer"},
+                    "preset": {"type": "string", "description": "The registry's hash spec: a "
+                               "preset name, canonical formulas 'H=...; Phi=...' or a plug-in "
+                               "'package.module:name'"},
+                    "description": {"type": "string"},
+                    "formulas": {"type": ["object", "null"], "description": "H and Phi as "
+                                 "formulas, when the hash has them (null: xxhash, plug-ins)",
+                                 "required": ["H", "Phi"], "additionalProperties": False,
+                                 "properties": {"H": {"type": "string"},
+                                                "Phi": {"type": "string"}}},
+                    "slots": {"type": "integer"},
                     "virtual": {"type": "integer"}, "probing": {"type": "string"},
                     "strategy": {"type": "string"}, "hash_key": {"type": "string"},
                 },
             },
             "ring": {
                 "type": "object",
-                "required": ["slots", "arcs", "virtual_servers"],
+                "description": "The key space of the strategy that routes: the ring's slots "
+                               "(ring, ring160) or Maglev's table entries",
+                "required": ["layout", "slots", "arcs", "virtual_servers"],
                 "additionalProperties": False,
                 "properties": {
+                    "layout": {"type": "string", "enum": ["ring", "table"],
+                               "description": "ring: replicas answer for arcs of consecutive "
+                                              "slots; table: for entries scattered over a "
+                                              "table (no arcs)"},
                     "slots": {"type": "integer", "minimum": 1},
                     "arcs": {"type": "array", "description": "[first slot, last slot, server id] "
                              "of each run of slots one routable replica answers for",
                              "items": {"type": "array", "minItems": 3, "maxItems": 3,
                                        "items": {"type": "integer", "minimum": 0}}},
                     "virtual_servers": {"type": "array", "description": "[slot, server id] of "
-                                        "every virtual server in the registry",
+                                        "every routable replica's virtual servers on the ring",
                                         "items": {"type": "array", "minItems": 2, "maxItems": 2,
                                                   "items": {"type": "integer", "minimum": 0}}},
                 },

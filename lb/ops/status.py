@@ -1,6 +1,7 @@
 """The status document behind /_lb/status.json, the status page and ``lbctl status``.
 
-Built from the registry (replicas, states, heartbeats, the hash map) and the metrics counters
+Built from the registry (replicas, states, heartbeats, the hash map), the lookup strategy's own
+view of the key space, and the metrics counters
 (requests and errors per replica, added up over every worker). Recent rates come from a small
 window of earlier samples this worker took: the counters are shared, so any worker's samples
 give the deployment's rate.
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from lb.hashring import resolve_preset
 from lb.registry import STATES, State
 from lb.settings import Settings
+from lb.strategies import build_lookup
 
 RATE_WINDOW_SECONDS = 60.0  # samples older than this are dropped
 RATE_MIN_SECONDS = 1.0  # a rate needs samples at least this far apart
@@ -78,28 +81,35 @@ def arcs(owner_by_slot: Iterable[int | None]) -> list[list[int]]:
 def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Counts],
                  span: float | None, settings: Settings,
                  now: float | None = None) -> dict[str, Any]:
-    """The status document (see the OpenAPI description's ``Status`` schema)."""
+    """The status document (see the OpenAPI description's ``Status`` schema).
+
+    Shares and slot ownership come from the lookup of the strategy that routes (the same
+    ``build_lookup`` the router uses), through the ``Lookup`` interface: a ring's slots, or
+    Maglev's table entries.
+    """
     now = time.time() if now is None else now
     routable = state.routable()
-    ring = state.hash_ring(routable)
-    shares = ring.shares()
-    slots = ring.slots
-    # Which routable replica answers for each slot: the table lookup() uses.
-    owners = _owners(ring, slots)
+    lookup = build_lookup(settings, state, routable)
+    shares = lookup.shares()
+    owners = lookup.owners()  # which routable replica answers for each slot or entry
+    slots = len(owners)
+    owned = Counter(owners)
     routable_names = {r.hostname for r in routable}
+    preset = resolve_preset(state.ring.hash, state.ring.virtual)
     replicas = []
     for r in state.replicas:
         c = counts.get(r.hostname, Counts())
         rate = rates.get(r.hostname)
+        routes = r.hostname in routable_names
         replicas.append({
             "hostname": r.hostname,
             "server_id": r.server_id,
             "state": r.state,
-            "routable": r.hostname in routable_names,
+            "routable": routes,
             "address": r.address,
             "virtual_slots": sorted(r.slots),
-            "slots_owned": round(shares.get(r.server_id, 0.0) * slots),
-            "share": shares.get(r.server_id, 0.0),
+            "slots_owned": owned[r.server_id] if routes else 0,
+            "share": shares.get(r.server_id, 0.0) if routes else 0.0,
             "last_heartbeat": r.last_heartbeat,
             "heartbeat_age": None if r.last_heartbeat is None else max(0.0, now - r.last_heartbeat),
             "failures": r.failures,
@@ -120,6 +130,9 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
                               for name in STATES},
         "hash_map": {
             "preset": state.ring.hash,
+            "description": preset.description,
+            "formulas": (None if preset.formulas is None
+                         else {"H": preset.formulas[0], "Phi": preset.formulas[1]}),
             "slots": state.ring.slots,
             "virtual": state.ring.virtual,
             "probing": state.ring.probing,
@@ -127,9 +140,11 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
             "hash_key": settings.hash_key,
         },
         "ring": {
+            "layout": lookup.layout,
             "slots": slots,
-            "arcs": arcs(owners),
-            "virtual_servers": sorted([s, r.server_id] for r in state.replicas for s in r.slots),
+            # A table's entries are scattered: runs of one owner are ~1.5 entries long there.
+            "arcs": arcs(owners) if lookup.layout == "ring" else [],
+            "virtual_servers": [list(v) for v in lookup.virtual_servers()],
         },
         "rate_window": span,
         "totals": {
@@ -138,18 +153,3 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
         },
         "replicas": replicas,
     }
-
-
-def _owners(ring: Any, slots: int) -> list[int | None]:
-    """Owner of each slot in the routing table: the first virtual server at or after it."""
-    occupied = [s for s in range(slots) if ring.owner_of_slot(s) is not None]
-    if not occupied:
-        return [None] * slots
-    table: list[int | None] = [None] * slots
-    nxt = ring.owner_of_slot(occupied[0])
-    for slot in range(slots - 1, -1, -1):
-        owner = ring.owner_of_slot(slot)
-        if owner is not None:
-            nxt = owner
-        table[slot] = nxt
-    return table

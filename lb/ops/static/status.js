@@ -42,7 +42,11 @@
     setText("requests", s.totals.requests);
     setText("errors", s.totals.errors);
     const h = s.hash_map;
-    setText("hashmap", `${h.preset}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ${h.strategy}`);
+    // Formulas written out when there are any: "seed: H(i) = ..." or just "H(i) = ...".
+    const name = h.formulas ? (h.preset.includes("=") ? "" : `${h.preset}: `) : h.preset;
+    const formulas = h.formulas ? `H(i) = ${h.formulas.H}, Phi(i, j) = ${h.formulas.Phi}` : "";
+    setText("hashmap", `${name}${formulas}, M=${h.slots}, K=${h.virtual}, ${h.probing}, ` +
+                       `${h.strategy}`);
   }
 
   function drawTable(s) {
@@ -100,6 +104,9 @@
                                    stroke: colour(sid)});
       tick.appendChild(el("svg:title", {}, `virtual server of ${names[sid] || sid} at slot ${slot}`));
       parts.push(tick);
+    }
+    if (s.ring.layout === "table") {
+      parts.push(el("svg:text", {x: 0, y: -20}, "table: no arcs"));
     }
     parts.push(el("svg:text", {x: 0, y: -6}, `M = ${slots}`));
     parts.push(el("svg:text", {x: 0, y: 8}, `${s.replicas_by_state.ready} ready`));

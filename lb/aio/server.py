@@ -1,0 +1,539 @@
+"""The event-driven path's HTTP/1.1 server: one ``ClientConnection`` per client connection.
+
+Requests are parsed by httptools (llhttp, strict) as the bytes arrive, so a client that sends
+slowly costs a parser and a few objects, never a thread. Each complete request goes one of two
+ways:
+
+- **a routed GET** (``lb.routing.is_routed``, no body): straight to ``AsyncForwarder`` and back,
+  without Flask; the reply's metrics, access log line and envelope come from the same code the
+  Flask app uses;
+- **everything else** (``/rep``, ``/add``, ``/rm``, ``/_lb/...``, other methods, a GET with a
+  body): the Flask app, through a2wsgi in a thread pool, once its body is in.
+
+Limits are gunicorn's own settings (request line, header count and size, as on the threads
+path) plus ``LB_MAX_BODY`` for bodies; each is answered in the contract's envelope. Deadlines
+are kept by one sweep per worker (``Server.sweep``), not a timer per request: a connection may
+sit idle between requests for the keep-alive time, and a request must be complete, headers and
+body together, within ``LB_CLIENT_TIMEOUT`` of its first byte; a reply the client does not take
+within ``LB_CLIENT_TIMEOUT`` ends the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+import httptools
+from werkzeug.exceptions import RequestTimeout
+
+from lb.aio.upstream import AsyncForwarder
+from lb.errors import ApiError
+from lb.logs import log_access, new_request_id
+from lb.ops.metrics import BalancerMetrics
+from lb.routing import (
+    JSON_TYPE,
+    decode_path,
+    error_body,
+    forward_headers,
+    forwarded_host,
+    is_routed,
+    origin_target,
+    query_value,
+    reason_phrase,
+    request_key,
+    transfer_coding_error,
+)
+from lb.settings import Settings
+
+log = logging.getLogger("lb.aio")
+
+ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send): a2wsgi's WSGIMiddleware
+
+IDLE, HEAD, BODY = "idle", "head", "body"  # where the parser is: between requests, or in one
+PIPELINE_DEPTH = 8  # parsed requests waiting on one connection before it stops reading
+WRITE_HIGH_WATER = 256 * 1024  # reply bytes buffered for a slow reader before the clock runs
+SLOW_HEADERS = ("slow client %s: request headers not complete within %gs (LB_CLIENT_TIMEOUT), "
+                "connection dropped")
+# Header names as the Flask app writes them (a2wsgi hands them over lower-cased).
+CANONICAL = {n.lower(): n for n in (
+    "Content-Type", "Content-Length", "X-Request-ID", "X-Served-By", "Allow",
+    "WWW-Authenticate", "Cache-Control", "Location", "ETag", "Last-Modified", "Vary",
+    "Content-Disposition", "Content-Encoding", "Accept-Ranges")}
+
+
+class _Stop(Exception):
+    """The connection takes no further request (it ends after the current reply)."""
+
+
+class Refused(Exception):
+    """A request the server answers itself, before any app: a limit, a malformed message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Limits:
+    request_line: int  # gunicorn's limit_request_line
+    fields: int  # limit_request_fields
+    field_size: int  # limit_request_field_size
+    body: int  # LB_MAX_BODY
+
+    @property
+    def head(self) -> int:
+        """The most bytes a request's head may take before its headers are complete."""
+        return self.request_line + self.fields * (self.field_size + 2) + 4
+
+
+@dataclass
+class Request:
+    """One request as parsed, with the body as far as it is kept."""
+
+    url: bytes = b""
+    method: str = ""
+    version: str = "1.1"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    lookup: dict[str, str] = field(default_factory=dict)  # lower-case name -> value(s)
+    keep_alive: bool = True
+    expects_body: bool = False
+    body: bytearray = field(default_factory=bytearray)
+    body_too_large: bool = False  # more than LB_MAX_BODY came (or was announced)
+    body_error: Exception | None = None  # the app is told this when it reads the body
+    began: float = 0.0  # perf_counter at the first byte
+    target: str | None = None  # origin form, as received (None: not a routable target)
+    path: str = ""  # decoded, as the Flask app matches it
+    routed: bool = False  # a GET for the replicas: served without Flask
+    refusal: ApiError | None = None  # answered as it is once the request is in
+
+
+class Server:
+    """What every connection of one worker shares."""
+
+    def __init__(self, settings: Settings, limits: Limits, forwarder: AsyncForwarder,
+                 app: ASGIApp, metrics: BalancerMetrics, keepalive: float,
+                 server_header: str) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.forwarder = forwarder
+        self.router = forwarder.router
+        self.app = app
+        self.metrics = metrics
+        self.keepalive = keepalive
+        self.server_header = f"Server: {server_header}\r\n".encode("latin-1")
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        self.app_calls = 0  # calls of the Flask app in flight
+        self._date = (0, b"")
+
+    def date_header(self) -> bytes:
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode("latin-1"))
+        return self._date[1]
+
+    def sweep(self, now: float) -> None:
+        """Drop connections past their deadline (about once a second, from the worker)."""
+        for conn in list(self.connections):
+            conn.check_deadline(now)
+
+    def shut(self, graceful: bool) -> None:
+        """Close what is idle; busy connections close after their reply (or at once)."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.shut(graceful)
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client = ""
+        self.client_port = 0
+        self.local: tuple[str, int] | None = None
+        self.phase = IDLE
+        self.request_deadline = 0.0  # the request being received must be complete by then
+        self.idle_deadline = 0.0  # with nothing to do, the connection ends then
+        self.write_deadline: float | None = None  # set while the client does not read
+        self.request = Request()
+        self.head_bytes = 0
+        self.queue: deque[Request] = deque()
+        self.handling = False
+        self.accepting = True  # False once a request says it is the last one
+        self.closed = False
+        self.reading = True
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client, self.client_port = str(peer[0]), int(peer[1])
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local = (str(sock[0]), int(sock[1]))
+        self.server.connections.add(self)
+        self.idle_deadline = self.loop.time() + self.server.keepalive
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.phase != BODY:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # "Connection: upgrade": the request itself is complete and served; nothing is
+            # upgraded (Upgrade is hop-by-hop), so the connection ends after the reply.
+            self.request.keep_alive = False
+            self._last()
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                pass
+            elif isinstance(cause, Refused):
+                self.refuse(cause.status, cause.message)
+            else:
+                log.exception("error parsing a request", exc_info=cause)
+                self.refuse(500, "Internal error while reading the request")
+        except httptools.HttpParserError as exc:
+            self.refuse(400, f"Bad Request: {exc}")
+        else:
+            if self.phase == HEAD and self.head_bytes > self.server.limits.head:
+                self.refuse(431, "Request Header Fields Too Large: request head too large")
+
+    def pause_writing(self) -> None:
+        self.write_deadline = self.loop.time() + self.server.settings.client_timeout
+
+    def resume_writing(self) -> None:
+        self.write_deadline = None
+
+    # -- httptools callbacks (request parsing) ---------------------------------------------------
+    def on_message_begin(self) -> None:
+        if not self.accepting:
+            raise _Stop()
+        self.request = Request(began=time.perf_counter())
+        self.phase = HEAD
+        self.request_deadline = self.loop.time() + self.server.settings.client_timeout
+
+    def on_url(self, url: bytes) -> None:
+        request = self.request
+        request.url += url
+        if len(request.url) > self.server.limits.request_line:
+            raise Refused(414, f"URI Too Long: Request Line is too large "
+                               f"({len(request.url)} > {self.server.limits.request_line})")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.request
+        limits = self.server.limits
+        if len(request.headers) >= limits.fields:
+            raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
+                               "'limit request headers fields'")
+        if len(name) + len(value) + 4 > limits.field_size:  # "name: value\r\n", as gunicorn
+            raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
+                               "'limit request headers fields size'")
+        if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
+            return
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        lower = key.lower()
+        if lower == "transfer-encoding":
+            error = transfer_coding_error(text)
+            if error is not None and error.status == 400:  # the body cannot be framed
+                raise Refused(400, f"Bad Request: {error.message}")
+            request.refusal = error  # 501: the chunked body is read, then refused
+        request.headers.append((key, text))
+        lookup = request.lookup
+        known = lookup.get(lower)
+        lookup[lower] = text if known is None else f"{known},{text}"  # as a WSGI environ joins
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        parser = self.parser
+        request.method = parser.get_method().decode("latin-1")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        line = len(request.method) + len(request.url) + 10  # "M URL HTTP/1.1"
+        if line > self.server.limits.request_line:
+            raise Refused(414, f"URI Too Long: Request Line is too large "
+                               f"({line} > {self.server.limits.request_line})")
+        if not request.url.isascii():
+            raise Refused(400, "Bad Request: Invalid Request Line: non-ASCII request target")
+        length = request.lookup.get("content-length")
+        chunked = "transfer-encoding" in request.lookup
+        request.expects_body = chunked or (length is not None and int(length) > 0)
+        request.target = origin_target(request.url.decode("latin-1"))
+        if request.target is not None:
+            request.path = decode_path(request.target.partition("?")[0])
+            request.routed = not request.expects_body and is_routed(request.method, request.path)
+        if not request.keep_alive:
+            self.accepting = False
+        self.phase = BODY
+        if request.expects_body:
+            if length is not None and int(length) > self.server.limits.body:
+                # Announced too large: the app answers 413 without reading it, and the
+                # connection ends (what is left of the body would be read as a request).
+                request.body_too_large = True
+                request.keep_alive = False
+                self._last()
+                self._complete()
+            elif request.lookup.get("expect", "").lower() == "100-continue":
+                assert self.transport is not None
+                self.transport.write(f"HTTP/{request.version} 100 Continue\r\n\r\n".encode())
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        if request.body_too_large:
+            return
+        request.body += body
+        if len(request.body) > self.server.limits.body:
+            del request.body[self.server.limits.body + 1:]  # one byte more tells the app
+            request.body_too_large = True
+            request.keep_alive = False
+            self._last()
+            self._complete()
+
+    def on_message_complete(self) -> None:
+        self._complete()
+
+    # -- requests in order -----------------------------------------------------------------------
+    def _complete(self) -> None:
+        if self.phase != BODY:
+            return  # already handed over (a body cut at the limit)
+        self.phase = IDLE
+        self.head_bytes = 0
+        self.queue.append(self.request)
+        if len(self.queue) >= PIPELINE_DEPTH:
+            self._pause()
+        if not self.handling:
+            self._next()
+
+    def _next(self) -> None:
+        if not self.queue:
+            return
+        request = self.queue.popleft()
+        self.handling = True
+        self.loop.create_task(self._handle(request))
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            if request.refusal is not None:
+                self._write_error(request, request.refusal.status, request.refusal.message,
+                                  "none", None, None)
+            elif request.routed:
+                await self._route(request)
+            else:
+                await self._call_app(request)
+        except Exception:
+            log.exception("error handling %s %r", request.method, request.url[:200])
+            self._write_error(request, 500, "Internal error", "none", None, None)
+        finally:
+            self._done(request)
+
+    def _done(self, request: Request) -> None:
+        self.handling = False
+        if self.closed:
+            return
+        if not request.keep_alive or self.server.closing:
+            assert self.transport is not None
+            self.transport.close()  # after what is buffered has gone out
+            return
+        if self.queue:
+            self._next()
+            return
+        self.idle_deadline = self.loop.time() + self.server.keepalive
+        self._resume()
+
+    # -- the routed GET --------------------------------------------------------------------------
+    async def _route(self, request: Request) -> None:
+        target, path = request.target, request.path
+        assert target is not None  # routed requests have one
+        settings = self.server.settings
+        lookup = request.lookup
+        rid = new_request_id(lookup.get("x-request-id"))
+        key = request_key(settings.hash_key, lambda n: lookup.get(n.lower()),
+                          lambda n: query_value(target.partition("?")[2], n), self.client)
+        headers = forward_headers(request.headers, self.client,
+                                  forwarded_host(lookup.get("host"), self.local), rid)
+        try:
+            upstream = await self.server.forwarder.forward(target.encode("latin-1"), headers,
+                                                           key, path)
+        except ApiError as exc:
+            self._write_error(request, exc.status, exc.message, "route", rid, _log_path(target))
+            return
+        head = [f"{name}: {value}\r\n" for name, value in upstream.headers]
+        head.append(f"Content-Length: {len(upstream.body)}\r\n"
+                    f"X-Served-By: {upstream.replica.hostname}\r\nX-Request-ID: {rid}\r\n\r\n")
+        self._write(request, upstream.status, "".join(head).encode("latin-1"), upstream.body)
+        self._count(request, "route", upstream.status, rid, _log_path(target),
+                    upstream.replica.hostname)
+
+    # -- everything else: the Flask app ----------------------------------------------------------
+    async def _call_app(self, request: Request) -> None:
+        target = request.target
+        if target is None:
+            self._write_error(request, 400, "Not a request target the balancer routes "
+                              "(use a path)", "none", None, None)
+            return
+        raw_path, _, query = target.partition("?")
+        headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                   for name, value in request.headers
+                   if name.lower() not in ("content-length", "transfer-encoding")]
+        if request.expects_body:
+            # The body is all here (or cut one byte past LB_MAX_BODY): the app reads exactly
+            # that. An announced size over the limit is passed on for the app's 413.
+            announced = request.lookup.get("content-length")
+            size = str(len(request.body))
+            if (request.body_too_large or request.body_error) and announced:
+                size = announced
+            elif request.body_error:
+                size = "1"  # chunked and cut short: the app must try to read to find out
+            headers.append((b"content-length", size.encode()))
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.version, "method": request.method, "scheme": "http",
+            "path": decode_path(raw_path), "raw_path": raw_path.encode("latin-1"),
+            "query_string": query.encode("latin-1"), "root_path": "", "headers": headers,
+            "client": (self.client, self.client_port), "server": self.local,
+        }
+        body = bytes(request.body)
+        reply: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+
+        async def receive() -> dict[str, Any]:
+            if request.body_error is not None:
+                raise request.body_error
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                reply["status"], reply["headers"] = message["status"], message["headers"]
+            elif message["type"] == "http.response.body":
+                reply["body"].append(message.get("body", b""))
+
+        self.server.app_calls += 1
+        try:
+            await self.server.app(scope, receive, send)
+        finally:
+            self.server.app_calls -= 1
+        content = b"".join(reply["body"])
+        has_length = False
+        head = []
+        for name, value in reply["headers"]:
+            lower = name.decode("latin-1")
+            has_length = has_length or lower == "content-length"
+            head.append(f"{CANONICAL.get(lower) or lower.title()}: "
+                        f"{value.decode('latin-1')}\r\n")
+        if not has_length and request.method != "HEAD":
+            head.append(f"Content-Length: {len(content)}\r\n")
+        head.append("\r\n")
+        self._write(request, reply["status"], "".join(head).encode("latin-1"),
+                    b"" if request.method == "HEAD" else content)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _write(self, request: Request, status: int, head: bytes, body: bytes) -> None:
+        if self.closed:
+            return
+        assert self.transport is not None
+        close = not request.keep_alive or self.server.closing
+        self.transport.write(b"".join((
+            f"HTTP/{request.version} {status} {reason_phrase(status)}\r\n".encode("latin-1"),
+            self.server.server_header, self.server.date_header(),
+            b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
+            head, body)))
+
+    def _write_error(self, request: Request, status: int, message: str, endpoint: str,
+                     rid: str | None, path: str | None) -> None:
+        rid = rid or new_request_id(request.lookup.get("x-request-id"))
+        body = error_body(message)
+        head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n"
+                f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
+        self._write(request, status, head, body)
+        self._count(request, endpoint, status, rid, path or request.url.decode("latin-1"),
+                    None)
+
+    def _count(self, request: Request, endpoint: str, status: int, rid: str, path: str,
+               replica: str | None) -> None:
+        self.server.metrics.response(endpoint, status)
+        log_access(request.method, path, status, replica,
+                   (time.perf_counter() - request.began) * 1000, rid, endpoint, self.client)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer a request no app sees (malformed, over a limit) and end the connection."""
+        log.warning("Invalid request from ip=%s: %s", self.client, message)
+        if self.transport is not None and not self.closed:
+            body = error_body(message)
+            self.transport.write(
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nConnection: close\r\n"
+                f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode("latin-1") + body)
+            self.transport.close()
+        self.closed = True
+
+    # -- deadlines and flow --------------------------------------------------------------------
+    def check_deadline(self, now: float) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.write_deadline is not None and now > self.write_deadline:
+            log.warning("slow client %s: reply not taken within %gs (LB_CLIENT_TIMEOUT), "
+                        "connection dropped", self.client, self.server.settings.client_timeout)
+            self.transport.abort()
+            return
+        if self.phase == IDLE:
+            if not self.handling and not self.queue and now > self.idle_deadline:
+                self.transport.close()  # the keep-alive time is over
+        elif now <= self.request_deadline:
+            return
+        elif self.phase == HEAD:
+            log.warning(SLOW_HEADERS, self.client or "?", self.server.settings.client_timeout)
+            self.transport.abort()
+        elif self.phase == BODY:
+            # The headers came, the body did not: the app answers 408 as it would for a
+            # blocking read that timed out, and the connection ends.
+            request = self.request
+            request.body_error = RequestTimeout(
+                "The request body did not arrive within LB_CLIENT_TIMEOUT")
+            request.keep_alive = False
+            self._last()
+            self._complete()
+
+    def shut(self, graceful: bool) -> None:
+        if self.closed or self.transport is None:
+            return
+        if not graceful:
+            self.transport.abort()
+        elif not self.handling and not self.queue:
+            self.transport.close()
+
+    def _last(self) -> None:
+        """The current request is the connection's last: read no further."""
+        self.accepting = False
+        self._pause()
+
+    def _pause(self) -> None:
+        if self.reading and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self.reading = False
+
+    def _resume(self) -> None:
+        if not self.reading and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self.reading = True
+
+
+def _log_path(target: str) -> str:
+    """The path as the access log writes it (werkzeug's ``full_path``: decoded path, query)."""
+    path, sep, query = target.partition("?")
+    return decode_path(path) + (f"?{query}" if sep and query else "")

@@ -1,0 +1,133 @@
+"""The balancer's event-driven gunicorn worker (``LB_WORKER=async``, the default).
+
+gunicorn stays the process manager: it forks these workers, restarts the ones that die or stop
+notifying, and stops them on its signals. Each worker runs one uvloop event loop serving
+``lb.aio.server`` on gunicorn's listening sockets; the Flask app (``lb.app:create_app()``, what
+gunicorn loads) answers everything but routed GETs from a thread pool of ``LB_THREADS``, through
+a2wsgi.
+
+Stopping: SIGTERM (graceful) stops accepting, closes idle connections, lets requests in flight
+finish for up to gunicorn's graceful timeout, then exits; SIGINT and SIGQUIT (quick) drop every
+connection and exit at once. Neither waits on a blocked thread, so gunicorn never has to
+SIGKILL a worker that is shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import uvloop
+from a2wsgi import WSGIMiddleware
+from gunicorn import SERVER
+from gunicorn.workers import base
+
+from lb.aio.server import ClientConnection, Limits, Server
+from lb.aio.upstream import AsyncForwarder, ReplicaPool
+
+NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
+
+
+class AsyncWorker(base.Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.quick = False  # SIGINT/SIGQUIT: no grace
+        self.app_calls = 0  # Flask calls still running when the loop stopped
+        self._wake: asyncio.Event | None = None
+
+    def init_process(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self._wake = asyncio.Event()
+        super().init_process()  # signals, load_wsgi (the Flask app), then run()
+
+    def init_signals(self) -> None:
+        assert self.loop is not None
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        handlers = {signal.SIGTERM: self._graceful, signal.SIGQUIT: self._quick,
+                    signal.SIGINT: self._quick, signal.SIGUSR1: self.log.reopen_files,
+                    signal.SIGWINCH: lambda: None, signal.SIGABRT: self._abort}
+        for sig, handler in handlers.items():
+            self.loop.add_signal_handler(sig, handler)
+
+    def _graceful(self) -> None:
+        self.alive = False
+        self._wake_up()
+
+    def _quick(self) -> None:
+        self.alive = False
+        self.quick = True
+        self._wake_up()
+
+    def _abort(self) -> None:
+        self.alive = False
+        self.cfg.worker_abort(self)
+        sys.exit(1)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def run(self) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+        if self.app_calls:
+            # A call of the Flask app is still running in a pool thread (an /add waiting for
+            # its replicas): the interpreter would wait for it at exit. Its registry entries
+            # are the supervisor's to finish, as for any worker that dies mid-call.
+            self.log.warning("exiting with %d admin call(s) unfinished", self.app_calls)
+            logging.shutdown()
+            os._exit(0)
+
+    async def _serve(self) -> None:
+        assert self.loop is not None and self._wake is not None
+        loop = self.loop
+        flask_app = self.wsgi
+        ext = flask_app.extensions["lb"]
+        settings = flask_app.config["SETTINGS"]
+        pool = ReplicaPool(loop, settings.connect_timeout, settings.upstream_timeout)
+        bridge = WSGIMiddleware(flask_app, workers=settings.threads)
+        limits = Limits(self.cfg.limit_request_line, self.cfg.limit_request_fields,
+                        self.cfg.limit_request_field_size, settings.max_body)
+        server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool),
+                        bridge, ext["metrics"], self.cfg.keepalive, SERVER)
+        listeners = [await loop.create_server(lambda: ClientConnection(server, loop),
+                                              sock=listener.sock, backlog=self.cfg.backlog)
+                     for listener in self.sockets]
+        sweep_every = max(0.1, min(NOTIFY_SECONDS, settings.client_timeout / 4))
+        while self.alive:
+            self.notify()
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                break
+            server.sweep(loop.time())
+            try:
+                await asyncio.wait_for(self._wake.wait(), sweep_every)
+            except TimeoutError:
+                pass
+        # Stopping: no new connections; idle ones closed; busy ones close after their reply.
+        for listener in listeners:
+            listener.close()
+        server.shut(graceful=not self.quick)
+        deadline = loop.time() + (0 if self.quick else self.cfg.graceful_timeout)
+        while server.connections and loop.time() < deadline and not self.quick:
+            self.notify()
+            await asyncio.sleep(0.05)
+        server.shut(graceful=False)
+        self.app_calls = server.app_calls
+        pool.close()
+        bridge.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.sleep(0)  # let the transports finish closing

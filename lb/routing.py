@@ -1,0 +1,393 @@
+"""The routing core: which replicas a GET may go to, in which order, and the rules around it.
+
+Both data paths call this and differ only in their I/O: the threads path (the Flask view and
+``lb.router``, blocking sockets) and the event-driven path (``lb.aio``). What lives here is
+written once for both:
+
+- which requests are routed at all (``is_routed``) and the target forwarded (``origin_target``);
+- the request key (``request_key``), the hash map and strategies over the routable replicas,
+  bounded loads, suspects (``Router.candidates``);
+- one request's way round the ring: retries clockwise, what is counted, 502 and 503
+  (``Attempts``), and what a replica's answer becomes (``Attempts.answered``);
+- the header rules both ways (``forward_headers``, ``reply_headers``);
+- the error envelope's bytes (``error_body``), identical on both paths.
+
+No sockets here; the registry is read through a ``RegistryView`` (one ``stat`` per request).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from urllib.parse import unquote_plus, unquote_to_bytes, urlsplit
+
+import xxhash
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.sansio.utils import get_host
+
+from lb.errors import ApiError, envelope
+from lb.registry import STARTING, Registry, RegistryView, Replica
+from lb.settings import Settings
+from lb.strategies import Lookup, build_lookup
+
+# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Claims about the client or the scheme that only a proxy may make (the replica's gunicorn
+# trusts its loopback peer): the edge sets its own X-Forwarded-* and passes no others on.
+SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-forwarded-ssl", "x-forwarded-protocol"})
+# Set by the balancer itself on the way to the replica.
+SET_ON_FORWARD = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-host",
+                            "x-forwarded-proto", "x-request-id"})
+REQUEST_DROP = HOP_BY_HOP | SPOOFABLE | SET_ON_FORWARD
+# Set again by the balancer for its own reply.
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+# How long a worker avoids a replica it could not reach, until the supervisor has decided.
+SUSPECT_SECONDS = 1.0
+# While replicas are still starting (a stack that just came up), a routed GET waits for the
+# first one this long (at most LB_UPSTREAM_TIMEOUT) instead of failing at once.
+STARTING_POLL_SECONDS = 0.05
+
+RESERVED_PREFIX = "/_lb"
+ADMIN_PATHS = frozenset({"/rep", "/add", "/rm"})
+JSON_TYPE = "application/json"
+
+
+# -- which requests, which target -----------------------------------------------------------------
+def is_routed(method: str, path: str) -> bool:
+    """A GET the replicas answer: anything but the admin endpoints and the reserved prefix.
+
+    ``path`` is decoded (``/%72ep`` is ``/rep``), as the Flask app matches it.
+    """
+    return (method == "GET" and path not in ADMIN_PATHS and path != RESERVED_PREFIX
+            and not path.startswith(RESERVED_PREFIX + "/"))
+
+
+def decode_path(raw_path: str) -> str:
+    """The path as the Flask app sees it: percent-escapes decoded, as UTF-8 (gunicorn and
+    werkzeug do the same)."""
+    if "%" not in raw_path:
+        return raw_path
+    return unquote_to_bytes(raw_path).decode("utf-8", "replace")
+
+
+def origin_target(raw: str) -> str | None:
+    """The target to forward: path and query exactly as the client sent them.
+
+    An absolute-form target (``GET http://host/path``, RFC 9112 section 3.2.2) goes on as its
+    path and query alone (``/`` when it has no path); the host it names is never used. Any
+    other form (``*``, authority form) is not a routable target: None.
+    """
+    if raw.startswith("/"):
+        return raw
+    if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
+        parts = urlsplit(raw)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return None
+
+
+# -- the request key ------------------------------------------------------------------------------
+def request_key(spec: str, header: Callable[[str], str | None],
+                query: Callable[[str], str | None], client: str | None) -> int:
+    """The integer the request hash H is applied to.
+
+    ``random``: a fresh 6-digit request id (the specification's). ``client``, ``header:NAME``,
+    ``query:NAME``: that value (ASCII digits as they are, anything else through xxHash), so the
+    same client or user keeps landing on the same replica; a missing value falls back to random.
+    ``header`` and ``query`` look a name up in the request (None when absent).
+    """
+    value: str | None = None
+    if spec == "client":
+        value = client
+    elif spec.startswith("header:"):
+        value = header(spec[7:])
+    elif spec.startswith("query:"):
+        value = query(spec[6:])
+    if not value:
+        return random.randint(100000, 999999)
+    # str.isdigit() accepts "²" and other digits int() refuses: ASCII digits only.
+    if len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return xxhash.xxh64_intdigest(value.encode("utf-8", "surrogateescape"))
+
+
+# -- headers --------------------------------------------------------------------------------------
+def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
+                    request_id: str) -> list[tuple[str, str]]:
+    """End-to-end headers only, plus the ``X-Forwarded-*`` a replica needs to know its client.
+
+    ``headers`` are the client's, in order (repeated names allowed); ``host`` is the host the
+    client asked for (``X-Forwarded-Host``). Names with ``_`` are dropped as gunicorn drops
+    them (``X_Forwarded_For`` would become ``X-Forwarded-For`` in the replica's WSGI environ).
+    """
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()  # listed in Connection: hop-by-hop too
+    prior: list[str] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "connection":
+            named.update(h.strip().lower() for h in value.split(","))
+        elif lower == "x-forwarded-for":
+            prior.append(value)
+        elif lower not in REQUEST_DROP and "_" not in name:
+            kept.append((lower, name, value))
+    out = [(name, value) for lower, name, value in kept if lower not in named] if named else \
+        [(name, value) for _, name, value in kept]
+    forwarded_for = ",".join(prior)
+    out.append(("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client))
+    out.append(("X-Forwarded-Host", host))
+    out.append(("X-Forwarded-Proto", "http"))  # the balancer speaks plain HTTP
+    out.append(("X-Request-ID", request_id))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def forwarded_host(host_header: str | None, server: tuple[str, int] | None) -> str:
+    """The host the client asked for, validated as werkzeug validates ``request.host``."""
+    return get_host("http", host_header, server)
+
+
+def query_value(query: str, name: str) -> str | None:
+    """The first value of ``name`` in a query string, decoded as werkzeug's ``request.args``
+    decodes it (``+`` is a space, escapes as UTF-8); None when absent."""
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name or unquote_plus(key) == name:
+            return unquote_plus(value)
+    return None
+
+
+def reply_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A replica's headers minus those of its own hop (the balancer sets them for its reply)."""
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "connection":
+            named.update(h.strip().lower() for h in value.split(","))
+        elif lower not in RESPONSE_DROP:
+            kept.append((lower, name, value))
+    return [(name, value) for lower, name, value in kept if lower not in named] if named else \
+        [(name, value) for _, name, value in kept]
+
+
+def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """A request header's value (repeated ones joined with ``,`` as in a WSGI environ)."""
+    lower = name.lower()
+    values = [v for k, v in headers if k.lower() == lower]
+    return ",".join(values) if values else None
+
+
+# -- replies --------------------------------------------------------------------------------------
+def error_body(message: str) -> bytes:
+    """The contract's envelope as sent: the same bytes as Flask's ``jsonify`` gives."""
+    return (json.dumps(envelope(message), ensure_ascii=True, sort_keys=True,
+                       separators=(",", ":")) + "\n").encode("ascii")
+
+
+def transfer_coding_error(value: str) -> ApiError | None:
+    """What a request's ``Transfer-Encoding`` calls for, or None when it is plain ``chunked``.
+
+    RFC 9112: without ``chunked`` as the final coding (once) a request body has no length
+    that can be determined, 400 (section 6.3); any other coding before it is one this server
+    does not implement, 501 (section 6.1) - never silently ignored.
+    """
+    codings = [c.strip(" \t").lower() for c in value.split(",")]
+    if codings == ["chunked"]:
+        return None
+    if codings[-1] != "chunked" or codings.count("chunked") > 1:
+        return ApiError(400, f"Transfer-Encoding {value!r}: chunked must be the final coding")
+    return ApiError(501, f"Transfer-Encoding {value!r}: only chunked is implemented")
+
+
+def reason_phrase(status: int) -> str:
+    return HTTP_STATUS_CODES.get(status, "Unknown")
+
+
+def missing_endpoint(path: str) -> ApiError:
+    """A replica's 404 as the contract words it."""
+    return ApiError(400, f"'{path}' endpoint does not exist in server replicas")
+
+
+def replica_error(status: int, content_type: str | None, replica: str,
+                  path: str) -> ApiError | None:
+    """What a replica's error reply becomes, or None when it is passed back as it is.
+
+    A 404 is the contract's 400. Any other error that is not JSON (gunicorn's HTML pages: a
+    431 because a request was too big for the replica, a 500 of a crashed handler) becomes the
+    envelope with the same status, so a client never gets a page the contract does not know.
+    """
+    if status == 404:
+        return missing_endpoint(path)
+    if status >= 400 and not (content_type or "").lower().startswith(JSON_TYPE):
+        return ApiError(status, f"Replica {replica} answered {status} {reason_phrase(status)}")
+    return None
+
+
+# -- choosing replicas ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoutingTable:
+    """The routable replicas of one registry version and the strategy's lookup over them."""
+
+    version: int
+    ring: Lookup
+    by_id: dict[int, Replica]
+    starting: bool  # some wanted replica is still starting (a fresh stack, an /add)
+
+
+class RouterEvents:
+    """What the router reports (metrics and logs subscribe here); the default ignores it."""
+
+    def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
+        """A replica answered (any status) after ``seconds``; ``attempt`` 0 is the first try."""
+
+    def unreachable(self, replica: Replica, error: BaseException) -> None:
+        """A replica could not be reached; the next candidate gets the request."""
+
+    def exhausted(self, tried: list[str]) -> None:
+        """No candidate could serve the request."""
+
+
+class Router:
+    """Chooses replicas for request keys: one per worker process, shared by its threads."""
+
+    def __init__(self, settings: Settings, registry: Registry,
+                 events: RouterEvents | None = None) -> None:
+        self.settings = settings
+        self.events = events or RouterEvents()
+        self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
+        self._view = RegistryView(registry)
+        self._table: RoutingTable | None = None
+        self._lock = threading.Lock()
+        self._suspects: dict[str, float] = {}  # hostname -> monotonic time until
+
+    def table(self) -> RoutingTable:
+        """The current table: a stat per call, a rebuild only after the registry changed."""
+        with self._lock:
+            state = self._view.current()
+            if self._table is None or self._table.version != state.version:
+                routable = state.routable()
+                self._table = RoutingTable(
+                    state.version, build_lookup(self.settings, state, routable),
+                    {r.server_id: r for r in routable},
+                    any(r.state == STARTING for r in state.members()))
+                # Forget idle counters of replicas that left (hostnames churn with replacements).
+                names = {r.hostname for r in routable}
+                self.inflight = {h: c for h, c in self.inflight.items() if c or h in names}
+            return self._table
+
+    def candidates(self, key: int) -> list[Replica]:
+        """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last."""
+        return list(self.choices(self.table(), key))
+
+    def choices(self, table: RoutingTable, key: int) -> Iterator[Replica]:
+        """``candidates`` one at a time: the walk round the ring goes only as far as the
+        request needs (usually its first replica answers)."""
+        limit = 1 + self.settings.retries
+        now = time.monotonic()
+        if self.settings.bounded_load:
+            yield from self._bounded(table, key, limit, now)
+            return
+        suspects = self._suspects
+        later: list[Replica] = []
+        given = 0
+        for server_id in table.ring.walk(key):
+            replica = table.by_id[server_id]
+            if suspects and suspects.get(replica.hostname, 0) > now:
+                later.append(replica)
+                continue
+            yield replica
+            given += 1
+            if given >= limit:
+                return
+        yield from later[:limit - given]
+
+    def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
+        """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
+
+        A replica already holding ``ceil(c * mean)`` of this worker's in-flight requests
+        (counting this one) is passed over for the next one clockwise; overflow only walks.
+        """
+        n = len(table.by_id)
+        if n == 0:
+            return []
+        with self._lock:
+            total = sum(self.inflight.values()) + 1
+        cap = max(1, math.ceil(self.settings.bounded_load * total / n))
+        ok: list[Replica] = []
+        full: list[Replica] = []
+        for server_id in table.ring.walk(key):
+            replica = table.by_id[server_id]
+            busy = self.inflight.get(replica.hostname, 0) + 1 > cap
+            (full if busy or self._suspects.get(replica.hostname, 0) > now else ok).append(replica)
+        return (ok + full)[:limit]
+
+    def waiting_for_replicas(self) -> bool:
+        """No replica is routable yet, but some are starting: worth waiting a moment."""
+        table = self.table()
+        return not table.by_id and table.starting
+
+    def suspect(self, replica: Replica) -> None:
+        self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
+
+    def _count(self, hostname: str, delta: int) -> None:
+        with self._lock:
+            self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
+
+    def attempts(self, key: int) -> Attempts:
+        return Attempts(self, self.table(), key)
+
+
+class Attempts:
+    """One routed request's way round the ring: the I/O loop of either path reads
+
+    ``for replica in attempts: try it; attempts.failed(...) or return attempts.answered(...)``,
+    then ``raise attempts.exhausted()``: every rule about what a try means lives here.
+    """
+
+    def __init__(self, router: Router, table: RoutingTable, key: int) -> None:
+        self.router = router
+        self.table = table
+        self.key = key
+        self.tried: list[str] = []
+        self._began = 0.0
+
+    @property
+    def empty(self) -> bool:
+        """No replica is routable at all."""
+        return not self.table.by_id
+
+    def __iter__(self) -> Iterator[Replica]:
+        if self.empty:
+            raise ApiError(503, "No replica available to serve the request")
+        for replica in self.router.choices(self.table, self.key):
+            self.tried.append(replica.hostname)
+            self.router._count(replica.hostname, +1)
+            self._began = time.perf_counter()
+            yield replica
+
+    def failed(self, replica: Replica, error: BaseException) -> None:
+        """``replica`` could not be reached (refused, reset, timed out, garbled): the next one
+        clockwise gets the request, and this worker avoids ``replica`` for a moment."""
+        self.router._count(replica.hostname, -1)
+        self.router.suspect(replica)
+        self.router.events.unreachable(replica, error)
+
+    def answered(self, replica: Replica, status: int) -> None:
+        """``replica`` answered with ``status`` (passed back as it is, but 404: see
+        ``missing_endpoint``)."""
+        self.router._count(replica.hostname, -1)
+        self.router.events.forwarded(replica, status, time.perf_counter() - self._began,
+                                     len(self.tried) - 1)
+
+    def exhausted(self) -> ApiError:
+        self.router.events.exhausted(self.tried)
+        return ApiError(502, f"No replica could serve the request (tried {', '.join(self.tried)})")
