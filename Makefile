@@ -42,4 +42,5 @@ clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 
 -include docker.mk
+-include swarm.mk
 -include bench/bench.mk

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Docker for the test suite on a fresh Debian machine: the engine, Compose v1 and v2, and
-# debootstrap installed, the engine running, the project's images built. Idempotent: a machine
-# that has all of it only pays for `docker info` and a cached `make build`.
+# debootstrap installed, the engine running, the project's images and the Swarm test cluster's
+# node image built. Idempotent: a machine that has all of it only pays for `docker info` and
+# cached builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,3 +69,4 @@ echo "docker-setup: engine $(docker version --format '{{.Server.Version}}')," \
     "docker-compose $(docker-compose version --short), docker compose $(docker compose version --short)"
 
 make build
+make node-image  # the Swarm test cluster's nodes (tests/test_swarm.py)

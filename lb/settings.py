@@ -57,7 +57,9 @@ class Settings:
         "header:NAME or query:NAME (falls back to random when absent)",
     )
     # -- replicas -----------------------------------------------------------------------------
-    backend: str = _opt("local", "Where replicas run: local (processes) or docker")
+    backend: str = _opt(
+        "local", "Where replicas run: local (processes), docker (containers on one engine) or "
+                 "swarm (services of a Docker Swarm, spread over its nodes)")
     deployment: str = _opt("hashlb", "Name of this deployment: labels/marks everything it starts")
     max_replicas: int = _opt(32, "Most replicas /add may bring the set to")
     start_timeout: float = _opt(20.0, "Seconds /add waits for new replicas' heartbeat")
@@ -79,15 +81,25 @@ class Settings:
     # -- shared state -------------------------------------------------------------------------
     registry: str = _opt("", "Registry JSON file; empty means <tmp>/<deployment>/registry.json")
     lock_timeout: float = _opt(10.0, "Seconds to wait for the registry lock")
-    # -- docker backend -----------------------------------------------------------------------
-    image: str = _opt("hashlb-server:latest", "Replica image (docker backend)")
-    network: str = _opt("net1", "Docker network the replicas join (docker backend)")
-    replica_memory: str = _opt("256m", "Memory limit of each replica container (docker backend)")
-    replica_cpus: float = _opt(0.5, "CPU limit of each replica container (docker backend)")
+    # -- docker and swarm backends ------------------------------------------------------------
+    image: str = _opt("hashlb-server:latest", "Replica image (docker and swarm backends)")
+    network: str = _opt(
+        "net1", "Docker network the replicas join (docker: a bridge; swarm: an attachable "
+                "overlay network)")
+    replica_memory: str = _opt("256m", "Memory limit of each replica container (docker and swarm backends)")
+    replica_cpus: float = _opt(0.5, "CPU limit of each replica container (docker and swarm backends)")
     docker_address: str = _opt(
         "auto", "How replicas are reached (docker backend): name (http://<hostname>:5000, "
                 "inside the Docker network), ip (the container's address on it, from the host) "
                 "or auto (name when this process runs in a container on that network, else ip)")
+    swarm_address: str = _opt(
+        "name", "How replicas are reached (swarm backend): name (http://<hostname>:5000, from a "
+                "container on LB_NETWORK, as the stack's balancer and supervisor are) or "
+                "published (each replica publishes port 5000 in host mode on a free port of its "
+                "node, reached at the node's address: for a balancer outside the swarm)")
+    swarm_constraints: str = _opt(
+        "", "Placement constraints of the replicas (swarm backend), comma-separated, e.g. "
+            "node.labels.role==replicas; empty: any node")
     log_level: str = _opt("info", "Log level: debug, info, warning, error")
     log_format: str = _opt(
         "text", "Log lines: text (for people) or json (one object per line, for log shippers)")
@@ -138,7 +150,8 @@ class Settings:
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
             (self.bounded_load == 0 or self.bounded_load > 1, "bounded_load must be 0 or > 1"),
             (_valid_hash_key(self.hash_key), "hash_key must be random, client, header:NAME or query:NAME"),
-            (self.backend in ("local", "docker"), "backend must be local or docker"),
+            (self.backend in ("local", "docker", "swarm"), "backend must be local, docker or swarm"),
+            (self.swarm_address in ("name", "published"), "swarm_address must be name or published"),
             (self.docker_address in ("auto", "name", "ip"), "docker_address must be auto, name or ip"),
             (self.max_replicas >= 1, "max_replicas must be >= 1"),
             (self.n <= self.max_replicas, "n must not exceed max_replicas"),

@@ -211,3 +211,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "docker" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def swarm_cluster() -> Iterator[Any]:
+    """One 3-node Docker Swarm of containers for the session (``tests/helpers_swarm.py``)."""
+    from tests.helpers_swarm import running_cluster
+
+    yield from running_cluster(free_port())

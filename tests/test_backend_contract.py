@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ import requests
 from lb.backends.base import Backend, ReplicaSpec
 from lb.backends.docker import DockerBackend
 from lb.backends.local import LocalBackend
+from lb.backends.swarm import SwarmBackend
 from lb.settings import Settings
 from tests.conftest import kill_deployment
 from tests.test_docker_backend import (  # noqa: F401 - fixtures
@@ -73,7 +75,29 @@ def docker_harness(deployment: Deployment) -> Iterator[Harness]:  # noqa: F811
     other().stop_all(timeout=2)  # the deployment fixture removes the rest by label
 
 
-@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.fixture
+def swarm_harness(swarm_cluster: Any) -> Iterator[Harness]:
+    """Services on the test cluster, seen from here: the manager's engine through its socket,
+    replicas reached on their nodes' published ports (the tests run outside the overlay)."""
+    name = f"hlbc{uuid.uuid4().hex[:8]}"
+    made: list[SwarmBackend] = []
+
+    def make(label: str) -> Backend:
+        backend = SwarmBackend(
+            Settings.from_env({}, backend="swarm", deployment=label, network="net1",
+                              swarm_address="published"),
+            client=swarm_cluster.client())
+        made.append(backend)
+        return backend
+
+    yield Harness(make(name), lambda: make(name + "-other"), "0" * 25, name)
+    for backend in made:
+        backend.stop_all(timeout=2)
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker),
+                        pytest.param("swarm", marks=[pytest.mark.docker, pytest.mark.swarm,
+                                                      pytest.mark.timeout(900)])])
 def harness(request: pytest.FixtureRequest) -> Harness:
     return request.getfixturevalue(f"{request.param}_harness")
 

@@ -1,5 +1,6 @@
 """What is written about the settings in more than one place agrees with the one declaration
-in lb/settings.py: the README's table, and the environment docker-compose.yml passes on."""
+in lb/settings.py: the README's table, and the environment docker-compose.yml and
+swarm-stack.yml pass on."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.conftest import unavailable
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 COMPOSE = ROOT / "docker-compose.yml"
+STACK = ROOT / "swarm-stack.yml"
 
 
 def test_readme_settings_table_is_current() -> None:
@@ -31,13 +33,17 @@ def test_readme_settings_table_is_current() -> None:
 
 # Set by the compose deployment itself, not from the shell.
 COMPOSE_FIXED = {"LB_BACKEND", "LB_HOST", "LB_PORT", "LB_REGISTRY", "LB_DOCKER_ADDRESS"}
-# Defaults the compose deployment changes on purpose (its file says why).
+# ... and by the Swarm stack (both services are on the replicas' overlay network).
+STACK_FIXED = {"LB_BACKEND", "LB_HOST", "LB_PORT", "LB_REGISTRY", "LB_SWARM_ADDRESS"}
+# Defaults both container deployments change on purpose (their files say why).
 COMPOSE_OWN_DEFAULTS = {"LB_START_TIMEOUT"}
 FROM_SHELL = re.compile(r"^\$\{(LB_[A-Z_]+):-(.*)\}$")
 
 
-def test_compose_passes_every_setting_on_with_its_default() -> None:
-    env = yaml.safe_load(COMPOSE.read_text())["x-settings"]
+@pytest.mark.parametrize(("path", "fixed"), [(COMPOSE, COMPOSE_FIXED), (STACK, STACK_FIXED)],
+                         ids=["compose", "swarm-stack"])
+def test_compose_passes_every_setting_on_with_its_default(path: Path, fixed: set[str]) -> None:
+    env = yaml.safe_load(path.read_text())["x-settings"]
     fields = {PREFIX + f.name.upper(): f.name for f in dataclasses.fields(Settings)}
     assert sorted(set(fields) - set(env)) == [], "settings docker-compose.yml does not pass on"
     assert sorted(k for k in env if k.startswith(PREFIX) and k not in fields) == []
@@ -45,7 +51,7 @@ def test_compose_passes_every_setting_on_with_its_default() -> None:
     for var, name in fields.items():
         value = str(env[var])
         match = FROM_SHELL.match(value)
-        if var in COMPOSE_FIXED:
+        if var in fixed:
             assert match is None, f"{var} is fixed by the deployment, not taken from the shell"
             continue
         assert match is not None and match.group(1) == var, f"{var}: {value}"

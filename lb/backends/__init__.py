@@ -17,4 +17,8 @@ def create_backend(settings: Settings) -> Backend:
         from lb.backends.docker import DockerBackend
 
         return DockerBackend(settings)
+    if settings.backend == "swarm":
+        from lb.backends.swarm import SwarmBackend
+
+        return SwarmBackend(settings)
     raise BackendError(f"unknown backend {settings.backend!r}")

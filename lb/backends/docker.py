@@ -39,9 +39,85 @@ REPLICA_PORT = 5000
 CLIENT_TIMEOUT = 60  # seconds per API call; a stop adds its own grace period to it
 PIDS_LIMIT = 256  # a replica is one gunicorn master, one worker and its threads
 LOG_ROTATION = {"max-size": "10m", "max-file": "3"}  # replicas log every request
+CAP_DROP = ["ALL"]  # a replica needs no Linux capability
 
 # What the SDK raises: its own errors, and requests' for an engine that does not answer.
-_FAILURES = (docker_errors.DockerException, requests.RequestException)
+FAILURES = (docker_errors.DockerException, requests.RequestException)
+
+
+class Engine:
+    """The Docker engine's low-level client, created on first use, never at import or
+    construction (a balancer or a test can be set up without an engine). Shared by the docker
+    and the swarm backends: one seam for the one outside system."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def api(self) -> docker.APIClient:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = docker.from_env(timeout=CLIENT_TIMEOUT)
+                except FAILURES as exc:
+                    raise BackendError(f"cannot reach the Docker engine: {exc}") from exc
+            return self._client.api
+
+
+def ensure_network(api: docker.APIClient, name: str, deployment: str, driver: str,
+                   attachable: bool = False) -> bool:
+    """The network ``name``: used as it is when it exists (compose's, a stack's, or one made by
+    hand), else created with ``driver``, labelled as made for ``deployment``. Whether it made
+    it."""
+    try:
+        api.inspect_network(name)
+        return False
+    except docker_errors.NotFound:
+        pass
+    except FAILURES as exc:
+        raise BackendError(f"cannot inspect network {name}: {exc}") from exc
+    try:
+        api.create_network(name, driver=driver, attachable=attachable or None,
+                           check_duplicate=True,
+                           labels={LABEL_DEPLOYMENT: deployment, LABEL_ROLE: ROLE_NETWORK})
+    except docker_errors.APIError as exc:
+        if exc.status_code != 409:  # 409: created meanwhile by someone else: fine
+            raise BackendError(f"cannot create network {name}: {exc}") from exc
+        return False
+    except FAILURES as exc:
+        raise BackendError(f"cannot create network {name}: {exc}") from exc
+    log.info("created %s network %s for deployment %s", driver, name, deployment)
+    return True
+
+
+def remove_network(api: docker.APIClient, name: str, deployment: str) -> None:
+    """Remove the network if ``ensure_network`` made it for ``deployment`` (in this run or one
+    that ended without cleaning up) and nothing is attached to it any more."""
+    try:
+        info = api.inspect_network(name)
+    except docker_errors.NotFound:
+        return
+    except FAILURES as exc:
+        raise BackendError(f"cannot inspect network {name}: {exc}") from exc
+    labels = info.get("Labels") or {}
+    if labels.get(LABEL_DEPLOYMENT) != deployment or labels.get(LABEL_ROLE) != ROLE_NETWORK:
+        return
+    if info.get("Containers"):
+        log.warning("network %s still has containers on it; leaving it", name)
+        return
+    try:
+        api.remove_network(info["Id"])
+    except docker_errors.NotFound:
+        return
+    except docker_errors.APIError as exc:
+        if exc.status_code in (403, 409):  # still in use elsewhere (a service on a node)
+            log.warning("network %s is still in use; leaving it: %s", name, exc)
+            return
+        raise BackendError(f"cannot remove network {name}: {exc}") from exc
+    except FAILURES as exc:
+        raise BackendError(f"cannot remove network {name}: {exc}") from exc
+    log.info("removed network %s", name)
 
 
 class DockerBackend(Backend):
@@ -54,19 +130,12 @@ class DockerBackend(Backend):
         self.memory = settings.replica_memory
         self.nano_cpus = int(settings.replica_cpus * 1e9)
         self._address_mode = settings.docker_address if settings.docker_address != "auto" else None
-        self._client = client
-        self._client_lock = threading.Lock()
+        self.engine = Engine(client)
 
     @property
     def api(self) -> docker.APIClient:
         """The low-level client, created on first use."""
-        with self._client_lock:
-            if self._client is None:
-                try:
-                    self._client = docker.from_env(timeout=CLIENT_TIMEOUT)
-                except _FAILURES as exc:
-                    raise BackendError(f"cannot reach the Docker engine: {exc}") from exc
-            return self._client.api
+        return self.engine.api
 
     @property
     def address_mode(self) -> str:
@@ -82,7 +151,7 @@ class DockerBackend(Backend):
         container, and a container on another network cannot resolve the names either.)"""
         try:
             members = self.api.inspect_network(self.network).get("Containers") or {}
-        except _FAILURES:
+        except FAILURES:
             return False
         theirs = {m.get("IPv4Address", "").split("/")[0] for m in members.values()}
         mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
@@ -97,47 +166,12 @@ class DockerBackend(Backend):
     def prepare(self) -> None:
         """The replicas' network: used as it is when a network of that name exists (compose's,
         or one made by hand), else created as a bridge labelled as this deployment's."""
-        try:
-            self.api.inspect_network(self.network)
-            return
-        except docker_errors.NotFound:
-            pass
-        except _FAILURES as exc:
-            raise BackendError(f"cannot inspect network {self.network}: {exc}") from exc
-        try:
-            self.api.create_network(self.network, driver="bridge", check_duplicate=True,
-                                    labels={LABEL_DEPLOYMENT: self.deployment,
-                                            LABEL_ROLE: ROLE_NETWORK})
-        except docker_errors.APIError as exc:
-            if exc.status_code != 409:  # 409: created meanwhile by someone else: fine
-                raise BackendError(f"cannot create network {self.network}: {exc}") from exc
-        except _FAILURES as exc:
-            raise BackendError(f"cannot create network {self.network}: {exc}") from exc
-        log.info("created network %s for deployment %s", self.network, self.deployment)
+        ensure_network(self.api, self.network, self.deployment, driver="bridge")
 
     def release(self) -> None:
         """Remove the network if ``prepare`` made it for this deployment (in this run or one
         that ended without cleaning up) and no container is on it any more."""
-        try:
-            info = self.api.inspect_network(self.network)
-        except docker_errors.NotFound:
-            return
-        except _FAILURES as exc:
-            raise BackendError(f"cannot inspect network {self.network}: {exc}") from exc
-        labels = info.get("Labels") or {}
-        if labels.get(LABEL_DEPLOYMENT) != self.deployment or \
-                labels.get(LABEL_ROLE) != ROLE_NETWORK:
-            return
-        if info.get("Containers"):
-            log.warning("network %s still has containers on it; leaving it", self.network)
-            return
-        try:
-            self.api.remove_network(info["Id"])
-        except docker_errors.NotFound:
-            return
-        except _FAILURES as exc:
-            raise BackendError(f"cannot remove network {self.network}: {exc}") from exc
-        log.info("removed network %s", self.network)
+        remove_network(self.api, self.network, self.deployment)
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, spec: ReplicaSpec) -> Instance:
@@ -146,7 +180,7 @@ class DockerBackend(Backend):
             self._remove_leftover(spec.hostname)
             host_config = api.create_host_config(
                 network_mode=self.network, mem_limit=self.memory, nano_cpus=self.nano_cpus,
-                pids_limit=PIDS_LIMIT, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                pids_limit=PIDS_LIMIT, cap_drop=CAP_DROP, security_opt=["no-new-privileges:true"],
                 log_config={"Type": "json-file", "Config": LOG_ROTATION},
             )
             networking = api.create_networking_config({
@@ -170,7 +204,7 @@ class DockerBackend(Backend):
         except docker_errors.ImageNotFound as exc:
             raise BackendError(f"cannot start replica {spec.hostname}: image {self.image} not "
                                "found (build it: make build)") from exc
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise BackendError(f"cannot start replica {spec.hostname}: {exc}") from exc
         log.info("started replica %s (server id %d) as container %s at %s",
                  spec.hostname, spec.server_id, handle[:12], address)
@@ -212,7 +246,7 @@ class DockerBackend(Backend):
             self._remove(info["Id"])
         except docker_errors.NotFound:
             return  # already gone: that is what we wanted
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise BackendError(f"cannot stop replica container {handle[:12]}: {exc}") from exc
 
     def _remove(self, container_id: str) -> None:
@@ -252,7 +286,7 @@ class DockerBackend(Backend):
             info = self.api.inspect_container(handle)
         except docker_errors.NotFound:
             return False
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise BackendError(f"cannot inspect replica container {handle[:12]}: {exc}") from exc
         return self._ours(info) and bool((info.get("State") or {}).get("Running"))
 
@@ -263,7 +297,7 @@ class DockerBackend(Backend):
             filters["status"] = "running"
         try:
             return list(self.api.containers(all=not running_only, filters=filters))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise BackendError(f"cannot list replica containers: {exc}") from exc
 
     def _ours(self, info: dict[str, Any]) -> bool:
