@@ -45,10 +45,22 @@ COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_COMMANDS = {"v2": "docker compose", "v1": "docker-compose"}
 
 
-@pytest.fixture(scope="module", params=sorted(COMPOSE_COMMANDS, reverse=True))
-def compose(request: pytest.FixtureRequest) -> str:
+# Each Compose reads the file alike; each data path (LB_WORKER) serves the stack alike. Both
+# workers with Compose v2, the default worker with v1: every part is covered, the suite short.
+VARIANTS = [("v2", "async"), ("v1", "async"), ("v2", "threads")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=[f"{c}-{w}" for c, w in VARIANTS])
+def variant(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(Compose version, balancer worker) of the module's stack."""
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def compose(variant: tuple[str, str]) -> str:
     """The compose command the Make targets use (their ``COMPOSE`` variable)."""
-    command = COMPOSE_COMMANDS[request.param]
+    version = variant[0]
+    command = COMPOSE_COMMANDS[version]
     try:
         proc = subprocess.run([*command.split(), "version", "--short"], capture_output=True,
                               text=True, timeout=30, check=False)
@@ -56,7 +68,7 @@ def compose(request: pytest.FixtureRequest) -> str:
     except FileNotFoundError:
         found = False
     if not found:
-        unavailable(f"Compose {request.param} (`{command}`) is not installed: "
+        unavailable(f"Compose {version} (`{command}`) is not installed: "
                     "ci/docker-setup.sh installs it")
     return command
 
@@ -69,6 +81,7 @@ class Stack:
     port: int
     client: docker.DockerClient
     compose: str
+    worker: str = "async"
     http: requests.Session = field(default_factory=requests.Session)
 
     def __post_init__(self) -> None:
@@ -89,6 +102,7 @@ class Stack:
     def make(self, target: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "COMPOSE": self.compose, "COMPOSE_PROJECT": self.project, "LB_DEPLOYMENT": self.deployment,
                "LB_NETWORK": self.network, "LB_PUBLISH_PORT": str(self.port), "LB_N": "0",
+               "LB_WORKER": self.worker,
                # The tests pick a replica by key (X-Key); requests without it stay random.
                "LB_HASH_KEY": "header:X-Key"}
         return subprocess.run(["make", "-s", target], cwd=ROOT, env=env, capture_output=True,
@@ -186,8 +200,8 @@ class Stack:
         return {k: sorted(set(v)) for k, v in left.items() if v}
 
 
-def start_stack(client: docker.DockerClient, compose: str) -> Stack:
-    stack = Stack(f"hlbt{uuid.uuid4().hex[:8]}", free_port(), client, compose)
+def start_stack(client: docker.DockerClient, compose: str, worker: str = "async") -> Stack:
+    stack = Stack(f"hlbt{uuid.uuid4().hex[:8]}", free_port(), client, compose, worker)
     try:
         stack.make_ok("up")
     except BaseException:
@@ -207,8 +221,8 @@ def force_clean(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def stack(docker_client: docker.DockerClient, docker_images: None,  # noqa: F811
-          compose: str) -> Iterator[Stack]:
-    stack = start_stack(docker_client, compose)
+          compose: str, variant: tuple[str, str]) -> Iterator[Stack]:
+    stack = start_stack(docker_client, compose, variant[1])
     yield stack
     try:
         stack.make_ok("down")
@@ -337,7 +351,8 @@ def test_services_run_as_declared(stack: Stack) -> None:
         assert mounts["/var/run/docker.sock"]["Source"] == "/var/run/docker.sock"
         assert list(container.attrs["NetworkSettings"]["Networks"]) == [stack.network]
         env = dict(item.split("=", 1) for item in config["Env"])
-        assert (env["LB_BACKEND"], env["LB_NETWORK"], env["LB_N"]) == ("docker", stack.network, "0")
+        assert (env["LB_BACKEND"], env["LB_NETWORK"], env["LB_N"], env["LB_WORKER"]) == \
+            ("docker", stack.network, "0", stack.worker)
         assert set(Settings().to_env()) <= set(env)  # every setting, passed on
     lb, supervisor = stack.service("lb"), stack.service("supervisor")
     # Published on loopback only; the supervisor serves nothing and has no health check.
@@ -427,8 +442,9 @@ def crash(container: Any) -> None:
 
 
 def test_make_down_leaves_nothing(docker_client: docker.DockerClient,  # noqa: F811
-                                  docker_images: None, compose: str) -> None:  # noqa: F811
-    stack = start_stack(docker_client, compose)
+                                  docker_images: None, compose: str,  # noqa: F811
+                                  variant: tuple[str, str]) -> None:
+    stack = start_stack(docker_client, compose, variant[1])
     try:
         reply = stack.add(2, [f"{stack.project}-runtime"])  # replicas that compose never knew
         assert reply.status_code == 200, reply.text
