@@ -21,6 +21,7 @@ from typing import Any
 import filelock
 
 from lb.hashring import HashRing
+from lb.strategies import Lookup, build_lookup
 
 STARTING, READY, DOWN, REMOVING = "starting", "ready", "down", "removing"
 STATES = (STARTING, READY, DOWN, REMOVING)
@@ -99,6 +100,11 @@ class State:
 
     def routable(self) -> list[Replica]:
         return [r for r in self.replicas if r.state == READY and r.address]
+
+    def lookup(self, strategy: str, replicas: list[Replica]) -> Lookup:
+        """``strategy``'s lookup over ``replicas`` (``lb.strategies``)."""
+        return build_lookup(strategy, lambda: self.hash_ring(replicas),
+                            [r.server_id for r in replicas])
 
     def hash_ring(self, replicas: list[Replica] | None = None) -> HashRing:
         """The map of ``replicas`` (default: every entry) at their persisted slots."""

@@ -35,7 +35,7 @@ from werkzeug.sansio.utils import get_host
 from lb.errors import ApiError, envelope
 from lb.registry import STARTING, Registry, RegistryView, Replica
 from lb.settings import Settings
-from lb.strategies import Lookup, build_lookup
+from lb.strategies import Lookup
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset({
@@ -284,7 +284,7 @@ class Router:
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
                 self._table = RoutingTable(
-                    state.version, build_lookup(self.settings, state, routable),
+                    state.version, state.lookup(self.settings.strategy, routable),
                     {r.server_id: r for r in routable},
                     any(r.state == STARTING for r in state.members()))
                 # Forget idle counters of replicas that left (hostnames churn with replacements).

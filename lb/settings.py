@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.hashring import PROBING, resolve_preset
+from lb.strategies import STRATEGIES
+
 PREFIX = "LB_"
 
 
@@ -136,8 +139,6 @@ class Settings:
         return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
-        from lb.hashring import PROBING, resolve_preset  # local: keep import order simple
-        from lb.strategies import STRATEGIES
 
         checks = [
             (1 <= self.port <= 65535, "port must be 1..65535"),

@@ -23,7 +23,7 @@ from lb.logs import configure_logging
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
 from lb.registry import READY, Registry, RegistryError, State
 from lb.settings import Settings, SettingsError, settings_table
-from lb.strategies import build_lookup, expected_shares
+from lb.strategies import expected_shares
 
 log = logging.getLogger("lb-run")
 
@@ -136,7 +136,7 @@ def expected_shares_line(settings: Settings, state: State) -> tuple[int, str]:
     members = sorted(state.members(), key=lambda r: r.server_id)
     if not members:
         return logging.INFO, f"hash {state.ring.hash}: no replicas at start"
-    shares = expected_shares(build_lookup(settings, state, members))
+    shares = expected_shares(state.lookup(settings.strategy, members))
     figures = " / ".join(f"{100 * shares.get(r.server_id, 0.0):.1f}" for r in members)
     names = ", ".join(r.hostname for r in members)
     n = len(members)

@@ -31,8 +31,6 @@ from typing import Protocol
 import xxhash
 
 from lb.hashring import HashRing
-from lb.registry import Replica, State
-from lb.settings import Settings
 
 MAGLEV_TABLE_SIZE = 65537  # prime; the paper's default, >> 100 x the largest N we allow
 RING160_SLOTS = 65536
@@ -233,27 +231,27 @@ def _cached_ring160(server_ids: tuple[int, ...]) -> HashRing:
     return well_mixed_ring(server_ids)
 
 
-def _ids(routable: list[Replica]) -> tuple[int, ...]:
-    return tuple(sorted(r.server_id for r in routable))
+def _ring(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
+    return spec_map()
 
 
-def _ring(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
-    ring: HashRing = state.hash_ring(routable)
-    return ring
+def _ring160(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
+    return _cached_ring160(server_ids)
 
 
-def _ring160(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
-    return _cached_ring160(_ids(routable))
+def _maglev(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
+    return _cached_maglev(server_ids)
 
 
-def _maglev(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
-    return _cached_maglev(_ids(routable))
-
-
-Builder = Callable[[Settings, State, list[Replica]], Lookup]
+# A strategy's lookup from the spec map (built on demand: only ``ring`` uses it) and the
+# sorted routable server ids.
+Builder = Callable[[Callable[[], HashRing], tuple[int, ...]], Lookup]
 
 STRATEGIES: dict[str, Builder] = {"ring": _ring, "ring160": _ring160, "maglev": _maglev}
 
 
-def build_lookup(settings: Settings, state: State, routable: list[Replica]) -> Lookup:
-    return STRATEGIES[settings.strategy](settings, state, routable)
+def build_lookup(strategy: str, spec_map: Callable[[], HashRing],
+                 server_ids: Iterable[int]) -> Lookup:
+    """The lookup of ``strategy`` over ``server_ids``; ``spec_map`` gives the specification's
+    map of the same servers (at their persisted slots) when the strategy is ``ring``."""
+    return STRATEGIES[strategy](spec_map, tuple(sorted(set(server_ids))))

@@ -20,7 +20,6 @@ from lb.strategies import (
     MAGLEV_TABLE_SIZE,
     STRATEGIES,
     Maglev,
-    build_lookup,
     well_mixed_ring,
 )
 
@@ -148,7 +147,7 @@ def test_strategies_are_selectable_by_setting() -> None:
 def test_router_candidates_follow_the_strategys_walk(tmp_path: Path, strategy: str) -> None:
     router = _router(tmp_path, strategy=strategy, n=4)
     state = Registry(router.settings.registry_path).read()
-    lookup = build_lookup(router.settings, state, state.routable())
+    lookup = state.lookup(router.settings.strategy, state.routable())
     for key in KEYS[:50]:
         got = [r.server_id for r in router.candidates(key)]
         assert got == list(lookup.walk(key))[:3]

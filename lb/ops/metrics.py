@@ -26,7 +26,6 @@ from typing import Any
 from lb.registry import STATES, Registry, RegistryError, Replica
 from lb.routing import RouterEvents
 from lb.settings import Settings
-from lb.strategies import build_lookup
 
 try:
     import prometheus_client
@@ -267,7 +266,7 @@ class ReplicaSetCollector:
         yield by_state
         routable = state.routable()
         # The strategy that routes, through the interface the status page reads too.
-        shares = build_lookup(self.settings, state, routable).shares()
+        shares = state.lookup(self.settings.strategy, routable).shares()
         share = GaugeMetricFamily("lb_replica_share", "Fraction of the routing strategy's "
                                   "key space (ring slots or Maglev table entries) a routable "
                                   "replica answers for", labels=["replica", "server_id"])

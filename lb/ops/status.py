@@ -19,7 +19,6 @@ from typing import Any
 from lb.hashring import resolve_preset
 from lb.registry import STATES, State
 from lb.settings import Settings
-from lb.strategies import build_lookup
 
 RATE_WINDOW_SECONDS = 60.0  # samples older than this are dropped
 RATE_MIN_SECONDS = 1.0  # a rate needs samples at least this far apart
@@ -89,7 +88,7 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
     """
     now = time.time() if now is None else now
     routable = state.routable()
-    lookup = build_lookup(settings, state, routable)
+    lookup = state.lookup(settings.strategy, routable)
     shares = lookup.shares()
     owners = lookup.owners()  # which routable replica answers for each slot or entry
     slots = len(owners)
