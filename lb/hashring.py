@@ -60,7 +60,8 @@ class HashPreset:
     formulas: tuple[str, str] | None = None
 
 
-def _u64(*values: int) -> bytes:
+def u64(*values: int) -> bytes:
+    """Integers as the little-endian 64-bit words xxHash is given (the well-mixed hashes)."""
     return b"".join((v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for v in values)
 
 
@@ -83,10 +84,10 @@ PRESETS: dict[str, HashPreset] = {
         ),
         HashPreset(
             "xxhash",
-            # _u64(i) spelled out for H: the same bytes, a third of the time per request.
+            # u64(i) spelled out for H: the same bytes, a third of the time per request.
             lambda i: xxhash.xxh64_intdigest((i & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"),
                                              seed=0x5EED),
-            lambda i, j: xxhash.xxh64_intdigest(_u64(i, j), seed=0xF1),
+            lambda i, j: xxhash.xxh64_intdigest(u64(i, j), seed=0xF1),
             "well mixed: 64-bit xxHash of i and of (i, j)",
         ),
     )
@@ -184,11 +185,6 @@ class HashRing:
         for server_id, slots in placement.items():
             ring.add(server_id, slots)
         return ring
-
-    @property
-    def capacity(self) -> int:
-        """How many servers fit, K virtual servers each."""
-        return self.slots // self.virtual_per_server
 
     def place(self, server_id: int) -> tuple[int, ...]:
         """The slots ``server_id`` would get now, without adding it."""

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import xxhash
 
-from lb.hashring import HashRing
+from lb.hashring import HashRing, u64
 
 MAGLEV_TABLE_SIZE = 65537  # prime; the paper's default, >> 100 x the largest N we allow
 RING160_SLOTS = 65536
@@ -94,13 +94,9 @@ def shares_by_weight(lookup: Lookup, weights: Counter[int]) -> dict[int, float]:
     return {sid: out.get(sid, 0.0) for sid in lookup.shares()}
 
 
-def _u64(*values: int) -> bytes:
-    return b"".join((v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for v in values)
-
-
 def key_hash(key: int) -> int:
     """A request key mixed to 64 bits (Maglev's table index is this mod M)."""
-    # _u64(key) spelled out: the same bytes, a third of the time (once per request).
+    # u64(key) spelled out: the same bytes, a third of the time (once per request).
     return xxhash.xxh64_intdigest((key & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"),
                                   seed=0x4D41474C)
 
@@ -146,8 +142,8 @@ class Maglev:
 
     @staticmethod
     def _populate(ids: list[int], m: int) -> list[int]:
-        offsets = [xxhash.xxh64_intdigest(_u64(i), seed=0x0FF5E7) % m for i in ids]
-        skips = [xxhash.xxh64_intdigest(_u64(i), seed=0x5C1F) % (m - 1) + 1 for i in ids]
+        offsets = [xxhash.xxh64_intdigest(u64(i), seed=0x0FF5E7) % m for i in ids]
+        skips = [xxhash.xxh64_intdigest(u64(i), seed=0x5C1F) % (m - 1) + 1 for i in ids]
         position = list(offsets)  # each server's current entry along its permutation
         table = [-1] * m
         filled = 0

@@ -103,23 +103,13 @@ def status_document() -> dict[str, Any]:
     families = list(ext["metrics"].families())
     requests = sample_sums(families, "lb_routed_requests_total", "replica")
     unreachable = sample_sums(families, "lb_upstream_unreachable_total", "replica")
-    failed = _server_errors(families)
+    failed = sample_sums(families, "lb_routed_requests_total", "replica",
+                         where=lambda labels: labels.get("code", "").startswith("5"))
     counts = {name: Counts(requests.get(name, 0.0),
                            failed.get(name, 0.0) + unreachable.get(name, 0.0))
               for name in set(requests) | set(unreachable) | {r.hostname for r in state.replicas}}
     span, rates = ext["rates"].rates(time.monotonic(), counts)
     return build_status(state, counts, rates, span, current_app.config["SETTINGS"])
-
-
-def _server_errors(families: list[Any]) -> dict[str, float]:
-    """5xx answers per replica."""
-    sums: dict[str, float] = {}
-    for family in families:
-        for s in family.samples:
-            if s.name == "lb_routed_requests_total" and s.labels.get("code", "").startswith("5"):
-                name = s.labels.get("replica", "")
-                sums[name] = sums.get(name, 0.0) + s.value
-    return sums
 
 
 @bp.get("/status.json")

@@ -20,7 +20,7 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lb.registry import STATES, Registry, RegistryError, Replica
@@ -301,12 +301,13 @@ class ReplicaSetCollector:
         yield virtual
 
 
-def sample_sums(families: Iterable[Metric], name: str, by: str) -> dict[str, float]:
-    """Sum the samples called ``name`` by the value of their label ``by``."""
+def sample_sums(families: Iterable[Metric], name: str, by: str,
+                where: Callable[[dict[str, str]], bool] | None = None) -> dict[str, float]:
+    """Sum the samples called ``name`` (whose labels pass ``where``) by their label ``by``."""
     sums: dict[str, float] = {}
     for family in families:
         for s in family.samples:
-            if s.name == name:
+            if s.name == name and (where is None or where(s.labels)):
                 key = s.labels.get(by, "")
                 sums[key] = sums.get(key, 0.0) + s.value
     return sums
