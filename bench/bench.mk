@@ -14,5 +14,5 @@ bench-profile:  ## The same, plus py-spy on the balancer's workers under saturat
 bench-micro:  ## Only the micro-benchmark: hash lookup + registry check per request
 	$(PYTHON_BIN) bench/micro.py
 
-bench-worker:  ## The balancer's worker (lb/worker.py) vs plain gthread, side by side (wrk)
+bench-worker:  ## The threads worker (lb/worker.py) vs plain gthread, side by side (wrk)
 	bash bench/worker_ab.sh

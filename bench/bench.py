@@ -349,9 +349,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lua = os.path.join(work, "ids.lua")
     with open(lua, "w", encoding="utf-8") as fh:
         fh.write(WRK_LUA)
+    # Saturated replicas answer their heartbeat late too: 2 s (not 0.5) keeps the supervisor
+    # from replacing a replica for being busy in the middle of a measurement.
     settings = {"hash_key": "query:id", "strategy": args.strategy, "log_level": "warning",
                 "workers": str(args.lb_workers), "threads": str(args.lb_threads),
-                "worker": "async"}
+                "worker": "async", "heartbeat_timeout": "2.0"}
     meta: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the balancer's own worker (lb/worker.py: JSON on gunicorn's errors, LB_CLIENT_TIMEOUT)
+# What the threads worker (lb/worker.py: JSON on gunicorn's errors, LB_CLIENT_TIMEOUT)
 # costs next to plain gthread: one lb-run stack (N replicas, the balancer on PORT_A), a second
 # balancer with --worker-class gthread on PORT_B over the same registry and replicas, then wrk
 # against each in turn, ROUNDS times, alternating which goes first. Loopback only; bounded.
@@ -14,7 +14,7 @@ PORT_B=${PORT_B:-5602}
 command -v wrk >/dev/null || { echo "worker_ab: needs wrk (apt-get install wrk)" >&2; exit 1; }
 
 work=$(mktemp -d)
-export LB_DEPLOYMENT="workerab$$" LB_REGISTRY="$work/registry.json" LB_LOG_LEVEL=warning
+export LB_DEPLOYMENT="workerab$$" LB_REGISTRY="$work/registry.json" LB_LOG_LEVEL=warning LB_WORKER=threads
 LB_PORT=$PORT_A .venv/bin/lb-run >"$work/lb-run.log" 2>&1 &
 stack=$!
 plain=""

@@ -81,3 +81,24 @@ def test_compose_passes_a_hash_formula_through_unchanged(tool: str) -> None:
     services = yaml.safe_load(run.stdout)["services"]  # JSON is YAML too
     assert {name: s["environment"]["LB_HASH"] for name, s in services.items()} == {
         "lb": FORMULA, "supervisor": FORMULA}
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_the_readme_is_short_and_every_document_it_links_exists() -> None:
+    """The README is what a newcomer reads at once; depth lives in docs/, linked from it."""
+    assert len(README.read_text().splitlines()) <= 220
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(doc.read_text()):
+            if "://" in target:
+                continue
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}, which is missing"
+    linked = set(LINK.findall(README.read_text()))
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{doc.name}" in linked, f"docs/{doc.name} is not linked from the README"
+
+
+def test_project_documents_speak_of_the_project_not_of_issues() -> None:
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "results.md"]:
+        assert not re.search(r"\bissue\s*#?\d", doc.read_text(), re.I), doc.name
