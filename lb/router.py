@@ -95,7 +95,7 @@ class Router:
         self.settings = settings
         self.events = events or RouterEvents()
         self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
-        self._view = RegistryView(registry)
+        self.view = RegistryView(registry)  # public: readiness and admin replies consult it
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -105,7 +105,7 @@ class Router:
     def table(self) -> RoutingTable:
         """The current table: a stat per call, a rebuild only after the registry changed."""
         with self._lock:
-            state = self._view.current()
+            state = self.view.current()
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
                 self._table = RoutingTable(state.version,

@@ -85,14 +85,20 @@ def test_readyz_needs_a_routable_replica(app: Flask, client: FlaskClient) -> Non
     make_ready(app, f"http://127.0.0.1:{closed_port()}")
     reply = client.get("/_lb/readyz")
     assert reply.status_code == 200
-    assert reply.json == {"message": {"ready": True, "routable": 3}, "status": "successful"}
+    version = app.extensions["lb"]["registry"].read().version
+    assert reply.json == {"message": {"ready": True, "routable": 3, "registry_version": version,
+                                      "stale": None}, "status": "successful"}
 
 
-def test_readyz_fails_when_the_registry_cannot_be_read(app: Flask, client: FlaskClient) -> None:
-    Path(app.extensions["lb"]["registry"].path).write_text("not json")
+def test_readyz_fails_when_the_registry_was_never_readable(app: Flask,
+                                                          client: FlaskClient) -> None:
+    path = app.extensions["lb"]["registry"].path
+    Path(path).write_text("not json")
     reply = client.get("/_lb/readyz")
     assert reply.status_code == 503
-    assert js(reply)["message"].startswith("<Error> Not ready: the registry cannot be read")
+    assert js(reply)["message"].startswith(
+        "<Error> Not ready: the replica registry file is corrupt (not valid JSON")
+    assert path not in reply.text and "registry.json" not in reply.text
 
 
 @pytest.mark.parametrize("path", ["/_lb", "/_lb/", "/_lb/nope", "/_lb/metrics/x", "/_lb/home"])

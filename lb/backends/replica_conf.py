@@ -1,0 +1,19 @@
+"""gunicorn settings of every local replica (``-c python:lb.backends.replica_conf``; the flags on
+the command line add the rest): a replica started under ``lb-run`` stops when its lifeline is
+cut, so it never outlives the stack, even one killed with SIGKILL (see ``lb.lifeline``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lb import lifeline
+
+
+def when_ready(server: Any) -> None:
+    """In the replica's gunicorn master, once it listens: watch the lifeline, if it has one."""
+    fd = lifeline.inherited()
+    if fd is not None:
+        # SIGTERM to itself: gunicorn's graceful stop (requests in flight finish).
+        lifeline.watch(fd, lambda: os.kill(os.getpid(), signal.SIGTERM), "this replica")
