@@ -27,7 +27,7 @@ from typing import Any
 
 import filelock
 
-from lb.hashring import HashRing
+from lb.hashring import PRESETS, PROBING, HashRing, RingError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,15 @@ class RegistryUnwritable(RegistryError):
     """The registry (its folder, its lock or its file) cannot be written."""
 
     summary = "the replica registry cannot be written"
+
+
+def _what(exc: Exception) -> str:
+    """What ``State.from_dict`` found wrong, briefly."""
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r}" if exc.args else "a field is missing"
+    if isinstance(exc, ValueError):
+        return str(exc)[:80]
+    return "a field has the wrong type"
 
 
 def _oserror_detail(exc: OSError) -> str:
@@ -185,6 +194,26 @@ class Replica:
     def from_dict(cls, data: dict[str, Any]) -> Replica:
         return cls(**data)
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field whose value cannot be this field's."""
+        fields: list[tuple[str, bool]] = [
+            ("hostname", isinstance(self.hostname, str) and bool(self.hostname)),
+            ("server_id", _is_int(self.server_id) and self.server_id >= 1),
+            ("slots", isinstance(self.slots, list) and all(_is_int(s) for s in self.slots)),
+            ("state", self.state in STATES),
+            ("failures", _is_int(self.failures) and self.failures >= 0),
+            ("restarts", _is_int(self.restarts) and self.restarts >= 0),
+            ("not_before", _is_number(self.not_before)),
+            ("created", _is_number(self.created)),
+        ]
+        fields += [(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
+                   for name in ("address", "handle", "owner")]
+        fields += [(name, getattr(self, name) is None or _is_number(getattr(self, name)))
+                   for name in ("last_heartbeat", "deadline")]
+        for name, ok in fields:
+            if not ok:
+                raise ValueError(f"bad {name}")
+
     @property
     def held(self) -> bool:
         """Someone (an /add or /rm in flight) is acting on this entry right now."""
@@ -196,12 +225,30 @@ class Replica:
         return self.held and (self.owner or "").startswith("add:")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class RingParams:
     slots: int
     virtual: int
     hash: str
     probing: str
+
+    MOST_SLOTS = 1 << 24  # far beyond any setting; a garbage value must not allocate gigabytes
+
+    def check(self) -> None:
+        if not (_is_int(self.slots) and 2 <= self.slots <= self.MOST_SLOTS):
+            raise ValueError("bad ring slots")
+        if not (_is_int(self.virtual) and 1 <= self.virtual <= self.slots):
+            raise ValueError("bad ring virtual")
+        if self.hash not in PRESETS or self.probing not in PROBING:
+            raise ValueError("unknown ring hash or probing")
 
 
 @dataclass
@@ -252,11 +299,27 @@ class State:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> State:
-        return cls(
-            ring=RingParams(**data["ring"]),
-            replicas=[Replica.from_dict(r) for r in data["replicas"]],
-            version=int(data["version"]),
-        )
+        """The state ``data`` describes; ValueError, TypeError or KeyError if it is not one
+        (every field's type, unique names, and a hash map the slots fit in are checked: a file
+        that parses but is not a registry must not get as far as the routers)."""
+        if not _is_int(data["version"]) or not isinstance(data["replicas"], list):
+            raise ValueError("bad version or replicas")
+        state = cls(ring=RingParams(**data["ring"]),
+                    replicas=[Replica.from_dict(r) for r in data["replicas"]],
+                    version=data["version"])
+        state.ring.check()
+        for i, r in enumerate(state.replicas):
+            try:
+                r.check()
+            except ValueError as exc:  # by position: a name from a broken file may be anything
+                raise ValueError(f"replica {i}: {exc}") from exc
+        if len({r.hostname for r in state.replicas}) != len(state.replicas):
+            raise ValueError("a hostname is there twice")
+        try:
+            state.hash_ring()  # slots within the map, none shared, no server id twice
+        except (RingError, IndexError) as exc:
+            raise ValueError(str(exc)) from exc
+        return state
 
 
 class Registry:
@@ -290,7 +353,7 @@ class Registry:
             return State.from_dict(data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RegistryCorrupt(f"{self.path} is not a registry: {exc!r}",
-                                  "valid JSON, but not a registry") from exc
+                                  f"valid JSON, but not a registry: {_what(exc)}") from exc
 
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced (see ``RegistryView`` for the racy case)."""

@@ -23,6 +23,7 @@ from lb.ops.status import Counts, RateWindow, arcs, build_status
 from lb.registry import READY, Registry
 from lb.router import Upstream
 from lb.settings import Settings, SettingsError
+from tests.helpers_stack import immutable
 
 HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -296,3 +297,32 @@ def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
     assert (up2["requests"], up2["errors"], up2["request_rate"]) == (5, 1, None)
     assert up2["heartbeat_age"] == 1.0
     assert {sid for _, _, sid in s["ring"]["arcs"]} == {2, 3}
+
+
+def test_no_reply_names_a_file(app: Flask, client: FlaskClient) -> None:
+    """The registry's and the backend's errors reach clients as what is wrong, never where: a
+    replica that cannot start (its log file cannot be created), a registry file that became
+    unreadable, a registry folder that cannot be written. None of them is a 500."""
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    folder = Path(app.extensions["lb"]["registry"].path).parent
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    replies = []
+    with immutable(logs):
+        replies.append(client.post("/add", json={"n": 1, "hostnames": ["L1"]}))
+        assert js(replies[-1])["message"] == (
+            "<Error> Could not start new replicas: cannot start replica L1: Operation not "
+            "permitted; nothing was added")
+    assert client.get("/rep").status_code == 200  # a good state read: fail static from here on
+    with immutable(folder):
+        replies += [client.post("/add", json={"n": 1}), client.delete("/rm", json={"n": 1})]
+        Path(app.extensions["lb"]["registry"].path).write_text("{garbage")
+        replies += [client.get("/rep"), client.post("/add", json={"n": 1}),
+                    client.delete("/rm", json={"n": 1}), client.get("/_lb/status.json"),
+                    client.get("/_lb/status"), client.get("/_lb/readyz")]
+    for reply in replies:
+        assert reply.status_code in (200, 503), reply.data
+        assert str(folder) not in reply.get_data(as_text=True)
+        assert "registry.json" not in reply.get_data(as_text=True)
+        assert "/tmp" not in reply.get_data(as_text=True)
+    assert [r.status_code for r in replies] == [503] * 8 + [200]
