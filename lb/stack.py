@@ -195,7 +195,8 @@ class Stack:
         if self._restart_at == 0.0:  # just found dead: decide when
             if now - self._started_at > 60:
                 self._restarts = 0
-            wait = min(LONGEST_RESTART_WAIT, 0.5 * 2 ** self._restarts) if self._restarts else 0
+            wait = (min(LONGEST_RESTART_WAIT, 0.5 * 2 ** (self._restarts - 1))
+                    if self._restarts else 0.0)
             log.warning("the supervisor exited with %s; starting it again%s",
                         self.supervisor.returncode, f" in {wait:g}s" if wait else "")
             self._restart_at = now + wait
