@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -66,7 +67,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     admin = Admin(settings, registry, create_backend(settings))
     metrics = BalancerMetrics()
     router = Router(settings, registry, metrics)
-    router.view.follow(settings.heartbeat_interval)  # fail static needs a recent last good state
+    # Fail static needs a last good state: one from the start, kept recent.
+    try:
+        state = router.view.current()
+        log.info("balancer worker %d starts with registry version %d (%d routable)",
+                 os.getpid(), state.version, len(state.routable()))
+    except RegistryError:
+        pass  # the view has said why; it keeps trying
+    router.view.follow(settings.heartbeat_interval)
     app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router}
     init_ops(app, metrics)  # /_lb/ endpoints, request ids, access log, reply counts
 

@@ -62,6 +62,15 @@ def refused(stack: RunningStack, reply: requests.Response, words: str) -> None:
     assert_no_path(stack, reply)
 
 
+def every_worker_has_read(stack: RunningStack) -> None:
+    """Until each balancer worker has a state to go on: a worker still booting when the file
+    breaks has none (it answers 503 until the file is restored), and on a loaded machine the
+    stack can answer through one worker while the other still boots."""
+    wanted = stack.settings.workers
+    wait_for(lambda: None if stack.log().count("starts with registry version") >= wanted
+             else "a worker is still booting", 60)
+
+
 def admin_calls(stack: RunningStack) -> dict[str, requests.Response]:
     return {
         "rep": stack.get("/rep"),
@@ -76,6 +85,7 @@ def admin_calls(stack: RunningStack) -> dict[str, requests.Response]:
 def test_a_lost_registry_file_stops_no_request_and_the_supervisor_restores_it(
         make_stack: Callable[..., RunningStack], damage: str) -> None:
     stack = make_stack()
+    every_worker_has_read(stack)
     before = stack.state()
     path = Path(stack.settings.registry_path)
     load = Load(stack.url, total=400, seconds=4.0, threads=4).start()
@@ -107,6 +117,7 @@ def test_an_unreadable_registry_that_cannot_be_restored(
     goes on with the last good set, admin calls are refused without naming a file, readiness
     says what is wrong, and the log says once that a person must act."""
     stack = make_stack()
+    every_worker_has_read(stack)
     before = stack.state()
     path = Path(stack.settings.registry_path)
     load = Load(stack.url, total=800, seconds=8.0, threads=4).start()

@@ -91,15 +91,18 @@ def test_readyz_needs_a_routable_replica(app: Flask, client: FlaskClient) -> Non
                                       "stale": None}, "status": "successful"}
 
 
-def test_readyz_fails_when_the_registry_was_never_readable(app: Flask,
-                                                          client: FlaskClient) -> None:
-    path = app.extensions["lb"]["registry"].path
-    Path(path).write_text("not json")
-    reply = client.get("/_lb/readyz")
+def test_readyz_fails_when_the_registry_was_never_readable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that starts while the file is unreadable has no last good state to go on."""
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    path = tmp_path / "registry.json"
+    path.write_text("not json")
+    reply = create_app({"registry": str(path), "deployment": "t-ops"}).test_client().get(
+        "/_lb/readyz")
     assert reply.status_code == 503
     assert js(reply)["message"].startswith(
         "<Error> Not ready: the replica registry file is corrupt (not valid JSON")
-    assert path not in reply.text and "registry.json" not in reply.text
+    assert str(tmp_path) not in reply.text and "registry.json" not in reply.text
 
 
 @pytest.mark.parametrize("path", ["/_lb", "/_lb/", "/_lb/nope", "/_lb/metrics/x", "/_lb/home"])
