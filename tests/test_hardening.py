@@ -353,17 +353,25 @@ def test_the_next_start_stops_what_an_earlier_run_left(
     stuck = [supervisor, replica, *replica.children()]
     for p in stuck:
         p.suspend()
-    first.proc.kill()
-    first.proc.wait()
-    # Its leftovers are the next run's to stop (checked below), not the fixture's, whose
-    # clean-up check would otherwise kill the next run's replicas of the same deployment.
-    make_stack.started.remove(first)  # type: ignore[attr-defined]
-    time.sleep(1.0)
-    assert all(p.is_running() for p in stuck)  # left behind: they could not act
-    settings = first.settings
-    second = make_stack(*(["--keep-registry"] if keep else []), deployment=settings.deployment,
-                        registry=settings.registry, port=free_port())
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stuck)
+    try:
+        first.proc.kill()
+        first.proc.wait()
+        # Its leftovers are the next run's to stop (checked below), not the fixture's, whose
+        # clean-up check would otherwise kill the next run's replicas of the same deployment.
+        make_stack.started.remove(first)  # type: ignore[attr-defined]
+        time.sleep(1.0)
+        assert all(p.is_running() for p in stuck)  # left behind: they could not act
+        settings = first.settings
+        second = make_stack(*(["--keep-registry"] if keep else []),
+                            deployment=settings.deployment, registry=settings.registry,
+                            port=free_port())
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stuck)
+    finally:
+        for p in stuck:  # whatever happened above, nothing stays stopped forever
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
     state = second.wait_ready(3)
     assert [r.hostname for r in state.members()] == ["Server1", "Server2", "Server3"]
     assert processes_match_registry(state, settings.deployment) is None
