@@ -21,7 +21,8 @@ from lb.backends import Backend, BackendError, Instance, ReplicaSpec
 from lb.errors import ApiError, sentence
 from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
-from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State, owner_tag
+from lb.owners import owner_tag
+from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)

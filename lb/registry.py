@@ -11,14 +11,12 @@ without naming it, for replies to clients.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,87 +87,6 @@ def _what(exc: Exception) -> str:
 def _oserror_detail(exc: OSError) -> str:
     """An OSError without the file name it carries."""
     return exc.strerror or type(exc).__name__
-
-
-# -- who holds an entry ----------------------------------------------------------------------------
-# An /add or /rm in flight holds its entries until a deadline. If its process dies, the supervisor
-# should not wait for the deadline, but a pid is only meaningful in the pid namespace of one boot
-# of one kernel, and may be reused: an owner tag records where the process runs (boot id and pid
-# namespace), its pid and its start time, so another process can tell "dead" from "alive" exactly
-# when it shares that namespace, and says "cannot tell" otherwise (then the deadline decides).
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def _process_space() -> str:
-    """This boot and pid namespace, hashed; empty where it cannot be known (not Linux)."""
-    boot = _read("/proc/sys/kernel/random/boot_id")
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-    if not boot:
-        return ""
-    return hashlib.blake2s(f"{boot} {namespace}".encode(), digest_size=6).hexdigest()
-
-
-_SPACE: str | None = None
-
-
-def process_space() -> str:
-    global _SPACE
-    if _SPACE is None:
-        _SPACE = _process_space()
-    return _SPACE
-
-
-def _start_ticks(pid: int) -> tuple[int, str] | None:
-    """(start time in clock ticks since boot, state letter) of ``pid``; None if no process has
-    that pid. Raises OSError if that cannot be known (``/proc`` hides it, or there is none)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            stat = fh.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parens
-    try:
-        return int(fields[19]), fields[0]
-    except (IndexError, ValueError) as exc:
-        raise OSError(f"unexpected /proc/{pid}/stat") from exc
-
-
-def owner_tag(kind: str) -> str:
-    """``<kind>:<pid>:<nonce>:<process space>:<start ticks>``, e.g. for ``kind`` "add"."""
-    pid = os.getpid()
-    try:
-        started = _start_ticks(pid)
-    except OSError:
-        started = None
-    space, ticks = (process_space(), str(started[0])) if started else ("", "")
-    return f"{kind}:{pid}:{uuid.uuid4().hex[:8]}:{space}:{ticks}"
-
-
-def owner_alive(owner: str) -> bool | None:
-    """Whether the process that made ``owner`` (an ``owner_tag``) still runs; None when this
-    process cannot tell (another host or pid namespace, or a tag without the process's
-    identity): then only the hold's deadline counts."""
-    parts = owner.split(":")
-    if len(parts) != 5 or not parts[3] or parts[3] != process_space():
-        return None
-    _kind, pid, _nonce, _space, ticks = parts
-    if not pid.isdigit() or not ticks.isdigit():
-        return None
-    try:
-        found = _start_ticks(int(pid))
-    except OSError:
-        return None
-    return found is not None and found[0] == int(ticks) and found[1] not in "ZX"
 
 
 @dataclass
@@ -428,7 +345,7 @@ class Registry:
 
     def restore(self, state: State) -> State | None:
         """Write ``state`` if the file is (still) unreadable, keeping a corrupt one beside it as
-        ``<name>.corrupt-<unix time>``; the state written, or None if the file is readable
+        ``<name>.corrupt-<unix time in ns>``; the state written, or None if the file is readable
         (someone else restored it first). ``state.version`` must be past every version the
         readers may have seen: they rebuild their tables when the version changes."""
         with self.locked():
@@ -438,11 +355,13 @@ class Registry:
             except RegistryUnreadable:
                 pass
             if self.exists():
-                aside = f"{self.path}.corrupt-{int(time.time())}"
+                # A second name for the broken file, then the usual atomic replace: readers
+                # never find the file missing in between.
+                aside = f"{self.path}.corrupt-{time.time_ns()}"
                 try:
-                    os.replace(self.path, aside)
+                    os.link(self.path, aside)
                 except OSError as exc:
-                    raise RegistryUnwritable(f"cannot move {self.path} aside: {exc}",
+                    raise RegistryUnwritable(f"cannot keep {self.path} aside: {exc}",
                                              _oserror_detail(exc)) from exc
                 log.warning("kept the unreadable registry as %s", aside)
             self._write(state)

@@ -27,6 +27,7 @@ from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
+from lb.owners import owner_alive, owner_tag
 from lb.registry import (
     READY,
     REMOVING,
@@ -34,8 +35,6 @@ from lb.registry import (
     Registry,
     RegistryError,
     RegistryUnreadable,
-    owner_alive,
-    owner_tag,
 )
 from lb.settings import Settings, SettingsError, settings_table
 

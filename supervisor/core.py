@@ -34,6 +34,7 @@ from lb.admin import random_hostname
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import recovered_state
 from lb.heartbeat import probe
+from lb.owners import owner_alive
 from lb.registry import (
     DOWN,
     READY,
@@ -45,7 +46,6 @@ from lb.registry import (
     RegistryUnwritable,
     Replica,
     State,
-    owner_alive,
 )
 from lb.settings import Settings
 
@@ -161,9 +161,9 @@ class Supervisor:
                 r.handle for r in written.replicas):
             log.info("created registry %s: %s", self.registry.path, written.rep())
         else:
-            log.warning("%s: restored it from %s and the running replicas: version %d, %s",
-                        problem, "the last good state" if self.last_good else "nothing else",
-                        written.version, written.rep())
+            log.warning("%s: restored it from %s: version %d, %s", problem,
+                        "the last good state and the running replicas" if self.last_good
+                        else "the running replicas", written.version, written.rep())
         return written
 
     def _mark(self, answers: dict[str, bool],

@@ -20,6 +20,7 @@ import pytest
 import supervisor.core
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import ensure_registry
+from lb.owners import owner_tag
 from lb.registry import (
     READY,
     REMOVING,
@@ -27,7 +28,6 @@ from lb.registry import (
     RegistryCorrupt,
     RegistryUnwritable,
     Replica,
-    owner_tag,
 )
 from lb.settings import Settings
 from supervisor.__main__ import Trouble
@@ -201,7 +201,7 @@ def test_the_hold_of_a_dead_owner_is_released_at_once(tmp_path: Path,
     backend = Running()
     _settings, registry, sup = ready_world(tmp_path, backend)
     monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
-    code = "from lb.registry import owner_tag; print(owner_tag('add'))"
+    code = "from lb.owners import owner_tag; print(owner_tag('add'))"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     dead = child.communicate(timeout=30)[0].strip()
     with registry.update() as state:  # two /adds in flight, reserved for 70 s

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from lb.bootstrap import ensure_registry, initial_state
+from lb.owners import owner_alive, owner_tag
 from lb.registry import (
     READY,
     Registry,
@@ -27,8 +28,6 @@ from lb.registry import (
     RegistryUnwritable,
     RegistryView,
     Replica,
-    owner_alive,
-    owner_tag,
 )
 from lb.settings import Settings
 from tests.helpers_stack import immutable
@@ -276,7 +275,7 @@ def test_restore_keeps_the_unreadable_file_and_only_replaces_an_unreadable_one(
 def test_an_owner_tag_tells_a_live_owner_from_a_dead_one() -> None:
     mine = owner_tag("add")
     assert mine.startswith(f"add:{os.getpid()}:") and owner_alive(mine) is True
-    code = "from lb.registry import owner_tag; print(owner_tag('rm'))"
+    code = "from lb.owners import owner_tag; print(owner_tag('rm'))"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     theirs = child.communicate(timeout=30)[0].strip()
     assert theirs.startswith(f"rm:{child.pid}:") and owner_alive(theirs) is False  # exited
