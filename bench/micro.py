@@ -77,7 +77,7 @@ def run(calls: int = 20_000, repeat: int = 5, n: int = 3) -> list[dict[str, Any]
             router.candidates(keys[0])
             bounded.candidates(keys[0])
             lookup = router.table().ring
-            view = RegistryView(router._view.registry)
+            view = RegistryView(router.view.registry)
             view.current()
             rows.append({
                 "strategy": label,

@@ -8,22 +8,21 @@ calls can never pick the same name or server id and a rejected call leaves no tr
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any, TypeVar
 
-from lb.backends import Backend, Instance, ReplicaSpec
-from lb.errors import ApiError
+from lb.backends import Backend, BackendError, Instance, ReplicaSpec
+from lb.errors import ApiError, sentence
 from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
-from lb.registry import READY, REMOVING, Registry, Replica, State
+from lb.owners import owner_tag
+from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,12 @@ def _show(name: str) -> str:
     return "'" + shown.encode("ascii", "backslashreplace").decode("ascii").replace("'", "\\'") + "'"
 
 
+def public_reason(exc: BaseException) -> str:
+    """An error's text for a client: a backend's own words, or only the kind of a surprise
+    (whose text may name files; the log has it whole)."""
+    return str(exc) if isinstance(exc, BackendError) else type(exc).__name__
+
+
 def random_hostname(taken: Iterable[str]) -> str:
     taken = set(taken)
     while True:
@@ -111,10 +116,19 @@ class Admin:
 
     # -- /add --------------------------------------------------------------------------------
     def add(self, n: int, hostnames: list[str]) -> State:
-        owner = f"add:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        owner = owner_tag("add")
         deadline = time.time() + self.settings.start_timeout + 10
-        with self.registry.update() as state:
+        with self.registry.update() as state:  # a registry error here has changed nothing
             entries = self._reserve(state, n, hostnames, owner, deadline)
+        try:
+            return self._start_reserved(owner, entries)
+        except RegistryError as exc:
+            log.error("an /add lost the registry half-way: %s", exc)
+            raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
+                                "replicas it reserved are added by the supervisor once the "
+                                "registry can be used again (see /rep)") from exc
+
+    def _start_reserved(self, owner: str, entries: list[Replica]) -> State:
         specs = [ReplicaSpec(e.hostname, e.server_id) for e in entries]
         results = parallel(self.backend.start, specs)
         started = [r for r in results if isinstance(r, Instance)]
@@ -132,7 +146,8 @@ class Admin:
             reason = (f"New replicas did not answer their heartbeat within "
                       f"{self.settings.start_timeout:g}s: {', '.join(slow)}")
         else:
-            reason = f"Could not start new replicas: {failed[0]}"
+            log.error("could not start new replicas: %s", failed[0])
+            reason = f"Could not start new replicas: {public_reason(failed[0])}"
         self._roll_back_add(owner, started)
         raise ApiError(503, reason + "; nothing was added")
 
@@ -180,13 +195,23 @@ class Admin:
 
     # -- /rm ---------------------------------------------------------------------------------
     def remove(self, n: int, hostnames: list[str]) -> State:
-        owner = f"rm:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        with self.registry.update() as state:
+        owner = owner_tag("rm")
+        with self.registry.update() as state:  # a registry error here has changed nothing
             chosen = self._choose_removals(state, n, hostnames)
             for entry in chosen:
                 entry.state, entry.owner = REMOVING, owner
                 entry.deadline = time.time() + STOP_TIMEOUT + 10
             handles = [e.handle for e in chosen if e.handle]
+        try:
+            return self._stop_chosen(owner, chosen, handles)
+        except RegistryError as exc:
+            log.error("an /rm lost the registry half-way: %s", exc)
+            raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
+                                "replicas it chose no longer get requests and are removed by "
+                                "the supervisor once the registry can be used again (see /rep)"
+                           ) from exc
+
+    def _stop_chosen(self, owner: str, chosen: list[Replica], handles: list[str]) -> State:
         # Routers stop sending new requests as soon as they see the entries leave the ready
         # set; the backend's graceful stop lets requests already in flight finish.
         results = parallel(lambda h: self.backend.stop(h, STOP_TIMEOUT), handles)

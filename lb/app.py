@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from lb.errors import ApiError, envelope, success
 from lb.logs import request_id
 from lb.ops.blueprint import init_ops
 from lb.ops.metrics import BalancerMetrics
-from lb.registry import Registry, RegistryBusy, RegistryError
+from lb.registry import Registry, RegistryBusy, RegistryError, RegistryUnreadable
 from lb.router import Forwarder
 from lb.routing import (
     JSON_TYPE,
@@ -33,6 +34,7 @@ from lb.routing import (
     forward_headers,
     header_value,
     origin_target,
+    registry_trouble,
     request_key,
     transfer_coding_error,
 )
@@ -40,6 +42,14 @@ from lb.settings import Settings
 
 log = logging.getLogger(__name__)
 ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
+READ_METHODS = ["GET", "HEAD"]  # every other path: /rep, routed GETs, /_lb/ endpoints
+
+
+def allowed_methods(path: str) -> list[str]:
+    """The methods ``path`` takes: one answer per path, whatever method was refused. OPTIONS
+    is not among them: the balancer has no CORS or other options to describe, so it is a 405
+    like any method a path does not take."""
+    return ADMIN_METHODS.get(path, READ_METHODS)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -51,19 +61,33 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.wsgi_app = _empty_path_is_root(app.wsgi_app)  # type: ignore[method-assign]
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS is a 405 too: see allowed_methods
     registry = Registry(settings.registry_path, settings.lock_timeout)
-    ensure_registry(settings, registry)
+    try:
+        ensure_registry(settings, registry)
+    except RegistryError as exc:
+        # A worker (re)started while the file is unreadable serves 503s until the supervisor
+        # restores it, instead of failing to boot, which would make gunicorn stop them all.
+        log.error("starting without a registry: %s", exc)
     admin = Admin(settings, registry, create_backend(settings))
     metrics = BalancerMetrics()
     router = Router(settings, registry, metrics)
     forwarder = Forwarder(settings, router)
+    # Fail static needs a last good state: one from the start, kept recent.
+    try:
+        state = router.view.current()
+        log.info("balancer worker %d starts with registry version %d (%d routable)",
+                 os.getpid(), state.version, len(state.routable()))
+    except RegistryError:
+        pass  # the view has said why; it keeps trying
+    router.view.follow(settings.heartbeat_interval)
     app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router,
                             "forwarder": forwarder}
     init_ops(app, metrics)  # /_lb/ endpoints, request ids, access log, reply counts
 
     @app.get("/rep")
     def rep() -> Response:
-        return jsonify(success(registry.read().rep()))
+        return jsonify(success(router.view.latest().rep()))
 
     @app.before_request
     def refuse_unimplemented_codings() -> None:
@@ -76,7 +100,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def require_admin_token() -> None:
-        if settings.admin_token and request.path in ("/add", "/rm"):
+        # Only the method that acts needs the token: GET /add is a 405 either way.
+        if settings.admin_token and request.method in ADMIN_METHODS.get(request.path, ()):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
                 raise ApiError(401, "Missing or wrong admin token (Authorization: Bearer ...)")
@@ -123,8 +148,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         code = exc.code or 500
         reply = jsonify(envelope(f"{exc.name}: {request.method} {request.path}"
                                  if code in (404, 405) else str(exc.description or exc.name)))
-        if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
-            reply.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        if code == 405:
+            # werkzeug's list is every method of every rule the path matched (POST /rm matches
+            # DELETE /rm and the routed GET /<path>): the path's own list instead.
+            reply.headers["Allow"] = ", ".join(allowed_methods(request.path))
         return reply, code
 
     @app.errorhandler(RegistryBusy)
@@ -133,10 +160,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         return jsonify(envelope("The balancer is busy (registry locked); try again")), 503
 
     @app.errorhandler(RegistryError)
+    def registry_error(exc: RegistryError) -> tuple[Response, int]:
+        # The log names the file; the reply says what is wrong without it. The view's own line
+        # covers an unreadable file once per change, so here only the rest is logged.
+        if isinstance(exc, RegistryUnreadable):
+            try:
+                router.view.current()  # so the view notices, and logs the change once
+            except RegistryError:
+                pass
+        else:
+            log.error("%s %s: %s", request.method, request.path, exc)
+        return jsonify(envelope(registry_trouble(exc))), 503
+
     @app.errorhandler(BackendError)
-    def internal(exc: Exception) -> tuple[Response, int]:
-        log.error("%s", exc, exc_info=exc)
-        return jsonify(envelope(f"Internal error: {exc}")), 500
+    def backend_error(exc: BackendError) -> tuple[Response, int]:
+        log.error("%s %s: %s", request.method, request.path, exc, exc_info=exc)
+        return jsonify(envelope("The replica backend failed; see the balancer's log")), 503
 
     return app
 

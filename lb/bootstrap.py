@@ -1,4 +1,5 @@
-"""Creating the registry a deployment starts from, and keeping its hash map consistent.
+"""Creating the registry a deployment starts from (or rebuilds from when its file is lost), and
+keeping its hash map consistent.
 
 A registry remembers the hash map it was written with (``RingParams``: M, K, the hash spec in
 canonical form, probing): the replicas' persisted slots were placed by that Phi. Resuming it
@@ -9,13 +10,31 @@ servers placed again under the new map, in ascending server id order (as a fresh
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 
-from lb.hashring import HashRing, RingError, canonical_hash
-from lb.registry import Registry, RegistryError, Replica, RingParams, State
+from lb.backends import Instance
+from lb.hashring import HashRing, RingError, RingFull, canonical_hash
+from lb.registry import (
+    DOWN,
+    READY,
+    REMOVING,
+    STARTING,
+    Registry,
+    RegistryError,
+    Replica,
+    RingParams,
+    State,
+)
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A rebuilt registry's version jumps this far past the last good one: balancer workers rebuild
+# their routing table when the version *changes*, and one of them may have read a few writes
+# that the rebuilder never saw.
+REBUILD_VERSION_GAP = 1000
 
 
 class HashMapMismatch(RegistryError):
@@ -83,3 +102,46 @@ def migrate_registry(registry: Registry, wanted: RingParams) -> State:
     log.warning("registry %s moved from the hash map %s to %s: %d replicas placed again",
                 registry.path, describe(old), describe(wanted), len(state.replicas))
     return registry.read()
+
+
+def recovered_state(settings: Settings, last_good: State | None,
+                    running: list[Instance]) -> State:
+    """What the registry should say when its file is lost: ``last_good`` (the last state the
+    caller read), brought up to date with the replicas of this deployment that run now.
+
+    A running replica an entry names gets that entry's handle and address (it was restarted
+    after ``last_good`` was read); one no entry names (an ``/add`` committed after that) is
+    taken in with its server id and that id's slots, unless the id is taken. Without a last
+    good state and with nothing running, the deployment starts afresh (N replicas).
+    """
+    now = time.time()
+    state = copy.deepcopy(last_good) if last_good else State(ring=ring_params(settings))
+    by_name = {r.hostname: r for r in state.replicas}
+    known_handles = {r.handle for r in state.replicas if r.handle}
+    ring = state.hash_ring()
+    for inst in sorted(running, key=lambda i: (i.server_id or 0, i.hostname)):
+        if inst.handle in known_handles:
+            continue
+        entry = by_name.get(inst.hostname)
+        if entry is not None:
+            if entry.state != REMOVING and entry.server_id == inst.server_id:
+                entry.handle, entry.address = inst.handle, inst.address
+                if entry.state == DOWN:  # its heartbeat decides
+                    entry.state, entry.deadline = STARTING, now + settings.start_timeout
+            continue
+        if inst.server_id is None or any(r.server_id == inst.server_id for r in state.replicas):
+            continue  # not placeable: left an orphan, which the supervisor stops
+        try:
+            slots = ring.add(inst.server_id)
+        except RingFull:
+            continue
+        adopted = Replica(inst.hostname, inst.server_id, list(slots), state=READY,
+                          address=inst.address, handle=inst.handle, last_heartbeat=now)
+        state.replicas.append(adopted)
+        by_name[adopted.hostname] = adopted
+    if last_good is None and not state.replicas:
+        state = initial_state(settings)
+    # Without a last good state nobody knows which versions were handed out: the clock is
+    # past any of them (a registry gets a few writes a second at most).
+    state.version = last_good.version + REBUILD_VERSION_GAP if last_good else int(now)
+    return state

@@ -17,6 +17,11 @@ class ApiError(Exception):
         return envelope(self.message)
 
 
+def sentence(text: str) -> str:
+    """``text`` with a capital first letter, to open an error message."""
+    return text[:1].upper() + text[1:]
+
+
 def envelope(message: str) -> dict[str, Any]:
     return {"message": f"<Error> {message}", "status": "failure"}
 

@@ -3,8 +3,11 @@
 ``gunicorn -c python:lb.gunicorn_conf`` serves ``lb.app:create_app()``.
 """
 
+import os
+import signal
 from typing import Any
 
+from lb import lifeline
 from lb.logs import logging_config
 from lb.ops.metrics import mark_process_dead
 from lb.settings import Settings
@@ -36,3 +39,10 @@ forwarder_headers = ""
 def child_exit(server: Any, worker: Any) -> None:
     """A worker is gone: its live metrics files go too (prometheus-client multiprocess mode)."""
     mark_process_dead(worker.pid)
+
+
+def when_ready(server: Any) -> None:
+    """The balancer's master stops (gracefully) when ``lb-run`` is gone (``lb.lifeline``)."""
+    fd = lifeline.inherited()
+    if fd is not None:
+        lifeline.watch(fd, lambda: os.kill(os.getpid(), signal.SIGTERM), "the balancer")

@@ -4,15 +4,20 @@ Every read-modify-write happens under one ``filelock.FileLock`` on a separate ``
 ends with an atomic replace (temp file in the same folder, fsync, ``os.replace``), so a reader
 never sees half a file and a writer killed at any point leaves the old state or the new one.
 Readers take no lock. ``version`` grows by one with every write.
+
+Errors say two things: ``str(exc)`` names the file, for logs; ``exc.reason`` says what is wrong
+without naming it, for replies to clients.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,27 +25,69 @@ from typing import Any
 
 import filelock
 
-from lb.hashring import HashRing
+from lb.hashring import PRESETS, PROBING, HashRing, RingError
 from lb.strategies import Lookup, build_lookup
+
+log = logging.getLogger(__name__)
 
 STARTING, READY, DOWN, REMOVING = "starting", "ready", "down", "removing"
 STATES = (STARTING, READY, DOWN, REMOVING)
 
 
 class RegistryError(Exception):
-    """Root of the registry's errors."""
+    """Root of the registry's errors: ``str()`` for logs, ``reason`` for clients (no path)."""
+
+    summary = "the replica registry cannot be used"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return f"{self.summary} ({self.detail})" if self.detail else self.summary
 
 
 class RegistryBusy(RegistryError):
     """The lock could not be had in time."""
 
-
-class RegistryCorrupt(RegistryError):
-    """The file exists but is not a registry."""
+    summary = "the replica registry is locked"
 
 
-class RegistryMissing(RegistryError):
-    """No registry file yet."""
+class RegistryUnreadable(RegistryError):
+    """The file cannot be used as a registry: it is missing or corrupt."""
+
+
+class RegistryCorrupt(RegistryUnreadable):
+    """The file exists but is not a registry (or cannot be read)."""
+
+    summary = "the replica registry file is corrupt"
+
+
+class RegistryMissing(RegistryUnreadable):
+    """No registry file."""
+
+    summary = "the replica registry file is missing"
+
+
+class RegistryUnwritable(RegistryError):
+    """The registry (its folder, its lock or its file) cannot be written."""
+
+    summary = "the replica registry cannot be written"
+
+
+def _what(exc: Exception) -> str:
+    """What ``State.from_dict`` found wrong, briefly."""
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r}" if exc.args else "a field is missing"
+    if isinstance(exc, ValueError):
+        return str(exc)[:80]
+    return "a field has the wrong type"
+
+
+def _oserror_detail(exc: OSError) -> str:
+    """An OSError without the file name it carries."""
+    return exc.strerror or type(exc).__name__
 
 
 @dataclass
@@ -65,6 +112,26 @@ class Replica:
     def from_dict(cls, data: dict[str, Any]) -> Replica:
         return cls(**data)
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field whose value cannot be this field's."""
+        fields: list[tuple[str, bool]] = [
+            ("hostname", isinstance(self.hostname, str) and bool(self.hostname)),
+            ("server_id", _is_int(self.server_id) and self.server_id >= 1),
+            ("slots", isinstance(self.slots, list) and all(_is_int(s) for s in self.slots)),
+            ("state", self.state in STATES),
+            ("failures", _is_int(self.failures) and self.failures >= 0),
+            ("restarts", _is_int(self.restarts) and self.restarts >= 0),
+            ("not_before", _is_number(self.not_before)),
+            ("created", _is_number(self.created)),
+        ]
+        fields += [(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
+                   for name in ("address", "handle", "owner")]
+        fields += [(name, getattr(self, name) is None or _is_number(getattr(self, name)))
+                   for name in ("last_heartbeat", "deadline")]
+        for name, ok in fields:
+            if not ok:
+                raise ValueError(f"bad {name}")
+
     @property
     def held(self) -> bool:
         """Someone (an /add or /rm in flight) is acting on this entry right now."""
@@ -76,12 +143,30 @@ class Replica:
         return self.held and (self.owner or "").startswith("add:")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class RingParams:
     slots: int
     virtual: int
     hash: str
     probing: str
+
+    MOST_SLOTS = 1 << 24  # far beyond any setting; a garbage value must not allocate gigabytes
+
+    def check(self) -> None:
+        if not (_is_int(self.slots) and 2 <= self.slots <= self.MOST_SLOTS):
+            raise ValueError("bad ring slots")
+        if not (_is_int(self.virtual) and 1 <= self.virtual <= self.slots):
+            raise ValueError("bad ring virtual")
+        if self.hash not in PRESETS or self.probing not in PROBING:
+            raise ValueError("unknown ring hash or probing")
 
 
 @dataclass
@@ -137,11 +222,27 @@ class State:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> State:
-        return cls(
-            ring=RingParams(**data["ring"]),
-            replicas=[Replica.from_dict(r) for r in data["replicas"]],
-            version=int(data["version"]),
-        )
+        """The state ``data`` describes; ValueError, TypeError or KeyError if it is not one
+        (every field's type, unique names, and a hash map the slots fit in are checked: a file
+        that parses but is not a registry must not get as far as the routers)."""
+        if not _is_int(data["version"]) or not isinstance(data["replicas"], list):
+            raise ValueError("bad version or replicas")
+        state = cls(ring=RingParams(**data["ring"]),
+                    replicas=[Replica.from_dict(r) for r in data["replicas"]],
+                    version=data["version"])
+        state.ring.check()
+        for i, r in enumerate(state.replicas):
+            try:
+                r.check()
+            except ValueError as exc:  # by position: a name from a broken file may be anything
+                raise ValueError(f"replica {i}: {exc}") from exc
+        if len({r.hostname for r in state.replicas}) != len(state.replicas):
+            raise ValueError("a hostname is there twice")
+        try:
+            state.hash_ring()  # slots within the map, none shared, no server id twice
+        except (RingError, IndexError) as exc:
+            raise ValueError(str(exc)) from exc
+        return state
 
 
 class Registry:
@@ -165,12 +266,17 @@ class Registry:
                 data = json.load(fh)
         except FileNotFoundError as exc:
             raise RegistryMissing(f"no registry at {self.path}") from exc
-        except (OSError, ValueError) as exc:
-            raise RegistryCorrupt(f"cannot read registry {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise RegistryCorrupt(f"cannot read registry {self.path}: {exc}",
+                                  f"cannot read it: {_oserror_detail(exc)}") from exc
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise RegistryCorrupt(f"cannot read registry {self.path}: {exc}",
+                                  f"not valid JSON: {str(exc)[:80]}") from exc
         try:
             return State.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RegistryCorrupt(f"{self.path} is not a registry: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RegistryCorrupt(f"{self.path} is not a registry: {exc!r}",
+                                  f"valid JSON, but not a registry: {_what(exc)}") from exc
 
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced (see ``RegistryView`` for the racy case)."""
@@ -193,6 +299,9 @@ class Registry:
                 raise RegistryBusy(
                     f"registry lock {self._lock.lock_file} not acquired in {self.lock_timeout}s"
                 ) from exc
+            except OSError as exc:  # the lock file is gone and the folder cannot be written
+                raise RegistryUnwritable(f"cannot lock registry {self.path}: {exc}",
+                                         _oserror_detail(exc)) from exc
             try:
                 yield
             finally:
@@ -219,7 +328,11 @@ class Registry:
 
         Safe to call from many processes at once: one of them creates, the others read.
         """
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as exc:
+            raise RegistryUnwritable(f"cannot create the folder of registry {self.path}: {exc}",
+                                     _oserror_detail(exc)) from exc
         with self.locked():
             old_version = 0
             if self.exists():
@@ -236,7 +349,38 @@ class Registry:
             self._write(state)
             return state
 
+    def restore(self, state: State) -> State | None:
+        """Write ``state`` if the file is (still) unreadable, keeping a corrupt one beside it as
+        ``<name>.corrupt-<unix time in ns>``; the state written, or None if the file is readable
+        (someone else restored it first). ``state.version`` must be past every version the
+        readers may have seen: they rebuild their tables when the version changes."""
+        with self.locked():
+            try:
+                self.read()
+                return None
+            except RegistryUnreadable:
+                pass
+            if self.exists():
+                # A second name for the broken file, then the usual atomic replace: readers
+                # never find the file missing in between.
+                aside = f"{self.path}.corrupt-{time.time_ns()}"
+                try:
+                    os.link(self.path, aside)
+                except OSError as exc:
+                    raise RegistryUnwritable(f"cannot keep {self.path} aside: {exc}",
+                                             _oserror_detail(exc)) from exc
+                log.warning("kept the unreadable registry as %s", aside)
+            self._write(state)
+            return state
+
     def _write(self, state: State) -> None:
+        try:
+            self._replace_file(state)
+        except OSError as exc:
+            raise RegistryUnwritable(f"cannot write registry {self.path}: {exc}",
+                                     _oserror_detail(exc)) from exc
+
+    def _replace_file(self, state: State) -> None:
         folder = os.path.dirname(self.path)
         prefix = f".{os.path.basename(self.path)}-"
         # Writes happen under the lock only, so a temp file of ours that is already there was
@@ -274,24 +418,94 @@ def _fsync_dir(folder: str) -> None:
 
 
 class RegistryView:
-    """A worker's cached copy of the registry, re-read only when the file changed.
+    """A process's cached copy of the registry, re-read only when the file changed.
 
     A stat per call; the JSON is parsed only after a write. Like git's "racy clean" check, a
     file whose mtime is too recent to be trusted (two writes within the filesystem's timestamp
     granularity could share a stamp) is re-read until it ages.
+
+    Fail static: once a good state was read, a file that becomes unreadable (corrupt, missing)
+    does not stop the caller. ``current()`` goes on returning the last good state, ``problem``
+    says why, and one line is logged when that starts and one when it ends, not one per call.
+    (Envoy keeps its last good configuration the same way.)
     """
 
     RACY_SECONDS = 0.05
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self._lock = threading.Lock()  # the stamp and the state it belongs to change together
         self._stamp: tuple[int, int, int] | None = None
         self._state: State | None = None
+        self._good_mtime: float | None = None
+        self.problem: RegistryUnreadable | None = None  # set while serving the last good state
+        self.stale_since: float | None = None
 
     def current(self) -> State:
-        stamp = self.registry.stamp()
-        racy = stamp is not None and time.time_ns() - stamp[1] < self.RACY_SECONDS * 1e9
-        if self._state is None or stamp != self._stamp or racy:
-            state = self.registry.read()
-            self._stamp, self._state = stamp, state
-        return self._state
+        with self._lock:
+            stamp = self.registry.stamp()
+            racy = stamp is not None and time.time_ns() - stamp[1] < self.RACY_SECONDS * 1e9
+            if self._state is None or stamp != self._stamp or racy:
+                try:
+                    state = self.registry.read()
+                except RegistryUnreadable as exc:
+                    self._stale(exc)
+                    if self._state is None:
+                        raise
+                else:
+                    self._good_mtime = None if stamp is None else stamp[1] / 1e9
+                    self._state = state
+                    self._fresh()
+                self._stamp = stamp  # an unreadable file is not parsed again until it changes
+            return self._state
+
+    def follow(self, interval: float) -> None:
+        """Keep the last good state recent without being asked: a daemon thread calls
+        ``current()`` every ``interval`` seconds. Without it, a process that had no reason to
+        look for a while (a balancer worker without traffic) would only have an old state to
+        go on when the file becomes unreadable. The thread ends with the view."""
+        ref = weakref.ref(self)
+
+        def run() -> None:
+            while True:
+                time.sleep(interval)
+                view = ref()
+                if view is None:
+                    return
+                try:
+                    view.current()
+                except RegistryError:
+                    pass  # logged by the view, once per change
+                del view
+
+        threading.Thread(target=run, name="registry-view", daemon=True).start()
+
+    def latest(self) -> State:
+        """The file's state, for replies about it (``/rep``, status): unlike ``current()``,
+        which routing uses, this raises while only the last good state is left."""
+        state = self.current()
+        if self.problem is not None:
+            raise self.problem
+        return state
+
+    @property
+    def written_at(self) -> float | None:
+        """When the state ``current()`` returns was written (the file's mtime, Unix time)."""
+        return self._good_mtime
+
+    def _stale(self, exc: RegistryUnreadable) -> None:
+        if self.problem is None or type(exc) is not type(self.problem):
+            if self._state is None:
+                log.error("%s; nothing to route with until it is restored", exc)
+            else:
+                log.error("%s; routing goes on with the last good state (version %d, %d "
+                          "routable)", exc, self._state.version, len(self._state.routable()))
+            self.stale_since = self.stale_since or time.time()
+        self.problem = exc
+
+    def _fresh(self) -> None:
+        if self.problem is not None:
+            log.warning("registry %s is readable again (version %d) after %.1fs",
+                        self.registry.path, self._state.version if self._state else -1,
+                        time.time() - (self.stale_since or time.time()))
+        self.problem = self.stale_since = None

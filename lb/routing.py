@@ -32,8 +32,15 @@ import xxhash
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.sansio.utils import get_host
 
-from lb.errors import ApiError, envelope
-from lb.registry import STARTING, Registry, RegistryView, Replica
+from lb.errors import ApiError, envelope, sentence
+from lb.registry import (
+    STARTING,
+    Registry,
+    RegistryError,
+    RegistryUnreadable,
+    RegistryView,
+    Replica,
+)
 from lb.settings import Settings
 from lb.strategies import Lookup
 
@@ -216,6 +223,14 @@ def transfer_coding_error(value: str) -> ApiError | None:
     return ApiError(501, f"Transfer-Encoding {value!r}: only chunked is implemented")
 
 
+def registry_trouble(exc: RegistryError) -> str:
+    """What a client is told when the registry cannot be used: what is wrong, never where."""
+    if isinstance(exc, RegistryUnreadable):
+        return (f"{sentence(exc.reason)}; routing goes on with the last good set of replicas, "
+                "and admin calls are refused until the supervisor restores it")
+    return f"{sentence(exc.reason)}; nothing was changed, try again later"
+
+
 def reason_phrase(status: int) -> str:
     return HTTP_STATUS_CODES.get(status, "Unknown")
 
@@ -272,7 +287,7 @@ class Router:
         self.settings = settings
         self.events = events or RouterEvents()
         self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
-        self._view = RegistryView(registry)
+        self.view = RegistryView(registry)  # public: readiness and admin replies consult it
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
         self._suspects: dict[str, float] = {}  # hostname -> monotonic time until
@@ -280,7 +295,7 @@ class Router:
     def table(self) -> RoutingTable:
         """The current table: a stat per call, a rebuild only after the registry changed."""
         with self._lock:
-            state = self._view.current()
+            state = self.view.current()
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
                 self._table = RoutingTable(

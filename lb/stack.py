@@ -3,7 +3,10 @@
 Starts a fresh registry, the supervisor (which brings up the N replicas) and the balancer under
 gunicorn; waits until the replicas answer; on Ctrl-C or SIGTERM stops the balancer and the
 supervisor, then every replica of the deployment, and nothing else. A supervisor that dies is
-started again; if the balancer dies, everything stops.
+started again (after 0.5, 1, 2 ... seconds if it keeps dying); if the balancer dies, everything
+stops. Killed with SIGKILL, it leaves nothing running either: everything it started holds its
+lifeline (``lb.lifeline``) and stops when it is cut, and the next start of the same deployment
+stops whatever is left of an earlier one (refusing to start if that one's ``lb-run`` still runs).
 """
 
 from __future__ import annotations
@@ -17,15 +20,38 @@ import sys
 import time
 from typing import NoReturn
 
+import psutil
+
+from lb import lifeline
 from lb.backends import BackendError, create_backend
 from lb.bootstrap import ensure_registry
 from lb.logs import configure_logging
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
-from lb.registry import READY, Registry, RegistryError, State
+from lb.owners import owner_alive, owner_tag
+from lb.registry import (
+    READY,
+    REMOVING,
+    STARTING,
+    Registry,
+    RegistryError,
+    RegistryUnreadable,
+    State,
+)
 from lb.settings import Settings, SettingsError, settings_table
 from lb.strategies import expected_shares
 
 log = logging.getLogger("lb-run")
+
+# Every process of a stack (supervisor, balancer, the local replicas they start: children
+# inherit the environment) carries the deployment and the identity of its lb-run.
+ENV_STACK = "HASHLB_STACK"
+ENV_RUN = "HASHLB_RUN"
+LEFTOVER_STOP_TIMEOUT = 10.0
+LONGEST_RESTART_WAIT = 30.0
+
+
+class AlreadyRunning(Exception):
+    """Another lb-run of the same deployment is alive."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,25 +83,96 @@ class Stack:
         self.settings = settings
         self.registry = Registry(settings.registry_path, settings.lock_timeout)
         self.backend = create_backend(settings)
-        self.env = {**os.environ, **settings.to_env(), "LB_REGISTRY": settings.registry_path}
+        self.run_id = owner_tag("run")
+        # The read end goes to every child; the write end stays here alone (os.pipe() makes
+        # both non-inheritable, and only pass_fds hands the read end on).
+        self.lifeline, self._lifeline_write = lifeline.create()
+        self.env = {**os.environ, **settings.to_env(), "LB_REGISTRY": settings.registry_path,
+                    ENV_STACK: self.stack_name, ENV_RUN: self.run_id,
+                    **lifeline.child_env(self.lifeline)}
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.balancer: subprocess.Popen[bytes] | None = None
         self.signalled: list[int] = []
+        self.claimed = False  # no other run of this deployment is alive: its processes are ours
+        self._restarts = 0
+        self._restart_at = self._started_at = 0.0
+
+    @property
+    def stack_name(self) -> str:
+        """The deployment and its registry: what makes two runs "the same deployment"."""
+        return f"{self.settings.deployment}:{self.settings.registry_path}"
 
     def start(self, keep_registry: bool) -> State:
-        if not keep_registry:
-            self.stop_replicas()  # leftovers of an earlier run that did not end cleanly
+        """Start everything; the registry's state it starts from."""
+        # Leftovers of an earlier run that did not end cleanly: its processes, then any replica
+        # of the deployment (also those a supervisor not started by lb-run left).
+        self.stop_leftovers()
+        self.claimed = True
+        self.stop_replicas()
         self.backend.prepare()  # e.g. the replicas' Docker network
         state = ensure_registry(self.settings, self.registry, reset=not keep_registry)
+        if keep_registry:
+            self.resume_registry()
+            state = self.registry.read()
         # Metrics of every balancer worker and the supervisor, added up at scrape time.
         self.env[ENV_DIR] = prepare_multiprocess_dir(self.settings.registry_path)
         self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
         self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
                                      "-c", "python:lb.gunicorn_conf"])
+        self._started_at = time.monotonic()
         return state
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                pass_fds=(self.lifeline,))
+
+    def stop_leftovers(self) -> int:
+        """Stop the processes of an earlier run of this deployment whose lb-run is gone; how
+        many there were. Raises ``AlreadyRunning`` if that lb-run is alive."""
+        leftovers: list[psutil.Process] = []
+        for proc in psutil.process_iter(["environ"], ad_value=None):
+            env = proc.info["environ"] or {}
+            if env.get(ENV_STACK) != self.stack_name or proc.pid == os.getpid():
+                continue
+            run = env.get(ENV_RUN, "")
+            alive = owner_alive(run)
+            if alive:
+                raise AlreadyRunning(f"deployment {self.settings.deployment} already runs "
+                                     f"(lb-run pid {run.split(':')[1]}); stop it first")
+            if alive is None:
+                log.warning("leaving process %d alone: its lb-run (%s) cannot be checked from "
+                            "here", proc.pid, run)
+                continue
+            leftovers.append(proc)
+        for proc in leftovers:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    proc.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+        _gone, alive_ones = psutil.wait_procs(leftovers, timeout=LEFTOVER_STOP_TIMEOUT)
+        for proc in alive_ones:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive_ones, timeout=5)
+        if leftovers:
+            log.warning("stopped %d processes left by an earlier run of %s", len(leftovers),
+                        self.settings.deployment)
+        return len(leftovers)
+
+    def resume_registry(self) -> None:
+        """Resuming: every replica of the deployment was just stopped, so each wanted entry
+        gets a new process under its own name, server id and slots (not a replacement under a
+        new name, as a replica that died would); half-done removals are done."""
+        with self.registry.update() as state:
+            state.replicas = [r for r in state.replicas if r.state != REMOVING]
+            for r in state.replicas:
+                r.state, r.handle, r.address = STARTING, None, None
+                r.owner = r.deadline = None
+                r.failures = r.restarts = 0
+                r.not_before = 0.0
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -99,13 +196,31 @@ class Stack:
                 log.error("the balancer exited with %s; stopping", self.balancer.returncode)
                 return 1
             if self.supervisor.poll() is not None:
-                log.warning("the supervisor exited with %s; starting it again",
-                            self.supervisor.returncode)
-                self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
+                self._restart_supervisor()
             time.sleep(0.2)
         return 0
 
+    def _restart_supervisor(self) -> None:
+        """Start a dead supervisor again; one that keeps dying waits 0.5, 1, 2 ... seconds
+        (up to 30) between starts, and one that ran a minute counts as healthy again."""
+        assert self.supervisor is not None
+        now = time.monotonic()
+        if self._restart_at == 0.0:  # just found dead: decide when
+            if now - self._started_at > 60:
+                self._restarts = 0
+            wait = (min(LONGEST_RESTART_WAIT, 0.5 * 2 ** (self._restarts - 1))
+                    if self._restarts else 0.0)
+            log.warning("the supervisor exited with %s; starting it again%s",
+                        self.supervisor.returncode, f" in {wait:g}s" if wait else "")
+            self._restart_at = now + wait
+        if now >= self._restart_at:
+            self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
+            self._started_at, self._restart_at = now, 0.0
+            self._restarts += 1
+
     def stop(self) -> None:
+        if not self.claimed:  # another run owns this deployment: touch nothing
+            return
         # The supervisor goes first so it cannot start replicas we are about to stop.
         for proc in (self.supervisor, self.balancer):
             if proc is not None and proc.poll() is None:
@@ -190,7 +305,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
             log.error("replicas were not ready within %.0fs", args.ready_timeout)
         else:
             code = 0
-    except BackendError as exc:  # no engine, no network: say so, no traceback
+    except RegistryUnreadable as exc:  # only when resuming: a fresh start replaces the file
+        log.error("cannot resume: %s; start without --keep-registry to start afresh, or put a "
+                  "good registry back", exc)
+    except (BackendError, RegistryError, AlreadyRunning) as exc:  # say so, no traceback
         log.error("cannot start: %s", exc)
     finally:
         stack.stop()

@@ -14,11 +14,16 @@ Each tick:
 A replacement is reserved in the registry before it starts and committed after, with checks
 that the entry is still the one we reserved, so an ``/rm`` racing with it, or a supervisor
 killed half-way and restarted, leaves neither a duplicate nor an orphan.
+
+The supervisor owns the replicas, so it restores the registry when its file is lost (corrupt,
+deleted): from the last state it read, brought up to date with what runs. An ``/add`` or
+``/rm`` whose process died lets go of its entries as soon as that is known, not at its deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +32,21 @@ from dataclasses import dataclass
 
 from lb.admin import random_hostname
 from lb.backends import Backend, Instance, ReplicaSpec
+from lb.bootstrap import recovered_state
 from lb.heartbeat import probe
-from lb.registry import DOWN, READY, REMOVING, STARTING, Registry, Replica
+from lb.owners import owner_alive
+from lb.registry import (
+    DOWN,
+    READY,
+    REMOVING,
+    STARTING,
+    Registry,
+    RegistryMissing,
+    RegistryUnreadable,
+    RegistryUnwritable,
+    Replica,
+    State,
+)
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +99,14 @@ class Supervisor:
         self._stopping_lock = threading.Lock()
         self._orphan_sightings: dict[str, int] = {}
         self.replacements = 0
+        self.last_good: State | None = None  # the last state read: what a restore starts from
+        self._unwritten: set[tuple[str, str]] = set()  # said, not yet recorded (see _first_time)
+
+    def start_up(self) -> None:
+        """Before the first tick: a registry file that is missing or unreadable is restored,
+        and what an earlier supervisor reserved and never committed is ours now."""
+        self._read()
+        self.release_own_holds()
 
     def release_own_holds(self) -> None:
         """At start-up: what an earlier supervisor reserved and never committed is ours now."""
@@ -95,7 +121,7 @@ class Supervisor:
 
     # -- one round -----------------------------------------------------------------------------
     def tick(self) -> None:
-        state = self.registry.read()
+        state = self._read()
         targets = [r for r in state.replicas
                    if r.handle and r.address and r.state != REMOVING and not r.adding]
         alive = {r.handle: self.backend.is_running(r.handle) for r in targets if r.handle}
@@ -110,11 +136,42 @@ class Supervisor:
         self._stop_orphans()
         self.events.ticked()
 
+    def _read(self) -> State:
+        try:
+            state = self.registry.read()
+        except RegistryUnreadable as exc:
+            state = self._restore(exc)
+        self.last_good = state
+        return state
+
+    def _restore(self, problem: RegistryUnreadable) -> State:
+        """Rewrite a lost registry from the last good state and what runs; or, if it cannot be
+        written, say clearly that a person must act."""
+        state = recovered_state(self.settings, self.last_good, self.backend.list())
+        try:
+            written = self.registry.restore(state)
+        except RegistryUnwritable as exc:
+            raise RegistryUnwritable(
+                f"{problem}, and it cannot be restored ({exc}): a person must act: make "
+                f"{os.path.dirname(self.registry.path)} writable or put a good registry back",
+                exc.detail) from exc
+        if written is None:  # readable again: someone else restored it
+            return self.registry.read()
+        if self.last_good is None and isinstance(problem, RegistryMissing) and not any(
+                r.handle for r in written.replicas):
+            log.info("created registry %s: %s", self.registry.path, written.rep())
+        else:
+            log.warning("%s: restored it from %s: version %d, %s", problem,
+                        "the last good state and the running replicas" if self.last_good
+                        else "the running replicas", written.version, written.rep())
+        return written
+
     def _mark(self, answers: dict[str, bool],
               alive: dict[str, bool]) -> tuple[list[Job], list[Replica]]:
         now = time.time()
         jobs: list[Job] = []
         with self.registry.update() as state:
+            self._release_dead_owners(state)
             taken = {r.hostname for r in state.replicas}
             for r in state.replicas:
                 # An /rm may have taken the entry since the probe: a heartbeat answered before
@@ -137,7 +194,18 @@ class Supervisor:
                     r.failures, r.created = 0, now
                     jobs.append(Job(r.hostname, r.server_id, old))
             removals = [r for r in state.replicas if r.state == REMOVING and not r.held]
+        self._unwritten.clear()  # written: what this round found is on record
         return jobs, removals
+
+    def _release_dead_owners(self, state: State) -> None:
+        """An ``/add`` or ``/rm`` whose process is gone holds its entries no longer: they are
+        the supervisor's to finish now, not at the hold's deadline (which only counts where
+        the owner's process cannot be seen: another host or pid namespace)."""
+        for r in state.replicas:
+            if r.held and r.owner and owner_alive(r.owner) is False:
+                log.warning("the %s holding replica %s has died (%s): finishing it",
+                            r.owner.partition(":")[0], r.hostname, r.owner)
+                r.deadline = 0.0
 
     def _record(self, r: Replica, answered: bool, running: bool, now: float) -> None:
         if answered:
@@ -150,16 +218,26 @@ class Supervisor:
         r.failures += 1
         self.events.heartbeat_missed(r)
         if r.state == READY and (not running or r.failures >= self.settings.heartbeat_failures):
-            log.warning("replica %s (server id %d) is down: %s", r.hostname, r.server_id,
-                        "its process is gone" if not running else
-                        f"missed {r.failures} heartbeats")
             r.state = DOWN
-            self.events.marked_down(r, "missed_heartbeats" if running else "process_gone")
+            if self._first_time(("down", r.handle or r.hostname)):
+                log.warning("replica %s (server id %d) is down: %s", r.hostname, r.server_id,
+                            "its process is gone" if not running else
+                            f"missed {r.failures} heartbeats")
+                self.events.marked_down(r, "missed_heartbeats" if running else "process_gone")
         elif r.state == STARTING and (not running or now > (r.deadline or 0)):
             delay = self._failed_start(r, now)
-            self.events.marked_down(r, "never_ready")
-            log.error("replica %s (server id %d) never became ready (%d in a row); "
-                      "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
+            if self._first_time(("never_ready", r.handle or r.hostname)):
+                self.events.marked_down(r, "never_ready")
+                log.error("replica %s (server id %d) never became ready (%d in a row); "
+                          "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
+
+    def _first_time(self, news: tuple[str, str]) -> bool:
+        """Whether ``news`` is new since the last round that could write the registry: while
+        it cannot, each round finds the same replica down again, and says so once."""
+        if news in self._unwritten:
+            return False
+        self._unwritten.add(news)
+        return True
 
     def _failed_start(self, r: Replica, now: float) -> float:
         """The crash-loop guard: a start that never became ready waits 0.5, 1, 2 ... seconds
@@ -254,7 +332,7 @@ class Supervisor:
         already reserved under its hostname; the second sighting covers the rest.
         """
         instances = self.backend.list()
-        state = self.registry.read()
+        state = self._read()
         known_handles = {r.handle for r in state.replicas if r.handle}
         known_names = {r.hostname for r in state.replicas if r.handle is None or r.held}
         sightings: dict[str, int] = {}

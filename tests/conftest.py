@@ -108,7 +108,8 @@ class StackFactory:
         self.worker = worker
         self.started: list[RunningStack] = []
 
-    def __call__(self, **overrides: Any) -> RunningStack:
+    def __call__(self, *args: str, **overrides: Any) -> RunningStack:
+        """``lb-run`` with the command-line ``args`` (e.g. ``--keep-registry``)."""
         deployment = f"t{uuid.uuid4().hex[:10]}"
         values: dict[str, Any] = {
             "port": free_port(), "deployment": deployment, "workers": 2, "threads": 8,
@@ -119,7 +120,7 @@ class StackFactory:
         env = {**os.environ, **settings.to_env()}
         log_path = self.base / f"{deployment}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "lb"], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "lb", *args], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
         stack = RunningStack(f"http://127.0.0.1:{settings.port}", settings, proc, log_path)
         self.started.append(stack)

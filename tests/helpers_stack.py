@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RunningStack, StackFactory
+from tests.conftest import RunningStack, StackFactory, unavailable
 
 
 @contextmanager
@@ -23,6 +25,24 @@ def running_stack(folder: Path, worker: str, **overrides: Any) -> Iterator[Runni
         yield factory(**overrides)
     finally:
         factory.stop_all()
+
+
+@contextmanager
+def immutable(folder: Path) -> Iterator[None]:
+    """``chattr +i`` on ``folder`` for the block: nothing in it can be created, renamed or
+    removed, by root too (the files already there can still be written). The real thing, as an
+    operator's mistake or a read-only volume would do it; where the filesystem or the user
+    cannot, the test is skipped (under CI: fails)."""
+    if shutil.which("chattr") is None:
+        unavailable("chattr is not installed (e2fsprogs)")
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        unavailable(f"chattr +i does not work here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 @dataclass

@@ -106,3 +106,16 @@ def test_admin_token_on_a_real_stack(make_stack: Callable[..., RunningStack]) ->
     assert stack.delete("/rm", json={"n": 1, "hostnames": ["T1"]}, headers=auth).status_code \
         == 200
     assert stack.rep() == rep
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/add", "POST"), ("OPTIONS", "/add", "POST"), ("PUT", "/add", "POST"),
+    ("GET", "/rm", "DELETE"), ("POST", "/rm", "DELETE"), ("OPTIONS", "/rm", "DELETE"),
+])
+def test_a_method_the_path_does_not_take_is_405_token_or_not(
+        app: Flask, method: str, path: str, allow: str) -> None:
+    """Only the method that acts needs the token: a wrong method is a 405, not a 401."""
+    reply = app.test_client().open(path, method=method)
+    assert reply.status_code == 405, reply.get_data()
+    assert reply.headers["Allow"] == allow
+    assert reply.get_json()["message"] == f"<Error> Method Not Allowed: {method} {path}"

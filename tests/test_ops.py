@@ -26,6 +26,7 @@ from lb.registry import READY, Registry
 from lb.router import Upstream
 from lb.settings import Settings, SettingsError
 from lb.strategies import Maglev, well_mixed_ring
+from tests.helpers_stack import immutable
 
 HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -88,14 +89,23 @@ def test_readyz_needs_a_routable_replica(app: Flask, client: FlaskClient) -> Non
     make_ready(app, f"http://127.0.0.1:{closed_port()}")
     reply = client.get("/_lb/readyz")
     assert reply.status_code == 200
-    assert reply.json == {"message": {"ready": True, "routable": 3}, "status": "successful"}
+    version = app.extensions["lb"]["registry"].read().version
+    assert reply.json == {"message": {"ready": True, "routable": 3, "registry_version": version,
+                                      "stale": None}, "status": "successful"}
 
 
-def test_readyz_fails_when_the_registry_cannot_be_read(app: Flask, client: FlaskClient) -> None:
-    Path(app.extensions["lb"]["registry"].path).write_text("not json")
-    reply = client.get("/_lb/readyz")
+def test_readyz_fails_when_the_registry_was_never_readable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that starts while the file is unreadable has no last good state to go on."""
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    path = tmp_path / "registry.json"
+    path.write_text("not json")
+    reply = create_app({"registry": str(path), "deployment": "t-ops"}).test_client().get(
+        "/_lb/readyz")
     assert reply.status_code == 503
-    assert js(reply)["message"].startswith("<Error> Not ready: the registry cannot be read")
+    assert js(reply)["message"].startswith(
+        "<Error> Not ready: the replica registry file is corrupt (not valid JSON")
+    assert str(tmp_path) not in reply.text and "registry.json" not in reply.text
 
 
 @pytest.mark.parametrize("path", ["/_lb", "/_lb/", "/_lb/nope", "/_lb/metrics/x", "/_lb/home"])
@@ -363,3 +373,32 @@ def test_batched_counts_give_the_same_figures_as_direct_ones(
 
     assert samples(batched) == samples(direct)
     assert any(name == "lb_upstream_latency_seconds_bucket" for name, _, _ in samples(direct))
+
+
+def test_no_reply_names_a_file(app: Flask, client: FlaskClient) -> None:
+    """The registry's and the backend's errors reach clients as what is wrong, never where: a
+    replica that cannot start (its log file cannot be created), a registry file that became
+    unreadable, a registry folder that cannot be written. None of them is a 500."""
+    make_ready(app, f"http://127.0.0.1:{closed_port()}")
+    folder = Path(app.extensions["lb"]["registry"].path).parent
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    replies = []
+    with immutable(logs):
+        replies.append(client.post("/add", json={"n": 1, "hostnames": ["L1"]}))
+        assert js(replies[-1])["message"] == (
+            "<Error> Could not start new replicas: cannot start replica L1: Operation not "
+            "permitted; nothing was added")
+    assert client.get("/rep").status_code == 200  # a good state read: fail static from here on
+    with immutable(folder):
+        replies += [client.post("/add", json={"n": 1}), client.delete("/rm", json={"n": 1})]
+        Path(app.extensions["lb"]["registry"].path).write_text("{garbage")
+        replies += [client.get("/rep"), client.post("/add", json={"n": 1}),
+                    client.delete("/rm", json={"n": 1}), client.get("/_lb/status.json"),
+                    client.get("/_lb/status"), client.get("/_lb/readyz")]
+    for reply in replies:
+        assert reply.status_code in (200, 503), reply.data
+        assert str(folder) not in reply.get_data(as_text=True)
+        assert "registry.json" not in reply.get_data(as_text=True)
+        assert "/tmp" not in reply.get_data(as_text=True)
+    assert [r.status_code for r in replies] == [503] * 8 + [200]

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lb.bootstrap import ensure_registry, initial_state
+from lb.owners import owner_alive, owner_tag
 from lb.registry import (
     READY,
     Registry,
     RegistryBusy,
     RegistryCorrupt,
+    RegistryError,
     RegistryMissing,
+    RegistryUnwritable,
     RegistryView,
     Replica,
 )
 from lb.settings import Settings
+from tests.helpers_stack import immutable
 
 
 @pytest.fixture
@@ -149,3 +158,161 @@ def test_threads_sharing_one_registry_object_lose_no_update(registry: Registry) 
     state = registry.read()
     assert len(state.replicas) == 103
     assert len({r.server_id for r in state.replicas}) == 103
+
+
+# -- fail static, and errors that say what without saying where -----------------------------------
+def test_a_view_keeps_the_last_good_state_while_the_file_is_unreadable(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(RegistryView, "RACY_SECONDS", 0.0)
+    view = RegistryView(registry)
+    good = view.current()
+    assert view.problem is None and view.latest() is good
+    reads = []
+    real_read = registry.read
+    monkeypatch.setattr(registry, "read", lambda: reads.append(1) or real_read())
+    caplog.set_level(logging.WARNING, logger="lb.registry")
+    for damage in ("{garbage", "", None):  # corrupt, empty, missing
+        if damage is None:
+            os.unlink(registry.path)
+        else:
+            Path(registry.path).write_text(damage)
+        reads.clear()
+        for _ in range(100):
+            assert view.current() is good  # the last good state, not an error
+        assert len(reads) <= 1  # an unreadable file is parsed once, not once per call
+        assert isinstance(view.problem, RegistryMissing if damage is None else RegistryCorrupt)
+        with pytest.raises(RegistryError):
+            view.latest()  # replies about the registry itself refuse instead
+    assert view.stale_since is not None
+    # One line when it started and one per change of kind (corrupt -> missing), not per call.
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("last good state (version" in line for line in lines)
+    ensure_registry(Settings.from_env({}, registry=registry.path), registry)  # written again
+    fresh = view.current()
+    assert fresh is not good and view.problem is None and view.stale_since is None
+    assert "readable again" in caplog.records[-1].getMessage() and len(caplog.records) == 3
+
+
+def test_a_view_that_never_read_a_good_state_raises(tmp_path: Path) -> None:
+    view = RegistryView(Registry(str(tmp_path / "r.json")))
+    with pytest.raises(RegistryMissing):
+        view.current()
+    Path(view.registry.path).write_text("[]")
+    with pytest.raises(RegistryCorrupt):
+        view.current()
+
+
+def test_a_followed_view_stays_recent_without_being_asked(registry: Registry) -> None:
+    view = RegistryView(registry)
+    first = view.current()
+    view.follow(0.05)
+    with registry.update() as state:
+        state.replicas[0].state = READY
+    deadline = time.monotonic() + 5
+    while view._state is first and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert view._state is not first and view._state.replicas[0].state == READY
+
+
+@pytest.mark.parametrize(("content", "detail"), [
+    ("{garbage", "not valid JSON: Expecting property name enclosed in double quotes"),
+    ("", "not valid JSON: Expecting value"),
+    ('{"version": 1}', "valid JSON, but not a registry"),
+    ("[1, 2]", "valid JSON, but not a registry"),
+    (b"\xff\xfe", "not valid JSON"),
+])
+def test_errors_say_what_for_clients_and_where_for_logs(tmp_path: Path, content: str | bytes,
+                                                        detail: str) -> None:
+    reg = Registry(str(tmp_path / "r.json"))
+    if isinstance(content, bytes):
+        Path(reg.path).write_bytes(content)
+    else:
+        Path(reg.path).write_text(content)
+    with pytest.raises(RegistryCorrupt) as caught:
+        reg.read()
+    assert caught.value.reason.startswith(f"the replica registry file is corrupt ({detail}")
+    assert str(tmp_path) not in caught.value.reason
+    assert reg.path in str(caught.value)  # the log line names the file
+
+
+def test_an_unwritable_folder_is_its_own_error(registry: Registry) -> None:
+    before = Path(registry.path).read_bytes()
+    with immutable(Path(registry.path).parent):
+        with pytest.raises(RegistryUnwritable) as caught, registry.update() as state:
+            state.replicas[0].failures = 7
+        assert caught.value.reason == ("the replica registry cannot be written "
+                                       "(Operation not permitted)")
+        assert registry.read().replicas[0].failures == 0
+    assert Path(registry.path).read_bytes() == before
+    with registry.update() as state:  # and writable again: nothing stuck
+        state.replicas[0].failures = 7
+    assert registry.read().replicas[0].failures == 7
+
+
+def test_a_missing_lock_file_in_an_unwritable_folder_is_unwritable(registry: Registry) -> None:
+    os.unlink(registry.path + ".lock")
+    fresh = Registry(registry.path, lock_timeout=1)
+    with immutable(Path(registry.path).parent), pytest.raises(RegistryUnwritable), \
+            fresh.update():
+        pass
+
+
+def test_restore_keeps_the_unreadable_file_and_only_replaces_an_unreadable_one(
+        registry: Registry) -> None:
+    good = registry.read()
+    assert registry.restore(initial_state(Settings.from_env({}, n=1))) is None  # readable
+    assert registry.read().to_dict() == good.to_dict()
+    Path(registry.path).write_text("{garbage")
+    good.version += 1000
+    assert registry.restore(good) is good
+    assert registry.read().to_dict() == good.to_dict()
+    [kept] = Path(registry.path).parent.glob("registry.json.corrupt-*")
+    assert kept.read_text() == "{garbage"
+
+
+# -- who holds an entry ---------------------------------------------------------------------------
+def test_an_owner_tag_tells_a_live_owner_from_a_dead_one() -> None:
+    mine = owner_tag("add")
+    assert mine.startswith(f"add:{os.getpid()}:") and owner_alive(mine) is True
+    code = "from lb.owners import owner_tag; print(owner_tag('rm'))"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    theirs = child.communicate(timeout=30)[0].strip()
+    assert theirs.startswith(f"rm:{child.pid}:") and owner_alive(theirs) is False  # exited
+    kind, pid, nonce, space, ticks = mine.split(":")
+    reused = ":".join([kind, pid, nonce, space, str(int(ticks) + 1)])  # same pid, other process
+    assert owner_alive(reused) is False
+    elsewhere = ":".join([kind, pid, nonce, "0" * len(space), ticks])  # another pid namespace
+    assert owner_alive(elsewhere) is None  # cannot tell: the deadline decides
+    for legacy in ("add:123:abcd1234", "supervisor", "rm:dead", ""):
+        assert owner_alive(legacy) is None
+
+
+@pytest.mark.parametrize(("damage", "detail"), [
+    (lambda s: s["replicas"][0].update(slots="abc"), "replica 0: bad slots"),
+    (lambda s: s["replicas"][0].update(slots=[9999]), "slot 9999 is outside 0..511"),
+    (lambda s: s["replicas"][1].update(slots=s["replicas"][0]["slots"]), "is already owned"),
+    (lambda s: s["replicas"][1].update(server_id=1), "already"),
+    (lambda s: s["replicas"][1].update(hostname="Server1"), "a hostname is there twice"),
+    (lambda s: s["replicas"][0].update(server_id=True), "replica 0: bad server_id"),
+    (lambda s: s["replicas"][2].update(state="zombie"), "replica 2: bad state"),
+    (lambda s: s["replicas"][0].update(address=5), "replica 0: bad address"),
+    (lambda s: s["replicas"][0].update(hostname=""), "replica 0: bad hostname"),
+    (lambda s: s["replicas"][0].update(extra=1), "a field has the wrong type"),
+    (lambda s: s["ring"].update(slots=10**12), "bad ring slots"),
+    (lambda s: s["ring"].update(hash="nope"), "unknown ring hash or probing"),
+    (lambda s: s.update(version="7"), "bad version or replicas"),
+    (lambda s: s.update(replicas={}), "bad version or replicas"),
+    (lambda s: s.pop("ring"), "no 'ring'"),
+])
+def test_a_file_that_parses_but_is_not_a_registry_is_corrupt(
+        registry: Registry, damage: Callable[[dict[str, Any]], object], detail: str) -> None:
+    """Caught when read, so it never reaches a router (where it would be a 500 per request)."""
+    data = json.loads(Path(registry.path).read_text())
+    damage(data)
+    Path(registry.path).write_text(json.dumps(data))
+    with pytest.raises(RegistryCorrupt) as caught:
+        registry.read()
+    assert caught.value.reason.startswith(
+        "the replica registry file is corrupt (valid JSON, but not a registry: ")
+    assert detail in caught.value.reason

@@ -162,7 +162,7 @@ def test_built_from_ids_strategies_are_cached_across_registry_versions(tmp_path:
     first = router.table().ring
     with Registry(router.settings.registry_path).update() as state:
         state.replicas[0].last_heartbeat = 1.0
-    router._view.RACY_SECONDS = 0  # the test writes faster than the racy-stamp window
+    router.view.RACY_SECONDS = 0  # the test writes faster than the racy-stamp window
     second = router.table()
     assert second.version != 0 and second.ring is first
 

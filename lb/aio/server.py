@@ -36,6 +36,7 @@ from lb.aio.upstream import AsyncForwarder
 from lb.errors import ApiError
 from lb.logs import log_access, new_request_id
 from lb.ops.metrics import BalancerMetrics
+from lb.registry import RegistryError
 from lb.routing import (
     JSON_TYPE,
     decode_path,
@@ -46,6 +47,7 @@ from lb.routing import (
     origin_target,
     query_value,
     reason_phrase,
+    registry_trouble,
     request_key,
     transfer_coding_error,
 )
@@ -401,6 +403,10 @@ class ClientConnection(asyncio.Protocol):
                                                                  headers, key, path)
         except ApiError as exc:
             self._write_error(request, exc.status, exc.message, "route", rid, _log_path(target))
+            return
+        except RegistryError as exc:  # no good state of the registry yet: as the app says it
+            self._write_error(request, 503, registry_trouble(exc), "route", rid,
+                              _log_path(target))
             return
         head = b"".join([b"%s: %s\r\n" % pair for pair in reply.headers])
         tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}\r\n"

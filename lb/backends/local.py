@@ -5,7 +5,9 @@ the balancer worker that started it), listening on a socket this backend binds f
 loopback port and hands over as ``fd://N``: the port is known before the child runs and cannot be
 taken by anyone else in between. Every process of a replica carries a unique token in its
 environment; the handle is ``"<pid>/<token>"``, so a reused pid is never mistaken for a replica
-and stop() finds a replica's workers even after its master was killed.
+and stop() finds a replica's workers even after its master was killed. A thread per replica
+collects its exit status as soon as it ends, whoever stopped it, and a replica started under
+``lb-run`` inherits its lifeline and stops when ``lb-run`` is gone (``lb.lifeline``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import uuid
 
 import psutil
 
+from lb import lifeline
 from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
 from lb.settings import Settings
 
@@ -62,13 +65,11 @@ class LocalBackend(Backend):
         self.deployment = settings.deployment
         self.threads = settings.replica_threads
         self.log_dir = os.path.join(os.path.dirname(settings.registry_path), "logs")
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self._children_lock = threading.Lock()
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, spec: ReplicaSpec) -> Instance:
-        self._reap()
         token = uuid.uuid4().hex
+        line = lifeline.inherited()  # handed on: the replica stops when lb-run is gone
         try:
             sock, address = listen_on_loopback()
             with sock:  # closed here once the child holds its own copy
@@ -78,7 +79,7 @@ class LocalBackend(Backend):
                 log_path = os.path.join(self.log_dir, f"{spec.hostname}.log")
                 fd = sock.fileno()
                 cmd = [
-                    sys.executable, "-m", "gunicorn", "-c", "python:replica.gunicorn_conf",
+                    sys.executable, "-m", "gunicorn", "-c", "python:lb.backends.replica_conf",
                     "--bind", f"fd://{fd}",
                     "--workers", "1", "--worker-class", "gthread", "--threads", str(self.threads),
                     "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning",
@@ -88,13 +89,20 @@ class LocalBackend(Backend):
                 ]
                 with open(log_path, "ab") as logfile:
                     proc = subprocess.Popen(
-                        cmd, env=env, pass_fds=(fd,), start_new_session=True,
+                        cmd, env=env, pass_fds=(fd,) if line is None else (fd, line),
+                        start_new_session=True,
                         stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                     )
         except OSError as exc:
-            raise BackendError(f"cannot start replica {spec.hostname}: {exc}") from exc
-        with self._children_lock:
-            self._children[proc.pid] = proc
+            log.error("cannot start replica %s: %s", spec.hostname, exc)
+            # Without the file name the error carries: the message may reach a client.
+            raise BackendError(f"cannot start replica {spec.hostname}: "
+                               f"{exc.strerror or type(exc).__name__}") from exc
+        # Whoever stops the replica (this process, another worker's /rm, the supervisor, a
+        # kill), its exit status is collected at once: no zombie waits for this process's next
+        # call. A thread of its own, not SIGCHLD: this may run in any thread of a worker whose
+        # main thread belongs to a server's event loop.
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
         log.info("started replica %s (server id %d) pid %d at %s",
                  spec.hostname, spec.server_id, proc.pid, address)
         return Instance(spec.hostname, f"{proc.pid}/{token}", address, spec.server_id)
@@ -106,6 +114,8 @@ class LocalBackend(Backend):
         masters = [p for p in procs if p.pid == pid] or procs
         for p in masters:
             _signal(p, signal.SIGTERM)  # gunicorn: graceful, in-flight requests finish
+        for p in procs:
+            _signal(p, signal.SIGCONT)  # a stopped (SIGSTOP) replica can only act on it so
         alive = _wait_gone(procs, timeout)
         for p in alive:
             _signal(p, signal.SIGKILL)
@@ -113,7 +123,6 @@ class LocalBackend(Backend):
         # Workers outlive a master killed with SIGKILL for a moment: sweep what is left.
         for p in self._processes(token):
             _signal(p, signal.SIGKILL)
-        self._reap()
 
     # -- list --------------------------------------------------------------------------------------
     def list(self) -> list[Instance]:
@@ -139,7 +148,6 @@ class LocalBackend(Backend):
             proc = psutil.Process(pid)
             return proc.environ().get(ENV_TOKEN) == token and _alive(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            self._reap()
             return False
 
     # -- internals -----------------------------------------------------------------------------
@@ -150,13 +158,6 @@ class LocalBackend(Backend):
             if env.get(ENV_TOKEN) == token and _alive(proc):
                 found.append(proc)
         return found
-
-    def _reap(self) -> None:
-        """Collect exit statuses of replicas this process started (no zombies left behind)."""
-        with self._children_lock:
-            for pid, proc in list(self._children.items()):
-                if proc.poll() is not None:
-                    del self._children[pid]
 
 
 def _parse_handle(handle: str) -> tuple[int, str]:

@@ -17,12 +17,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import MethodNotAllowed
 
-from lb.errors import ApiError, success
+from lb.errors import ApiError, sentence, success
 from lb.logs import log_access, request_id
 from lb.ops.metrics import CONTENT_TYPE, BalancerMetrics, sample_sums
 from lb.ops.openapi import PREFIX, openapi_document
 from lb.ops.status import Counts, RateWindow, build_status
-from lb.registry import Registry, RegistryError
+from lb.registry import READY, Registry, RegistryError, RegistryView, State
 from lb.routing import reason_phrase
 
 STARTED_KEY = "lb.started"
@@ -87,19 +87,46 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Readiness: the registry can be read and at least one replica is routable."""
+    """Readiness: this worker can route, i.e. it has a replica set with at least one routable
+    replica. Fail static: a registry that became unreadable still leaves the last good set,
+    so the balancer stays ready; ``stale`` says what is wrong (null when nothing is)."""
+    router = _ext()["router"]
     try:
-        routable = len(_registry().read().routable())
+        state = router.view.current()
     except RegistryError as exc:
-        raise ApiError(503, f"Not ready: the registry cannot be read ({exc})") from exc
+        raise ApiError(503, f"Not ready: {exc.reason}") from exc
+    routable = len(state.routable())
     if routable == 0:
         raise ApiError(503, "Not ready: no routable replica")
-    return _no_store(jsonify(success({"ready": True, "routable": routable})))
+    return _no_store(jsonify(success({"ready": True, "routable": routable,
+                                      "registry_version": state.version,
+                                      "stale": _staleness(router.view, state)})))
+
+
+def _staleness(view: RegistryView, state: State) -> str | None:
+    """Why the replica set this worker routes with may be out of date, or None.
+
+    The supervisor rewrites the registry every heartbeat round while a replica is ready (each
+    answer, or each miss, is recorded), so a file much older than that means nobody records
+    what happens to the replicas: the supervisor is not running, or cannot write the registry.
+    """
+    now = time.time()
+    if view.problem is not None:
+        return (f"{sentence(view.problem.reason)}: routing with the last good state (version "
+                f"{state.version}) for {now - (view.stale_since or now):.0f}s")
+    settings = current_app.config["SETTINGS"]
+    limit = max(5.0, 10 * settings.heartbeat_interval)
+    written = view.written_at
+    if written is not None and now - written > limit and any(
+            r.state == READY and r.handle for r in state.replicas):
+        return (f"The registry has not been written for {now - written:.0f}s: replica states "
+                "may be out of date (is the supervisor running, and can it write the registry?)")
+    return None
 
 
 def status_document() -> dict[str, Any]:
     ext = _ext()
-    state = _registry().read()
+    state = ext["router"].view.latest()
     families = list(ext["metrics"].families())
     requests = sample_sums(families, "lb_routed_requests_total", "replica")
     unreachable = sample_sums(families, "lb_upstream_unreachable_total", "replica")
@@ -148,7 +175,7 @@ ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 @bp.route("/<path:rest>", methods=ANY_METHOD)
 def reserved(rest: str) -> Response:
     """Anything else under the prefix is the balancer's, never a replica's."""
-    if rest in ENDPOINTS:
+    if rest in ENDPOINTS or rest.startswith("static/"):
         raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
     raise ApiError(404, f"'{request.path}' is not an endpoint of the balancer "
                         f"({PREFIX}/ is reserved for it)")

@@ -257,6 +257,14 @@ class ReplicaSetCollector:
         version = GaugeMetricFamily("lb_registry_version", "Writes the registry has seen")
         version.add_metric([], float(state.version))
         yield version
+        stamp = self.registry.stamp()
+        if stamp is not None:
+            # The supervisor rewrites it every heartbeat round while a replica is ready: a
+            # growing age means nobody records what happens to the replicas.
+            age = GaugeMetricFamily("lb_registry_age_seconds", "Seconds since the registry "
+                                    "was last written")
+            age.add_metric([], max(0.0, time.time() - stamp[1] / 1e9))
+            yield age
         desired = GaugeMetricFamily("lb_replicas_desired", "Replicas wanted (N of /rep)")
         desired.add_metric([], float(len(state.members())))
         yield desired

@@ -90,9 +90,19 @@ SCHEMAS: dict[str, Any] = {
     "Alive": _success({"const": "alive"}),
     "Ready": _success({
         "type": "object",
-        "required": ["ready", "routable"],
+        "required": ["ready", "routable", "registry_version", "stale"],
         "additionalProperties": False,
-        "properties": {"ready": {"const": True}, "routable": {"type": "integer", "minimum": 1}},
+        "properties": {
+            "ready": {"const": True},
+            "routable": {"type": "integer", "minimum": 1,
+                         "description": "Routable replicas in the set this worker routes with"},
+            "registry_version": {"type": "integer", "description": "That set's registry version"},
+            "stale": {"type": ["string", "null"],
+                      "description": "Null, or why that set may be out of date: the registry "
+                                     "cannot be read (routing goes on with the last good set), "
+                                     "or nobody has written it for a while (the supervisor is "
+                                     "not running, or cannot write it)"},
+        },
     }),
     "ReplicaStatus": {
         "type": "object",
@@ -208,6 +218,8 @@ _TOKEN: list[dict[str, list[str]]] = [{}, {"adminToken": []}]
 _UNAUTHORIZED = _failure("LB_ADMIN_TOKEN is set and the request lacks "
                          "'Authorization: Bearer <token>'")
 _DEFAULT = _failure("The balancer's own trouble (registry locked or unreadable, ...)")
+_REGISTRY = ("The registry is locked, cannot be read (routing goes on with the last good set) "
+             "or cannot be written; the message says which, never where")
 
 
 def _routed(ok: dict[str, Any], not_served: bool) -> dict[str, Any]:
@@ -224,6 +236,7 @@ PATHS: dict[str, Any] = {
     "/rep": {"get": {
         "operationId": "rep", "tags": ["contract"], "summary": "The managed replicas",
         "responses": {"200": _json("N and the replicas' hostnames", "RepReply"),
+                      "503": _failure(_REGISTRY),
                       "default": _DEFAULT},
     }},
     "/add": {"post": {
@@ -242,7 +255,8 @@ PATHS: dict[str, Any] = {
                             "exceeded"),
             "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
             "413": _failure("Body larger than LB_MAX_BODY"),
-            "503": _failure("The new replicas could not be started in time; nothing was added"),
+            "503": _failure("The new replicas could not be started in time (nothing was "
+                            "added), or " + _REGISTRY[0].lower() + _REGISTRY[1:]),
             "default": _DEFAULT,
         },
     }},
@@ -258,6 +272,7 @@ PATHS: dict[str, Any] = {
             "409": _failure("A named replica does not exist, or n exceeds the replicas"),
             "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
             "413": _failure("Body larger than LB_MAX_BODY"),
+            "503": _failure(_REGISTRY),
             "default": _DEFAULT,
         },
     }},
@@ -283,14 +298,18 @@ PATHS: dict[str, Any] = {
     }},
     f"{PREFIX}/readyz": {"get": {
         "operationId": "readyz", "tags": ["operations"],
-        "summary": "Readiness: the registry is readable and at least one replica is routable",
+        "summary": "Readiness: this worker has a replica set with a routable replica",
+        "description": "Fail static: a registry that becomes unreadable leaves the last good "
+                       "set, so the balancer stays ready, and 'stale' says what is wrong.",
         "responses": {"200": _json("Ready to route", "Ready"),
-                      "503": _failure("Not ready", "Not ready: no routable replica")},
+                      "503": _failure("Not ready: no routable replica, or no replica set was "
+                                      "ever read", "Not ready: no routable replica")},
     }},
     f"{PREFIX}/status.json": {"get": {
         "operationId": "status", "tags": ["operations"],
         "summary": "Replicas, heartbeats, ring, request counts and recent rates",
         "responses": {"200": _json("The status document", "StatusReply"),
+                      "503": _failure(_REGISTRY),
                       "default": _DEFAULT},
     }},
     f"{PREFIX}/status": {"get": {
@@ -325,7 +344,10 @@ def openapi_document(version: str) -> dict[str, Any]:
             "description": "The contract's endpoints (/rep, /add, /rm and routed GETs) and the "
                            f"balancer's own endpoints under the reserved prefix {PREFIX}/. "
                            "Every error uses the envelope {\"message\": \"<Error> ...\", "
-                           "\"status\": \"failure\"}.",
+                           "\"status\": \"failure\"}. A method a path does not take, "
+                           "OPTIONS included, is a 405 in that envelope, with the path's one "
+                           "Allow: POST for /add, DELETE for /rm, GET, HEAD for every other "
+                           "path.",
         },
         "tags": [
             {"name": "contract", "description": "Fixed by the contract: same keys, strings, "
