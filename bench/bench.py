@@ -6,7 +6,9 @@ One run, one machine, loopback only, every load bounded in time (wrk ``-d``):
 1. ``lb-run`` starts the balancer (``LB_WORKER=async``), its supervisor and 3 local replicas
    (hash key ``query:id``, the settings below); a second balancer with ``LB_WORKER=threads``
    serves the same registry on another port; HAProxy (``balance url_param id`` + ``hash-type
-   consistent``) and nginx (``hash $arg_id consistent``) are started on the *same* 3 replicas.
+   consistent``) and nginx (``hash $arg_id consistent``) are started on the *same* 3 replicas,
+   both told to add the headers the balancer adds (``X-Forwarded-For``, ``-Host``, ``-Proto``,
+   ``X-Request-ID``), so every replica parses the same requests whoever sent them.
 2. **Saturation**: wrk with a fixed number of keep-alive connections, each request
    ``GET /home?id=<random 6-digit>``, against each target in turn, ``--rounds`` times
    (interleaved, so a burst of outside load hits every target alike). *direct* is one wrk per
@@ -85,6 +87,12 @@ defaults
     http-reuse always
 frontend fe
     bind 127.0.0.1:{port}
+    # The headers this balancer sends its replicas, so each replica parses the same request.
+    option forwardfor
+    unique-id-format %{{+X}}o%ci%cp%fi%fp%Ts%rt
+    http-request set-header X-Request-ID %[unique-id]
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Forwarded-Proto http
     default_backend replicas
 backend replicas
     balance url_param id
@@ -116,6 +124,11 @@ http {{
             proxy_pass http://replicas;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # The headers this balancer sends its replicas, so each replica parses the same.
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Request-ID $request_id;
         }}
     }}
 }}
@@ -136,17 +149,19 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], port: int, what: str, log: str) -> Iterator[psutil.Process]:
+def _process(cmd: list[str], port: int, what: str, log: str, env: dict[str, str] | None = None,
+             timeout: float = 10) -> Iterator[psutil.Process]:
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
     try:
-        _wait_port(port, proc, what)
+        _wait_port(port, proc, what, timeout)
         yield psutil.Process(proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -185,20 +200,10 @@ def threads_balancer(stack: LocalStack, folder: str) -> Iterator[tuple[str, psut
     env = {**stack.env, "LB_WORKER": "threads", "LB_PORT": str(port),
            "LB_REGISTRY": stack.registry}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own counters, not the stack's
-    with open(os.path.join(folder, "threads.log"), "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        _wait_port(port, proc, "the threads balancer", timeout=60)
-        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with _process([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"], port,
+                  "the threads balancer", os.path.join(folder, "threads.log"), env,
+                  timeout=60) as proc:
+        yield f"http://127.0.0.1:{port}", proc
 
 
 def slow_clients(url: str, procs: list[psutil.Process], attackers: int,
