@@ -25,7 +25,7 @@ from typing import Any
 
 import filelock
 
-from lb.hashring import PRESETS, PROBING, HashRing, RingError
+from lb.hashring import PROBING, HashRing, RingError, resolve_preset
 from lb.strategies import Lookup, build_lookup
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,9 @@ class RingParams:
             raise ValueError("bad ring slots")
         if not (_is_int(self.virtual) and 1 <= self.virtual <= self.slots):
             raise ValueError("bad ring virtual")
-        if self.hash not in PRESETS or self.probing not in PROBING:
-            raise ValueError("unknown ring hash or probing")
+        if self.probing not in PROBING or not isinstance(self.hash, str):
+            raise ValueError("unknown ring probing or hash")
+        resolve_preset(self.hash, self.virtual)  # a preset, formulas or a plug-in; or ValueError
 
 
 @dataclass

@@ -69,6 +69,10 @@ def every_worker_has_read(stack: RunningStack) -> None:
     wanted = stack.settings.workers
     wait_for(lambda: None if stack.log().count("starts with registry version") >= wanted
              else "a worker is still booting", 60)
+    # A worker may have read its first state while the replicas were still starting; its view
+    # refreshes every heartbeat interval, so a few of them later its last good state is the
+    # ready set (else routing from it would find no replica ready, and wait, then 503).
+    time.sleep(3 * stack.settings.heartbeat_interval)
 
 
 def admin_calls(stack: RunningStack) -> dict[str, requests.Response]:

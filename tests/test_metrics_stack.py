@@ -75,7 +75,7 @@ def test_routed_counters_sum_to_the_requests_sent(make_stack: Callable[..., Runn
     for _, _, replica in results:
         served[replica] = served.get(replica, 0) + 1
 
-    # The event-driven worker writes its counts about once a second: they add up by then.
+    # The event-driven worker writes its counts ten times a second: they add up by then.
     deadline = time.monotonic() + 10
     samples = scrape(stack)
     while total(samples, "lb_upstream_latency_seconds_count") < K and time.monotonic() < deadline:

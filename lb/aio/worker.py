@@ -30,6 +30,9 @@ from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
 
 NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
+# How stale a scrape may find this worker's counts: a few writes to the shared files a second
+# instead of several per request (lb.ops.metrics.BalancerMetrics.flush).
+METRICS_FLUSH_SECONDS = 0.1
 
 
 class AsyncWorker(base.Worker):
@@ -105,7 +108,13 @@ class AsyncWorker(base.Worker):
         server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool),
                         bridge, ext["metrics"], self.cfg.keepalive, SERVER)
         metrics = ext["metrics"]
-        metrics.batch_in_this_thread()  # the loop's counts are written once per sweep
+        metrics.batch_in_this_thread()  # the loop's counts are written every tenth of a second
+
+        def flush_metrics() -> None:
+            metrics.flush()
+            loop.call_later(METRICS_FLUSH_SECONDS, flush_metrics)
+
+        flush_metrics()
         listeners = [await loop.create_server(lambda: ClientConnection(server, loop),
                                               sock=listener.sock, backlog=self.cfg.backlog)
                      for listener in self.sockets]
@@ -116,7 +125,6 @@ class AsyncWorker(base.Worker):
                 self.log.info("Parent changed, shutting down: %s", self)
                 break
             server.sweep(loop.time())
-            metrics.flush()
             try:
                 await asyncio.wait_for(self._wake.wait(), sweep_every)
             except TimeoutError:

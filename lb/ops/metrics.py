@@ -85,7 +85,7 @@ class BalancerMetrics(RouterEvents):
 
     The event-driven worker counts in batches (``batch_in_this_thread``): what its event loop
     counts (every routed request: a reply, a replica's answer and its latency) is added up in
-    plain dicts and written to the shared files by ``flush()`` about once a second; in
+    plain dicts and written to the shared files by ``flush()`` ten times a second; in
     multiprocess mode each write takes a lock and packs a float into a memory map, several per
     request otherwise. Counts from other threads (the Flask pool) are written at once.
     """
