@@ -209,3 +209,27 @@ def test_a_replicas_error_page_reaches_the_client_only_as_the_envelope(
         assert json.loads(reply.body) == {
             "message": f"<Error> Replica echo-1 answered {code} {reply.reason}",
             "status": "failure"}
+
+
+@pytest.mark.parametrize(("coding", "status"), [
+    (b"gzip", 400), (b"chunked, gzip", 400), (b"chunked, chunked", 400),
+    (b"gzip, chunked", 501), (b"foo, chunked", 501),
+])
+def test_transfer_codings_are_answered_as_rfc_9112_says(stack: RunningStack, coding: bytes,
+                                                        status: int) -> None:
+    """Without chunked as the final coding a body has no length: 400. A coding before it that
+    the balancer does not implement: 501, "Not Implemented" (gzip used to be silently ignored,
+    and gunicorn's own 501 said "Bad Request")."""
+    body = b"2\r\n{}\r\n0\r\n\r\n" if coding.endswith(b"chunked") else b"{}"
+    request = (b"POST /add HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding +
+               b"\r\nConnection: close\r\n\r\n" + body)
+    TRIED["codings"] = TRIED.get("codings", 0) + 1
+    before = stack.rep()
+    reply = raw_http(stack.url, request)
+    assert (reply.status, reply.reason) == (status, {400: "Bad Request",
+                                                     501: "Not Implemented"}[status])
+    message = json.loads(reply.body)["message"]
+    assert message.startswith("<Error> ")
+    if status == 501:  # the 400s are worded by whichever parser refused them
+        assert "only chunked is implemented" in message
+    assert stack.rep() == before  # nothing was added
