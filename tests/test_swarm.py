@@ -182,6 +182,19 @@ def test_stopped_worker_is_replaced_on_the_remaining_nodes(swarm_cluster: Cluste
     cluster, session = swarm_cluster, http_session()
     wait_until("replicas running", settled(cluster, 3))
     before = cluster.placement()
+    for _ in range(3):
+        if len(set(before.values())) > 1:
+            break
+        # All on one node (the drain before moved them there): a new replica goes where Swarm
+        # runs the fewest tasks, so one is replaced until they are on two nodes at least.
+        moved = min(before)
+        reply = session.delete(cluster.url + "/rm", json={"n": 1, "hostnames": [moved]},
+                               timeout=120)
+        assert reply.status_code == 200, reply.text
+        reply = session.post(cluster.url + "/add", json={"n": 1}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        wait_until("replicas running", settled(cluster, 3))
+        before = cluster.placement()
     # The worker with the most replicas (the drained one may have none now).
     node = max(("worker1", "worker2"),
                key=lambda w: sum(1 for where in before.values() if where == w))
