@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any, TypeVar
@@ -21,16 +19,13 @@ from lb.backends import Backend, BackendError, Instance, ReplicaSpec
 from lb.errors import ApiError, sentence
 from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
+from lb.naming import MAX_HOSTNAME, random_hostname, valid_hostname
 from lb.owners import owner_tag
 from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Docker's container-name rule (two characters at least: Docker refuses "a"); 63 keeps every
-# name usable as a DNS label (network alias).
-HOSTNAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+\Z")
-MAX_HOSTNAME = 63
 ADD_TOO_MANY = "Length of hostname list is more than newly added instances"
 RM_TOO_MANY = "Length of hostname list is more than removable instances"
 STOP_TIMEOUT = 10.0
@@ -62,7 +57,7 @@ def parse_scale_request(body: Any, too_many: str) -> tuple[int, list[str]]:
     for name in hostnames:
         if not isinstance(name, str):
             raise ApiError(400, "Field 'hostnames' must be a list of strings")
-        if len(name) > MAX_HOSTNAME or not HOSTNAME_RE.match(name):
+        if not valid_hostname(name):
             raise ApiError(400, f"Invalid hostname {_show(name)}: use 2 to {MAX_HOSTNAME} of "
                                 "[a-zA-Z0-9_.-], starting with a letter or digit")
         if name in seen:
@@ -81,14 +76,6 @@ def public_reason(exc: BaseException) -> str:
     """An error's text for a client: a backend's own words, or only the kind of a surprise
     (whose text may name files; the log has it whole)."""
     return str(exc) if isinstance(exc, BackendError) else type(exc).__name__
-
-
-def random_hostname(taken: Iterable[str]) -> str:
-    taken = set(taken)
-    while True:
-        name = "replica-" + secrets.token_hex(3)
-        if name not in taken:
-            return name
 
 
 def parallel(fn: Callable[[T], R], items: list[T]) -> list[R | BaseException]:

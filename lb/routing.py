@@ -33,6 +33,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.sansio.utils import get_host
 
 from lb.errors import ApiError, envelope, sentence
+from lb.events import RouterEvents
 from lb.registry import (
     STARTING,
     Registry,
@@ -264,19 +265,6 @@ class RoutingTable:
     ring: Lookup
     by_id: dict[int, Replica]
     starting: bool  # some wanted replica is still starting (a fresh stack, an /add)
-
-
-class RouterEvents:
-    """What the router reports (metrics and logs subscribe here); the default ignores it."""
-
-    def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
-        """A replica answered (any status) after ``seconds``; ``attempt`` 0 is the first try."""
-
-    def unreachable(self, replica: Replica, error: BaseException) -> None:
-        """A replica could not be reached; the next candidate gets the request."""
-
-    def exhausted(self, tried: list[str]) -> None:
-        """No candidate could serve the request."""
 
 
 class Router:

@@ -12,10 +12,10 @@ from lb import lifeline
 from lb.backends import BackendError, create_backend
 from lb.bootstrap import HashMapMismatch, ensure_registry
 from lb.logs import configure_logging
-from lb.ops.supervision import SupervisorMetrics
 from lb.registry import Registry, RegistryError
 from lb.settings import Settings, SettingsError
 from supervisor.core import Supervisor
+from supervisor.metrics import SupervisorMetrics
 
 log = logging.getLogger("supervisor")
 

@@ -30,10 +30,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lb.admin import random_hostname
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import recovered_state
+from lb.events import SupervisorEvents
 from lb.heartbeat import probe
+from lb.naming import random_hostname
 from lb.owners import owner_alive
 from lb.registry import (
     DOWN,
@@ -53,28 +54,6 @@ log = logging.getLogger(__name__)
 
 OWNER = "supervisor"
 STOP_TIMEOUT = 10.0
-
-
-class SupervisorEvents:
-    """What the supervisor reports (metrics subscribe here); the default ignores it."""
-
-    def heartbeat_missed(self, replica: Replica) -> None:
-        """``replica`` did not answer a heartbeat (or its process is gone)."""
-
-    def marked_down(self, replica: Replica, reason: str) -> None:
-        """``replica`` is down: ``process_gone``, ``missed_heartbeats`` or ``never_ready``."""
-
-    def replacing(self, replica: Replica) -> None:
-        """A down replica's replacement (same server id, new hostname) is about to start."""
-
-    def became_ready(self, replica: Replica) -> None:
-        """``replica`` answered its first heartbeat."""
-
-    def start_failed(self, hostname: str) -> None:
-        """The backend could not start ``hostname``."""
-
-    def ticked(self) -> None:
-        """One round of the reconcile loop is done."""
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.admin import HOSTNAME_RE, MAX_HOSTNAME
 from lb.backends import BackendError, create_backend
 from lb.backends.swarm import SwarmBackend, is_live, service_name
+from lb.naming import HOSTNAME_RE, MAX_HOSTNAME
 from lb.settings import Settings, SettingsError
 from tests.conftest import free_port
 

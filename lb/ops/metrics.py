@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from lb.events import RouterEvents
 from lb.registry import STATES, Registry, RegistryError, Replica
-from lb.routing import RouterEvents
 from lb.settings import Settings
 
 try:
@@ -40,7 +40,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKET_BOUNDS = (*LATENCY_BUCKETS, float("inf"))  # a histogram's buckets, +Inf included
 CHILDREN_KEPT = 4096  # labelled series a worker keeps at hand
-REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 def available() -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lb.admin import HOSTNAME_RE, MAX_HOSTNAME
+from lb.naming import HOSTNAME_RE, MAX_HOSTNAME
 
 JSON = "application/json"
 PREFIX = "/_lb"

@@ -1,6 +1,7 @@
 """The supervisor's metrics: a ``SupervisorEvents`` subscriber writing Prometheus counters.
 
-The supervisor is its own process; with ``PROMETHEUS_MULTIPROC_DIR`` set (``lb-run`` sets it) its
+The supervisor is its own process (it loads the counters' helpers from ``lb.ops.metrics``, which
+needs no HTTP library); with ``PROMETHEUS_MULTIPROC_DIR`` set (``lb-run`` sets it) its
 files sit beside the balancer workers' and every scrape of /_lb/metrics includes them.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 import os
 import time
 
-from lb.ops.metrics import REPLACEMENT_BUCKETS, available, multiprocess_dir
+from lb.events import SupervisorEvents
+from lb.ops.metrics import available, multiprocess_dir
 from lb.registry import Replica
-from supervisor.core import SupervisorEvents
+
+# Seconds from the decision to replace a replica to its replacement's first answered heartbeat.
+REPLACEMENT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class SupervisorMetrics(SupervisorEvents):
