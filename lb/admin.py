@@ -19,8 +19,8 @@ from lb.backends import Backend, BackendError, Instance, ReplicaSpec
 from lb.errors import ApiError, sentence
 from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
+from lb.leases import Lease, Purpose
 from lb.naming import MAX_HOSTNAME, random_hostname, valid_hostname
-from lb.owners import owner_tag
 from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State
 from lb.settings import Settings
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 ADD_TOO_MANY = "Length of hostname list is more than newly added instances"
 RM_TOO_MANY = "Length of hostname list is more than removable instances"
-STOP_TIMEOUT = 10.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -103,19 +102,18 @@ class Admin:
 
     # -- /add --------------------------------------------------------------------------------
     def add(self, n: int, hostnames: list[str]) -> State:
-        owner = owner_tag("add")
-        deadline = time.time() + self.settings.start_timeout + 10
+        lease = Lease.take(Purpose.ADD, self.settings.start_timeout)
         with self.registry.update() as state:  # a registry error here has changed nothing
-            entries = self._reserve(state, n, hostnames, owner, deadline)
+            entries = self._reserve(state, n, hostnames, lease)
         try:
-            return self._start_reserved(owner, entries)
+            return self._start_reserved(lease.holder, entries)
         except RegistryError as exc:
             log.error("an /add lost the registry half-way: %s", exc)
             raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
                                 "replicas it reserved are added by the supervisor once the "
                                 "registry can be used again (see /rep)") from exc
 
-    def _start_reserved(self, owner: str, entries: list[Replica]) -> State:
+    def _start_reserved(self, holder: str, entries: list[Replica]) -> State:
         specs = [ReplicaSpec(e.hostname, e.server_id) for e in entries]
         results = parallel(self.backend.start, specs)
         started = [r for r in results if isinstance(r, Instance)]
@@ -124,22 +122,22 @@ class Admin:
             with self.registry.update() as state:
                 for inst in started:
                     entry = state.find(inst.hostname)
-                    if entry is not None and entry.owner == owner:
+                    if entry is not None and entry.leased_to(holder):
                         entry.handle, entry.address = inst.handle, inst.address
             ready = wait_ready([i.address for i in started], self.settings.start_timeout)
             if len(ready) == len(started):
-                return self._commit_add(owner)
+                return self._commit_add(holder)
             slow = sorted(i.hostname for i in started if i.address not in ready)
             reason = (f"New replicas did not answer their heartbeat within "
                       f"{self.settings.start_timeout:g}s: {', '.join(slow)}")
         else:
             log.error("could not start new replicas: %s", failed[0])
             reason = f"Could not start new replicas: {public_reason(failed[0])}"
-        self._roll_back_add(owner, started)
+        self._roll_back_add(holder, started)
         raise ApiError(503, reason + "; nothing was added")
 
-    def _reserve(self, state: State, n: int, hostnames: list[str], owner: str,
-                 deadline: float) -> list[Replica]:
+    def _reserve(self, state: State, n: int, hostnames: list[str],
+                 lease: Lease) -> list[Replica]:
         taken = {r.hostname for r in state.replicas}
         for name in hostnames:
             if name in taken:
@@ -156,41 +154,39 @@ class Admin:
         try:
             for name, server_id in zip(names, islice(state.free_server_ids(), n)):
                 slots = ring.add(server_id)
-                entries.append(Replica(name, server_id, list(slots), owner=owner,
-                                       deadline=deadline))
+                entries.append(Replica(name, server_id, list(slots), lease=lease))
         except RingFull as exc:
             raise ApiError(409, f"The hash map has no room for {n} more replicas "
                                 f"({ring.slots} slots, {ring.virtual_per_server} each)") from exc
         state.replicas.extend(entries)
         return entries
 
-    def _commit_add(self, owner: str) -> State:
+    def _commit_add(self, holder: str) -> State:
         now = time.time()
         with self.registry.update() as state:
             for entry in state.replicas:
-                if entry.owner == owner:
-                    entry.state, entry.owner, entry.deadline = READY, None, None
+                if entry.leased_to(holder):
+                    entry.state, entry.lease = READY, None
                     entry.last_heartbeat, entry.failures = now, 0
         log.info("added replicas; now %s", state.rep())
         return state
 
-    def _roll_back_add(self, owner: str, started: list[Instance]) -> None:
-        parallel(lambda i: self.backend.stop(i.handle, STOP_TIMEOUT), started)
+    def _roll_back_add(self, holder: str, started: list[Instance]) -> None:
+        parallel(lambda i: self.backend.stop(i.handle), started)
         with self.registry.update() as state:
-            state.replicas = [r for r in state.replicas if r.owner != owner]
+            state.replicas = [r for r in state.replicas if not r.leased_to(holder)]
         log.warning("rolled back an /add of %d replicas", len(started))
 
     # -- /rm ---------------------------------------------------------------------------------
     def remove(self, n: int, hostnames: list[str]) -> State:
-        owner = owner_tag("rm")
         with self.registry.update() as state:  # a registry error here has changed nothing
             chosen = self._choose_removals(state, n, hostnames)
+            lease = Lease.take(Purpose.RM, self.settings.start_timeout)
             for entry in chosen:
-                entry.state, entry.owner = REMOVING, owner
-                entry.deadline = time.time() + STOP_TIMEOUT + 10
+                entry.state, entry.lease = REMOVING, lease
             handles = [e.handle for e in chosen if e.handle]
         try:
-            return self._stop_chosen(owner, chosen, handles)
+            return self._stop_chosen(lease.holder, chosen, handles)
         except RegistryError as exc:
             log.error("an /rm lost the registry half-way: %s", exc)
             raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
@@ -198,10 +194,10 @@ class Admin:
                                 "the supervisor once the registry can be used again (see /rep)"
                            ) from exc
 
-    def _stop_chosen(self, owner: str, chosen: list[Replica], handles: list[str]) -> State:
+    def _stop_chosen(self, holder: str, chosen: list[Replica], handles: list[str]) -> State:
         # Routers stop sending new requests as soon as they see the entries leave the ready
         # set; the backend's graceful stop lets requests already in flight finish.
-        results = parallel(lambda h: self.backend.stop(h, STOP_TIMEOUT), handles)
+        results = parallel(self.backend.stop, handles)
         failed = {h for h, r in zip(handles, results) if isinstance(r, BaseException)}
         for handle, result in zip(handles, results):
             if isinstance(result, BaseException):
@@ -209,7 +205,7 @@ class Admin:
                           handle, result)
         with self.registry.update() as state:
             state.replicas = [r for r in state.replicas
-                              if not (r.owner == owner and r.state == REMOVING
+                              if not (r.leased_to(holder) and r.state == REMOVING
                                       and r.handle not in failed)]
         log.info("removed %s; now %s", [e.hostname for e in chosen], state.rep())
         return state

@@ -16,6 +16,7 @@ import time
 
 from lb.backends import Instance
 from lb.hashring import HashRing, RingError, RingFull, canonical_hash
+from lb.leases import Lease, Purpose
 from lb.registry import (
     DOWN,
     READY,
@@ -127,7 +128,8 @@ def recovered_state(settings: Settings, last_good: State | None,
             if entry.state != REMOVING and entry.server_id == inst.server_id:
                 entry.handle, entry.address = inst.handle, inst.address
                 if entry.state == DOWN:  # its heartbeat decides
-                    entry.state, entry.deadline = STARTING, now + settings.start_timeout
+                    entry.state = STARTING
+                    entry.lease = Lease.take(Purpose.SUPERVISOR, settings.start_timeout, now)
             continue
         if inst.server_id is None or any(r.server_id == inst.server_id for r in state.replicas):
             continue  # not placeable: left an orphan, which the supervisor stops

@@ -21,17 +21,30 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import filelock
 
+from lb import leases
 from lb.hashring import PROBING, HashRing, RingError, resolve_preset
+from lb.leases import Lease, Purpose
 from lb.strategies import Lookup, build_lookup
 
 log = logging.getLogger(__name__)
 
-STARTING, READY, DOWN, REMOVING = "starting", "ready", "down", "removing"
-STATES = (STARTING, READY, DOWN, REMOVING)
+
+class ReplicaState(StrEnum):
+    """Where a registry entry is in its life."""
+
+    STARTING = "starting"  # wanted; its replica is being started, or has not answered yet
+    READY = "ready"  # answering its heartbeats: requests go to it
+    DOWN = "down"  # its replica is gone, stopped answering or never did: to be started again
+    REMOVING = "removing"  # an /rm is stopping it: no longer wanted, never started again
+
+
+STARTING, READY, DOWN, REMOVING = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DOWN,
+                                   ReplicaState.REMOVING)
 
 
 class RegistryError(Exception):
@@ -97,20 +110,37 @@ class Replica:
     hostname: str
     server_id: int
     slots: list[int]
-    state: str = STARTING
+    state: ReplicaState = STARTING
     address: str | None = None  # base URL, e.g. http://127.0.0.1:41234
     handle: str | None = None  # backend's own id: "pid/create-time" or a container id
     last_heartbeat: float | None = None
     failures: int = 0  # consecutive missed heartbeats
     restarts: int = 0  # consecutive starts that never became ready
     not_before: float = 0.0  # no (re)start before this time: the crash-loop guard's back-off
-    owner: str | None = None  # who is acting on this entry ("add:<pid>", "rm:<pid>", ...)
-    deadline: float | None = None  # until when the owner holds it; after that, the supervisor
+    lease: Lease | None = None  # who is acting on this entry, what for, until when
     created: float = field(default_factory=time.time)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Replica:
-        return cls(**data)
+        """The entry as the registry file has it; ValueError naming the first bad field, or
+        TypeError for a field that is not an entry's."""
+        fields = dict(data)
+        lease = leases.from_fields(fields.pop("owner", None), fields.pop("deadline", None))
+        try:
+            state = ReplicaState(fields.pop("state", STARTING))
+        except ValueError:
+            raise ValueError("bad state") from None
+        replica = cls(**fields, state=state, lease=lease)
+        replica.check()
+        return replica
+
+    def to_dict(self) -> dict[str, Any]:
+        owner, deadline = leases.to_fields(self.lease)
+        return {"hostname": self.hostname, "server_id": self.server_id, "slots": self.slots,
+                "state": str(self.state), "address": self.address, "handle": self.handle,
+                "last_heartbeat": self.last_heartbeat, "failures": self.failures,
+                "restarts": self.restarts, "not_before": self.not_before, "owner": owner,
+                "deadline": deadline, "created": self.created}
 
     def check(self) -> None:
         """Raise ValueError naming the first field whose value cannot be this field's."""
@@ -118,29 +148,41 @@ class Replica:
             ("hostname", isinstance(self.hostname, str) and bool(self.hostname)),
             ("server_id", _is_int(self.server_id) and self.server_id >= 1),
             ("slots", isinstance(self.slots, list) and all(_is_int(s) for s in self.slots)),
-            ("state", self.state in STATES),
             ("failures", _is_int(self.failures) and self.failures >= 0),
             ("restarts", _is_int(self.restarts) and self.restarts >= 0),
             ("not_before", _is_number(self.not_before)),
             ("created", _is_number(self.created)),
         ]
         fields += [(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
-                   for name in ("address", "handle", "owner")]
-        fields += [(name, getattr(self, name) is None or _is_number(getattr(self, name)))
-                   for name in ("last_heartbeat", "deadline")]
+                   for name in ("address", "handle")]
+        fields += [("last_heartbeat", self.last_heartbeat is None
+                    or _is_number(self.last_heartbeat))]
         for name, ok in fields:
             if not ok:
                 raise ValueError(f"bad {name}")
 
+    # -- its lease (lb.leases has the rules) ---------------------------------------------------
     @property
     def held(self) -> bool:
-        """Someone (an /add or /rm in flight) is acting on this entry right now."""
-        return self.owner is not None and (self.deadline or 0) > time.time()
+        """Someone (an /add, an /rm, the supervisor) is acting on this entry right now."""
+        return self.held_at(time.time())
+
+    def held_at(self, now: float) -> bool:
+        return self.lease is not None and self.lease.active(now)
 
     @property
     def adding(self) -> bool:
         """An ``/add`` in flight is starting this replica."""
-        return self.held and (self.owner or "").startswith("add:")
+        return self.held and self.lease is not None and self.lease.purpose is Purpose.ADD
+
+    def leased_to(self, holder: str) -> bool:
+        """Whether ``holder`` took this entry's lease (running or not) and nobody took it since."""
+        return self.lease is not None and self.lease.holder == holder
+
+    def release(self) -> None:
+        """End the lease now: the supervisor takes the entry over."""
+        if self.lease is not None:
+            self.lease = self.lease.released()
 
 
 def _is_int(value: object) -> bool:
@@ -218,7 +260,7 @@ class State:
         return {
             "version": self.version,
             "ring": asdict(self.ring),
-            "replicas": [asdict(r) for r in self.replicas],
+            "replicas": [r.to_dict() for r in self.replicas],
         }
 
     @classmethod
@@ -228,13 +270,11 @@ class State:
         that parses but is not a registry must not get as far as the routers)."""
         if not _is_int(data["version"]) or not isinstance(data["replicas"], list):
             raise ValueError("bad version or replicas")
-        state = cls(ring=RingParams(**data["ring"]),
-                    replicas=[Replica.from_dict(r) for r in data["replicas"]],
-                    version=data["version"])
+        state = cls(ring=RingParams(**data["ring"]), version=data["version"])
         state.ring.check()
-        for i, r in enumerate(state.replicas):
+        for i, r in enumerate(data["replicas"]):
             try:
-                r.check()
+                state.replicas.append(Replica.from_dict(r))
             except ValueError as exc:  # by position: a name from a broken file may be anything
                 raise ValueError(f"replica {i}: {exc}") from exc
         if len({r.hostname for r in state.replicas}) != len(state.replicas):

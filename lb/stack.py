@@ -170,7 +170,7 @@ class Stack:
             state.replicas = [r for r in state.replicas if r.state != REMOVING]
             for r in state.replicas:
                 r.state, r.handle, r.address = STARTING, None, None
-                r.owner = r.deadline = None
+                r.lease = None
                 r.failures = r.restarts = 0
                 r.not_before = 0.0
 

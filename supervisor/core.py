@@ -34,8 +34,8 @@ from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import recovered_state
 from lb.events import SupervisorEvents
 from lb.heartbeat import probe
+from lb.leases import SUPERVISOR_HOLDER, Lease, Purpose
 from lb.naming import random_hostname
-from lb.owners import owner_alive
 from lb.registry import (
     DOWN,
     READY,
@@ -52,8 +52,8 @@ from lb.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OWNER = "supervisor"
-STOP_TIMEOUT = 10.0
+# A replica being replaced is dead or hung: no requests worth draining, so no long graceful stop.
+DEAD_STOP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,6 @@ class Supervisor:
         self._stopping: set[str] = set()
         self._stopping_lock = threading.Lock()
         self._orphan_sightings: dict[str, int] = {}
-        self.replacements = 0
         self.last_good: State | None = None  # the last state read: what a restore starts from
         self._unwritten: set[tuple[str, str]] = set()  # said, not yet recorded (see _first_time)
 
@@ -88,11 +87,12 @@ class Supervisor:
         self.release_own_holds()
 
     def release_own_holds(self) -> None:
-        """At start-up: what an earlier supervisor reserved and never committed is ours now."""
+        """At start-up: what an earlier supervisor reserved and never committed is ours now.
+        (A replica it did start keeps its lease: it has until then to answer.)"""
         with self.registry.update() as state:
             for r in state.replicas:
-                if r.owner == OWNER:
-                    r.deadline = 0.0
+                if r.leased_to(SUPERVISOR_HOLDER) and r.handle is None:
+                    r.release()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -169,7 +169,7 @@ class Supervisor:
                         taken.add(r.hostname)
                         self.events.replacing(r)
                     r.state, r.handle, r.address = STARTING, None, None
-                    r.owner, r.deadline = OWNER, now + self.settings.start_timeout
+                    r.lease = Lease.take(Purpose.SUPERVISOR, self.settings.start_timeout, now)
                     r.failures, r.created = 0, now
                     jobs.append(Job(r.hostname, r.server_id, old))
             removals = [r for r in state.replicas if r.state == REMOVING and not r.held]
@@ -181,10 +181,10 @@ class Supervisor:
         the supervisor's to finish now, not at the hold's deadline (which only counts where
         the owner's process cannot be seen: another host or pid namespace)."""
         for r in state.replicas:
-            if r.held and r.owner and owner_alive(r.owner) is False:
+            if r.lease is not None and r.held and r.lease.holder_gone():
                 log.warning("the %s holding replica %s has died (%s): finishing it",
-                            r.owner.partition(":")[0], r.hostname, r.owner)
-                r.deadline = 0.0
+                            r.lease.purpose, r.hostname, r.lease.holder)
+                r.release()
 
     def _record(self, r: Replica, answered: bool, running: bool, now: float) -> None:
         if answered:
@@ -192,7 +192,7 @@ class Supervisor:
                 log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
                 self.events.became_ready(r)
             r.state, r.failures, r.restarts, r.last_heartbeat = READY, 0, 0, now
-            r.owner = r.deadline = None
+            r.lease = None
             return
         r.failures += 1
         self.events.heartbeat_missed(r)
@@ -203,7 +203,7 @@ class Supervisor:
                             "its process is gone" if not running else
                             f"missed {r.failures} heartbeats")
                 self.events.marked_down(r, "missed_heartbeats" if running else "process_gone")
-        elif r.state == STARTING and (not running or now > (r.deadline or 0)):
+        elif r.state == STARTING and (not running or not r.held_at(now)):
             delay = self._failed_start(r, now)
             if self._first_time(("never_ready", r.handle or r.hostname)):
                 self.events.marked_down(r, "never_ready")
@@ -223,7 +223,7 @@ class Supervisor:
         (capped at ``restart_backoff``) before the next try; returns the wait."""
         r.restarts += 1
         delay = min(self.settings.restart_backoff, 0.5 * 2 ** (r.restarts - 1))
-        r.state, r.not_before, r.owner, r.deadline = DOWN, now + delay, None, None
+        r.state, r.not_before, r.lease = DOWN, now + delay, None
         return delay
 
     # -- acting --------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class Supervisor:
     def _start(self, job: Job, running: dict[str, Instance]) -> Instance | Exception:
         try:
             if job.old_handle:
-                self.backend.stop(job.old_handle, timeout=2.0)  # dead or hung: no long drain
+                self.backend.stop(job.old_handle, DEAD_STOP_TIMEOUT)
             found = running.get(job.hostname)
             if found is not None and found.handle != job.old_handle:
                 # Started before a crash of ours: adopt it (not the failed one just stopped).
@@ -252,7 +252,7 @@ class Supervisor:
         orphan: Instance | None = None
         with self.registry.update() as state:
             r = state.find(job.hostname)
-            ours = r is not None and r.owner == OWNER and r.state == STARTING
+            ours = r is not None and r.leased_to(SUPERVISOR_HOLDER) and r.state == STARTING
             if isinstance(result, Exception):
                 log.error("could not start replica %s: %s", job.hostname, result)
                 self.events.start_failed(job.hostname)
@@ -261,14 +261,14 @@ class Supervisor:
                 return
             if ours and r is not None:
                 r.handle, r.address = result.handle, result.address
-                r.owner, r.deadline = None, now + self.settings.start_timeout
-                self.replacements += 1
+                # Its time to answer starts now.
+                r.lease = Lease.take(Purpose.SUPERVISOR, self.settings.start_timeout, now)
                 log.info("started replica %s (server id %d)", r.hostname, r.server_id)
             else:  # removed (or taken over) while we were starting it
                 orphan = result
         if orphan is not None:
             log.info("replica %s is no longer wanted; stopping it", orphan.hostname)
-            self.backend.stop(orphan.handle, STOP_TIMEOUT)
+            self.backend.stop(orphan.handle)
 
     def _finish_removals(self, removals: list[Replica]) -> None:
         """Finish what an ``/rm`` that died half-way left: stop, then forget."""
@@ -293,7 +293,7 @@ class Supervisor:
         def work() -> None:
             try:
                 if handle:
-                    self.backend.stop(handle, STOP_TIMEOUT)
+                    self.backend.stop(handle)
                 if then is not None:
                     then()
             except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again

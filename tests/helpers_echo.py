@@ -38,6 +38,7 @@ from werkzeug.serving import make_server
 
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.backends.local import ENV_HOSTNAME, ENV_TOKEN, listen_on_loopback, replica_marks
+from lb.leases import SUPERVISOR_HOLDER, Lease
 from lb.registry import READY, Registry, Replica
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,8 +199,8 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
             slots = state.hash_ring().add(server_id)
             # Held like an /add holds its entries, so the supervisor leaves it alone for now.
             state.replicas.append(Replica(hostname, server_id, list(slots),
-                                          owner=f"add:test:{token[:8]}",
-                                          deadline=time.time() + timeout))
+                                          lease=Lease(f"add:test:{token[:8]}",
+                                                      time.time() + timeout)))
         child_env = {**os.environ, **env,
                      **replica_marks(deployment, hostname, server_id, token, address)}
         fd = sock.fileno()
@@ -215,7 +216,7 @@ def start_echo_replica(registry: Registry, deployment: str, hostname: str,
         entry = state.find(hostname)
         assert entry is not None
         entry.handle, entry.address = f"{proc.pid}/{token}", address
-        entry.owner, entry.deadline = None, time.time() + timeout  # the supervisor's now
+        entry.lease = Lease(SUPERVISOR_HOLDER, time.time() + timeout)  # the supervisor's now
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         entry = registry.read().find(hostname)

@@ -16,9 +16,9 @@ import psutil
 import pytest
 import requests
 
-from lb.admin import STOP_TIMEOUT
+from lb.backends import STOP_TIMEOUT
+from lb.leases import SUPERVISOR_HOLDER
 from lb.registry import READY, Replica, State
-from supervisor.core import OWNER
 from tests.conftest import RunningStack, deployment_processes
 from tests.helpers_chaos import (
     Load,
@@ -161,7 +161,8 @@ def test_supervisor_killed_mid_replacement_leaves_no_duplicate_or_orphan(
             entry = next((r for r in stack.state().replicas
                           if r.server_id == victim.server_id), None)
             if entry is not None and entry.hostname != victim.hostname:
-                if point != "started" and entry.owner == OWNER:
+                if point != "started" and entry.leased_to(SUPERVISOR_HOLDER) \
+                        and entry.handle is None:
                     break
                 if point == "started" and entry.handle is not None:
                     break

@@ -20,6 +20,7 @@ import pytest
 import supervisor.core
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import ensure_registry
+from lb.leases import Lease
 from lb.owners import owner_tag
 from lb.registry import (
     READY,
@@ -77,18 +78,18 @@ def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
             with registry.update() as state:
                 entry = state.find("Server1")
                 assert entry is not None
-                entry.state, entry.owner, entry.deadline = REMOVING, owner, time.time() + 30
+                entry.state, entry.lease = REMOVING, Lease(owner, time.time() + 30)
         return True
 
     monkeypatch.setattr(supervisor.core, "probe", probe_then_rm)
     try:
         sup.tick()
         entry = registry.read().find("Server1")
-        assert entry is not None and (entry.state, entry.owner) == (REMOVING, owner)
+        assert entry is not None and entry.state == REMOVING and entry.leased_to(owner)
         # The /rm finishes as it does in lb.admin: it forgets the entries it still owns.
         with registry.update() as state:
             state.replicas = [r for r in state.replicas
-                              if not (r.owner == owner and r.state == REMOVING)]
+                              if not (r.leased_to(owner) and r.state == REMOVING)]
         monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
         for _ in range(3):
             sup.tick()
@@ -206,8 +207,8 @@ def test_the_hold_of_a_dead_owner_is_released_at_once(tmp_path: Path,
     dead = child.communicate(timeout=30)[0].strip()
     with registry.update() as state:  # two /adds in flight, reserved for 70 s
         for name, server_id, owner in (("Dead1", 5, dead), ("Live1", 6, owner_tag("add"))):
-            state.replicas.append(Replica(name, server_id, [], owner=owner,
-                                          deadline=time.time() + 70))
+            state.replicas.append(Replica(name, server_id, [],
+                                          lease=Lease(owner, time.time() + 70)))
     try:
         sup.tick()
     finally:

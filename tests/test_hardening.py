@@ -19,6 +19,7 @@ import requests
 
 from lb.backends import ReplicaSpec
 from lb.backends.local import ENV_DEPLOYMENT, LocalBackend
+from lb.leases import Purpose
 from lb.registry import READY, RegistryError, State
 from lb.settings import Settings
 from tests.conftest import RunningStack, deployment_processes, free_port
@@ -279,8 +280,8 @@ def test_an_add_whose_worker_died_is_finished_long_before_its_deadline(
         while owner is None and time.monotonic() < deadline:
             state = readable(stack)
             entry = state.find(name) if state else None
-            if entry and entry.owner and entry.owner.startswith("add:") and entry.held:
-                owner = entry.owner
+            if entry and entry.lease and entry.lease.purpose is Purpose.ADD and entry.held:
+                owner = entry.lease.holder
             else:
                 time.sleep(0.005)
         assert owner is not None, "the /add never reserved its entry"
@@ -288,7 +289,7 @@ def test_an_add_whose_worker_died_is_finished_long_before_its_deadline(
         killed = time.monotonic()
         caller.join(30)
         entry = stack.state().find(name)
-        if entry is not None and entry.owner == owner:
+        if entry is not None and entry.leased_to(owner):
             break  # killed half-way: the case under test
     else:
         pytest.fail("every /add finished before its worker could be killed")

@@ -13,6 +13,7 @@ import pytest
 from lb.backends import Backend, BackendError, Instance, ReplicaSpec
 from lb.backends.local import LocalBackend
 from lb.bootstrap import ensure_registry
+from lb.leases import SUPERVISOR_HOLDER, Lease
 from lb.registry import DOWN, READY, REMOVING, Registry
 from lb.settings import Settings
 from supervisor.core import Supervisor
@@ -77,7 +78,7 @@ def test_removed_replicas_are_not_resurrected_and_half_done_removals_finish(worl
     with registry.update() as state:  # what an /rm that died half-way leaves behind
         r = state.find("Server2")
         assert r is not None
-        r.state, r.owner, r.deadline = REMOVING, "rm:dead", 0.0
+        r.state, r.lease = REMOVING, Lease("rm:dead", 0.0)
     tick_until(sup, registry, lambda s: s.find("Server2") is None)
     for _ in range(5):  # and it stays gone
         sup.tick()
@@ -93,7 +94,7 @@ def test_orphans_are_stopped_and_unrecorded_starts_adopted(world) -> None:
     # A replica started for an entry whose handle was never recorded (a crash in between).
     with registry.update() as state:
         state.replicas[0].handle = state.replicas[0].address = None
-        state.replicas[0].owner, state.replicas[0].deadline = "supervisor", 0.0
+        state.replicas[0].lease = Lease(SUPERVISOR_HOLDER, 0.0)
     deadline = time.monotonic() + 20
     while backend.is_running(orphan.handle) and time.monotonic() < deadline:
         sup.tick()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends.base import STOP_TIMEOUT, Backend, BackendError, Instance, ReplicaSpec
 from lb.settings import Settings
 
-__all__ = ["Backend", "BackendError", "Instance", "ReplicaSpec", "create_backend"]
+__all__ = ["STOP_TIMEOUT", "Backend", "BackendError", "Instance", "ReplicaSpec", "create_backend"]
 
 
 def create_backend(settings: Settings) -> Backend:

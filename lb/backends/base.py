@@ -6,6 +6,10 @@ import abc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+# How long a graceful stop waits for a replica before forcing it: its requests in flight get this
+# long to finish.
+STOP_TIMEOUT = 10.0
+
 
 class BackendError(Exception):
     """Root of the backends' errors: a replica could not be started, stopped or listed."""
@@ -42,7 +46,7 @@ class Backend(abc.ABC):
         """Start a replica and return at once; readiness is the caller's heartbeat to check."""
 
     @abc.abstractmethod
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
+    def stop(self, handle: str, timeout: float = STOP_TIMEOUT) -> None:
         """Stop gracefully (in-flight requests finish), then force. Already gone is success."""
 
     @abc.abstractmethod
@@ -60,7 +64,7 @@ class Backend(abc.ABC):
         """Whether the replica behind ``handle`` still runs (may be cheaper than ``list``)."""
         return any(i.handle == handle for i in self.list())
 
-    def stop_all(self, timeout: float = 10.0) -> int:
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> int:
         """Stop every replica of this deployment; returns how many there were."""
         instances = self.list()
         with ThreadPoolExecutor(max_workers=8) as pool:

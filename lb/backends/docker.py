@@ -24,7 +24,7 @@ import psutil
 import requests
 from docker import errors as docker_errors
 
-from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends.base import STOP_TIMEOUT, Backend, BackendError, Instance, ReplicaSpec
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class DockerBackend(Backend):
         return f"http://{ip}:{REPLICA_PORT}"
 
     # -- stop ------------------------------------------------------------------------------------
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
+    def stop(self, handle: str, timeout: float = STOP_TIMEOUT) -> None:
         try:
             info = self.api.inspect_container(handle)
             if not self._ours(info):
@@ -258,7 +258,7 @@ class DockerBackend(Backend):
             if exc.status_code != 409:  # 409: a removal is already under way
                 raise
 
-    def stop_all(self, timeout: float = 10.0) -> int:
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> int:
         """Every container of this deployment's replicas, running or not."""
         stopped = 0
         for summary in self._containers(running_only=False):

@@ -26,7 +26,7 @@ import uuid
 import psutil
 
 from lb import lifeline
-from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends.base import STOP_TIMEOUT, Backend, BackendError, Instance, ReplicaSpec
 from lb.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class LocalBackend(Backend):
         return Instance(spec.hostname, f"{proc.pid}/{token}", address, spec.server_id)
 
     # -- stop ------------------------------------------------------------------------------------
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
+    def stop(self, handle: str, timeout: float = STOP_TIMEOUT) -> None:
         pid, token = _parse_handle(handle)
         procs = self._processes(token)
         masters = [p for p in procs if p.pid == pid] or procs

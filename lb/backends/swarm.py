@@ -49,7 +49,7 @@ from docker.types import (
 )
 from docker.utils import parse_bytes
 
-from lb.backends.base import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends.base import STOP_TIMEOUT, Backend, BackendError, Instance, ReplicaSpec
 from lb.backends.docker import (
     CAP_DROP,
     FAILURES,
@@ -250,7 +250,7 @@ class SwarmBackend(Backend):
         return _address_of_node(self.api.inspect_node(node_id))
 
     # -- stop ------------------------------------------------------------------------------------
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
+    def stop(self, handle: str, timeout: float = STOP_TIMEOUT) -> None:
         try:
             info = self.api.inspect_service(handle)
             if not self._ours((info.get("Spec") or {}).get("Labels") or {}):
@@ -297,7 +297,7 @@ class SwarmBackend(Backend):
         except docker_errors.NotFound:
             pass
 
-    def stop_all(self, timeout: float = 10.0) -> int:
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> int:
         """Every replica service of this deployment, whether its task runs or not."""
         services = self._services()
         with ThreadPoolExecutor(max_workers=8) as pool:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lb.events import RouterEvents
-from lb.registry import STATES, Registry, RegistryError, Replica
+from lb.registry import Registry, RegistryError, Replica, ReplicaState
 from lb.settings import Settings
 
 try:
@@ -268,7 +268,7 @@ class ReplicaSetCollector:
         desired.add_metric([], float(len(state.members())))
         yield desired
         by_state = GaugeMetricFamily("lb_replicas", "Registry entries by state", labels=["state"])
-        for name in STATES:
+        for name in ReplicaState:
             by_state.add_metric([name], float(sum(r.state == name for r in state.replicas)))
         yield by_state
         routable = state.routable()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb.hashring import resolve_preset
-from lb.registry import STATES, State
+from lb.registry import ReplicaState, State
 from lb.settings import Settings
 
 RATE_WINDOW_SECONDS = 60.0  # samples older than this are dropped
@@ -126,7 +126,7 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
         "rep": state.rep(),
         "replicas_desired": len(members),
         "replicas_by_state": {name: sum(r.state == name for r in state.replicas)
-                              for name in STATES},
+                              for name in ReplicaState},
         "hash_map": {
             "preset": state.ring.hash,
             "description": preset.description,
