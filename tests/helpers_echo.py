@@ -36,10 +36,10 @@ from urllib.parse import parse_qs
 import psutil
 from werkzeug.serving import make_server
 
-from lb.backends import Backend, Instance, ReplicaSpec
 from lb.backends.local import ENV_HOSTNAME, ENV_TOKEN, listen_on_loopback, replica_marks
 from lb.leases import SUPERVISOR_HOLDER, Lease
 from lb.registry import READY, Registry, Replica
+from tests.helpers_backend import FakeBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 StartResponse = Callable[..., Any]
@@ -115,29 +115,6 @@ def serve_in_thread(**env: str) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
-
-class EchoBackend(Backend):
-    """Starts nothing: every "replica" is the same echo server, so heartbeats answer."""
-
-    name = "fake"
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.started: list[str] = []
-        self.stopped: list[str] = []
-
-    def start(self, spec: ReplicaSpec) -> Instance:
-        self.started.append(spec.hostname)
-        # A path of its own under the echo server: addresses stay distinct, heartbeats answer.
-        return Instance(spec.hostname, f"fake/{spec.hostname}",
-                        f"{self.address}/r/{spec.hostname}", spec.server_id)
-
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
-        self.stopped.append(handle)
-
-    def list(self) -> list[Instance]:
-        return []
 
 
 @contextmanager
@@ -242,8 +219,8 @@ def processes_of(handle: str) -> list[psutil.Process]:
 
 def inprocess_balancer(folder: str, addresses: list[str], **config: Any) -> Any:
     """``create_app`` on a fresh registry in ``folder`` (made by ``lb.bootstrap``) whose
-    ``len(addresses)`` replicas are READY at ``addresses``; its backend is an ``EchoBackend``
-    on ``addresses[0]``, so /add "starts" replicas without a process. The Flask app."""
+    ``len(addresses)`` replicas are READY at ``addresses``; its backend is a ``FakeBackend``
+    behind ``addresses[0]``, so /add "starts" replicas without a process. The Flask app."""
     from lb.app import create_app  # here: importing the app pulls in Flask
 
     settings = {"registry": os.path.join(folder, "registry.json"), "n": len(addresses),
@@ -251,7 +228,7 @@ def inprocess_balancer(folder: str, addresses: list[str], **config: Any) -> Any:
                 **config}
     app = create_app(settings)
     lb = app.extensions["lb"]
-    lb["admin"].backend = EchoBackend(addresses[0])
+    lb["admin"].backend = FakeBackend.behind(addresses[0])
     with lb["registry"].update() as state:
         for r, address in zip(state.replicas, addresses):
             r.state, r.address, r.handle = READY, address, f"fake/{r.hostname}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import supervisor.core
-from lb.backends import Backend, Instance, ReplicaSpec
+from lb.backends import Instance
 from lb.bootstrap import ensure_registry
 from lb.leases import Lease
 from lb.owners import owner_tag
@@ -33,48 +33,18 @@ from lb.registry import (
 from lb.settings import Settings
 from supervisor.__main__ import Trouble
 from supervisor.core import Supervisor
+from tests.helpers_backend import NOBODY, FakeBackend
 from tests.helpers_stack import immutable
-
-
-class FakeBackend(Backend):
-    """Every replica runs; starts and stops are only recorded."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.stopped: list[str] = []
-
-    def start(self, spec: ReplicaSpec) -> Instance:
-        self.started.append(spec.hostname)
-        return Instance(spec.hostname, f"h-{spec.hostname}", "http://127.0.0.1:9",
-                        spec.server_id)
-
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
-        self.stopped.append(handle)
-
-    def list(self) -> list[Instance]:
-        return []
-
-    def is_running(self, handle: str) -> bool:
-        return True
 
 
 def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=2,
-                                 deployment="race")
-    registry = Registry(settings.registry_path)
-    ensure_registry(settings, registry)
-    with registry.update() as state:
-        for r in state.replicas:
-            r.state, r.handle, r.address = READY, f"h-{r.hostname}", f"http://{r.hostname}"
     backend = FakeBackend()
-    sup = Supervisor(settings, registry, backend)
+    _settings, registry, sup = ready_world(tmp_path, backend)
     owner = "rm:test"
 
     def probe_then_rm(address: str, timeout: float) -> bool:
-        if address == "http://Server1":  # the heartbeat answers; then an /rm takes Server1
+        if address.endswith("/Server1"):  # the heartbeat answers; then an /rm takes Server1
             with registry.update() as state:
                 entry = state.find("Server1")
                 assert entry is not None
@@ -90,7 +60,7 @@ def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
         with registry.update() as state:
             state.replicas = [r for r in state.replicas
                               if not (r.leased_to(owner) and r.state == REMOVING)]
-        monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
+        monkeypatch.setattr(supervisor.core, "probe", backend.probe)
         for _ in range(3):
             sup.tick()
     finally:
@@ -100,52 +70,31 @@ def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
     assert backend.started == []  # the removed replica was not "replaced"
 
 
-# -- a registry file that is lost, a folder that cannot be written, owners that die ---------------
-class Running(FakeBackend):
-    """Replicas that run (as far as list() and is_running() tell) until stopped."""
-
-    def __init__(self, *instances: Instance) -> None:
-        super().__init__()
-        self.running = {i.handle: i for i in instances}
-
-    def start(self, spec: ReplicaSpec) -> Instance:
-        inst = super().start(spec)
-        self.running[inst.handle] = inst
-        return inst
-
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
-        super().stop(handle, timeout)
-        self.running.pop(handle, None)
-
-    def list(self) -> list[Instance]:
-        return list(self.running.values())
-
-    def is_running(self, handle: str) -> bool:
-        return handle in self.running
-
-
-def ready_world(tmp_path: Path, backend: Running) -> tuple[Settings, Registry, Supervisor]:
+def ready_world(tmp_path: Path, backend: FakeBackend) -> tuple[Settings, Registry, Supervisor]:
     settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=2,
                                  deployment="restore")
     registry = Registry(settings.registry_path)
     ensure_registry(settings, registry)
     with registry.update() as state:
         for r in state.replicas:
-            r.state, r.handle, r.address = READY, f"h-{r.hostname}", "http://127.0.0.1:9"
+            r.state, r.handle, r.address = READY, f"h-{r.hostname}", f"{NOBODY}/{r.hostname}"
             backend.running[r.handle] = Instance(r.hostname, r.handle, r.address, r.server_id)
     return settings, registry, Supervisor(settings, registry, backend)
 
 
+# -- a registry file that is lost, a folder that cannot be written, owners that die ---------------
+
+
 def test_a_corrupt_registry_is_restored_from_the_last_good_state_and_what_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = Running()
+    backend = FakeBackend()
     _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
+    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
     try:
         sup.tick()
         good = registry.read()
         # An /add committed after the supervisor's last read, then the file is lost.
-        backend.running["h-S9"] = Instance("S9", "h-S9", "http://127.0.0.1:9", 9)
+        backend.running["h-S9"] = Instance("S9", "h-S9", f"{NOBODY}/S9", 9)
         Path(registry.path).write_text("{garbage")
         sup.tick()
     finally:
@@ -166,7 +115,7 @@ def test_a_supervisor_started_on_an_unreadable_registry_takes_in_what_runs(
         tmp_path: Path) -> None:
     settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=3)
     Path(settings.registry_path).write_text("")
-    backend = Running(Instance("Server2", "h2", "http://127.0.0.1:9", 2),
+    backend = FakeBackend(Instance("Server2", "h2", "http://127.0.0.1:9", 2),
                       Instance("S7", "h7", "http://127.0.0.1:9", 7))
     sup = Supervisor(settings, Registry(settings.registry_path), backend)
     try:
@@ -180,9 +129,9 @@ def test_a_supervisor_started_on_an_unreadable_registry_takes_in_what_runs(
 
 def test_a_lost_registry_that_cannot_be_rewritten_says_a_person_must_act(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = Running()
+    backend = FakeBackend()
     _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
+    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
     try:
         sup.tick()
         with immutable(tmp_path):
@@ -199,9 +148,9 @@ def test_a_lost_registry_that_cannot_be_rewritten_says_a_person_must_act(
 
 def test_the_hold_of_a_dead_owner_is_released_at_once(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = Running()
+    backend = FakeBackend()
     _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", lambda address, timeout: True)
+    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
     code = "from lb.owners import owner_tag; print(owner_tag('add'))"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     dead = child.communicate(timeout=30)[0].strip()
@@ -216,7 +165,7 @@ def test_the_hold_of_a_dead_owner_is_released_at_once(tmp_path: Path,
     state = registry.read()
     assert backend.started == ["Dead1"]  # finished by the supervisor, under its own name
     dead_entry, live_entry = state.find("Dead1"), state.find("Live1")
-    assert dead_entry is not None and dead_entry.handle == "h-Dead1"
+    assert dead_entry is not None and dead_entry.handle == "Dead1#1"
     assert live_entry is not None and live_entry.held and live_entry.handle is None
 
 

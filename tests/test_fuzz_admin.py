@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 from lb.app import create_app
 from lb.registry import READY, Registry
 from tests.conftest import RunningStack
+from tests.helpers_backend import FakeBackend
 from tests.helpers_chaos import env_int, report
-from tests.helpers_echo import EchoBackend, serve_in_thread
+from tests.helpers_echo import serve_in_thread
 from tests.helpers_stack import raw_http
 
 EXAMPLES = env_int("FUZZ_EXAMPLES", 150)
@@ -64,7 +65,7 @@ def expected_ok(endpoint: str, body: Any, members: list[str], everything: list[s
 
 # -- an in-process balancer with fake replicas -------------------------------------------------
 class Balancer:
-    def __init__(self, app: Flask, registry: Registry, backend: EchoBackend) -> None:
+    def __init__(self, app: Flask, registry: Registry, backend: FakeBackend) -> None:
         self.app, self.registry, self.backend = app, registry, backend
         self.client: FlaskClient = app.test_client()
         self.pristine = Path(registry.path).read_bytes()
@@ -85,7 +86,7 @@ def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
                           "max_replicas": MAX_REPLICAS, "max_body": MAX_BODY,
                           "start_timeout": 5.0})
         lb = app.extensions["lb"]
-        backend = EchoBackend(echo)
+        backend = FakeBackend.behind(echo)
         lb["admin"].backend = backend
         registry: Registry = lb["registry"]
         with registry.update() as state:  # the bootstrap's three, up and running

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lb.backends import Backend, BackendError, Instance, ReplicaSpec
+from lb.backends import BackendError, ReplicaSpec
 from lb.backends.local import LocalBackend
 from lb.bootstrap import ensure_registry
 from lb.leases import SUPERVISOR_HOLDER, Lease
 from lb.registry import DOWN, READY, REMOVING, Registry
 from lb.settings import Settings
 from supervisor.core import Supervisor
-from tests.conftest import free_port
+from tests.helpers_backend import FakeBackend
 
 pytestmark = pytest.mark.system
 
@@ -105,31 +105,12 @@ def test_orphans_are_stopped_and_unrecorded_starts_adopted(world) -> None:
     tick_until(sup, registry, all_ready(2))
 
 
-class NeverStarts(Backend):
-    name = "never"
-
-    def __init__(self) -> None:
-        self.attempts: list[float] = []
-        self.names: list[str] = []
-
-    def start(self, spec: ReplicaSpec) -> Instance:
-        self.attempts.append(time.monotonic())
-        self.names.append(spec.hostname)
-        raise BackendError("image missing")
-
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
-        pass
-
-    def list(self) -> list[Instance]:
-        return []
-
-
 def test_crash_loop_guard_backs_off(tmp_path: Path) -> None:
     settings = Settings.from_env({}, registry=str(tmp_path / "r.json"), n=1,
                                  restart_backoff=2.0)
     registry = Registry(settings.registry_path)
     ensure_registry(settings, registry)
-    backend = NeverStarts()
+    backend = FakeBackend(start_error=BackendError("image missing"))
     sup = Supervisor(settings, registry, backend)
     end = time.monotonic() + 4.0
     while time.monotonic() < end:
@@ -137,40 +118,13 @@ def test_crash_loop_guard_backs_off(tmp_path: Path) -> None:
         time.sleep(0.05)
     sup.close()
     # Without the guard: ~80 attempts in 4 s. With it: 0.5, 1, 2, 2 ... seconds apart.
-    gaps = [b - a for a, b in zip(backend.attempts, backend.attempts[1:])]
-    assert 3 <= len(backend.attempts) <= 6, backend.attempts
+    gaps = [b - a for a, b in zip(backend.start_times, backend.start_times[1:])]
+    assert 3 <= len(backend.started) <= 6, backend.start_times
     assert all(g >= 0.45 for g in gaps)
     entry = registry.read().replicas[0]
-    assert entry.state == DOWN and entry.restarts == len(backend.attempts)
+    assert entry.state == DOWN and entry.restarts == len(backend.started)
     assert entry.hostname == "Server1"  # never up, so tried again under its own name
-    assert backend.names == ["Server1"] * len(backend.attempts)
-
-
-class Mute(Backend):
-    """Replicas that start (a process, as far as anyone can tell) and never answer: their
-    address is a loopback port nothing listens on."""
-
-    name = "mute"
-
-    def __init__(self) -> None:
-        self.running: dict[str, Instance] = {}
-        self.log: list[tuple[str, str]] = []  # ("start" | "stop", handle)
-        self.count = 0
-
-    def start(self, spec: ReplicaSpec) -> Instance:
-        self.count += 1
-        inst = Instance(spec.hostname, f"h{self.count}", f"http://127.0.0.1:{free_port()}",
-                        spec.server_id)
-        self.running[inst.handle] = inst
-        self.log.append(("start", inst.handle))
-        return inst
-
-    def stop(self, handle: str, timeout: float = 10.0) -> None:
-        self.running.pop(handle, None)
-        self.log.append(("stop", handle))
-
-    def list(self) -> list[Instance]:
-        return list(self.running.values())
+    assert backend.started == ["Server1"] * len(backend.started)
 
 
 def test_a_replica_that_never_answers_is_restarted_under_its_name(tmp_path: Path) -> None:
@@ -178,17 +132,18 @@ def test_a_replica_that_never_answers_is_restarted_under_its_name(tmp_path: Path
                                  heartbeat_timeout=0.2, restart_backoff=0.5)
     registry = Registry(settings.registry_path)
     ensure_registry(settings, registry)
-    backend = Mute()
+    backend = FakeBackend()  # started, at an address where nothing answers its heartbeat
     sup = Supervisor(settings, registry, backend)
     end = time.monotonic() + 10.0
-    while backend.count < 3 and time.monotonic() < end:
+    while len(backend.started) < 3 and time.monotonic() < end:
         sup.tick()
         time.sleep(0.05)
     sup.close()
-    assert backend.count >= 3, backend.log
+    assert len(backend.started) >= 3, backend.log
     # Each try is a new start under the same name, after the previous one was stopped (its
     # container would hold the name); the stopped one is never adopted back.
     assert {i.hostname for i in backend.list()} == {"Server1"}
-    assert backend.log[:5] == [("start", "h1"), ("stop", "h1"), ("start", "h2"),
-                               ("stop", "h2"), ("start", "h3")]
+    assert backend.log[:5] == [("start", "Server1#1"), ("stop", "Server1#1"),
+                               ("start", "Server1#2"), ("stop", "Server1#2"),
+                               ("start", "Server1#3")]
     assert registry.read().replicas[0].hostname == "Server1"
