@@ -145,14 +145,3 @@ class Admin:
             extra = rep["N"] - n
             rep = self.rm(extra, rep["replicas"][-extra:])
         return rep
-
-    def wait_up(self, timeout: float = 60.0) -> dict[str, Any]:
-        """``/rep`` once the balancer answers (a freshly started one takes a moment)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.rep()
-            except AnalysisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)

@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,30 @@ from supervisor.core import Supervisor
 from tests.helpers_backend import NOBODY, FakeBackend
 from tests.helpers_stack import immutable
 
+World = tuple[Registry, FakeBackend, Supervisor]
 
-def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    """Two ready replicas of the fake backend, whose heartbeats answer."""
     backend = FakeBackend()
-    _settings, registry, sup = ready_world(tmp_path, backend)
+    settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=2,
+                                 deployment="restore")
+    registry = Registry(settings.registry_path)
+    ensure_registry(settings, registry)
+    with registry.update() as state:
+        for r in state.replicas:
+            r.state, r.handle, r.address = READY, f"h-{r.hostname}", f"{NOBODY}/{r.hostname}"
+            backend.running[r.handle] = Instance(r.hostname, r.handle, r.address, r.server_id)
+    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
+    sup = Supervisor(settings, registry, backend)
+    yield registry, backend, sup
+    sup.close()
+
+
+def test_rm_between_probe_and_mark_is_not_undone(world: World,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    registry, backend, sup = world
     owner = "rm:test"
 
     def probe_then_rm(address: str, timeout: float) -> bool:
@@ -70,26 +90,10 @@ def test_rm_between_probe_and_mark_is_not_undone(tmp_path: Path,
     assert backend.started == []  # the removed replica was not "replaced"
 
 
-def ready_world(tmp_path: Path, backend: FakeBackend) -> tuple[Settings, Registry, Supervisor]:
-    settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=2,
-                                 deployment="restore")
-    registry = Registry(settings.registry_path)
-    ensure_registry(settings, registry)
-    with registry.update() as state:
-        for r in state.replicas:
-            r.state, r.handle, r.address = READY, f"h-{r.hostname}", f"{NOBODY}/{r.hostname}"
-            backend.running[r.handle] = Instance(r.hostname, r.handle, r.address, r.server_id)
-    return settings, registry, Supervisor(settings, registry, backend)
-
-
 # -- a registry file that is lost, a folder that cannot be written, owners that die ---------------
-
-
 def test_a_corrupt_registry_is_restored_from_the_last_good_state_and_what_runs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = FakeBackend()
-    _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
+        world: World, tmp_path: Path) -> None:
+    registry, backend, sup = world
     try:
         sup.tick()
         good = registry.read()
@@ -115,8 +119,8 @@ def test_a_supervisor_started_on_an_unreadable_registry_takes_in_what_runs(
         tmp_path: Path) -> None:
     settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), n=3)
     Path(settings.registry_path).write_text("")
-    backend = FakeBackend(Instance("Server2", "h2", "http://127.0.0.1:9", 2),
-                      Instance("S7", "h7", "http://127.0.0.1:9", 7))
+    backend = FakeBackend(Instance("Server2", "h2", f"{NOBODY}/Server2", 2),
+                          Instance("S7", "h7", f"{NOBODY}/S7", 7))
     sup = Supervisor(settings, Registry(settings.registry_path), backend)
     try:
         sup.start_up()
@@ -128,10 +132,8 @@ def test_a_supervisor_started_on_an_unreadable_registry_takes_in_what_runs(
 
 
 def test_a_lost_registry_that_cannot_be_rewritten_says_a_person_must_act(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = FakeBackend()
-    _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
+        world: World, tmp_path: Path) -> None:
+    registry, _backend, sup = world
     try:
         sup.tick()
         with immutable(tmp_path):
@@ -146,11 +148,8 @@ def test_a_lost_registry_that_cannot_be_rewritten_says_a_person_must_act(
     assert registry.read().rep() == {"N": 2, "replicas": ["Server1", "Server2"]}
 
 
-def test_the_hold_of_a_dead_owner_is_released_at_once(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = FakeBackend()
-    _settings, registry, sup = ready_world(tmp_path, backend)
-    monkeypatch.setattr(supervisor.core, "probe", backend.probe)
+def test_the_hold_of_a_dead_owner_is_released_at_once(world: World) -> None:
+    registry, backend, sup = world
     code = "from lb.owners import owner_tag; print(owner_tag('add'))"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     dead = child.communicate(timeout=30)[0].strip()

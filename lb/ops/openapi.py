@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from lb.naming import HOSTNAME_RE, MAX_HOSTNAME
+from lb.registry import ReplicaState
 
 JSON = "application/json"
 PREFIX = "/_lb"
+STATES = [str(s) for s in ReplicaState]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -113,7 +115,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "hostname": {"type": "string"},
             "server_id": {"type": "integer", "minimum": 1},
-            "state": {"enum": ["starting", "ready", "down", "removing"]},
+            "state": {"enum": STATES},
             "routable": {"type": "boolean", "description": "Ready and has an address: requests "
                                                            "go to it"},
             "address": {"type": ["string", "null"]},
@@ -153,7 +155,7 @@ SCHEMAS: dict[str, Any] = {
             "replicas_desired": {"type": "integer", "minimum": 0},
             "replicas_by_state": {
                 "type": "object",
-                "required": ["starting", "ready", "down", "removing"],
+                "required": STATES,
                 "additionalProperties": {"type": "integer", "minimum": 0},
             },
             "hash_map": {
