@@ -318,7 +318,7 @@ def _post_quietly(stack: RunningStack, name: str) -> None:
 def stack_processes(deployment: str) -> list[psutil.Process]:
     """lb-run's children and the replicas: everything carrying the deployment's name."""
     found = []
-    for proc in psutil.process_iter(["environ"], ad_value=None):
+    for proc in psutil.process_iter(["environ", "name"], ad_value=None):
         env = proc.info["environ"] or {}
         if deployment in (env.get("LB_DEPLOYMENT"), env.get(ENV_DEPLOYMENT)):
             try:
@@ -340,7 +340,8 @@ def test_nothing_outlives_lb_run_killed_with_sigkill(
     stack.proc.kill()
     stack.proc.wait()
     killed = time.monotonic()
-    wait_for(lambda: ", ".join(f"{p.pid} {p.name()}" for p in stack_processes(deployment))
+    # Names read while listing: a process may end between the listing and a later question.
+    wait_for(lambda: ", ".join(f"{p.pid} {p.info['name']}" for p in stack_processes(deployment))
              or None, 30, interval=0.1)
     report("lb-run SIGKILL", processes=len(before),
            all_gone_after_s=round(time.monotonic() - killed, 2))
