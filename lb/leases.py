@@ -33,13 +33,13 @@ class Purpose(StrEnum):
     SUPERVISOR = "supervisor"  # the supervisor (re)starting a replica, until it answers
 
 
-# The supervisor's holder. No process tag: a deployment has one supervisor, and when one starts
-# it takes back whatever an earlier one held (``Supervisor.release_own_holds``).
+# The supervisor's holder. No process tag: a deployment has one supervisor, and one that starts
+# takes back what an earlier one reserved and never started (``Supervisor.release_own_holds``).
 SUPERVISOR_HOLDER = Purpose.SUPERVISOR.value
 
 # How much longer an /add's or an /rm's lease runs than its own wait (start_timeout for the new
 # replicas' heartbeats, STOP_TIMEOUT for a graceful stop): the backend's starts, and the final
-# registry write, which may wait the lock timeout (10 s by default) for the lock. Shorter, and
+# registry write, which may wait LB_LOCK_TIMEOUT (10 s by default) for the lock. Shorter, and
 # the supervisor could take over a call still under way; longer only delays the take-over of a
 # call whose holder died where the supervisor cannot see it (another host or pid namespace).
 CALL_MARGIN = 10.0

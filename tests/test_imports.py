@@ -132,7 +132,7 @@ def is_http_app(name: str) -> bool:
             or bool(third_party(name) & HTTP_LIBRARIES))
 
 
-# -- the checks -------------------------------------------------------------------------------------
+# -- the checks ---------------------------------------------------------------------------------
 def test_the_reader_sees_every_kind_of_import() -> None:
     edges = graph()
     assert "lb.lifeline" in edges["supervisor.__main__"]  # from lb import lifeline
