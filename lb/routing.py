@@ -8,9 +8,12 @@ written once for both:
 - the request key (``request_key``), the hash map and strategies over the routable replicas,
   bounded loads, suspects (``Router.candidates``);
 - one request's way round the ring: retries clockwise, what is counted, 502 and 503
-  (``Attempts``), and what a replica's answer becomes (``Attempts.answered``);
-- the header rules both ways (``forward_headers``, ``reply_headers``);
-- the error envelope's bytes (``error_body``), identical on both paths.
+  (``Attempts``), and what a replica's error reply becomes (``replica_error``);
+- the header rules both ways (``forward_headers``, ``reply_headers``) and request codings
+  (``transfer_coding_error``);
+- the error envelope's bytes and reason phrases (``error_body``, ``reason_phrase``), identical
+  on both paths, and what a client is told when the registry cannot be used
+  (``registry_trouble``).
 
 No sockets here; the registry is read through a ``RegistryView`` (one ``stat`` per request).
 """
