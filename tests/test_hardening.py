@@ -128,6 +128,7 @@ def test_an_unreadable_registry_that_cannot_be_restored(
     load = Load(stack.url, total=800, seconds=8.0, threads=4).start()
     with immutable(path.parent):
         with stack.registry.locked():
+            last_written = stack.state().version
             path.write_text("{garbage")  # the file itself can still be written in place
         broken = time.monotonic()
         time.sleep(2.0)
@@ -136,7 +137,10 @@ def test_an_unreadable_registry_that_cannot_be_restored(
         ready = stack.get("/_lb/readyz")
         assert ready.status_code == 200, ready.text
         message = ready.json()["message"]
-        assert message["routable"] == 3 and message["registry_version"] >= before.version
+        # A state the worker really read: a worker with no request since the supervisor's last
+        # write still holds the one before it, so the version is bounded above, not pinned.
+        assert message["routable"] == 3
+        assert 1 <= message["registry_version"] <= last_written
         assert "corrupt" in message["stale"] and "last good state" in message["stale"]
         assert_no_path(stack, ready)
         for _ in range(20):
