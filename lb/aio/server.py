@@ -32,11 +32,11 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder
+from lb.aio.upstream import AsyncForwarder, Reply
 from lb.errors import ApiError
 from lb.logs import log_access, new_request_id
 from lb.ops.metrics import BalancerMetrics
-from lb.registry import RegistryError
+from lb.registry import RegistryError, Replica
 from lb.routing import (
     JSON_TYPE,
     decode_path,
@@ -201,6 +201,7 @@ class ClientConnection(asyncio.Protocol):
         self.accepting = True  # False once a request says it is the last one
         self.closed = False
         self.reading = True
+        self.routing: tuple[Request, str] | None = None  # the routed GET in flight, its id
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -356,15 +357,16 @@ class ClientConnection(asyncio.Protocol):
             return
         request = self.queue.popleft()
         self.handling = True
-        self.loop.create_task(self._handle(request))
+        if request.routed and request.refusal is None:
+            self._route(request)  # callbacks, no task: the hot path
+        else:
+            self.loop.create_task(self._handle(request))
 
     async def _handle(self, request: Request) -> None:
         try:
             if request.refusal is not None:
                 self._write_error(request, request.refusal.status, request.refusal.message,
                                   "none", None, None)
-            elif request.routed:
-                await self._route(request)
             else:
                 await self._call_app(request)
         except Exception:
@@ -388,31 +390,58 @@ class ClientConnection(asyncio.Protocol):
         self._resume()
 
     # -- the routed GET --------------------------------------------------------------------------
-    async def _route(self, request: Request) -> None:
-        target, path = request.target, request.path
+    def _route(self, request: Request) -> None:
+        """Send ``request`` on its way to a replica; ``_routed`` writes the outcome."""
+        target = request.target
         assert target is not None  # routed requests have one
-        settings = self.server.settings
-        lookup = request.lookup
-        rid = new_request_id(lookup.get("x-request-id"))
-        key = request_key(settings.hash_key, lambda n: lookup.get(n.lower()),
-                          lambda n: query_value(target.partition("?")[2], n), self.client)
-        headers = forward_headers(request.headers, self.client,
-                                  forwarded_host(lookup.get("host"), self.local), rid)
         try:
-            replica, reply = await self.server.forwarder.forward(target.encode("latin-1"),
-                                                                 headers, key, path)
-        except ApiError as exc:
-            self._write_error(request, exc.status, exc.message, "route", rid, _log_path(target))
+            lookup = request.lookup
+            rid = new_request_id(lookup.get("x-request-id"))
+            key = request_key(self.server.settings.hash_key, lambda n: lookup.get(n.lower()),
+                              lambda n: query_value(target.partition("?")[2], n), self.client)
+            headers = forward_headers(request.headers, self.client,
+                                      forwarded_host(lookup.get("host"), self.local), rid)
+        except Exception:  # noqa: BLE001 - a bug: _failed logs it with its traceback
+            self._failed(request)
             return
-        except RegistryError as exc:  # no good state of the registry yet: as the app says it
-            self._write_error(request, 503, registry_trouble(exc), "route", rid,
-                              _log_path(target))
+        self.routing = (request, rid)
+        self.server.forwarder.start(target.encode("latin-1"), headers, key, request.path,
+                                    self._routed)
+
+    def _routed(self, replica: Replica | None, reply: Reply | None,
+                error: BaseException | None) -> None:
+        """The outcome of ``_route``: the replica's answer passed back, or the envelope."""
+        assert self.routing is not None
+        request, rid = self.routing
+        target = request.target or ""
+        try:
+            if replica is None or reply is None:
+                if isinstance(error, ApiError):
+                    self._write_error(request, error.status, error.message, "route", rid,
+                                      _log_path(target))
+                elif isinstance(error, RegistryError):  # no good state yet: as the app says
+                    self._write_error(request, 503, registry_trouble(error), "route", rid,
+                                      _log_path(target))
+                else:
+                    raise error or AssertionError("no reply and no error")
+            else:
+                head = b"".join([b"%s: %s\r\n" % pair for pair in reply.headers])
+                tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}"
+                        f"\r\nX-Request-ID: {rid}\r\n\r\n").encode("latin-1")
+                self._write(request, reply.status, head + tail, reply.body)
+                self._count(request, "route", reply.status, rid, _log_path(target),
+                            replica.hostname)
+        except Exception as exc:  # noqa: BLE001 - a bug: _failed logs it with its traceback
+            self._failed(request, exc)
             return
-        head = b"".join([b"%s: %s\r\n" % pair for pair in reply.headers])
-        tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}\r\n"
-                f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
-        self._write(request, reply.status, head + tail, reply.body)
-        self._count(request, "route", reply.status, rid, _log_path(target), replica.hostname)
+        self._done(request)
+
+    def _failed(self, request: Request, exc: BaseException | None = None) -> None:
+        """A bug met while serving ``request``: logged with its traceback, answered 500."""
+        log.error("error handling %s %r", request.method, request.url[:200],
+                  exc_info=exc or True)
+        self._write_error(request, 500, "Internal error", "none", None, None)
+        self._done(request)
 
     # -- everything else: the Flask app ----------------------------------------------------------
     async def _call_app(self, request: Request) -> None:

@@ -9,15 +9,17 @@ threads path's ``lb.router.Forwarder`` with awaits: the rules come from ``lb.rou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
 
+from lb.errors import ApiError
 from lb.registry import Replica
 from lb.routing import (
     STARTING_POLL_SECONDS,
+    Attempts,
     Router,
     replica_error,
     reply_headers,
@@ -45,15 +47,25 @@ class Reply:
     content_type: str | None
 
 
+Done = Callable[[Reply | None, UpstreamError | None], None]
+
+
 class ReplicaConnection(asyncio.Protocol):
-    """One kept-alive connection to a replica, one exchange at a time."""
+    """One kept-alive connection to a replica, one exchange at a time.
+
+    The outcome of an exchange goes to its ``done`` callback once the parser has returned
+    (never from inside it): the callback may hand the connection to the next request, whose
+    answer must not be parsed from bytes of this one.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.keep_alive = False
-        self._waiter: asyncio.Future[Reply] | None = None
+        self._done: Done | None = None  # the exchange in progress
+        self._outcome: tuple[Reply | None, UpstreamError | None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -70,28 +82,31 @@ class ReplicaConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        if self._waiter is None:  # bytes nobody asked for: the connection is not reusable
-            self.close()
+        if self._done is None or self._outcome is not None:
+            self.close()  # bytes nobody asked for: the connection is not reusable
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed reply: {exc}"))
             self.close()
+        if self._outcome is not None:
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is not None and not self._waiter.done():
+        if self._done is not None and self._outcome is None:
             if self._headers_done and not self._framed:  # an answer delimited by the close
                 self.keep_alive = False
                 self._finish()
             else:
                 self._fail(UpstreamError("the replica closed the connection",
                                          before_reply=not self._got_bytes))
+        self._deliver()
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self._waiter is None:  # a second answer to one request: stop parsing, never reuse
+        if self._outcome is not None:  # a second answer to one request: stop, never reuse
             raise UpstreamError("unsolicited reply")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -116,18 +131,20 @@ class ReplicaConnection(asyncio.Protocol):
         self._finish()
 
     # -- the exchange ----------------------------------------------------------------------------
-    def exchange(self, request: bytes) -> asyncio.Future[Reply]:
-        """Send ``request`` (a complete GET); the future holds the complete answer."""
-        assert self.transport is not None and self._waiter is None
+    def exchange(self, request: bytes, timeout: float, done: Done) -> None:
+        """Send ``request`` (a complete GET); ``done`` gets the complete answer, or the
+        error, within ``timeout`` seconds."""
+        assert self.transport is not None and self._done is None
         self._headers, self._body, self._status, self._content_type = [], [], 0, None
         self._got_bytes = self._headers_done = self._framed = False
-        self._waiter = self.loop.create_future()
+        self._done, self._outcome = done, None
+        self._timer = self.loop.call_later(timeout, self.timed_out, timeout)
         self.transport.write(request)
-        return self._waiter
 
     def timed_out(self, seconds: float) -> None:
         self._fail(UpstreamError(f"no complete answer within {seconds:g}s"))
         self.close()
+        self._deliver()
 
     def close(self) -> None:
         self.closed = True
@@ -135,16 +152,24 @@ class ReplicaConnection(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Reply(self._status, self._headers, b"".join(self._body),
-                                    self._content_type))
+        if self._done is not None and self._outcome is None:
+            self._outcome = (Reply(self._status, self._headers, b"".join(self._body),
+                                   self._content_type), None)
 
     def _fail(self, error: UpstreamError) -> None:
         self.keep_alive = False  # the parser's state is unknown: never reused
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        if self._done is not None and self._outcome is None:
+            self._outcome = (None, error)
+
+    def _deliver(self) -> None:
+        done, outcome = self._done, self._outcome
+        if done is None or outcome is None:
+            return
+        self._done = self._outcome = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done(*outcome)
 
 
 class ReplicaPool:
@@ -161,9 +186,27 @@ class ReplicaPool:
     def host_header(self, address: str) -> bytes:
         return self._host(address)[2]
 
+    def take(self, address: str) -> ReplicaConnection | None:
+        """A warm idle connection to ``address``, if there is one (newest first)."""
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def release(self, address: str, conn: ReplicaConnection) -> None:
+        """``conn`` after an exchange: kept for the next request when it can be, else closed."""
+        if conn.keep_alive and not conn.closed:
+            idle = self._idle.setdefault(address, [])
+            if len(idle) < IDLE_PER_REPLICA:
+                idle.append(conn)
+                return
+        conn.close()
+
     async def fetch(self, address: str, request: bytes) -> Reply:
         """``request`` sent to the replica at ``address`` and its complete answer."""
-        conn = self._take(address)
+        conn = self.take(address)
         if conn is not None:
             try:
                 return await self._exchange(address, conn, request)
@@ -188,14 +231,6 @@ class ReplicaPool:
                                             parts.netloc.encode("latin-1"))
         return known
 
-    def _take(self, address: str) -> ReplicaConnection | None:
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()  # newest first: the warmest connection
-            if not conn.closed:
-                return conn
-        return None
-
     async def _connect(self, address: str) -> ReplicaConnection:
         host, port, _ = self._host(address)
         try:
@@ -208,21 +243,26 @@ class ReplicaPool:
 
     async def _exchange(self, address: str, conn: ReplicaConnection,
                         request: bytes) -> Reply:
-        timer = self.loop.call_later(self.read_timeout, conn.timed_out, self.read_timeout)
+        answer: asyncio.Future[Reply] = self.loop.create_future()
+
+        def done(reply: Reply | None, error: UpstreamError | None) -> None:
+            if not answer.done():
+                if reply is not None:
+                    answer.set_result(reply)
+                else:
+                    answer.set_exception(error or UpstreamError("no reply"))
+
+        conn.exchange(request, self.read_timeout, done)
         try:
-            reply = await conn.exchange(request)
+            reply = await answer
         except BaseException:
             conn.close()
             raise
-        finally:
-            timer.cancel()
-        if conn.keep_alive and not conn.closed:
-            idle = self._idle.setdefault(address, [])
-            if len(idle) < IDLE_PER_REPLICA:
-                idle.append(conn)
-                return reply
-        conn.close()
+        self.release(address, conn)
         return reply
+
+
+Answered = Callable[[Replica | None, Reply | None, BaseException | None], None]
 
 
 class AsyncForwarder:
@@ -232,6 +272,54 @@ class AsyncForwarder:
         self.settings = settings
         self.router = router
         self.pool = pool
+
+    def start(self, target: bytes, headers: Iterable[tuple[str, str]], key: int, path: str,
+              answered: Answered) -> None:
+        """``forward``, with its outcome given to ``answered(replica, reply, error)``.
+
+        The usual request, a first try on a warm pooled connection, runs in callbacks alone:
+        no task, no future. Anything else (a new connection, a retry, a wait for a starting
+        replica) goes on as a task running ``forward``'s own loop from where it stands.
+        """
+        try:
+            attempts = self.router.attempts(key)
+            if attempts.empty:  # nothing routable: wait for a starting replica, or say why
+                self._go_on(self.forward(target, headers, key, path), answered)
+                return
+            tail = _tail(headers)
+            replicas = iter(attempts)
+            replica = next(replicas, None)
+            conn = None if replica is None else self.pool.take(replica.address or "")
+        except Exception as exc:  # noqa: BLE001 - answered reports it (a bug with its trace)
+            answered(None, None, exc)
+            return
+        if replica is None or conn is None:
+            self._go_on(self._walk(attempts, replicas, replica, target, tail, path), answered)
+            return
+        chosen, warm, address = replica, conn, replica.address or ""
+
+        def done(reply: Reply | None, error: UpstreamError | None) -> None:
+            if reply is not None:
+                self.pool.release(address, warm)
+                attempts.answered(chosen, reply.status)
+                try:
+                    passed = self._passed_back(chosen, reply, path)
+                except ApiError as exc:  # the replica's error, as the contract words it
+                    answered(None, None, exc)
+                else:
+                    answered(*passed, None)
+                return
+            warm.close()
+            assert error is not None
+            if error.before_reply:  # a kept-alive connection the replica had closed: not
+                # its failure; once more through the pool (a new connection if need be)
+                self._go_on(self._walk(attempts, replicas, chosen, target, tail, path),
+                            answered)
+                return
+            attempts.failed(chosen, error)
+            self._go_on(self._walk(attempts, replicas, None, target, tail, path), answered)
+
+        conn.exchange(self._request(address, target, tail), self.pool.read_timeout, done)
 
     async def forward(self, target: bytes, headers: Iterable[tuple[str, str]], key: int,
                       path: str) -> tuple[Replica, Reply]:
@@ -244,15 +332,22 @@ class AsyncForwarder:
             while self.router.waiting_for_replicas() and self.loop_time() < deadline:
                 await asyncio.sleep(STARTING_POLL_SECONDS)
             attempts = self.router.attempts(key)
-        tail = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
-        for replica in attempts:
+        replicas = iter(attempts)
+        return await self._walk(attempts, replicas, None, target, _tail(headers), path)
+
+    async def _walk(self, attempts: Attempts, replicas: Iterator[Replica],
+                    first: Replica | None, target: bytes, tail: bytes,
+                    path: str) -> tuple[Replica, Reply]:
+        """The way round the ring from where it stands: ``first`` (when given), then the
+        rest of ``replicas``, each through the pool (a new connection when none is idle)."""
+        replica = first if first is not None else next(replicas, None)
+        while replica is not None:
             address = replica.address or ""  # routable: it has one
-            request = b"".join((b"GET ", target, b" HTTP/1.1\r\nHost: ",
-                                self.pool.host_header(address), b"\r\n", tail, b"\r\n"))
             try:
-                reply = await self.pool.fetch(address, request)
+                reply = await self.pool.fetch(address, self._request(address, target, tail))
             except UpstreamError as exc:
                 attempts.failed(replica, exc)
+                replica = next(replicas, None)
                 continue
             attempts.answered(replica, reply.status)
             return self._passed_back(replica, reply, path)
@@ -261,6 +356,21 @@ class AsyncForwarder:
     def loop_time(self) -> float:
         return self.pool.loop.time()
 
+    def _request(self, address: str, target: bytes, tail: bytes) -> bytes:
+        return b"".join((b"GET ", target, b" HTTP/1.1\r\nHost: ",
+                         self.pool.host_header(address), b"\r\n", tail, b"\r\n"))
+
+    def _go_on(self, walk: Awaitable[tuple[Replica, Reply]], answered: Answered) -> None:
+        async def run() -> None:
+            try:
+                replica, reply = await walk
+            except Exception as exc:  # noqa: BLE001 - as in start: answered reports it
+                answered(None, None, exc)
+            else:
+                answered(replica, reply, None)
+
+        self.pool.loop.create_task(run())
+
     @staticmethod
     def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
         error = replica_error(reply.status, reply.content_type, replica.hostname, path)
@@ -268,3 +378,8 @@ class AsyncForwarder:
             raise error
         reply.headers = reply_headers(reply.headers)
         return replica, reply
+
+
+def _tail(headers: Iterable[tuple[str, str]]) -> bytes:
+    """The forwarded header lines, ready to follow a request line and Host."""
+    return "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
