@@ -16,7 +16,6 @@ import asyncio
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -45,7 +44,7 @@ class ScriptedReplica:
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.mode = "ok"
         self.requests = 0
         self.connections = 0
