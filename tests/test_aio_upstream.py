@@ -192,8 +192,11 @@ def test_a_cut_answer_goes_to_the_next_replica_and_the_first_becomes_a_suspect(
 
 def test_a_replica_that_does_not_answer_in_time_is_passed_over(two: Any) -> None:
     router, first, second = two
-    outcomes = run(router, get, lambda f: asyncio.sleep(0, setattr(first, "mode", "silent")),
-                   get)
+
+    async def silent(forwarder: AsyncForwarder) -> None:
+        first.mode = "silent"
+
+    outcomes = run(router, get, silent, get)
     served_by(outcomes[0], first)
     served_by(outcomes[2], second)
     assert first.requests == 2
