@@ -149,6 +149,7 @@ class Server:
         self.keepalive = keepalive
         self.server_header = f"Server: {server_header}\r\n".encode("latin-1")
         self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # requests handled in a task of their own
         self.closing = False
         self.app_calls = 0  # calls of the Flask app in flight
         self._date = (0, b"")
@@ -360,7 +361,9 @@ class ClientConnection(asyncio.Protocol):
         if request.routed and request.refusal is None:
             self._route(request)  # callbacks, no task: the hot path
         else:
-            self.loop.create_task(self._handle(request))
+            task = self.loop.create_task(self._handle(request))
+            self.server.tasks.add(task)  # the loop keeps only weak references
+            task.add_done_callback(self.server.tasks.discard)
 
     async def _handle(self, request: Request) -> None:
         try:

@@ -272,6 +272,7 @@ class AsyncForwarder:
         self.settings = settings
         self.router = router
         self.pool = pool
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     def start(self, target: bytes, headers: Iterable[tuple[str, str]], key: int, path: str,
               answered: Answered) -> None:
@@ -369,7 +370,9 @@ class AsyncForwarder:
             else:
                 answered(replica, reply, None)
 
-        self.pool.loop.create_task(run())
+        task = self.pool.loop.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
