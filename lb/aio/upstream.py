@@ -3,7 +3,9 @@
 One ``ReplicaConnection`` carries one exchange at a time (a GET with no body, its complete
 answer); ``ReplicaPool`` keeps the idle ones per replica address, newest first, so a worker
 reuses warm connections and lets the rest expire at the replica. ``AsyncForwarder`` is the
-threads path's ``lb.router.Forwarder`` with awaits: the rules come from ``lb.routing``.
+threads path's ``lb.router.Forwarder`` on the event loop: the usual request (a first try on a
+warm connection) in callbacks alone, anything else in a task; the rules come from
+``lb.routing``.
 """
 
 from __future__ import annotations
