@@ -25,6 +25,8 @@ from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_HOSTNAME, LABEL_ROLE
 from lb.backends.swarm import is_live
 
 ROOT = Path(__file__).resolve().parent.parent
+NODE_IMAGE = "hashlb-node:latest"  # swarm.mk's NODE_IMAGE, which the tests keep
+TEST_CLUSTER_PREFIX = "hlbs"  # the tests' clusters; a user's own (make cluster-up) are never touched
 UP_TIMEOUT = 900  # seconds: a first run builds the node image (Debian's docker.io) too
 # The stack's settings for the tests: Maglev spreads random keys evenly, so every replica gets
 # requests (the spec's hash sends 96 % to one), and a start timeout with room for a busy machine.
@@ -125,7 +127,7 @@ def http_session() -> requests.Session:
 def start_cluster(free_port: int, settings: dict[str, str] | None = None,
                   ) -> tuple[Cluster, subprocess.CompletedProcess[str]]:
     """``make cluster-up`` under a fresh name, the stack with ``settings`` (LB_* variables)."""
-    name = f"hlbs{uuid.uuid4().hex[:6]}"
+    name = f"{TEST_CLUSTER_PREFIX}{uuid.uuid4().hex[:6]}"
     cluster = Cluster(name, Path("/tmp") / name, free_port)
     began = time.monotonic()
     proc = cluster.make("cluster-up", env=settings or STACK_SETTINGS)
@@ -148,9 +150,31 @@ def remains_of(name: str) -> list[str]:
         host.close()
 
 
+def remove_abandoned_clusters() -> list[str]:
+    """Test clusters of which no node runs (a run killed before its teardown left them, and a
+    run still using its cluster has its manager running): each taken down with ``make
+    cluster-down``. Their names."""
+    host = docker.from_env(timeout=60)
+    try:
+        running: dict[str, bool] = {}
+        for node in host.containers.list(all=True, filters={"label": "hashlb.role=node"}):
+            name = node.labels.get("hashlb.cluster", "")
+            if name.startswith(TEST_CLUSTER_PREFIX):
+                running[name] = running.get(name, False) or node.status == "running"
+    finally:
+        host.close()
+    abandoned = sorted(name for name, alive in running.items() if not alive)
+    for name in abandoned:
+        Cluster(name, Path("/tmp") / name, 0).make("cluster-down", timeout=300)
+    return abandoned
+
+
 def running_cluster(free_port: int) -> Iterator[Cluster]:
     from tests.conftest import unavailable
 
+    left = remove_abandoned_clusters()
+    if left:
+        print(f"\n[swarm] removed clusters left by an earlier run: {', '.join(left)}")
     cluster, proc = start_cluster(free_port)
     try:
         if proc.returncode != 0:

@@ -12,6 +12,7 @@ takes it down) and print their figures (``[hard-to-break] swarm-...`` lines).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,14 @@ import docker
 import pytest
 
 from tests.helpers_chaos import Load, report
-from tests.helpers_swarm import Cluster, http_session, remains_of
+from tests.helpers_swarm import (
+    NODE_IMAGE,
+    TEST_CLUSTER_PREFIX,
+    Cluster,
+    http_session,
+    remains_of,
+    remove_abandoned_clusters,
+)
 
 # Each test's limit includes building the cluster when it is the first to use it.
 pytestmark = [pytest.mark.docker, pytest.mark.swarm, pytest.mark.timeout(900)]
@@ -245,6 +253,26 @@ def test_swarm_down_removes_the_stack_and_every_replica(swarm_cluster: Cluster) 
     assert api.networks(names=["net1"]) == []
     assert [v["Name"] for v in api.volumes()["Volumes"] or []
             if v["Name"] == f"{cluster.stack}_registry"] == []
+
+
+def test_a_cluster_left_by_a_killed_run_is_removed_and_a_live_one_is_not(
+        swarm_cluster: Cluster) -> None:
+    """What a run killed before its teardown leaves (node containers no longer running, their
+    volume, the network) is removed before the next run starts its cluster."""
+    name = f"{TEST_CLUSTER_PREFIX}dead{uuid.uuid4().hex[:4]}"
+    labels = {"hashlb.cluster": name, "hashlb.role": "node"}
+    host = docker.from_env(timeout=60)
+    try:
+        host.volumes.create(f"{name}-manager", labels={"hashlb.cluster": name})
+        host.networks.create(f"{name}-net", labels={"hashlb.cluster": name})
+        host.containers.create(NODE_IMAGE, name=f"{name}-manager", labels=labels)
+    finally:
+        host.close()
+    assert len(remains_of(name)) == 3
+    assert name in remove_abandoned_clusters()
+    assert remains_of(name) == []
+    assert swarm_cluster.name not in remove_abandoned_clusters()
+    assert len(remains_of(swarm_cluster.name)) >= 3
 
 
 def test_cluster_down_leaves_nothing(swarm_cluster: Cluster) -> None:
