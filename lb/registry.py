@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from enum import StrEnum
 from typing import Any
 
@@ -135,12 +136,16 @@ class Replica:
         return replica
 
     def to_dict(self) -> dict[str, Any]:
-        owner, deadline = leases.to_fields(self.lease)
-        return {"hostname": self.hostname, "server_id": self.server_id, "slots": self.slots,
-                "state": str(self.state), "address": self.address, "handle": self.handle,
-                "last_heartbeat": self.last_heartbeat, "failures": self.failures,
-                "restarts": self.restarts, "not_before": self.not_before, "owner": owner,
-                "deadline": deadline, "created": self.created}
+        """The entry as the registry file has it: every field in order, the lease as its
+        ``owner`` and ``deadline`` fields."""
+        data: dict[str, Any] = {}
+        for f in dataclass_fields(self):
+            if f.name == "lease":
+                data["owner"], data["deadline"] = leases.to_fields(self.lease)
+            else:
+                data[f.name] = getattr(self, f.name)
+        data["state"] = str(self.state)
+        return data
 
     def check(self) -> None:
         """Raise ValueError naming the first field whose value cannot be this field's."""
