@@ -113,6 +113,22 @@ class Settings:
         return self.virtual or max(1, int(math.log2(self.slots)))
 
     @property
+    def record_seconds(self) -> float:
+        """The longest the supervisor leaves the registry unwritten while a replica is ready.
+
+        A heartbeat answered is recorded when the replica's entry changes anyway, else once
+        the last one on record is this old: every write makes each balancer worker read the
+        file again, so writing every round (0.5 s) would cost the data path for nothing.
+        """
+        return max(2.0, 4 * self.heartbeat_interval)
+
+    @property
+    def stale_seconds(self) -> float:
+        """A registry older than this, with a replica ready, has nobody recording it: the
+        supervisor is not running or cannot write (readiness says so)."""
+        return 2.5 * self.record_seconds  # max(5 s, 10 x LB_HEARTBEAT_INTERVAL)
+
+    @property
     def registry_path(self) -> str:
         if self.registry:
             return os.path.abspath(self.registry)

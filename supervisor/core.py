@@ -152,11 +152,13 @@ class Supervisor:
         with self.registry.update() as state:
             self._release_dead_owners(state)
             taken = {r.hostname for r in state.replicas}
-            for r in state.replicas:
-                # An /rm may have taken the entry since the probe: a heartbeat answered before
-                # must not turn it back into a ready replica (which, stopped, gets replaced).
-                if r.hostname in answers and r.handle in alive and r.state != REMOVING:
-                    self._record(r, answers[r.hostname], alive[r.handle], now)
+            # An /rm may have taken the entry since the probe: a heartbeat answered before
+            # must not turn it back into a ready replica (which, stopped, gets replaced).
+            heard = [r for r in state.replicas
+                     if r.hostname in answers and r.handle in alive and r.state != REMOVING]
+            for r in heard:
+                self._record(r, answers[r.hostname], alive[r.handle], now)
+            self._stamp([r for r in heard if answers[r.hostname]], now)
             for r in state.replicas:
                 if r.state == REMOVING or r.held or r.not_before > now:
                     continue
@@ -191,8 +193,9 @@ class Supervisor:
             if r.state != READY:
                 log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
                 self.events.became_ready(r)
-            r.state, r.failures, r.restarts, r.last_heartbeat = READY, 0, 0, now
-            r.lease = None
+            if r.state != READY or r.failures or r.restarts or r.lease is not None:
+                r.last_heartbeat = now  # the entry is written anyway: the time goes with it
+            r.state, r.failures, r.restarts, r.lease = READY, 0, 0, None
             return
         r.failures += 1
         self.events.heartbeat_missed(r)
@@ -209,6 +212,17 @@ class Supervisor:
                 self.events.marked_down(r, "never_ready")
                 log.error("replica %s (server id %d) never became ready (%d in a row); "
                           "next try in %.1fs", r.hostname, r.server_id, r.restarts, delay)
+
+    def _stamp(self, answered: list[Replica], now: float) -> None:
+        """Answered heartbeats go on record all together, once the oldest on record is
+        ``record_seconds`` old: not every round, since each write of the registry makes every
+        balancer worker read it again. (Readiness reads a registry left unwritten much longer
+        as a supervisor gone.)"""
+        if any(r.last_heartbeat is None
+               or not 0 <= now - r.last_heartbeat < self.settings.record_seconds
+               for r in answered):
+            for r in answered:
+                r.last_heartbeat = now
 
     def _first_time(self, news: tuple[str, str]) -> bool:
         """Whether ``news`` is new since the last round that could write the registry: while

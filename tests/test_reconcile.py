@@ -116,6 +116,40 @@ def test_the_wanted_set_is_started_then_ready_at_its_first_heartbeat(world: Worl
     assert world.backend.started == ["Server1", "Server2"]  # nothing more to do
 
 
+def test_answered_heartbeats_are_recorded_at_the_record_pace_not_every_round(
+        world: World) -> None:
+    """Each write of the registry makes every balancer worker read it again: a quiet round
+    writes nothing until the heartbeats on record are ``record_seconds`` old, then all at once;
+    a change (a miss, a replica ready again) is written in its own round, its time with it."""
+    record = world.sup.settings.record_seconds
+    interval = world.sup.settings.heartbeat_interval
+    state = world.ready()
+    first = state.version
+    assert {r.last_heartbeat for r in state.replicas} == {world.clock.now}
+    rounds = int(record / interval)
+    versions = []
+    for _ in range(rounds):
+        world.clock.advance(interval)
+        versions.append(world.tick().version)
+    assert versions[:-1] == [first] * (rounds - 1)  # nothing new to say: nothing written
+    assert versions[-1] == first + 1  # the heartbeats on record were record_seconds old
+    assert {r.last_heartbeat for r in world.registry.read().replicas} == {world.clock.now}
+    world.backend.mute.add("Server2")
+    world.clock.advance(interval)
+    state = world.tick()  # a miss is news: written at once
+    assert state.version == first + 2
+    assert state.find("Server2").failures == 1  # type: ignore[union-attr]
+    world.backend.mute.discard("Server2")
+    world.clock.advance(interval)
+    state = world.tick()  # answered again: written, with the time it answered
+    assert state.version == first + 3
+    back = state.find("Server2")
+    assert back is not None and (back.failures, back.last_heartbeat) == (0, world.clock.now)
+    # A clock that went back never leaves the registry unwritten for good.
+    world.clock.advance(-3600)
+    assert world.tick().version == first + 4
+
+
 def test_a_dead_replica_is_replaced_under_a_new_name_with_its_server_id_and_slots(
         world: World) -> None:
     before = world.ready().find("Server1")

@@ -106,16 +106,17 @@ def readyz() -> Response:
 def _staleness(view: RegistryView, state: State) -> str | None:
     """Why the replica set this worker routes with may be out of date, or None.
 
-    The supervisor rewrites the registry every heartbeat round while a replica is ready (each
-    answer, or each miss, is recorded), so a file much older than that means nobody records
-    what happens to the replicas: the supervisor is not running, or cannot write the registry.
+    The supervisor writes the registry at least every ``record_seconds`` while a replica is
+    ready (each miss at once, answers at that pace), so a file much older than that means
+    nobody records what happens to the replicas: the supervisor is not running, or cannot
+    write the registry.
     """
     now = time.time()
     if view.problem is not None:
         return (f"{sentence(view.problem.reason)}: routing with the last good state (version "
                 f"{state.version}) for {now - (view.stale_since or now):.0f}s")
     settings = current_app.config["SETTINGS"]
-    limit = max(5.0, 10 * settings.heartbeat_interval)
+    limit = settings.stale_seconds
     written = view.written_at
     if written is not None and now - written > limit and any(
             r.state == READY and r.handle for r in state.replicas):

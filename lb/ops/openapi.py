@@ -126,7 +126,10 @@ SCHEMAS: dict[str, Any] = {
                                            "routing strategy whose requests it answers now"},
             "share": {"type": "number", "minimum": 0, "maximum": 1,
                       "description": "slots_owned / ring.slots"},
-            "last_heartbeat": {"type": ["number", "null"], "description": "Unix time"},
+            "last_heartbeat": {"type": ["number", "null"],
+                               "description": "Unix time of the last heartbeat on record "
+                                              "(recorded at least every max(2 s, 4 x "
+                                              "LB_HEARTBEAT_INTERVAL))"},
             "heartbeat_age": {"type": ["number", "null"], "description": "Seconds"},
             "failures": {"type": "integer", "minimum": 0,
                          "description": "Consecutive missed heartbeats"},
