@@ -154,11 +154,12 @@ class Supervisor:
             taken = {r.hostname for r in state.replicas}
             # An /rm may have taken the entry since the probe: a heartbeat answered before
             # must not turn it back into a ready replica (which, stopped, gets replaced).
-            heard = [r for r in state.replicas
-                     if r.hostname in answers and r.handle in alive and r.state != REMOVING]
-            for r in heard:
-                self._record(r, answers[r.hostname], alive[r.handle], now)
-            self._stamp([r for r in heard if answers[r.hostname]], now)
+            heard = [(r, answers[r.hostname], alive[r.handle]) for r in state.replicas
+                     if r.hostname in answers and r.handle is not None and r.handle in alive
+                     and r.state != REMOVING]
+            for r, answered, running in heard:
+                self._record(r, answered, running, now)
+            self._stamp([r for r, answered, _ in heard if answered], now)
             for r in state.replicas:
                 if r.state == REMOVING or r.held or r.not_before > now:
                     continue
