@@ -99,11 +99,21 @@ def request_id(environ: dict[str, Any], given: str | None) -> str:
 access_log = logging.getLogger("lb.access")
 
 
+def access_level(endpoint: str) -> int:
+    """The level of a request's access line: the balancer's own endpoints are polled (status
+    page, scrapes), so they are quiet unless debugging."""
+    return logging.DEBUG if endpoint.startswith("ops.") else logging.INFO
+
+
+def access_logged(endpoint: str) -> bool:
+    """Whether a request to ``endpoint`` gets an access line (a caller can skip building it)."""
+    return access_log.isEnabledFor(access_level(endpoint))
+
+
 def log_access(method: str, path: str, status: int, replica: str | None, ms: float | None,
                rid: str, endpoint: str, client: str | None) -> None:
     """The one line per request, from whichever data path answered it."""
-    # The balancer's own endpoints are polled (status page, scrapes): quiet unless debugging.
-    level = logging.DEBUG if endpoint.startswith("ops.") else logging.INFO
+    level = access_level(endpoint)
     if not access_log.isEnabledFor(level):
         return
     access_log.log(

@@ -142,19 +142,20 @@ def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
     client asked for (``X-Forwarded-Host``). Names with ``_`` are dropped as gunicorn drops
     them (``X_Forwarded_For`` would become ``X-Forwarded-For`` in the replica's WSGI environ).
     """
-    kept: list[tuple[str, str, str]] = []
+    out: list[tuple[str, str]] = []
     named: set[str] = set()  # listed in Connection: hop-by-hop too
     prior: list[str] = []
-    for name, value in headers:
-        lower = name.lower()
+    for pair in headers:
+        lower = pair[0].lower()
         if lower == "connection":
-            named.update(h.strip().lower() for h in value.split(","))
+            named.update(h.strip().lower() for h in pair[1].split(","))
         elif lower == "x-forwarded-for":
-            prior.append(value)
-        elif lower not in REQUEST_DROP and "_" not in name:
-            kept.append((lower, name, value))
-    out = [(name, value) for lower, name, value in kept if lower not in named] if named else \
-        [(name, value) for _, name, value in kept]
+            prior.append(pair[1])
+        elif lower not in REQUEST_DROP and "_" not in lower:
+            out.append(pair)
+    named.difference_update(REQUEST_DROP)  # "Connection: keep-alive": dropped already
+    if named:
+        out = [pair for pair in out if pair[0].lower() not in named]
     forwarded_for = ",".join(prior)
     out.append(("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client))
     out.append(("X-Forwarded-Host", host))
@@ -185,17 +186,18 @@ def reply_headers(headers: Iterable[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr
     ``str`` pairs (the threads path) or raw ``bytes`` pairs as parsed (the event-driven path,
     which passes them on without decoding).
     """
-    kept: list[tuple[AnyStr, AnyStr, AnyStr]] = []
-    named: set[AnyStr] = set()
-    for name, value in headers:
-        lower = name.lower()
+    kept: list[tuple[AnyStr, AnyStr]] = []
+    named: set[AnyStr] = set()  # listed in Connection: hop-by-hop too
+    for pair in headers:
+        lower = pair[0].lower()
         if lower in _CONNECTION:
+            value = pair[1]
             comma = b"," if isinstance(value, bytes) else ","
             named.update(t.strip().lower() for t in value.split(comma))  # type: ignore[arg-type]
         elif lower not in _RESPONSE_DROP_ANY:
-            kept.append((lower, name, value))
-    return [(name, value) for lower, name, value in kept if lower not in named] if named else \
-        [(name, value) for _, name, value in kept]
+            kept.append(pair)
+    named.difference_update(_RESPONSE_DROP_ANY)  # "Connection: keep-alive": dropped already
+    return [p for p in kept if p[0].lower() not in named] if named else kept
 
 
 def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:

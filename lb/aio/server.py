@@ -34,7 +34,7 @@ from werkzeug.exceptions import RequestTimeout
 
 from lb.aio.upstream import AsyncForwarder, Reply
 from lb.errors import ApiError
-from lb.logs import log_access, new_request_id
+from lb.logs import access_logged, log_access, new_request_id
 from lb.ops.metrics import BalancerMetrics
 from lb.registry import RegistryError, Replica
 from lb.routing import (
@@ -421,10 +421,10 @@ class ClientConnection(asyncio.Protocol):
             if replica is None or reply is None:
                 if isinstance(error, ApiError):
                     self._write_error(request, error.status, error.message, "route", rid,
-                                      _log_path(target))
+                                      target)
                 elif isinstance(error, RegistryError):  # no good state yet: as the app says
                     self._write_error(request, 503, registry_trouble(error), "route", rid,
-                                      _log_path(target))
+                                      target)
                 else:
                     raise error or AssertionError("no reply and no error")
             else:
@@ -432,7 +432,7 @@ class ClientConnection(asyncio.Protocol):
                 tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}"
                         f"\r\nX-Request-ID: {rid}\r\n\r\n").encode("latin-1")
                 self._write(request, reply.status, head + tail, reply.body)
-                self._count(request, "route", reply.status, rid, _log_path(target),
+                self._count(request, "route", reply.status, rid, target,
                             replica.hostname)
         except Exception as exc:  # noqa: BLE001 - a bug: _failed logs it with its traceback
             self._failed(request, exc)
@@ -520,20 +520,23 @@ class ClientConnection(asyncio.Protocol):
             head, body)))
 
     def _write_error(self, request: Request, status: int, message: str, endpoint: str,
-                     rid: str | None, path: str | None) -> None:
+                     rid: str | None, target: str | None) -> None:
         rid = rid or new_request_id(request.lookup.get("x-request-id"))
         body = error_body(message)
         head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n"
                 f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
         self._write(request, status, head, body)
-        self._count(request, endpoint, status, rid, path or request.url.decode("latin-1"),
-                    None)
+        self._count(request, endpoint, status, rid, target, None)
 
-    def _count(self, request: Request, endpoint: str, status: int, rid: str, path: str,
-               replica: str | None) -> None:
+    def _count(self, request: Request, endpoint: str, status: int, rid: str,
+               target: str | None, replica: str | None) -> None:
+        """Metrics and the access line; ``target`` is a routed request's (the line writes it
+        as werkzeug's ``full_path``), None for the raw URL."""
         self.server.metrics.response(endpoint, status)
-        log_access(request.method, path, status, replica,
-                   (time.perf_counter() - request.began) * 1000, rid, endpoint, self.client)
+        if access_logged(endpoint):  # the path is built only for a line that is written
+            path = _log_path(target) if target else request.url.decode("latin-1")
+            log_access(request.method, path, status, replica,
+                       (time.perf_counter() - request.began) * 1000, rid, endpoint, self.client)
 
     def refuse(self, status: int, message: str) -> None:
         """Answer a request no app sees (malformed, over a limit) and end the connection."""
