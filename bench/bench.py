@@ -14,10 +14,11 @@ One run, one machine, loopback only, every load bounded in time (wrk ``-d``):
    (interleaved, so a burst of outside load hits every target alike). *direct* is one wrk per
    replica at the same time with a third of the connections each; its p99 is the largest of the
    three (an upper bound of the combined p99) and its p50 the request-weighted mean.
-3. **Half load**: wrk2 (constant rate) is not in Debian, so every target gets a *paced* wrk:
-   few connections, each waiting a fixed delay (wrk's Lua ``delay()``) between a reply and its
-   next request, calibrated so the offered rate is half of the balancer's saturation rate. The
-   balancer-added p99 is its p99 minus the direct p99 at the same rate.
+3. **Half load**: few connections at a constant rate, half of the balancer's saturation rate,
+   the same for every target: wrk2 is not in Debian, so wrk's Lua ``delay()`` gives each
+   request the next slot of a schedule 1/rate apart (LuaJIT's ffi reads the clock).
+   ``--half-rounds`` interleaved rounds (a burst of outside load hits every target alike); the
+   balancer-added p99 is its p99 minus the direct p99 of the same round, median over rounds.
 4. CPU per request of each proxy and of the replicas (``psutil`` CPU times over each run).
 5. **Slow clients**: ``bench/slowloris.py`` against each worker: ``--slow-attackers``
    connections trickling headers or admin bodies (reconnecting when dropped) for
@@ -58,12 +59,27 @@ from bench import micro
 
 WRK_LUA = """
 math.randomseed(tonumber(os.getenv("WRK_SEED") or "1") + os.time())
-local pause = tonumber(os.getenv("WRK_DELAY_MS") or "0")
+local rate = tonumber(os.getenv("WRK_RATE") or "0")
 request = function()
   return wrk.format("GET", "/home?id=" .. math.random(100000, 999999))
 end
-if pause > 0 then
-  delay = function() return pause end
+if rate > 0 then
+  -- A constant rate (wrk2 is not in Debian): each request takes the next slot of a schedule
+  -- 1/rate apart, read on the monotonic clock through LuaJIT's ffi. A late reply delays its
+  -- connection's next request; the schedule does not catch up in a burst afterwards.
+  local ffi = require("ffi")
+  ffi.cdef[[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clk_id, bench_timespec *tp);
+  ]]
+  local ts = ffi.new("bench_timespec")
+  local interval, slot = 1000 / rate, 0
+  delay = function()
+    ffi.C.clock_gettime(1, ts)
+    local now = tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+    slot = math.max(slot + interval, now)
+    return slot - now
+  end
 end
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -254,10 +270,11 @@ def _tree(p: psutil.Process) -> list[psutil.Process]:
 
 
 def wrk(urls: list[str], connections: int, seconds: float, lua: str,
-        delay_ms: float = 0.0) -> dict[str, Any]:
-    """One wrk per URL at the same time, ``connections`` split between them; merged."""
+        rate: float = 0.0) -> dict[str, Any]:
+    """One wrk per URL at the same time, ``connections`` and ``rate`` (requests per second
+    in all; 0: as fast as they answer) split between them; merged."""
     per = max(1, connections // len(urls))
-    env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}"}
+    env = {**os.environ, "WRK_RATE": f"{rate / len(urls):.3f}"}
     procs = []
     for k, url in enumerate(urls):
         env_k = {**env, "WRK_SEED": str(k)}
@@ -286,10 +303,10 @@ def wrk(urls: list[str], connections: int, seconds: float, lua: str,
 
 
 def measured(target: dict[str, Any], connections: int, seconds: float, lua: str,
-             replicas: list[psutil.Process], delay_ms: float = 0.0) -> dict[str, Any]:
+             replicas: list[psutil.Process], rate: float = 0.0) -> dict[str, Any]:
     proxy = [q for p in target["procs"] for q in _tree(p)]
     before_proxy, before_rep = _cpu(proxy), _cpu(replicas)
-    result = wrk(target["urls"], connections, seconds, lua, delay_ms)
+    result = wrk(target["urls"], connections, seconds, lua, rate)
     n = max(1, result["requests"])
     result["proxy_cpu_us"] = 1e6 * (_cpu(proxy) - before_proxy) / n if proxy else 0.0
     result["replica_cpu_us"] = 1e6 * (_cpu(replicas) - before_rep) / n
@@ -298,28 +315,29 @@ def measured(target: dict[str, Any], connections: int, seconds: float, lua: str,
 
 def paced(target: dict[str, Any], rate: float, connections: int, seconds: float, lua: str,
           replicas: list[psutil.Process]) -> dict[str, Any]:
-    """wrk with a per-connection pause calibrated to offer ``rate`` requests per second."""
-    cycle_ms = 1000 * connections / rate  # per connection: reply latency + pause
-
-    def corrected(delay: float, run: dict[str, Any]) -> float:
-        actual_ms = 1000 * run["connections"] / max(run["rps"], 1e-9)
-        return max(0.1, delay + cycle_ms - actual_ms)
-
-    delay = cycle_ms
-    for _ in range(4):  # short probes: measure the cycle, take the latency out of the pause
-        probe = wrk(target["urls"], connections, 3, lua, delay_ms=delay)
-        if abs(probe["rps"] - rate) < 0.03 * rate:
-            break
-        delay = corrected(delay, probe)
-    result = measured(target, connections, seconds, lua, replicas, delay_ms=delay)
+    """wrk offering ``rate`` requests per second over ``connections``."""
+    result = measured(target, connections, seconds, lua, replicas, rate)
     if abs(result["rps"] - rate) > 0.1 * rate:
-        # The probes were misled (a burst of other load): targets compared at different
-        # rates say nothing about latency, so once more from what this run measured.
-        delay = corrected(delay, result)
-        result = measured(target, connections, seconds, lua, replicas, delay_ms=delay)
+        # Behind its schedule (a burst of other load, or a target that cannot keep up):
+        # targets compared at different rates say nothing about latency; once more.
+        result = measured(target, connections, seconds, lua, replicas, rate)
     result["offered_rps"] = rate
-    result["delay_ms"] = delay
     return result
+
+
+def half_summary(runs: list[dict[str, Any]],
+                 direct: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A target's half-load rounds: median figures, and its added p99 against the direct run
+    of the same round (median and each round's), unless it is the direct target."""
+    summary: dict[str, Any] = {k: statistics.median(r[k] for r in runs)
+                               for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
+    summary["offered_rps"] = runs[0]["offered_rps"]
+    summary["rounds"] = runs
+    if direct is not None and runs is not direct:
+        added = [r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct, strict=True)]
+        summary["added_p99_ms"] = statistics.median(added)
+        summary["added_p99_rounds_ms"] = added
+    return summary
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -402,18 +420,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     saturation[name].append(measured(t, args.connections, args.duration, lua,
                                                      replicas))
             # Half load: each worker at half its own saturation rate, beside the replicas
-            # directly at the same rate; HAProxy and nginx at the async worker's.
+            # directly at the same rate; HAProxy and nginx at the async worker's. Interleaved
+            # rounds, each proxy compared with the direct run of its own round.
             half: dict[str, dict[str, Any]] = {}
             for worker in [w for w in ("async", "threads") if w in targets and not args.quick]:
                 rate = statistics.median(x["rps"] for x in saturation[worker]) / 2
                 others = ["haproxy", "nginx"] if worker == "async" else []
-                for name in [worker, *others, "direct"]:
-                    if name not in targets:
-                        continue
+                names = [n for n in [worker, *others, "direct"] if n in targets]
+                runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+                for r in range(args.half_rounds):
+                    for name in names:
+                        print(f"half load, round {r + 1}/{args.half_rounds}: {name} at "
+                              f"{rate:.0f} req/s ...", file=sys.stderr)
+                        runs[name].append(paced(targets[name], rate, args.paced_connections,
+                                                args.duration, lua, replicas))
+                for name in names:
                     key = name if name != "direct" else f"direct@{worker}"
-                    print(f"half load: {name} at {rate:.0f} req/s ...", file=sys.stderr)
-                    half[key] = paced(targets[name], rate, args.paced_connections,
-                                      args.duration, lua, replicas)
+                    half[key] = half_summary(runs[name], runs.get("direct"))
             single: dict[str, dict[str, Any]] = {}
             for name, t in targets.items() if not args.quick else ():
                 print(f"one connection: {name} ...", file=sys.stderr)
@@ -482,9 +505,9 @@ def render(data: dict[str, Any]) -> str:
         "# Benchmark: this balancer, HAProxy, nginx and the replicas directly",
         "",
         (f"{meta['when']}; {meta['machine']}; load average before {meta['load_before']}, after "
-        f"{meta['load_after']} (the 2 cores are shared with other engineers' test runs, and "
-        "wrk, the replicas and the proxy under test all run on them too: figures move by "
-        "tens of percent between runs)."),
+        f"{meta['load_after']} (wrk, the replicas and the proxy under test share the machine's "
+        "cores, with whatever else runs on it: figures move between runs, ratios measured "
+        "side by side hold better)."),
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         (f"Balancer settings: {', '.join(f'{k}={v}' for k, v in meta['balancer_settings'].items())}"
         f"; 3 local replicas (gunicorn gthread, 1 worker each)."),
@@ -515,10 +538,12 @@ def render(data: dict[str, Any]) -> str:
         "",
         (f"## Half load: each worker at half its own saturation rate, paced wrk with "
          f"{meta['args']['paced_connections']} connections, {meta['args']['duration']:.0f} s; "
-         "the replicas directly at the same rate"),
+         f"the replicas directly at the same rate; median of "
+         f"{meta['args'].get('half_rounds', 1)} interleaved rounds"),
         "",
-        "| target | offered req/s | achieved req/s | p50 | p90 | p99 | added p99 vs direct |",
-        "|---|---|---|---|---|---|---|",
+        ("| target | offered req/s | achieved req/s | p50 | p90 | p99 | added p99 vs direct "
+         "(median) | added p99, each round |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for worker in ("async", "threads"):
         direct = half.get(f"direct@{worker}")
@@ -526,11 +551,13 @@ def render(data: dict[str, Any]) -> str:
             r = half.get(n) if n != "direct" else direct
             if r is None:
                 continue
-            added = "-" if n == "direct" or direct is None else \
-                f"{r['p99_ms'] - direct['p99_ms']:+.2f} ms"
+            added = each = "-"
+            if "added_p99_ms" in r:
+                added = f"{r['added_p99_ms']:+.2f} ms"
+                each = ", ".join(f"{x:+.2f}" for x in r["added_p99_rounds_ms"]) + " ms"
             lines.append(f"| {label[n]} | {r['offered_rps']:.0f} | {r['rps']:.0f} | "
                          f"{r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
-                         f"{added} |")
+                         f"{added} | {each} |")
     if data.get("slow_clients"):
         args = meta["args"]
         lines += ["", (f"## Slow clients: {args['slow_attackers']} connections trickling headers "
@@ -586,10 +613,12 @@ HISTORY_BOTH = """
 
 def append_history(data: dict[str, Any], path: str) -> None:
     sat, half, slow = data["saturation"], data["half_load"], data.get("slow_clients") or {}
+    if not {"async", "threads", "haproxy", "nginx"} <= set(sat) or "async" not in half:
+        return  # a partial run (--targets, --quick): no headline figures to compare
     rps = {n: _median(rows, "rps") for n, rows in sat.items()}
     cpu = {n: _median(rows, "proxy_cpu_us") for n, rows in sat.items()}
     hp = rps["haproxy"]
-    added = half["async"]["p99_ms"] - half["direct@async"]["p99_ms"]
+    added = half["async"]["added_p99_ms"]
     answered = " / ".join(f"{100 * slow[n]['success_rate']:.1f} %" if n in slow else "-"
                           for n in ("async", "threads"))
     row = (f"| {data['meta']['when']} | {data['meta']['load_before'][0]} | {rps['async']:.0f} | "
@@ -611,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run (10)")
     parser.add_argument("--connections", type=int, default=24, help="saturation (24)")
     parser.add_argument("--paced-connections", type=int, default=6, help="half load (6)")
+    parser.add_argument("--half-rounds", type=int, default=3,
+                        help="half-load rounds, interleaved (3)")
     parser.add_argument("--rounds", type=int, default=2, help="saturation rounds (2)")
     parser.add_argument("--strategy", default="maglev", help="LB_STRATEGY for the balancer")
     parser.add_argument("--lb-workers", type=int, default=2, help="LB_WORKERS (2)")
