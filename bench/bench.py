@@ -536,7 +536,7 @@ def render(data: dict[str, Any]) -> str:
             f"{', '.join(str(round(r['rps'])) for r in rows)} |")
     lines += [
         "",
-        (f"## Half load: each worker at half its own saturation rate, paced wrk with "
+        (f"## Half load: each worker at half its own saturation rate, wrk at that constant rate over "
          f"{meta['args']['paced_connections']} connections, {meta['args']['duration']:.0f} s; "
          f"the replicas directly at the same rate; median of "
          f"{meta['args'].get('half_rounds', 1)} interleaved rounds"),
