@@ -330,7 +330,7 @@ def half_summary(runs: list[dict[str, Any]],
     """A target's half-load rounds: median figures, and its added p99 against the direct run
     of the same round (median and each round's), unless it is the direct target."""
     summary: dict[str, Any] = {k: statistics.median(r[k] for r in runs)
-                               for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
+                               for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "proxy_cpu_us")}
     summary["offered_rps"] = runs[0]["offered_rps"]
     summary["rounds"] = runs
     if direct is not None and runs is not direct:
@@ -542,8 +542,8 @@ def render(data: dict[str, Any]) -> str:
          f"{meta['args'].get('half_rounds', 1)} interleaved rounds"),
         "",
         ("| target | offered req/s | achieved req/s | p50 | p90 | p99 | added p99 vs direct "
-         "(median) | added p99, each round |"),
-        "|---|---|---|---|---|---|---|---|",
+         "(median) | added p99, each round | proxy CPU per request |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for worker in ("async", "threads"):
         direct = half.get(f"direct@{worker}")
@@ -555,9 +555,11 @@ def render(data: dict[str, Any]) -> str:
             if "added_p99_ms" in r:
                 added = f"{r['added_p99_ms']:+.2f} ms"
                 each = ", ".join(f"{x:+.2f}" for x in r["added_p99_rounds_ms"]) + " ms"
+            cpu = "-" if n == "direct" else \
+                f"{statistics.median(x['proxy_cpu_us'] for x in r['rounds']):.0f} µs"
             lines.append(f"| {label[n]} | {r['offered_rps']:.0f} | {r['rps']:.0f} | "
                          f"{r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
-                         f"{added} | {each} |")
+                         f"{added} | {each} | {cpu} |")
     if data.get("slow_clients"):
         args = meta["args"]
         lines += ["", (f"## Slow clients: {args['slow_attackers']} connections trickling headers "
