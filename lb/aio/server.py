@@ -32,7 +32,7 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder, Reply
+from lb.aio.upstream import AsyncForwarder, Reply, hold
 from lb.errors import ApiError
 from lb.logs import access_logged, log_access, new_request_id
 from lb.ops.metrics import BalancerMetrics
@@ -361,9 +361,7 @@ class ClientConnection(asyncio.Protocol):
         if request.routed and request.refusal is None:
             self._route(request)  # callbacks, no task: the hot path
         else:
-            task = self.loop.create_task(self._handle(request))
-            self.server.tasks.add(task)  # the loop keeps only weak references
-            task.add_done_callback(self.server.tasks.discard)
+            hold(self.server.tasks, self.loop.create_task(self._handle(request)))
 
     async def _handle(self, request: Request) -> None:
         try:

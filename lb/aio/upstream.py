@@ -267,6 +267,12 @@ class ReplicaPool:
 Answered = Callable[[Replica | None, Reply | None, BaseException | None], None]
 
 
+def hold(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    """Keep ``task`` in ``tasks`` until it is done: the loop keeps only weak references."""
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 class AsyncForwarder:
     """Sends a routed GET to the first candidate replica that answers (event-driven path)."""
 
@@ -274,7 +280,7 @@ class AsyncForwarder:
         self.settings = settings
         self.router = router
         self.pool = pool
-        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        self._tasks: set[asyncio.Task[None]] = set()  # see hold()
 
     def start(self, target: bytes, headers: Iterable[tuple[str, str]], key: int, path: str,
               answered: Answered) -> None:
@@ -372,9 +378,7 @@ class AsyncForwarder:
             else:
                 answered(replica, reply, None)
 
-        task = self.pool.loop.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        hold(self._tasks, self.pool.loop.create_task(run()))
 
     @staticmethod
     def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
