@@ -26,6 +26,7 @@ from lb.backends.swarm import is_live
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IMAGE = "hashlb-node:latest"  # swarm.mk's NODE_IMAGE, which the tests keep
+CLUSTER_LABEL = "hashlb.cluster"  # ci/cluster.sh labels all a cluster makes with its name
 TEST_CLUSTER_PREFIX = "hlbs"  # the tests' clusters; a user's own (make cluster-up) are never touched
 UP_TIMEOUT = 900  # seconds: a first run builds the node image (Debian's docker.io) too
 # The stack's settings for the tests: Maglev spreads random keys evenly, so every replica gets
@@ -140,7 +141,7 @@ def remains_of(name: str) -> list[str]:
     """What the host's engine still has of cluster ``name``: containers, volumes, networks."""
     host = docker.from_env(timeout=60)
     try:
-        label = f"hashlb.cluster={name}"
+        label = f"{CLUSTER_LABEL}={name}"
         found = [f"container {c.name}" for c in host.containers.list(
             all=True, filters={"label": label})]
         found += [f"volume {v.name}" for v in host.volumes.list(filters={"label": label})]
@@ -157,8 +158,8 @@ def remove_abandoned_clusters() -> list[str]:
     host = docker.from_env(timeout=60)
     try:
         running: dict[str, bool] = {}
-        for node in host.containers.list(all=True, filters={"label": "hashlb.role=node"}):
-            name = node.labels.get("hashlb.cluster", "")
+        for node in host.containers.list(all=True, filters={"label": f"{LABEL_ROLE}=node"}):
+            name = node.labels.get(CLUSTER_LABEL, "")
             if name.startswith(TEST_CLUSTER_PREFIX):
                 running[name] = running.get(name, False) or node.status == "running"
     finally:

@@ -19,8 +19,10 @@ from typing import Any
 import docker
 import pytest
 
+from lb.backends.docker import LABEL_ROLE
 from tests.helpers_chaos import Load, report
 from tests.helpers_swarm import (
+    CLUSTER_LABEL,
     NODE_IMAGE,
     TEST_CLUSTER_PREFIX,
     Cluster,
@@ -260,11 +262,11 @@ def test_a_cluster_left_by_a_killed_run_is_removed_and_a_live_one_is_not(
     """What a run killed before its teardown leaves (node containers no longer running, their
     volume, the network) is removed before the next run starts its cluster."""
     name = f"{TEST_CLUSTER_PREFIX}dead{uuid.uuid4().hex[:4]}"
-    labels = {"hashlb.cluster": name, "hashlb.role": "node"}
+    labels = {CLUSTER_LABEL: name, LABEL_ROLE: "node"}
     host = docker.from_env(timeout=60)
     try:
-        host.volumes.create(f"{name}-manager", labels={"hashlb.cluster": name})
-        host.networks.create(f"{name}-net", labels={"hashlb.cluster": name})
+        host.volumes.create(f"{name}-manager", labels={CLUSTER_LABEL: name})
+        host.networks.create(f"{name}-net", labels={CLUSTER_LABEL: name})
         host.containers.create(NODE_IMAGE, name=f"{name}-manager", labels=labels)
     finally:
         host.close()
