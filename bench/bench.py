@@ -330,7 +330,7 @@ def half_summary(runs: list[dict[str, Any]],
     """A target's half-load rounds: median figures, and its added p99 against the direct run
     of the same round (median and each round's), unless it is the direct target."""
     summary: dict[str, Any] = {k: statistics.median(r[k] for r in runs)
-                               for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "proxy_cpu_us")}
+                               for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
     summary["offered_rps"] = runs[0]["offered_rps"]
     summary["rounds"] = runs
     if direct is not None and runs is not direct:
