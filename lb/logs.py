@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
-import os
+import random
 import re
 import time
 from typing import Any
@@ -83,8 +83,11 @@ def configure_logging(settings: Settings) -> None:
 
 def new_request_id(given: str | None) -> str:
     """The client's ``given`` X-Request-ID when it is well formed, else a new one."""
-    # 128 random bits as 32 hex digits, the shape of a uuid4's hex without its cost.
-    return given if given and REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+    # 128 random bits as 32 hex digits, the shape of a uuid4's hex without its cost: an id
+    # needs to be unique, not secret, so no system call (random reseeds in a forked worker).
+    if given and REQUEST_ID_RE.match(given):
+        return given
+    return random.getrandbits(128).to_bytes(16).hex()
 
 
 def request_id(environ: dict[str, Any], given: str | None) -> str:

@@ -326,6 +326,20 @@ class Router:
                 return
         yield from later[:limit - given]
 
+    def first_choice(self, table: RoutingTable, key: int) -> Replica | None:
+        """``choices``' first replica when finding it takes no walk: the key's own replica,
+        unless it is a suspect or loads are bounded (then None: ask ``choices``)."""
+        if self.settings.bounded_load:
+            return None
+        server_id = table.ring.lookup(key)  # a strategy's lookup is its walk's first step
+        if server_id is None:
+            return None
+        replica = table.by_id[server_id]
+        suspects = self._suspects
+        if suspects and suspects.get(replica.hostname, 0) > time.monotonic():
+            return None
+        return replica
+
     def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
 
@@ -386,11 +400,24 @@ class Attempts:
     def __iter__(self) -> Iterator[Replica]:
         if self.empty:
             raise ApiError(503, "No replica available to serve the request")
-        for replica in self.router.choices(self.table, self.key):
-            self.tried.append(replica.hostname)
-            self.router._count(replica.hostname, +1)
-            self._began = time.perf_counter()
-            yield replica
+        router = self.router
+        first = router.first_choice(self.table, self.key)
+        if first is not None:  # the usual request: its own replica, no walk
+            yield self._trying(first)
+        # Further on only after a failure: the walk from the start, past what was tried
+        # (the replica that failed is a suspect by now, so the walk would put it last).
+        limit = 1 + router.settings.retries
+        for replica in router.choices(self.table, self.key):
+            if len(self.tried) >= limit:
+                return
+            if replica.hostname not in self.tried:
+                yield self._trying(replica)
+
+    def _trying(self, replica: Replica) -> Replica:
+        self.tried.append(replica.hostname)
+        self.router._count(replica.hostname, +1)
+        self._began = time.perf_counter()
+        return replica
 
     def failed(self, replica: Replica, error: BaseException) -> None:
         """``replica`` could not be reached (refused, reset, timed out, garbled): the next one

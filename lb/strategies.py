@@ -47,7 +47,9 @@ class Lookup(Protocol):
 
     layout: str  # "ring": a server answers for arcs of consecutive slots; "table": scattered
 
-    def lookup(self, key: int) -> int | None: ...
+    def lookup(self, key: int) -> int | None:
+        """The server id for ``key``: always ``walk(key)``'s first (routing counts on it)."""
+        ...
 
     def walk(self, key: int, skip: Iterable[int] = ()) -> Iterator[int]: ...
 

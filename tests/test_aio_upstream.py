@@ -202,6 +202,46 @@ def test_a_replica_that_does_not_answer_in_time_is_passed_over(two: Any) -> None
     assert first.requests == 2
 
 
+def test_each_exchange_times_out_at_its_own_deadline(two: Any) -> None:
+    """One timer per loop keeps every exchange's deadline: a later exchange with a shorter
+    timeout ends first, an answered one never times out, and each ends near its own time."""
+    router, first, second = two
+    first.mode = "silent"
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def exchanges(forwarder: AsyncForwarder) -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        pool = forwarder.pool
+        ended: list[tuple[str, float]] = []
+        began = loop.time()
+        conns = {}
+        for name, address in (("slow", first.address), ("quick", first.address),
+                              ("answered", second.address)):
+            conns[name] = await pool._connect(address)
+        finished = loop.create_future()
+
+        def done(name: str) -> Callable[[Any, Any], None]:
+            def record(reply: Any, error: Any) -> None:
+                ended.append((name if reply is not None else f"{name}: {error}",
+                              loop.time() - began))
+                if len(ended) == 3:
+                    finished.set_result(None)
+            return record
+
+        conns["slow"].exchange(request, 0.6, done("slow"))
+        conns["quick"].exchange(request, 0.2, done("quick"))
+        conns["answered"].exchange(request, 0.4, done("answered"))
+        await finished
+        return ended
+
+    (ended,) = run(router, exchanges)
+    names = [name for name, _ in ended]
+    assert names == ["answered", "quick: no complete answer within 0.2s",
+                     "slow: no complete answer within 0.6s"]
+    assert ended[0][1] < 0.2
+    assert 0.19 <= ended[1][1] < 0.45 and 0.59 <= ended[2][1] < 0.85  # timers: 1 ms early at most
+
+
 def test_bytes_after_an_answer_end_the_connection(two: Any) -> None:
     """The answer itself is good and passed back; the connection is never used again, so the
     stray bytes can never be read as the next request's answer."""

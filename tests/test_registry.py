@@ -122,6 +122,28 @@ def test_view_rereads_only_after_a_change(registry: Registry, monkeypatch: pytes
     assert second is not first and second.replicas[1].state == READY
 
 
+def test_a_racy_stamp_rereads_the_bytes_and_parses_only_a_change(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the file is too recent to trust its stamp, every call reads it again; the same
+    bytes are the same state (not parsed again), and a rewrite that kept the stamp is seen."""
+    view = RegistryView(registry)
+    monkeypatch.setattr(RegistryView, "RACY_SECONDS", 3600.0)  # every stamp is racy
+    parsed = []
+    parse = registry.parse
+    monkeypatch.setattr(registry, "parse", lambda raw: parsed.append(raw) or parse(raw))
+    first = view.current()
+    assert view.current() is first and view.current() is first
+    assert len(parsed) == 1
+    stamp = registry.stamp()
+    with registry.update() as state:
+        state.replicas[1].state = READY
+    monkeypatch.setattr(registry, "stamp", lambda: stamp)  # a rewrite within one tick
+    parsed.clear()  # update() parsed it too
+    second = view.current()
+    assert second is not first and second.replicas[1].state == READY
+    assert view.current() is second and len(parsed) == 1
+
+
 def _add_many(path: str, prefix: str, count: int) -> None:
     reg = Registry(path, lock_timeout=60)
     for i in range(count):

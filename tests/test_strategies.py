@@ -156,6 +156,33 @@ def test_router_candidates_follow_the_strategys_walk(tmp_path: Path, strategy: s
         assert max(served.values()) / 1000 < 1.2
 
 
+@pytest.mark.parametrize("strategy", ["ring", "ring160", "maglev"])
+def test_a_requests_attempts_are_its_candidates_in_order(tmp_path: Path, strategy: str) -> None:
+    """``Attempts`` takes the key's own replica without a walk when it can; whatever way it
+    goes, its tries are ``candidates()`` in order (suspects last), 1 + retries at most, and
+    each replica that fails sends the request on along the same walk."""
+    router = _router(tmp_path, strategy=strategy, n=4, retries=2)
+    for key in KEYS[:40]:
+        router._suspects.clear()
+        expected = router.candidates(key)
+        assert len(expected) == 3
+        assert list(router.attempts(key)) == expected  # nothing failed: the same order
+        attempts = router.attempts(key)
+        tried = []
+        for replica in attempts:
+            tried.append(replica)
+            attempts.failed(replica, OSError("refused"))  # each one a suspect from now on
+        assert tried == expected
+        router._suspects.clear()
+        router.suspect(expected[1])
+        with_suspect = router.candidates(key)
+        assert with_suspect[0] == expected[0] and expected[1] not in with_suspect[:2]
+        assert list(router.attempts(key)) == with_suspect
+        router.suspect(expected[0])
+        assert list(router.attempts(key)) == router.candidates(key)
+        assert router.candidates(key)[0] not in expected[:2]
+
+
 def test_built_from_ids_strategies_are_cached_across_registry_versions(tmp_path: Path) -> None:
     """Heartbeats rewrite the registry every round; Maglev must not be rebuilt each time."""
     router = _router(tmp_path, strategy="maglev")

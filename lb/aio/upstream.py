@@ -28,6 +28,7 @@ from lb.routing import (
 )
 from lb.settings import Settings
 
+TIMER_RESOLUTION = 0.001  # libuv's timers count milliseconds
 IDLE_PER_REPLICA = 64  # kept-alive connections a worker keeps per replica; more are closed
 
 
@@ -52,6 +53,49 @@ class Reply:
 Done = Callable[[Reply | None, UpstreamError | None], None]
 
 
+class Deadlines:
+    """When each exchange in flight must be answered by, kept by one timer per event loop.
+
+    Not a timer per exchange: arming and cancelling one cost about as much as the rest of
+    an exchange's bookkeeping. The timer is armed for the earliest deadline; when it fires,
+    every exchange past its deadline times out and it is armed for the next.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._due: dict[ReplicaConnection, tuple[float, float]] = {}  # deadline, timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+
+    def add(self, conn: ReplicaConnection, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        self._due[conn] = (deadline, timeout)
+        if self._timer is None or deadline < self._armed_for:
+            self._arm(deadline)
+
+    def discard(self, conn: ReplicaConnection) -> None:
+        self._due.pop(conn, None)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._armed_for = self.loop.call_at(when, self._expire), when
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time() + TIMER_RESOLUTION  # a timer may fire that much early
+        late = [(conn, timeout) for conn, (deadline, timeout) in self._due.items()
+                if deadline <= now]
+        for conn, _ in late:
+            del self._due[conn]
+        for conn, timeout in late:  # may start other exchanges: after the dict is settled
+            conn.timed_out(timeout)
+        if self._due:
+            first = min(deadline for deadline, _ in self._due.values())
+            if self._timer is None or first < self._armed_for:
+                self._arm(first)
+
+
 class ReplicaConnection(asyncio.Protocol):
     """One kept-alive connection to a replica, one exchange at a time.
 
@@ -60,14 +104,14 @@ class ReplicaConnection(asyncio.Protocol):
     answer must not be parsed from bytes of this one.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
         self.loop = loop
+        self.deadlines = deadlines
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.keep_alive = False
         self._done: Done | None = None  # the exchange in progress
         self._outcome: tuple[Reply | None, UpstreamError | None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -140,7 +184,7 @@ class ReplicaConnection(asyncio.Protocol):
         self._headers, self._body, self._status, self._content_type = [], [], 0, None
         self._got_bytes = self._headers_done = self._framed = False
         self._done, self._outcome = done, None
-        self._timer = self.loop.call_later(timeout, self.timed_out, timeout)
+        self.deadlines.add(self, timeout)
         self.transport.write(request)
 
     def timed_out(self, seconds: float) -> None:
@@ -168,9 +212,7 @@ class ReplicaConnection(asyncio.Protocol):
         if done is None or outcome is None:
             return
         self._done = self._outcome = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadlines.discard(self)
         done(*outcome)
 
 
@@ -183,6 +225,7 @@ class ReplicaPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: dict[str, list[ReplicaConnection]] = {}
+        self.deadlines = Deadlines(loop)
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
 
     def host_header(self, address: str) -> bytes:
@@ -237,7 +280,7 @@ class ReplicaPool:
         host, port, _ = self._host(address)
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: ReplicaConnection(self.loop), host, port),
+                self.loop.create_connection(lambda: ReplicaConnection(self.loop, self.deadlines), host, port),
                 self.connect_timeout)
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to {address}: {exc!r}") from exc
