@@ -64,6 +64,8 @@ REQUEST_DROP = HOP_BY_HOP | SPOOFABLE | SET_ON_FORWARD
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 _RESPONSE_DROP_ANY = frozenset(RESPONSE_DROP | {n.encode() for n in RESPONSE_DROP})
 _CONNECTION = frozenset({"connection", b"connection"})
+# The usual Connection value, naming a header that is dropped anyway: nothing to look into.
+_KEEP_ALIVE = frozenset({"keep-alive", b"keep-alive"})
 # How long a worker avoids a replica it could not reach, until the supervisor has decided.
 SUSPECT_SECONDS = 1.0
 # While replicas are still starting (a stack that just came up), a routed GET waits for the
@@ -148,7 +150,8 @@ def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
     for pair in headers:
         lower = pair[0].lower()
         if lower == "connection":
-            named.update(h.strip().lower() for h in pair[1].split(","))
+            if pair[1].lower() not in _KEEP_ALIVE:
+                named.update(h.strip().lower() for h in pair[1].split(","))
         elif lower == "x-forwarded-for":
             prior.append(pair[1])
         elif lower not in REQUEST_DROP and "_" not in lower:
@@ -190,12 +193,12 @@ def reply_headers(headers: Iterable[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr
     named: set[AnyStr] = set()  # listed in Connection: hop-by-hop too
     for pair in headers:
         lower = pair[0].lower()
-        if lower in _CONNECTION:
+        if lower not in _RESPONSE_DROP_ANY:
+            kept.append(pair)
+        elif lower in _CONNECTION and pair[1].lower() not in _KEEP_ALIVE:
             value = pair[1]
             comma = b"," if isinstance(value, bytes) else ","
             named.update(t.strip().lower() for t in value.split(comma))  # type: ignore[arg-type]
-        elif lower not in _RESPONSE_DROP_ANY:
-            kept.append(pair)
     named.difference_update(_RESPONSE_DROP_ANY)  # "Connection: keep-alive": dropped already
     return [p for p in kept if p[0].lower() not in named] if named else kept
 
