@@ -22,6 +22,9 @@ them stall the balancer (slowloris). Two bounds, both ``LB_CLIENT_TIMEOUT`` seco
 **Stopping promptly.** On SIGINT, SIGQUIT or SIGTERM the connections whose headers are still
 coming are shut, so no pool thread stays blocked on a slow client while the interpreter waits
 for it (gunicorn would SIGKILL the worker after its graceful timeout: Ctrl-C took 15 s).
+
+**``close`` anywhere in ``Connection``** ends the connection after the reply, as on the async
+worker (RFC 9112 section 9.6); gunicorn looks only at a first header that is exactly ``close``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
+
+
+def asks_to_close(headers: list[tuple[str, str]]) -> bool:
+    """``close`` among the options of any ``Connection`` header (RFC 9112 section 9.6), as
+    llhttp reads them for the async worker; gunicorn honours only a first ``Connection``
+    header that is exactly ``close``."""
+    return any(name == "CONNECTION" and any(option.strip(" \t").lower() == "close"
+                                            for option in value.split(","))
+               for name, value in headers)
 
 
 def limit_blocking_io(sock: socket.socket, seconds: float) -> None:
@@ -103,6 +115,8 @@ class EnvelopeThreadWorker(ThreadWorker):
     def handle_request(self, req: Any, conn: Any) -> Any:  # the headers are in
         with self.in_headers_lock:
             self.in_headers.pop(conn, None)
+        if asks_to_close(req.headers):
+            req.must_close = True  # what gunicorn's Request.should_close() consults first
         return super().handle_request(req, conn)
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful

@@ -68,6 +68,10 @@ SAME = {
                        b"Cookie: a=b; c=d", b"X-Raw: \xb2"),
     "no host": b"GET /nohost HTTP/1.1\r\n" + RID + b"\r\nConnection: close\r\n\r\n",
     "http/1.0": b"GET /old HTTP/1.0\r\n" + RID + b"\r\n\r\n",
+    "close among options": (b"GET /home HTTP/1.1\r\nHost: balancer.test\r\n" + RID
+                            + b"\r\nConnection: keep-alive, close\r\n\r\n"),
+    "close in a second header": (b"GET /home HTTP/1.1\r\nHost: balancer.test\r\n" + RID
+                                 + b"\r\nConnection: keep-alive\r\nConnection: Close\r\n\r\n"),
     "head routed": request("HEAD", b"/home"),
     "rep": request("GET", b"/rep"),
     "encoded rep": request("GET", b"/%72ep"),
@@ -181,6 +185,18 @@ def test_both_workers_refuse_the_same_requests_in_the_envelope(balancers: tuple[
         body = json.loads(reply.body)
         assert set(body) == {"message", "status"} and body["status"] == "failure"
         assert body["message"].startswith("<Error> ")
+
+
+@pytest.mark.parametrize("connection", [b"keep-alive, close", b"keep-alive\r\nConnection: Close"],
+                         ids=["among options", "in a second header"])
+def test_close_anywhere_in_connection_ends_the_connection(balancers: tuple[str, str],
+                                                          connection: bytes) -> None:
+    """RFC 9112 section 9.6: the reply says so and the server closes (well before the 5 s
+    keep-alive time would; gunicorn alone honours only a first header that is exactly close)."""
+    for url in balancers:
+        reply = raw_http(url, b"GET /home HTTP/1.1\r\nHost: x\r\nConnection: " + connection
+                         + b"\r\n\r\n", timeout=3)
+        assert reply.status == 200 and reply.header("Connection") == "close", url
 
 
 def test_a_body_in_a_later_packet_of_a_last_request_is_read(balancers: tuple[str, str]) -> None:
