@@ -71,8 +71,9 @@ swarm-down:  ## Remove the stack, then the replica services, the network and the
 	@ids=$$($(SERVICES_OF) --filter label=hashlb.role=replica); \
 	[ -z "$$ids" ] || { $(DOCKER) service rm $$ids >/dev/null; \
 	    echo "removed $$(echo $$ids | wc -w) replica services of deployment $(LB_DEPLOYMENT)"; }
-	@# The network and the volume go once the tasks' containers have stopped (a grace period).
-	@for _ in $$(seq 60); do \
+	@# The network and the volume go once the tasks' containers have stopped (a grace period
+	@# each, longer on a loaded machine): up to SWARM_WAIT seconds.
+	@for _ in $$(seq $(SWARM_WAIT)); do \
 	    $(DOCKER) stack rm $(STACK) >/dev/null 2>&1; \
 	    [ -z "$$($(DOCKER) network ls -q --filter label=com.docker.stack.namespace=$(STACK))" ] && \
 	    { ! $(DOCKER) volume inspect $(STACK)_registry >/dev/null 2>&1 || \
