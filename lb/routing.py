@@ -151,7 +151,7 @@ def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
         lower = pair[0].lower()
         if lower == "connection":
             if pair[1].lower() not in _KEEP_ALIVE:
-                named.update(h.strip().lower() for h in pair[1].split(","))
+                named.update(connection_options(pair[1]))
         elif lower == "x-forwarded-for":
             prior.append(pair[1])
         elif lower not in REQUEST_DROP and "_" not in lower:
@@ -183,6 +183,13 @@ def query_value(query: str, name: str) -> str | None:
     return None
 
 
+def connection_options(value: AnyStr) -> set[AnyStr]:
+    """The options one ``Connection`` header lists, lower-cased: ``close``, ``keep-alive``, or
+    the names of further hop-by-hop headers (RFC 9110 section 7.6.1)."""
+    comma = b"," if isinstance(value, bytes) else ","
+    return {option.strip().lower() for option in value.split(comma)}
+
+
 def reply_headers(headers: Iterable[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr, AnyStr]]:
     """A replica's headers minus those of its own hop (the balancer sets them for its reply).
 
@@ -196,9 +203,7 @@ def reply_headers(headers: Iterable[tuple[AnyStr, AnyStr]]) -> list[tuple[AnyStr
         if lower not in _RESPONSE_DROP_ANY:
             kept.append(pair)
         elif lower in _CONNECTION and pair[1].lower() not in _KEEP_ALIVE:
-            value = pair[1]
-            comma = b"," if isinstance(value, bytes) else ","
-            named.update(t.strip().lower() for t in value.split(comma))  # type: ignore[arg-type]
+            named.update(connection_options(pair[1]))
     named.difference_update(_RESPONSE_DROP_ANY)  # "Connection: keep-alive": dropped already
     return [p for p in kept if p[0].lower() not in named] if named else kept
 

@@ -39,7 +39,7 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from lb.routing import error_body, reason_phrase
+from lb.routing import connection_options, error_body, reason_phrase
 from lb.settings import Settings
 
 
@@ -57,8 +57,7 @@ def asks_to_close(headers: list[tuple[str, str]]) -> bool:
     """``close`` among the options of any ``Connection`` header (RFC 9112 section 9.6), as
     llhttp reads them for the async worker; gunicorn honours only a first ``Connection``
     header that is exactly ``close``."""
-    return any(name == "CONNECTION" and any(option.strip(" \t").lower() == "close"
-                                            for option in value.split(","))
+    return any(name == "CONNECTION" and "close" in connection_options(value)
                for name, value in headers)
 
 

@@ -280,7 +280,8 @@ class ReplicaPool:
         host, port, _ = self._host(address)
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: ReplicaConnection(self.loop, self.deadlines), host, port),
+                self.loop.create_connection(
+                    lambda: ReplicaConnection(self.loop, self.deadlines), host, port),
                 self.connect_timeout)
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to {address}: {exc!r}") from exc
