@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from lb.aio.upstream import AsyncForwarder, ReplicaPool, Reply
+from lb.aio.upstream import AsyncForwarder, ReplicaPool, Reply, UpstreamError
 from lb.errors import ApiError
 from lb.registry import Replica
 from tests.helpers_echo import inprocess_balancer
@@ -39,7 +39,9 @@ class ScriptedReplica:
       with a close (the replica's keep-alive time ran out just as the request came);
     - ``cut``: half a status line, then a close;
     - ``trailing bytes``: a clean answer followed by bytes nobody asked for;
-    - ``silent``: the request read, never answered.
+    - ``silent``: the request read, never answered;
+    - ``hang up``: each new connection closed as soon as it is accepted (a replica shutting
+      down).
     """
 
     def __init__(self) -> None:
@@ -58,6 +60,9 @@ class ScriptedReplica:
             except OSError:
                 return
             self.connections += 1
+            if self.mode == "hang up":
+                conn.close()
+                continue
             self._open.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -240,6 +245,45 @@ def test_each_exchange_times_out_at_its_own_deadline(two: Any) -> None:
                      "slow: no complete answer within 0.6s"]
     assert ended[0][1] < 0.2
     assert 0.19 <= ended[1][1] < 0.45 and 0.59 <= ended[2][1] < 0.85  # timers: 1 ms early at most
+
+
+def test_a_replica_that_hangs_up_on_new_connections_is_passed_over(two: Any) -> None:
+    router, first, second = two
+
+    async def hang_up(forwarder: AsyncForwarder) -> Any:
+        forwarder.pool.close()  # no warm connection: the request needs a new one
+        first.mode = "hang up"
+        return await get(forwarder)
+
+    outcomes = run(router, get, hang_up)
+    served_by(outcomes[0], first)
+    served_by(outcomes[1], second)
+    assert router.candidates(KEY)[0].address == second.address  # the first is a suspect now
+
+
+def test_a_connection_lost_before_its_request_went_out_fails_that_exchange(two: Any) -> None:
+    """A new connection the replica hung up on while its task waited for its turn: the
+    exchange fails at once as the replica's (uvloop would raise on the write)."""
+    router, first, _ = two
+    first.mode = "hang up"
+
+    async def late(forwarder: AsyncForwarder) -> Any:
+        pool = forwarder.pool
+        conn = await pool._connect(first.address)
+        for _ in range(200):
+            if conn.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.closed, "the replica did not hang up"
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamError) as caught:
+            await pool._exchange(first.address, conn, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return caught.value, asyncio.get_running_loop().time() - began
+
+    ((error, seconds),) = run(router, late)
+    assert "closed the connection" in str(error) and error.before_reply
+    assert seconds < 0.1  # not the 0.5 s read timeout
+    assert first.requests == 0
 
 
 def test_bytes_after_an_answer_end_the_connection(two: Any) -> None:

@@ -184,6 +184,13 @@ class ReplicaConnection(asyncio.Protocol):
         self._headers, self._body, self._status, self._content_type = [], [], 0, None
         self._got_bytes = self._headers_done = self._framed = False
         self._done, self._outcome = done, None
+        if self.closed:
+            # Lost before the request went out: a new connection the replica hung up on
+            # while the task that opened it waited for its turn (uvloop raises RuntimeError
+            # on a write to a closed transport; asyncio would wait out the deadline).
+            self._fail(UpstreamError("the replica closed the connection", before_reply=True))
+            self._deliver()
+            return
         self.deadlines.add(self, timeout)
         self.transport.write(request)
 
