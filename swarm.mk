@@ -54,7 +54,7 @@ swarm-up:  ## Deploy swarm-stack.yml on the swarm manager DOCKER_HOST names; ret
 	$(SWARM_RUN) DOCKER_GID=$$gid $(DOCKER) stack deploy --resolve-image never $$detach \
 	    --compose-file swarm-stack.yml $(STACK)
 	@# Serving, and not by the task a re-deploy is replacing.
-	@for _ in $$(seq $$(( $(SWARM_WAIT) * 2 ))); do \
+	@end=$$(( $$(date +%s) + $(SWARM_WAIT) )); while [ $$(date +%s) -lt $$end ]; do \
 	    ! $(DOCKER) service inspect --format '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' \
 	        $(STACK)_lb $(STACK)_supervisor | grep -q '^updating$$' && \
 	    python3 -c 'import json, urllib.request as u; o = u.build_opener(u.ProxyHandler({})); \
@@ -73,7 +73,7 @@ swarm-down:  ## Remove the stack, then the replica services, the network and the
 	    echo "removed $$(echo $$ids | wc -w) replica services of deployment $(LB_DEPLOYMENT)"; }
 	@# The network and the volume go once the tasks' containers have stopped (a grace period
 	@# each, longer on a loaded machine): up to SWARM_WAIT seconds.
-	@for _ in $$(seq $(SWARM_WAIT)); do \
+	@end=$$(( $$(date +%s) + $(SWARM_WAIT) )); while [ $$(date +%s) -lt $$end ]; do \
 	    $(DOCKER) stack rm $(STACK) >/dev/null 2>&1; \
 	    [ -z "$$($(DOCKER) network ls -q --filter label=com.docker.stack.namespace=$(STACK))" ] && \
 	    { ! $(DOCKER) volume inspect $(STACK)_registry >/dev/null 2>&1 || \
