@@ -14,7 +14,7 @@
 STACK             ?= hashlb
 SWARM_NODES       ?=
 SWARM_URL         ?= http://127.0.0.1:$(LB_PUBLISH_PORT)
-SWARM_WAIT        ?= 180
+SWARM_WAIT        ?= 300
 NODE_IMAGE        ?= hashlb-node:latest
 CLUSTER           ?= hashlb-cluster
 CLUSTER_WORKERS   ?= 2
