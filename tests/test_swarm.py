@@ -257,7 +257,7 @@ def test_swarm_down_removes_the_stack_and_every_replica(swarm_cluster: Cluster) 
     reply = session.post(cluster.url + "/add", json={"n": 2}, timeout=120)
     assert reply.status_code == 200, reply.text
     assert len(cluster.replica_services()) == 5
-    proc = cluster.make("swarm-down", timeout=300,
+    proc = cluster.make("swarm-down", timeout=400,  # past SWARM_WAIT: its own message first
                         env={"DOCKER_HOST": cluster.socket("manager")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     api = cluster.client().api
