@@ -19,9 +19,16 @@ them stall the balancer (slowloris). Two bounds, both ``LB_CLIENT_TIMEOUT`` seco
 - no single read or write of the connection (body, reply) may wait longer: the kernel's
   ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` hold whatever gunicorn does with the socket's blocking mode.
 
-**Stopping promptly.** On SIGINT, SIGQUIT or SIGTERM the connections whose headers are still
-coming are shut, so no pool thread stays blocked on a slow client while the interpreter waits
-for it (gunicorn would SIGKILL the worker after its graceful timeout: Ctrl-C took 15 s).
+**Stopping promptly.** The interpreter waits for every pool thread before it exits, and gunicorn
+SIGKILLs a worker still there after its graceful timeout (Ctrl-C took 15 s). So no pool thread
+may stay blocked on a slow client once the worker stops:
+
+- SIGINT or SIGQUIT (quick: the worker exits at once): every connection a pool thread holds is
+  shut (its headers or its body still coming, or its reply being written), and a connection
+  queued for a thread before the signal is closed unread when a thread takes it;
+- SIGTERM (graceful: requests in flight are finished): the connections whose headers are still
+  coming are shut, and a request whose thread began reading it after the signal gets
+  ``STOP_HEADERS_GRACE`` seconds for its headers, not ``LB_CLIENT_TIMEOUT``.
 
 **``close`` anywhere in ``Connection``** ends the connection after the reply, as on the async
 worker (RFC 9112 section 9.6); gunicorn looks only at a first header that is exactly ``close``.
@@ -34,6 +41,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from gunicorn import util
@@ -41,6 +49,8 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from lb.routing import connection_options, error_body, reason_phrase
 from lb.settings import Settings
+
+STOP_HEADERS_GRACE = 2.0  # seconds for a request's headers once a graceful stop has begun
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -59,6 +69,25 @@ def asks_to_close(headers: list[tuple[str, str]]) -> bool:
     header that is exactly ``close``."""
     return any(name == "CONNECTION" and "close" in connection_options(value)
                for name, value in headers)
+
+
+def shut_all(conns: Iterable[Any]) -> None:
+    """Shut the sockets of ``conns`` (gthread connections): a thread blocked reading or writing
+    one returns at once. Called from signal handlers, so without the lock the main loop may
+    hold: the collection is copied, again if it changed size meanwhile."""
+    for _ in range(3):
+        try:
+            pending = list(conns)
+            break
+        except RuntimeError:  # changed size while copied
+            continue
+    else:
+        return
+    for conn in pending:
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            continue  # already gone
 
 
 def limit_blocking_io(sock: socket.socket, seconds: float) -> None:
@@ -99,17 +128,23 @@ class EnvelopeThreadWorker(ThreadWorker):
         self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
         # Connections whose thread is still reading the request's headers -> when it began.
         self.in_headers: dict[Any, float] = {}
-        self.in_headers_lock = threading.Lock()
+        self.in_threads: set[Any] = set()  # every connection a pool thread holds
+        self.in_headers_lock = threading.Lock()  # guards both
+        self.quitting = False  # a quick stop has begun: see handle_quit
         super().init_process()
 
     def handle(self, conn: Any) -> Any:  # a pool thread
         with self.in_headers_lock:
             self.in_headers[conn] = time.monotonic()
+            self.in_threads.add(conn)
         try:
+            if self.quitting:  # queued before the signal, taken after handle_quit's sweep
+                return False  # gthread closes it
             return super().handle(conn)
         finally:
             with self.in_headers_lock:
                 self.in_headers.pop(conn, None)
+                self.in_threads.discard(conn)
 
     def handle_request(self, req: Any, conn: Any) -> Any:  # the headers are in
         with self.in_headers_lock:
@@ -120,34 +155,19 @@ class EnvelopeThreadWorker(ThreadWorker):
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful
         super().handle_exit(sig, frame)
-        self.drop_unfinished_headers()
+        shut_all(self.in_headers)  # nothing was asked of those requests yet
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT: quick
-        self.drop_unfinished_headers()
+        # The flag first: a thread that takes a connection after the sweep below sees it.
+        self.quitting = True
+        shut_all(self.in_threads)
         super().handle_quit(sig, frame)
-
-    def drop_unfinished_headers(self) -> None:
-        """Stopping: a thread reading a request's headers would keep reading until its client
-        finished or LB_CLIENT_TIMEOUT ran out, and the interpreter waits for every pool thread
-        before it exits (gunicorn then SIGKILLs the worker). Nothing has been asked of those
-        requests yet: their connections are shut, their threads return at once."""
-        for _ in range(3):  # a signal handler: no lock (the main loop may hold it); retry
-            try:
-                pending = list(self.in_headers)
-                break
-            except RuntimeError:  # changed size while copied
-                continue
-        else:
-            return
-        for conn in pending:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                continue
 
     def murder_pending(self) -> None:  # the main loop, about once a second
         super().murder_pending()
-        deadline = time.monotonic() - self.client_timeout
+        allowed = self.client_timeout if self.alive else min(self.client_timeout,
+                                                             STOP_HEADERS_GRACE)
+        deadline = time.monotonic() - allowed
         with self.in_headers_lock:
             late = [conn for conn, began in self.in_headers.items() if began < deadline]
             for conn in late:
@@ -157,8 +177,9 @@ class EnvelopeThreadWorker(ThreadWorker):
                 except OSError:
                     continue  # already gone
                 self.log.warning("slow client %s: request headers not complete within %gs "
-                                 "(LB_CLIENT_TIMEOUT), connection dropped",
-                                 conn.client[0] if conn.client else "?", self.client_timeout)
+                                 "(%s), connection dropped",
+                                 conn.client[0] if conn.client else "?", allowed,
+                                 "LB_CLIENT_TIMEOUT" if self.alive else "the worker is stopping")
 
     def enqueue_req(self, conn: Any) -> None:
         # Each connection once, when it first reaches a thread (keep-alive ones come back here).

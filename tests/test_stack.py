@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -35,13 +37,13 @@ def test_bad_setting_is_a_clear_error_not_a_traceback() -> None:
     assert "Traceback" not in run.stderr
 
 
-def start_in_own_session(tmp_path: Path, worker: str) -> tuple[subprocess.Popen[bytes], str,
-                                                                Settings, Path]:
+def start_in_own_session(tmp_path: Path, worker: str, **overrides: Any,
+                         ) -> tuple[subprocess.Popen[bytes], str, Settings, Path]:
     """``lb-run`` as a terminal would run it (its own process group, for a Ctrl-C to reach
     every process of it), up and serving; the process, its URL, settings and log."""
     deployment = f"cc{uuid.uuid4().hex[:8]}"
     settings = Settings.from_env({}, port=free_port(), deployment=deployment, worker=worker,
-                                 registry=str(tmp_path / "registry.json"))
+                                 registry=str(tmp_path / "registry.json"), **overrides)
     log = tmp_path / "lb-run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lb"],
@@ -79,30 +81,25 @@ def test_ctrl_c_stops_balancer_supervisor_and_every_replica(tmp_path: Path,
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worker: str) -> None:
-    """Ctrl-C while clients hold kept-alive connections, half-sent requests and a request in
-    flight: everything stops within seconds, and gunicorn never has to SIGKILL a worker that
-    did not stop within its graceful timeout (15 s)."""
-    proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
-    host, port = "127.0.0.1", settings.port
-    held: list[socket.socket] = []
+def send(port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+HALF_SENT = b"GET /home HTTP/1.1\r\nHost: x\r\n"  # in the middle of its headers
+ADD_ONE = b"POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n" + b'{"n": 1}'
+
+
+def stops_promptly(proc: subprocess.Popen[bytes], settings: Settings, log: Path,
+                   held: list[socket.socket], signal_it: Callable[[], None], what: str) -> None:
+    """``signal_it()`` with the clients of ``held`` connected: everything stops within seconds,
+    and gunicorn never has to SIGKILL a worker that did not stop within its graceful timeout
+    (15 s). The clients hang up only once everything has stopped."""
     try:
-        for _ in range(20):  # kept alive after one request each
-            sock = socket.create_connection((host, port), timeout=10)
-            sock.sendall(b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            held.append(sock)
-        for _ in range(5):  # in the middle of their headers
-            sock = socket.create_connection((host, port), timeout=10)
-            sock.sendall(b"GET /home HTTP/1.1\r\nHost: x\r\n")
-            held.append(sock)
-        in_flight = socket.create_connection((host, port), timeout=10)
-        in_flight.sendall(b"POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
-                          b'{"n": 1}')
-        held.append(in_flight)
         time.sleep(0.2)
         began = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
+        signal_it()
         code = proc.wait(timeout=60)
         took = time.monotonic() - began
     finally:
@@ -111,11 +108,50 @@ def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worke
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text(errors="replace")
-    print(f"\n[ctrl-c] worker={lb_worker}: everything stopped {took:.2f} s after Ctrl-C")
+    print(f"\n[stop] worker={settings.worker}, {what}: everything stopped {took:.2f} s after")
     assert code == 0, text[-2000:]
     assert "SIGKILL" not in text and "WORKER TIMEOUT" not in text, text[-2000:]
-    assert took < 10, text[-2000:]  # gunicorn's graceful timeout is 15 s
+    assert took < 10, text[-2000:]
     assert deployment_processes(settings.deployment) == []
+
+
+def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worker: str) -> None:
+    """Ctrl-C while clients hold kept-alive connections, half-sent requests and a request in
+    flight."""
+    proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
+    held: list[socket.socket] = []
+    for _ in range(20):  # kept alive after one request each
+        held.append(send(settings.port, b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
+    held += [send(settings.port, HALF_SENT) for _ in range(5)]
+    held.append(send(settings.port, ADD_ONE))
+    stops_promptly(proc, settings, log, held, lambda: os.killpg(proc.pid, signal.SIGINT),
+                   "Ctrl-C")
+
+
+def test_ctrl_c_with_a_request_body_still_coming_needs_no_sigkill(tmp_path: Path,
+                                                                  lb_worker: str) -> None:
+    """The headers are in, the body is not: the request's thread (threads worker) is blocked
+    reading it, past the point where a slow client's headers would be dropped."""
+    proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
+    held = [send(settings.port, ADD_ONE[:-5])]
+    stops_promptly(proc, settings, log, held, lambda: os.killpg(proc.pid, signal.SIGINT),
+                   "Ctrl-C, a body still coming")
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_stop_with_half_sent_requests_queued_behind_a_busy_thread_needs_no_sigkill(
+        tmp_path: Path, lb_worker: str, stop: str) -> None:
+    """One worker with one thread, busy with an /add: the half-sent requests after it wait in
+    the thread pool's queue when the signal comes, and a thread only takes them afterwards.
+    SIGTERM goes to ``lb-run`` alone (a graceful stop: the /add is finished)."""
+    proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker, workers=1, threads=1)
+    held = [send(settings.port, ADD_ONE)]
+    time.sleep(0.05)
+    held += [send(settings.port, HALF_SENT) for _ in range(2)]
+    stops_promptly(proc, settings, log, held,
+                   lambda: os.killpg(proc.pid, signal.SIGINT) if stop == "Ctrl-C"
+                   else os.kill(proc.pid, signal.SIGTERM), stop)
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:
