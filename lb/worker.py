@@ -27,8 +27,9 @@ may stay blocked on a slow client once the worker stops:
   shut (its headers or its body still coming, or its reply being written), and a connection
   queued for a thread before the signal is closed unread when a thread takes it;
 - SIGTERM (graceful: requests in flight are finished): the connections whose headers are still
-  coming are shut, and a request whose thread began reading it after the signal gets
-  ``STOP_HEADERS_GRACE`` seconds for its headers, not ``LB_CLIENT_TIMEOUT``.
+  coming are shut; the others are shut for reading, so a body still coming ends (the app
+  answers 400) while replies go out; a request whose thread began reading it after the
+  signal gets ``STOP_HEADERS_GRACE`` seconds for its headers, not ``LB_CLIENT_TIMEOUT``.
 
 **``close`` anywhere in ``Connection``** ends the connection after the reply, as on the async
 worker (RFC 9112 section 9.6); gunicorn looks only at a first header that is exactly ``close``.
@@ -71,10 +72,11 @@ def asks_to_close(headers: list[tuple[str, str]]) -> bool:
                for name, value in headers)
 
 
-def shut_all(conns: Iterable[Any]) -> None:
-    """Shut the sockets of ``conns`` (gthread connections): a thread blocked reading or writing
-    one returns at once. Called from signal handlers, so without the lock the main loop may
-    hold: the collection is copied, again if it changed size meanwhile."""
+def shut_all(conns: Iterable[Any], how: int = socket.SHUT_RDWR) -> None:
+    """Shut the sockets of ``conns`` (gthread connections) for reading and writing, or as
+    ``how`` says: a thread blocked on one returns at once. Called from signal handlers, so
+    without the lock the main loop may hold: the collection is copied, again if it changed
+    size meanwhile."""
     for _ in range(3):
         try:
             pending = list(conns)
@@ -85,7 +87,7 @@ def shut_all(conns: Iterable[Any]) -> None:
         return
     for conn in pending:
         try:
-            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.sock.shutdown(how)
         except OSError:
             continue  # already gone
 
@@ -156,6 +158,10 @@ class EnvelopeThreadWorker(ThreadWorker):
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful
         super().handle_exit(sig, frame)
         shut_all(self.in_headers)  # nothing was asked of those requests yet
+        # The others are answered but read no further: a body still coming ends here (the app
+        # answers 400) instead of holding its thread for LB_CLIENT_TIMEOUT. What has arrived
+        # is still read; replies go out on the write side.
+        shut_all(self.in_threads, socket.SHUT_RD)
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT: quick
         # The flag first: a thread that takes a connection after the sweep below sees it.

@@ -125,33 +125,38 @@ def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worke
         assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
     held += [send(settings.port, HALF_SENT) for _ in range(5)]
     held.append(send(settings.port, ADD_ONE))
-    stops_promptly(proc, settings, log, held, lambda: os.killpg(proc.pid, signal.SIGINT),
-                   "Ctrl-C")
+    stops_promptly(proc, settings, log, held, signal_for(proc, "Ctrl-C"), "Ctrl-C")
 
 
-def test_ctrl_c_with_a_request_body_still_coming_needs_no_sigkill(tmp_path: Path,
-                                                                  lb_worker: str) -> None:
+def signal_for(proc: subprocess.Popen[bytes], stop: str) -> Callable[[], None]:
+    """Ctrl-C reaches every process of the group; SIGTERM goes to ``lb-run`` alone (it stops
+    the balancer gracefully)."""
+    if stop == "Ctrl-C":
+        return lambda: os.killpg(proc.pid, signal.SIGINT)
+    return lambda: os.kill(proc.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_stop_with_a_request_body_still_coming_needs_no_sigkill(
+        tmp_path: Path, lb_worker: str, stop: str) -> None:
     """The headers are in, the body is not: the request's thread (threads worker) is blocked
     reading it, past the point where a slow client's headers would be dropped."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
     held = [send(settings.port, ADD_ONE[:-5])]
-    stops_promptly(proc, settings, log, held, lambda: os.killpg(proc.pid, signal.SIGINT),
-                   "Ctrl-C, a body still coming")
+    stops_promptly(proc, settings, log, held, signal_for(proc, stop),
+                   f"{stop}, a body still coming")
 
 
 @pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
 def test_stop_with_half_sent_requests_queued_behind_a_busy_thread_needs_no_sigkill(
         tmp_path: Path, lb_worker: str, stop: str) -> None:
     """One worker with one thread, busy with an /add: the half-sent requests after it wait in
-    the thread pool's queue when the signal comes, and a thread only takes them afterwards.
-    SIGTERM goes to ``lb-run`` alone (a graceful stop: the /add is finished)."""
+    the thread pool's queue when the signal comes, and a thread only takes them afterwards."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker, workers=1, threads=1)
     held = [send(settings.port, ADD_ONE)]
     time.sleep(0.05)
     held += [send(settings.port, HALF_SENT) for _ in range(2)]
-    stops_promptly(proc, settings, log, held,
-                   lambda: os.killpg(proc.pid, signal.SIGINT) if stop == "Ctrl-C"
-                   else os.kill(proc.pid, signal.SIGTERM), stop)
+    stops_promptly(proc, settings, log, held, signal_for(proc, stop), stop)
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:
