@@ -92,16 +92,22 @@ ADD_ONE = b"POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n" + b'{"n"
 
 
 def stops_promptly(proc: subprocess.Popen[bytes], settings: Settings, log: Path,
-                   held: list[socket.socket], signal_it: Callable[[], None], what: str) -> None:
+                   held: list[socket.socket], signal_it: Callable[[], None], what: str,
+                   ) -> bytes:
     """``signal_it()`` with the clients of ``held`` connected: everything stops within seconds,
     and gunicorn never has to SIGKILL a worker that did not stop within its graceful timeout
-    (15 s). The clients hang up only once everything has stopped."""
+    (15 s). The clients hang up only once everything has stopped. What the first one got."""
     try:
         time.sleep(0.2)
         began = time.monotonic()
         signal_it()
         code = proc.wait(timeout=60)
         took = time.monotonic() - began
+        held[0].settimeout(2)
+        try:
+            first = held[0].recv(65536)
+        except OSError:
+            first = b""
     finally:
         for sock in held:
             sock.close()
@@ -113,6 +119,7 @@ def stops_promptly(proc: subprocess.Popen[bytes], settings: Settings, log: Path,
     assert "SIGKILL" not in text and "WORKER TIMEOUT" not in text, text[-2000:]
     assert took < 10, text[-2000:]
     assert deployment_processes(settings.deployment) == []
+    return first
 
 
 def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worker: str) -> None:
@@ -151,12 +158,15 @@ def test_stop_with_a_request_body_still_coming_needs_no_sigkill(
 def test_stop_with_half_sent_requests_queued_behind_a_busy_thread_needs_no_sigkill(
         tmp_path: Path, lb_worker: str, stop: str) -> None:
     """One worker with one thread, busy with an /add: the half-sent requests after it wait in
-    the thread pool's queue when the signal comes, and a thread only takes them afterwards."""
+    the thread pool's queue when the signal comes, and a thread only takes them afterwards.
+    SIGTERM is a graceful stop: the /add in flight is answered."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker, workers=1, threads=1)
     held = [send(settings.port, ADD_ONE)]
     time.sleep(0.05)
     held += [send(settings.port, HALF_SENT) for _ in range(2)]
-    stops_promptly(proc, settings, log, held, signal_for(proc, stop), stop)
+    answer = stops_promptly(proc, settings, log, held, signal_for(proc, stop), stop)
+    if stop == "SIGTERM":
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:
