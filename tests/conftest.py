@@ -4,6 +4,7 @@ loopback, registries in ``tmp_path``, and cleanup that leaves no process of a te
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,21 @@ import requests
 from lb.backends.local import ENV_DEPLOYMENT
 from lb.registry import READY, Registry, State
 from lb.settings import Settings
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d ")  # a log line's start (lb.logs.TEXT_FORMAT)
+
+
+def trouble(lines: list[str]) -> list[str]:
+    """The log lines at WARNING and above, each with the lines that follow it (a traceback):
+    what a failed test shows of the balancer's side."""
+    kept: list[str] = []
+    keeping = False
+    for line in lines:
+        if LOG_LINE.match(line):
+            keeping = any(f" {level} " in line for level in ("WARNING", "ERROR", "CRITICAL"))
+        if keeping:
+            kept.append(line)
+    return kept
 
 
 def free_port() -> int:
@@ -220,3 +236,26 @@ def swarm_cluster() -> Iterator[Any]:
     from tests.helpers_swarm import running_cluster
 
     yield from running_cluster(free_port())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that ran stacks gets their warnings and errors as a report section: a
+    flaky failure in CI shows the balancer's side (tracebacks included) without a re-run."""
+    report = yield
+    if report.failed and report.when == "call":
+        stacks = []
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, StackFactory):
+                stacks += value.started
+            elif isinstance(value, RunningStack):
+                stacks.append(value)
+        seen: set[int] = set()
+        for stack in stacks:
+            if id(stack) in seen:
+                continue
+            seen.add(id(stack))
+            lines = trouble(stack.log().splitlines())
+            title = f"{stack.settings.deployment} ({stack.log_path.name}): WARNING and above"
+            report.sections.append((title, "\n".join(lines[-80:]) or "(nothing)"))
+    return report

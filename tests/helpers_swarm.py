@@ -10,7 +10,6 @@ the manager's for services, tasks and nodes, a worker's for the containers it ru
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 import uuid
@@ -29,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_IMAGE = "hashlb-node:latest"  # swarm.mk's NODE_IMAGE, which the tests keep
 CLUSTER_LABEL = "hashlb.cluster"  # ci/cluster.sh labels all a cluster makes with its name
 TEST_CLUSTER_PREFIX = "hlbs"  # the tests' clusters; a user's own (make cluster-up) are never touched
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d ")  # a log line's start (lb.logs.TEXT_FORMAT)
 UP_TIMEOUT = 900  # seconds: a first run builds the node image (Debian's docker.io) too
 # The stack's settings for the tests: Maglev spreads random keys evenly, so every replica gets
 # requests (the spec's hash sends 96 % to one), and a start timeout with room for a busy machine.
@@ -115,14 +113,9 @@ class Cluster:
             lines = b"".join(raw).decode("utf-8", "replace").splitlines()
         except (docker.errors.DockerException, ValueError) as exc:  # ValueError: no service
             return [f"(the balancer's log could not be read: {exc!r})"]
-        kept: list[str] = []
-        keeping = False
-        for line in lines:
-            if TIMESTAMP.match(line):
-                keeping = any(f" {level} " in line for level in ("WARNING", "ERROR", "CRITICAL"))
-            if keeping:
-                kept.append(line)
-        return kept
+        from tests.conftest import trouble
+
+        return trouble(lines)
 
     # -- what the balancer says -------------------------------------------------------------
     def rep(self, session: requests.Session) -> dict[str, Any]:
