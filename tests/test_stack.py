@@ -92,12 +92,15 @@ ADD_ONE = b"POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n" + b'{"n"
 
 
 def stops_promptly(proc: subprocess.Popen[bytes], settings: Settings, log: Path,
-                   held: list[socket.socket], signal_it: Callable[[], None], what: str,
-                   ) -> bytes:
-    """``signal_it()`` with the clients of ``held`` connected: everything stops within seconds,
-    and gunicorn never has to SIGKILL a worker that did not stop within its graceful timeout
-    (15 s). The clients hang up only once everything has stopped. What the first one got."""
+                   connect: Callable[[], list[socket.socket]], signal_it: Callable[[], None],
+                   what: str) -> bytes:
+    """``signal_it()`` with the clients ``connect()`` returns connected: everything stops
+    within seconds, and gunicorn never has to SIGKILL a worker that did not stop within its
+    graceful timeout (15 s). The clients hang up only once everything has stopped. What the
+    first one got."""
+    held: list[socket.socket] = []
     try:
+        held += connect()
         time.sleep(0.2)
         began = time.monotonic()
         signal_it()
@@ -126,13 +129,16 @@ def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worke
     """Ctrl-C while clients hold kept-alive connections, half-sent requests and a request in
     flight."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
-    held: list[socket.socket] = []
-    for _ in range(20):  # kept alive after one request each
-        held.append(send(settings.port, b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n"))
-        assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
-    held += [send(settings.port, HALF_SENT) for _ in range(5)]
-    held.append(send(settings.port, ADD_ONE))
-    stops_promptly(proc, settings, log, held, signal_for(proc, "Ctrl-C"), "Ctrl-C")
+
+    def connect() -> list[socket.socket]:
+        held = []
+        for _ in range(20):  # kept alive after one request each
+            held.append(send(settings.port, b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n"))
+            assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
+        held += [send(settings.port, HALF_SENT) for _ in range(5)]
+        return [*held, send(settings.port, ADD_ONE)]
+
+    stops_promptly(proc, settings, log, connect, signal_for(proc, "Ctrl-C"), "Ctrl-C")
 
 
 def signal_for(proc: subprocess.Popen[bytes], stop: str) -> Callable[[], None]:
@@ -149,9 +155,8 @@ def test_stop_with_a_request_body_still_coming_needs_no_sigkill(
     """The headers are in, the body is not: the request's thread (threads worker) is blocked
     reading it, past the point where a slow client's headers would be dropped."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker)
-    held = [send(settings.port, ADD_ONE[:-5])]
-    stops_promptly(proc, settings, log, held, signal_for(proc, stop),
-                   f"{stop}, a body still coming")
+    stops_promptly(proc, settings, log, lambda: [send(settings.port, ADD_ONE[:-5])],
+                   signal_for(proc, stop), f"{stop}, a body still coming")
 
 
 @pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
@@ -161,10 +166,13 @@ def test_stop_with_half_sent_requests_queued_behind_a_busy_thread_needs_no_sigki
     the thread pool's queue when the signal comes, and a thread only takes them afterwards.
     SIGTERM is a graceful stop: the /add in flight is answered."""
     proc, _url, settings, log = start_in_own_session(tmp_path, lb_worker, workers=1, threads=1)
-    held = [send(settings.port, ADD_ONE)]
-    time.sleep(0.05)
-    held += [send(settings.port, HALF_SENT) for _ in range(2)]
-    answer = stops_promptly(proc, settings, log, held, signal_for(proc, stop), stop)
+
+    def connect() -> list[socket.socket]:
+        busy = send(settings.port, ADD_ONE)
+        time.sleep(0.05)
+        return [busy, *(send(settings.port, HALF_SENT) for _ in range(2))]
+
+    answer = stops_promptly(proc, settings, log, connect, signal_for(proc, stop), stop)
     if stop == "SIGTERM":
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
 
