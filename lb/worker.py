@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gunicorn import util
+from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
 from lb.routing import connection_options, error_body, reason_phrase
@@ -123,16 +124,19 @@ class EnvelopeThreadWorker(ThreadWorker):
     and whose clients get ``LB_CLIENT_TIMEOUT`` seconds for their headers and for each read or
     write after them."""
 
-    def init_process(self) -> None:
-        # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
-        util.write_error = write_json_error
-        self.client_timeout = Settings.from_env().client_timeout
-        self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # Connections whose thread is still reading the request's headers -> when it began.
         self.in_headers: dict[Any, float] = {}
         self.in_threads: set[Any] = set()  # every connection a pool thread holds
         self.in_headers_lock = threading.Lock()  # guards both
         self.quitting = False  # a quick stop has begun: see handle_quit
+
+    def init_process(self) -> None:
+        # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
+        util.write_error = write_json_error
+        self.client_timeout = Settings.from_env().client_timeout
+        self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
         super().init_process()
 
     def handle(self, conn: Any) -> Any:  # a pool thread
@@ -164,10 +168,18 @@ class EnvelopeThreadWorker(ThreadWorker):
         shut_all(self.in_threads, socket.SHUT_RD)
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT: quick
+        if self.quitting:
+            # Ctrl-C reaches the worker twice: SIGINT from the terminal, SIGQUIT from the
+            # arbiter. The second may land inside the first handler, which goes on to exit.
+            return
         # The flag first: a thread that takes a connection after the sweep below sees it.
         self.quitting = True
         shut_all(self.in_threads)
-        super().handle_quit(sig, frame)
+        # Not gthread's handle_quit: its tpool.shutdown() takes the pool's lock, which the
+        # interrupted main thread may hold (in submit, or in a first handler's shutdown), and
+        # the worker deadlocks until gunicorn's SIGKILL. At exit the interpreter stops the
+        # pool's threads anyway, once each has dropped what it held (quitting, above).
+        Worker.handle_quit(self, sig, frame)
 
     def murder_pending(self) -> None:  # the main loop, about once a second
         super().murder_pending()
