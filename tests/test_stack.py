@@ -133,7 +133,7 @@ def test_ctrl_c_with_clients_connected_needs_no_sigkill(tmp_path: Path, lb_worke
     def connect() -> list[socket.socket]:
         held = []
         for _ in range(20):  # kept alive after one request each
-            held.append(send(settings.port, b"GET /home HTTP/1.1\r\nHost: x\r\n\r\n"))
+            held.append(send(settings.port, HALF_SENT + b"\r\n"))
             assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
         held += [send(settings.port, HALF_SENT) for _ in range(5)]
         return [*held, send(settings.port, ADD_ONE)]

@@ -30,7 +30,8 @@ def worker() -> Iterator[EnvelopeThreadWorker]:
 
 def quit_in_thread(worker: EnvelopeThreadWorker, lock: threading.Lock) -> BaseException | None:
     """``handle_quit`` called, as a signal handler is, by a thread that holds ``lock``: what it
-    raised, or None if it was still blocked after 5 s (then the lock is let go, so it ends)."""
+    raised; None if it returned, or was still blocked after 5 s (then the lock is let go, so
+    the thread ends)."""
     outcome: list[BaseException | None] = []
 
     def interrupted() -> None:
@@ -57,7 +58,7 @@ def test_quit_landing_while_the_pool_takes_work_exits(worker: EnvelopeThreadWork
     at once. gthread's own handler shut the pool down, taking that lock again, and the worker
     hung until gunicorn's SIGKILL 15 s later."""
     raised = quit_in_thread(worker, worker.tpool._shutdown_lock)
-    assert isinstance(raised, SystemExit), "handle_quit deadlocked on the pool's lock"
+    assert isinstance(raised, SystemExit), "handle_quit did not exit (deadlocked on the lock?)"
     assert raised.code == 0
     assert worker.quitting and not worker.alive
 
