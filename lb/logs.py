@@ -87,7 +87,7 @@ def new_request_id(given: str | None) -> str:
     # needs to be unique, not secret, so no system call (random reseeds in a forked worker).
     if given and REQUEST_ID_RE.match(given):
         return given
-    return random.getrandbits(128).to_bytes(16).hex()
+    return f"{random.getrandbits(128):032x}"
 
 
 def request_id(environ: dict[str, Any], given: str | None) -> str:

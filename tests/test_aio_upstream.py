@@ -133,7 +133,7 @@ def run(router: Any, *calls: Callable[[AsyncForwarder], Any]) -> list[Any]:
 async def get(forwarder: AsyncForwarder) -> tuple[Replica | None, Reply | None, Any]:
     """One routed GET through ``start`` (warm connection: callbacks; else a task)."""
     outcome: asyncio.Future[tuple[Any, Any, Any]] = asyncio.get_running_loop().create_future()
-    forwarder.start(b"/home?id=1", [("Accept", "*/*")], KEY, "/home",
+    forwarder.start(b"/home?id=1", b"Accept: */*\r\n", KEY, "/home",
                     lambda *result: outcome.set_result(result))
     return await outcome
 

@@ -349,22 +349,22 @@ def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
 
 def test_batched_counts_give_the_same_figures_as_direct_ones(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The event-driven worker batches its counts (BalancerMetrics.flush writes a histogram's
+    """The event-driven worker batches its counts (LoopCounts.flush writes a histogram's
     buckets itself): the exposition must be what one observe() per request gives."""
     from lb.ops.metrics import BalancerMetrics
     from lb.registry import Replica
 
     monkeypatch.delenv(ENV_DIR, raising=False)
     direct, batched = BalancerMetrics(), BalancerMetrics()
-    batched.batch_in_this_thread()
+    counts = batched.batched()
     replicas = [Replica("S1", 1, []), Replica("S2", 2, [])]
     events = [(replicas[i % 2], 200 if i % 7 else 503, 0.0007 * i, i % 3) for i in range(200)]
-    for metrics in (direct, batched):
+    for metrics in (direct, counts):
         for replica, status, seconds, attempt in events + [(replicas[0], 200, 20.0, 0)]:
             metrics.forwarded(replica, status, seconds, attempt)
             metrics.response("route", status)
     assert list(batched.families()) != list(direct.families())  # nothing written yet
-    batched.flush()
+    counts.flush()
 
     def samples(metrics: BalancerMetrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
         return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))

@@ -10,6 +10,10 @@ ways:
 - **everything else** (``/rep``, ``/add``, ``/rm``, ``/_lb/...``, other methods, a GET with a
   body): the Flask app, through a2wsgi in a thread pool, once its body is in.
 
+What a request's header fields mean (the lookup by name, the coding, the header lines for the
+replica) is worked out once per distinct set on a connection (``RequestHead``): a keep-alive
+client sends the same fields with every request.
+
 Limits are gunicorn's own settings (request line, header count and size, as on the threads
 path) plus ``LB_MAX_BODY`` for bodies; each is answered in the contract's envelope. Deadlines
 are kept by one sweep per worker (``Server.sweep``), not a timer per request: a connection may
@@ -32,16 +36,16 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder, Reply, hold
+from lb.aio.upstream import AsyncForwarder, Reply, header_lines, hold
 from lb.errors import ApiError
 from lb.logs import access_logged, log_access, new_request_id
-from lb.ops.metrics import BalancerMetrics
+from lb.ops.metrics import LoopCounts
 from lb.registry import RegistryError, Replica
 from lb.routing import (
     JSON_TYPE,
     decode_path,
     error_body,
-    forward_headers,
+    forwarded_fields,
     forwarded_host,
     is_routed,
     origin_target,
@@ -95,6 +99,43 @@ class Limits:
         return self.request_line + self.fields * (self.field_size + 2) + 4
 
 
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What a request's header fields mean (``read_request_head``)."""
+
+    fields: list[tuple[str, str]]  # as received but names with "_" (dropped, as gunicorn)
+    lookup: dict[str, str]  # lower-case name -> value (repeated ones joined, as in WSGI)
+    refusal: ApiError | None  # a coding refused once the body is in (501)
+    forwarded: bytes  # the header lines for a replica but X-Request-ID (forwarded_fields)
+
+
+NO_HEAD = RequestHead([], {}, None, b"")
+
+
+def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
+                      local: tuple[str, int] | None) -> RequestHead:
+    """``headers`` as parsed (undecoded, in order), on a connection from ``client`` to
+    ``local``. Raises ``Refused`` for a body that cannot be framed."""
+    fields: list[tuple[str, str]] = []
+    lookup: dict[str, str] = {}
+    refusal: ApiError | None = None
+    for name, value in headers:
+        if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
+            continue
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        lower = key.lower()
+        if lower == "transfer-encoding":
+            refusal = transfer_coding_error(text)
+            if refusal is not None and refusal.status == 400:  # the body cannot be framed
+                raise Refused(400, f"Bad Request: {refusal.message}")
+        fields.append((key, text))
+        known = lookup.get(lower)
+        lookup[lower] = text if known is None else f"{known},{text}"
+    host = forwarded_host(lookup.get("host"), local)
+    return RequestHead(fields, lookup, refusal,
+                       header_lines(forwarded_fields(fields, client, host)))
+
+
 class Request:
     """One request as parsed, with the body as far as it is kept."""
 
@@ -104,12 +145,11 @@ class Request:
         "body_error",
         "body_too_large",
         "expects_body",
+        "head",
         "headers",
         "keep_alive",
-        "lookup",
         "method",
         "path",
-        "refusal",
         "routed",
         "target",
         "url",
@@ -120,8 +160,8 @@ class Request:
         self.url = b""
         self.method = ""
         self.version = "1.1"
-        self.headers: list[tuple[str, str]] = []
-        self.lookup: dict[str, str] = {}  # lower-case name -> value(s)
+        self.headers: list[tuple[bytes, bytes]] = []  # as parsed
+        self.head = NO_HEAD  # what they mean, once they are all in
         self.keep_alive = True
         self.expects_body = False
         self.body = bytearray()
@@ -131,21 +171,20 @@ class Request:
         self.target: str | None = None  # origin form, as received (None: not routable)
         self.path = ""  # decoded, as the Flask app matches it
         self.routed = False  # a GET for the replicas: served without Flask
-        self.refusal: ApiError | None = None  # answered as it is once the request is in
 
 
 class Server:
     """What every connection of one worker shares."""
 
     def __init__(self, settings: Settings, limits: Limits, forwarder: AsyncForwarder,
-                 app: ASGIApp, metrics: BalancerMetrics, keepalive: float,
+                 app: ASGIApp, counts: LoopCounts, keepalive: float,
                  server_header: str) -> None:
         self.settings = settings
         self.limits = limits
         self.forwarder = forwarder
         self.router = forwarder.router
         self.app = app
-        self.metrics = metrics
+        self.counts = counts  # the loop's: written ten times a second (LoopCounts.flush)
         self.keepalive = keepalive
         self.server_header = f"Server: {server_header}\r\n".encode("latin-1")
         self.connections: set[ClientConnection] = set()
@@ -203,6 +242,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.reading = True
         self.routing: tuple[Request, str] | None = None  # the routed GET in flight, its id
+        # The last distinct header fields and what they mean (the next request likely repeats
+        # them): read_request_head depends on nothing else but the connection's two ends.
+        self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestHead] = (None, NO_HEAD)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,27 +312,15 @@ class ClientConnection(asyncio.Protocol):
                                f"({len(request.url)} > {self.server.limits.request_line})")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self.request
+        headers = self.request.headers
         limits = self.server.limits
-        if len(request.headers) >= limits.fields:
+        if len(headers) >= limits.fields:
             raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
                                "'limit request headers fields'")
         if len(name) + len(value) + 4 > limits.field_size:  # "name: value\r\n", as gunicorn
             raise Refused(431, "Request Header Fields Too Large: Error parsing headers: "
                                "'limit request headers fields size'")
-        if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
-            return
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        lower = key.lower()
-        if lower == "transfer-encoding":
-            error = transfer_coding_error(text)
-            if error is not None and error.status == 400:  # the body cannot be framed
-                raise Refused(400, f"Bad Request: {error.message}")
-            request.refusal = error  # 501: the chunked body is read, then refused
-        request.headers.append((key, text))
-        lookup = request.lookup
-        known = lookup.get(lower)
-        lookup[lower] = text if known is None else f"{known},{text}"  # as a WSGI environ joins
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         request = self.request
@@ -304,8 +334,14 @@ class ClientConnection(asyncio.Protocol):
                                f"({line} > {self.server.limits.request_line})")
         if not request.url.isascii():
             raise Refused(400, "Bad Request: Invalid Request Line: non-ASCII request target")
-        length = request.lookup.get("content-length")
-        chunked = "transfer-encoding" in request.lookup
+        seen, head = self.seen
+        if request.headers != seen:
+            head = read_request_head(request.headers, self.client, self.local)
+            self.seen = (list(request.headers), head)  # a copy: trailers append to it
+        request.head = head
+        lookup = head.lookup
+        length = lookup.get("content-length")
+        chunked = "transfer-encoding" in lookup
         request.expects_body = chunked or (length is not None and int(length) > 0)
         request.target = origin_target(request.url.decode("latin-1"))
         if request.target is not None:
@@ -322,7 +358,7 @@ class ClientConnection(asyncio.Protocol):
                 request.keep_alive = False
                 self._last()
                 self._complete()
-            elif request.lookup.get("expect", "").lower() == "100-continue":
+            elif lookup.get("expect", "").lower() == "100-continue":
                 assert self.transport is not None
                 self.transport.write(f"HTTP/{request.version} 100 Continue\r\n\r\n".encode())
 
@@ -338,36 +374,39 @@ class ClientConnection(asyncio.Protocol):
             self._last()
             self._complete()
 
-    def on_message_complete(self) -> None:
-        self._complete()
-
     # -- requests in order -----------------------------------------------------------------------
     def _complete(self) -> None:
         if self.phase != BODY:
             return  # already handed over (a body cut at the limit)
         self.phase = IDLE
         self.head_bytes = 0
+        if not self.handling and not self.queue:  # the usual case: nothing waits before it
+            self._start(self.request)
+            return
         self.queue.append(self.request)
         if len(self.queue) >= PIPELINE_DEPTH:
             self._pause()
         if not self.handling:
             self._next()
 
+    on_message_complete = _complete
+
     def _next(self) -> None:
-        if not self.queue:
-            return
-        request = self.queue.popleft()
+        if self.queue:
+            self._start(self.queue.popleft())
+
+    def _start(self, request: Request) -> None:
         self.handling = True
-        if request.routed and request.refusal is None:
+        if request.routed and request.head.refusal is None:
             self._route(request)  # callbacks, no task: the hot path
         else:
             hold(self.server.tasks, self.loop.create_task(self._handle(request)))
 
     async def _handle(self, request: Request) -> None:
         try:
-            if request.refusal is not None:
-                self._write_error(request, request.refusal.status, request.refusal.message,
-                                  "none", None, None)
+            refusal = request.head.refusal
+            if refusal is not None:
+                self._write_error(request, refusal.status, refusal.message, "none", None, None)
             else:
                 await self._call_app(request)
         except Exception:
@@ -388,7 +427,8 @@ class ClientConnection(asyncio.Protocol):
             self._next()
             return
         self.idle_deadline = self.loop.time() + self.server.keepalive
-        self._resume()
+        if not self.reading:
+            self._resume()
 
     # -- the routed GET --------------------------------------------------------------------------
     def _route(self, request: Request) -> None:
@@ -396,18 +436,18 @@ class ClientConnection(asyncio.Protocol):
         target = request.target
         assert target is not None  # routed requests have one
         try:
-            lookup = request.lookup
+            head = request.head
+            lookup = head.lookup
             rid = new_request_id(lookup.get("x-request-id"))
             key = request_key(self.server.settings.hash_key, lambda n: lookup.get(n.lower()),
                               lambda n: query_value(target.partition("?")[2], n), self.client)
-            headers = forward_headers(request.headers, self.client,
-                                      forwarded_host(lookup.get("host"), self.local), rid)
         except Exception:  # noqa: BLE001 - a bug: _failed logs it with its traceback
             self._failed(request)
             return
         self.routing = (request, rid)
-        self.server.forwarder.start(target.encode("latin-1"), headers, key, request.path,
-                                    self._routed)
+        self.server.forwarder.start(target.encode("latin-1"),
+                                    b"%sX-Request-ID: %s\r\n" % (head.forwarded, rid.encode()),
+                                    key, request.path, self._routed)
 
     def _routed(self, replica: Replica | None, reply: Reply | None,
                 error: BaseException | None) -> None:
@@ -426,10 +466,9 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     raise error or AssertionError("no reply and no error")
             else:
-                head = b"".join([b"%s: %s\r\n" % pair for pair in reply.headers])
                 tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}"
                         f"\r\nX-Request-ID: {rid}\r\n\r\n").encode("latin-1")
-                self._write(request, reply.status, head + tail, reply.body)
+                self._write(request, reply.status, reply.head.passed_back + tail, reply.body)
                 self._count(request, "route", reply.status, rid, target,
                             replica.hostname)
         except Exception as exc:  # noqa: BLE001 - a bug: _failed logs it with its traceback
@@ -453,12 +492,12 @@ class ClientConnection(asyncio.Protocol):
             return
         raw_path, _, query = target.partition("?")
         headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                   for name, value in request.headers
+                   for name, value in request.head.fields
                    if name.lower() not in ("content-length", "transfer-encoding")]
         if request.expects_body:
             # The body is all here (or cut one byte past LB_MAX_BODY): the app reads exactly
             # that. An announced size over the limit is passed on for the app's 413.
-            announced = request.lookup.get("content-length")
+            announced = request.head.lookup.get("content-length")
             size = str(len(request.body))
             if (request.body_too_large or request.body_error) and announced:
                 size = announced
@@ -519,7 +558,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _write_error(self, request: Request, status: int, message: str, endpoint: str,
                      rid: str | None, target: str | None) -> None:
-        rid = rid or new_request_id(request.lookup.get("x-request-id"))
+        rid = rid or new_request_id(request.head.lookup.get("x-request-id"))
         body = error_body(message)
         head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n"
                 f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
@@ -530,7 +569,7 @@ class ClientConnection(asyncio.Protocol):
                target: str | None, replica: str | None) -> None:
         """Metrics and the access line; ``target`` is a routed request's (the line writes it
         as werkzeug's ``full_path``), None for the raw URL."""
-        self.server.metrics.response(endpoint, status)
+        self.server.counts.response(endpoint, status)
         if access_logged(endpoint):  # the path is built only for a line that is written
             path = _log_path(target) if target else request.url.decode("latin-1")
             log_access(request.method, path, status, replica,

@@ -6,18 +6,25 @@ reuses warm connections and lets the rest expire at the replica. ``AsyncForwarde
 threads path's ``lb.router.Forwarder`` on the event loop: the usual request (a first try on a
 warm connection) in callbacks alone, anything else in a task; the rules come from
 ``lb.routing``.
+
+A replica answers the same few heads over and over (they differ in ``Date`` once a second), so
+what a head means (status, framing, the header lines passed back) is worked out once per
+distinct head, from httptools' parse, and kept by the pool (``Head``). An answer that comes in
+one read with a head seen before and exactly the body its ``Content-Length`` gives is taken as
+it is, without the parser: the same bytes the parser already read once, the same outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
 
 from lb.errors import ApiError
+from lb.events import RouterEvents
 from lb.registry import Replica
 from lb.routing import (
     STARTING_POLL_SECONDS,
@@ -30,6 +37,7 @@ from lb.settings import Settings
 
 TIMER_RESOLUTION = 0.001  # libuv's timers count milliseconds
 IDLE_PER_REPLICA = 64  # kept-alive connections a worker keeps per replica; more are closed
+HEADS_KEPT = 256  # distinct answer heads a worker remembers (Date makes a new one each second)
 
 
 class UpstreamError(ConnectionError):
@@ -40,14 +48,45 @@ class UpstreamError(ConnectionError):
         self.before_reply = before_reply  # nothing of an answer came: safe to send again
 
 
-@dataclass
-class Reply:
-    """A replica's complete answer, its headers as they came (undecoded)."""
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the head of a replica's answer means to the balancer (see ``read_head``)."""
 
     status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
+    keep_alive: bool
     content_type: str | None
+    framed: bool  # Content-Length, chunked or a status without a body: ends without a close
+    length: int | None  # the body's size when one Content-Length alone frames it
+    passed_back: bytes  # the header lines the client gets (reply_headers), each ending CRLF
+
+
+def read_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> Head:
+    """A head as httptools parsed it: ``headers`` undecoded, in order."""
+    content_type: str | None = None
+    lengths: list[bytes] = []
+    chunked = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding" and b"chunked" in value:
+            chunked = True
+        elif lower == b"content-type":
+            content_type = value.decode("latin-1")
+    bodiless = status < 200 or status in (204, 304)
+    length = int(lengths[0]) if len(lengths) == 1 and not chunked and not bodiless else None
+    passed_back = b"".join([b"%s: %s\r\n" % pair for pair in reply_headers(headers)])
+    return Head(status, keep_alive, content_type, bodiless or chunked or bool(lengths), length,
+                passed_back)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A replica's complete answer."""
+
+    status: int  # the head's
+    head: Head
+    body: bytes
 
 
 Done = Callable[[Reply | None, UpstreamError | None], None]
@@ -104,9 +143,11 @@ class ReplicaConnection(asyncio.Protocol):
     answer must not be parsed from bytes of this one.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines,
+                 heads: dict[bytes, Head] | None = None) -> None:
         self.loop = loop
         self.deadlines = deadlines
+        self.heads = {} if heads is None else heads  # the pool's: heads read, by their bytes
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.keep_alive = False
@@ -115,12 +156,10 @@ class ReplicaConnection(asyncio.Protocol):
         # One parser for the connection's whole life: llhttp starts the next message by itself.
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head: Head | None = None
         self._body: list[bytes] = []
-        self._status = 0
-        self._content_type: str | None = None
         self._got_bytes = False
-        self._headers_done = False
-        self._framed = False  # Content-Length or chunked: the answer ends without a close
+        self._unread = True  # nothing of the current answer has come yet
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,18 +170,41 @@ class ReplicaConnection(asyncio.Protocol):
         if self._done is None or self._outcome is not None:
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
+        raw = None
+        if self._unread:  # the answer starts with these bytes
+            self._unread = False
+            end = data.find(b"\r\n\r\n") + 4
+            if end > 4:
+                raw = data[:end]
+                head = self.heads.get(raw)
+                if head is not None and head.length == len(data) - end:
+                    # Its head read before and all of its body: the parser's outcome is known.
+                    self.keep_alive = head.keep_alive
+                    self._outcome = (Reply(head.status, head, data[end:]), None)
+                    self._deliver()
+                    return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed reply: {exc}"))
             self.close()
-        if self._outcome is not None:
-            self._deliver()
+        outcome = self._outcome
+        if outcome is None:
+            return
+        reply = outcome[0]
+        if (raw is not None and reply is not None and reply.head.length is not None
+                and len(raw) + reply.head.length == len(data) == len(raw) + len(reply.body)):
+            # The whole answer was these bytes, the head exactly ``raw``: remember it.
+            heads = self.heads
+            if len(heads) >= HEADS_KEPT:
+                heads.clear()
+            heads[raw] = reply.head
+        self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._done is not None and self._outcome is None:
-            if self._headers_done and not self._framed:  # an answer delimited by the close
+            if self._head is not None and not self._head.framed:  # delimited by the close
                 self.keep_alive = False
                 self._finish()
             else:
@@ -156,18 +218,12 @@ class ReplicaConnection(asyncio.Protocol):
             raise UpstreamError("unsolicited reply")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value):
-            self._framed = True
-        elif lower == b"content-type":
-            self._content_type = value.decode("latin-1")
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
-        self._headers_done = True
-        if self._status < 200 or self._status in (204, 304):
-            self._framed = True
+        parser = self._parser
+        self._head = read_head(parser.get_status_code(), self._headers,
+                               parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -181,8 +237,8 @@ class ReplicaConnection(asyncio.Protocol):
         """Send ``request`` (a complete GET); ``done`` gets the complete answer, or the
         error, within ``timeout`` seconds."""
         assert self.transport is not None and self._done is None
-        self._headers, self._body, self._status, self._content_type = [], [], 0, None
-        self._got_bytes = self._headers_done = self._framed = False
+        self._headers, self._body, self._head = [], [], None
+        self._got_bytes, self._unread = False, True
         self._done, self._outcome = done, None
         if self.closed:
             # Lost before the request went out: a new connection the replica hung up on
@@ -205,9 +261,8 @@ class ReplicaConnection(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self) -> None:
-        if self._done is not None and self._outcome is None:
-            self._outcome = (Reply(self._status, self._headers, b"".join(self._body),
-                                   self._content_type), None)
+        if self._done is not None and self._outcome is None and self._head is not None:
+            self._outcome = (Reply(self._head.status, self._head, b"".join(self._body)), None)
 
     def _fail(self, error: UpstreamError) -> None:
         self.keep_alive = False  # the parser's state is unknown: never reused
@@ -233,10 +288,12 @@ class ReplicaPool:
         self.read_timeout = read_timeout
         self._idle: dict[str, list[ReplicaConnection]] = {}
         self.deadlines = Deadlines(loop)
+        self.heads: dict[bytes, Head] = {}  # answer heads read, shared by every connection
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
 
     def host_header(self, address: str) -> bytes:
-        return self._host(address)[2]
+        known = self._hosts.get(address)
+        return (known or self._host(address))[2]
 
     def take(self, address: str) -> ReplicaConnection | None:
         """A warm idle connection to ``address``, if there is one (newest first)."""
@@ -288,7 +345,8 @@ class ReplicaPool:
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: ReplicaConnection(self.loop, self.deadlines), host, port),
+                    lambda: ReplicaConnection(self.loop, self.deadlines, self.heads),
+                    host, port),
                 self.connect_timeout)
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to {address}: {exc!r}") from exc
@@ -327,13 +385,15 @@ def hold(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
 class AsyncForwarder:
     """Sends a routed GET to the first candidate replica that answers (event-driven path)."""
 
-    def __init__(self, settings: Settings, router: Router, pool: ReplicaPool) -> None:
+    def __init__(self, settings: Settings, router: Router, pool: ReplicaPool,
+                 events: RouterEvents | None = None) -> None:
         self.settings = settings
         self.router = router
         self.pool = pool
+        self.events = events or router.events  # the loop's own counts (LoopCounts)
         self._tasks: set[asyncio.Task[None]] = set()  # see hold()
 
-    def start(self, target: bytes, headers: Iterable[tuple[str, str]], key: int, path: str,
+    def start(self, target: bytes, fields: bytes, key: int, path: str,
               answered: Answered) -> None:
         """``forward``, with its outcome given to ``answered(replica, reply, error)``.
 
@@ -342,19 +402,17 @@ class AsyncForwarder:
         replica) goes on as a task running ``forward``'s own loop from where it stands.
         """
         try:
-            attempts = self.router.attempts(key)
+            attempts = self.router.attempts(key, self.events)
             if attempts.empty:  # nothing routable: wait for a starting replica, or say why
-                self._go_on(self.forward(target, headers, key, path), answered)
+                self._go_on(self.forward(target, fields, key, path), answered)
                 return
-            tail = _tail(headers)
-            replicas = iter(attempts)
-            replica = next(replicas, None)
+            replica = attempts.first()
             conn = None if replica is None else self.pool.take(replica.address or "")
         except Exception as exc:  # noqa: BLE001 - answered reports it (a bug with its trace)
             answered(None, None, exc)
             return
         if replica is None or conn is None:
-            self._go_on(self._walk(attempts, replicas, replica, target, tail, path), answered)
+            self._go_on(self._walk(attempts, replica, target, fields, path), answered)
             return
         chosen, warm, address = replica, conn, replica.address or ""
 
@@ -373,38 +431,36 @@ class AsyncForwarder:
             assert error is not None
             if error.before_reply:  # a kept-alive connection the replica had closed: not
                 # its failure; once more through the pool (a new connection if need be)
-                self._go_on(self._walk(attempts, replicas, chosen, target, tail, path),
-                            answered)
+                self._go_on(self._walk(attempts, chosen, target, fields, path), answered)
                 return
             attempts.failed(chosen, error)
-            self._go_on(self._walk(attempts, replicas, None, target, tail, path), answered)
+            self._go_on(self._walk(attempts, None, target, fields, path), answered)
 
-        conn.exchange(self._request(address, target, tail), self.pool.read_timeout, done)
+        conn.exchange(self._request(address, target, fields), self.pool.read_timeout, done)
 
-    async def forward(self, target: bytes, headers: Iterable[tuple[str, str]], key: int,
+    async def forward(self, target: bytes, fields: bytes, key: int,
                       path: str) -> tuple[Replica, Reply]:
-        """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``headers`` the
-        forwarded set, ``path`` (decoded) names the request in errors. The replica that
-        answered and its answer, with the headers to pass back (``reply_headers``)."""
-        attempts = self.router.attempts(key)
+        """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``fields`` the
+        forwarded header lines (``header_lines``), ``path`` (decoded) names the request in
+        errors. The replica that answered and its answer."""
+        attempts = self.router.attempts(key, self.events)
         if attempts.empty and self.router.waiting_for_replicas():
             deadline = self.loop_time() + self.settings.upstream_timeout
             while self.router.waiting_for_replicas() and self.loop_time() < deadline:
                 await asyncio.sleep(STARTING_POLL_SECONDS)
-            attempts = self.router.attempts(key)
-        replicas = iter(attempts)
-        return await self._walk(attempts, replicas, None, target, _tail(headers), path)
+            attempts = self.router.attempts(key, self.events)
+        return await self._walk(attempts, None, target, fields, path)
 
-    async def _walk(self, attempts: Attempts, replicas: Iterator[Replica],
-                    first: Replica | None, target: bytes, tail: bytes,
-                    path: str) -> tuple[Replica, Reply]:
+    async def _walk(self, attempts: Attempts, first: Replica | None, target: bytes,
+                    fields: bytes, path: str) -> tuple[Replica, Reply]:
         """The way round the ring from where it stands: ``first`` (when given), then the
-        rest of ``replicas``, each through the pool (a new connection when none is idle)."""
+        rest of ``attempts``, each through the pool (a new connection when none is idle)."""
+        replicas = iter(attempts)
         replica = first if first is not None else next(replicas, None)
         while replica is not None:
             address = replica.address or ""  # routable: it has one
             try:
-                reply = await self.pool.fetch(address, self._request(address, target, tail))
+                reply = await self.pool.fetch(address, self._request(address, target, fields))
             except UpstreamError as exc:
                 attempts.failed(replica, exc)
                 replica = next(replicas, None)
@@ -416,9 +472,9 @@ class AsyncForwarder:
     def loop_time(self) -> float:
         return self.pool.loop.time()
 
-    def _request(self, address: str, target: bytes, tail: bytes) -> bytes:
+    def _request(self, address: str, target: bytes, fields: bytes) -> bytes:
         return b"".join((b"GET ", target, b" HTTP/1.1\r\nHost: ",
-                         self.pool.host_header(address), b"\r\n", tail, b"\r\n"))
+                         self.pool.host_header(address), b"\r\n", fields, b"\r\n"))
 
     def _go_on(self, walk: Awaitable[tuple[Replica, Reply]], answered: Answered) -> None:
         async def run() -> None:
@@ -433,13 +489,13 @@ class AsyncForwarder:
 
     @staticmethod
     def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
-        error = replica_error(reply.status, reply.content_type, replica.hostname, path)
+        head = reply.head
+        error = replica_error(head.status, head.content_type, replica.hostname, path)
         if error is not None:
             raise error
-        reply.headers = reply_headers(reply.headers)
         return replica, reply
 
 
-def _tail(headers: Iterable[tuple[str, str]]) -> bytes:
-    """The forwarded header lines, ready to follow a request line and Host."""
+def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    """Header fields as lines, ready to follow a request line and Host."""
     return "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")

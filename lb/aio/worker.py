@@ -31,7 +31,7 @@ from lb.aio.upstream import AsyncForwarder, ReplicaPool
 
 NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
 # How stale a scrape may find this worker's counts: a few writes to the shared files a second
-# instead of several per request (lb.ops.metrics.BalancerMetrics.flush).
+# instead of several per request (lb.ops.metrics.LoopCounts.flush).
 METRICS_FLUSH_SECONDS = 0.1
 
 
@@ -105,13 +105,12 @@ class AsyncWorker(base.Worker):
         bridge = WSGIMiddleware(flask_app, workers=settings.threads)
         limits = Limits(self.cfg.limit_request_line, self.cfg.limit_request_fields,
                         self.cfg.limit_request_field_size, settings.max_body)
-        server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool),
-                        bridge, ext["metrics"], self.cfg.keepalive, SERVER)
-        metrics = ext["metrics"]
-        metrics.batch_in_this_thread()  # the loop's counts are written every tenth of a second
+        counts = ext["metrics"].batched()  # the loop's, written every tenth of a second
+        server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool, counts),
+                        bridge, counts, self.cfg.keepalive, SERVER)
 
         def flush_metrics() -> None:
-            metrics.flush()
+            counts.flush()
             loop.call_later(METRICS_FLUSH_SECONDS, flush_metrics)
 
         flush_metrics()
@@ -138,7 +137,7 @@ class AsyncWorker(base.Worker):
             self.notify()
             await asyncio.sleep(0.05)
         server.shut(graceful=False)
-        metrics.flush()
+        counts.flush()
         self.app_calls = server.app_calls
         pool.close()
         bridge.executor.shutdown(wait=False, cancel_futures=True)

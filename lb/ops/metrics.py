@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import glob
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -82,20 +81,16 @@ def mark_process_dead(pid: int) -> None:
 class BalancerMetrics(RouterEvents):
     """The worker's counters; it is also the router's ``RouterEvents`` subscriber.
 
-    The event-driven worker counts in batches (``batch_in_this_thread``): what its event loop
-    counts (every routed request: a reply, a replica's answer and its latency) is added up in
-    plain dicts and written to the shared files by ``flush()`` ten times a second; in
-    multiprocess mode each write takes a lock and packs a float into a memory map, several per
-    request otherwise. Counts from other threads (the Flask pool) are written at once.
+    Each count is written at once: in multiprocess mode that takes a lock and packs a float
+    into a memory map, several times per request. The event-driven worker's loop counts
+    through ``batched()`` instead (``LoopCounts``), the threads around it (the Flask pool)
+    here.
     """
 
     def __init__(self) -> None:
         self.enabled = available()
         self.multiprocess = self.enabled and multiprocess_dir() is not None
         self._children: dict[tuple[object, ...], Any] = {}
-        self._batch_thread: int | None = None
-        self._counts: dict[tuple[Any, ...], float] = {}  # (metric, *labels) -> to add
-        self._latencies: dict[str, list[float]] = {}  # replica -> [sum, bucket counts...]
         if not self.enabled:
             return
         # In multiprocess mode the files are the registry; a private one avoids duplicate
@@ -119,48 +114,13 @@ class BalancerMetrics(RouterEvents):
                                   "add, rm, route, ops.*, none) and status code",
                                   ["endpoint", "code"], registry=reg)
 
-    # -- batching ------------------------------------------------------------------------------
-    def batch_in_this_thread(self) -> None:
-        """Counts made by the calling thread wait for ``flush()`` (which it must call)."""
-        self._batch_thread = threading.get_ident()
-
-    def _batching(self) -> bool:
-        return self._batch_thread is not None and threading.get_ident() == self._batch_thread
-
-    def flush(self) -> None:
-        """Write the batched counts (from the batching thread only)."""
-        if not self.enabled:
-            return
-        counts, self._counts = self._counts, {}
-        for (metric, *labels), n in counts.items():
-            (self._child(metric, *labels) if labels else metric).inc(n)
-        latencies, self._latencies = self._latencies, {}
-        for hostname, (total, *buckets) in latencies.items():
-            child = self._child(self._latency, hostname)
-            # What Histogram.observe() does per value, per bucket (prometheus-client 0.26,
-            # pinned; tests/test_ops.py checks both ways give the same exposition).
-            child._sum.inc(total)
-            for i, n in enumerate(buckets):
-                if n:
-                    child._buckets[i].inc(n)
-
-    def _count(self, metric: Any, *labels: object) -> None:
-        key = (metric, *labels)
-        self._counts[key] = self._counts.get(key, 0) + 1
+    def batched(self) -> LoopCounts:
+        """Counts for one thread (an event loop) to add up and write with ``flush()``."""
+        return LoopCounts(self) if self.enabled else LoopCounts(None)
 
     # -- RouterEvents --------------------------------------------------------------------------
     def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
         if not self.enabled:
-            return
-        if self._batching():
-            self._count(self._routed, replica.hostname, status)
-            latency = self._latencies.get(replica.hostname)
-            if latency is None:
-                latency = self._latencies[replica.hostname] = [0.0] * (len(BUCKET_BOUNDS) + 1)
-            latency[0] += seconds
-            latency[1 + bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
-            if attempt:
-                self._counts[(self._retries,)] = self._counts.get((self._retries,), 0) + attempt
             return
         self._child(self._routed, replica.hostname, status).inc()
         self._child(self._latency, replica.hostname).observe(seconds)
@@ -180,11 +140,7 @@ class BalancerMetrics(RouterEvents):
 
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:
-        if not self.enabled:
-            return
-        if self._batching():
-            self._count(self._responses, endpoint, status)
-        else:
+        if self.enabled:
             self._child(self._responses, endpoint, status).inc()
 
     def _child(self, metric: Any, *labels: object) -> Any:
@@ -218,6 +174,66 @@ class BalancerMetrics(RouterEvents):
             out.register(_Families(self.registry))
         out.register(ReplicaSetCollector(registry, self.multiprocess, settings))
         return prometheus_client.generate_latest(out)
+
+
+class LoopCounts(RouterEvents):
+    """What one event loop counts (every routed request: a reply, a replica's answer and its
+    latency), added up in plain dicts and written to the ``BalancerMetrics`` by ``flush()``,
+    which the loop calls ten times a second. Only that loop's thread may use it: nothing here
+    takes a lock. Without prometheus-client (``metrics`` None) it counts nothing.
+    """
+
+    def __init__(self, metrics: BalancerMetrics | None) -> None:
+        self.metrics = metrics
+        self._counts: dict[tuple[Any, ...], float] = {}  # (metric, *labels) -> to add
+        self._latencies: dict[str, list[float]] = {}  # replica -> [sum, bucket counts...]
+
+    def forwarded(self, replica: Replica, status: int, seconds: float, attempt: int) -> None:
+        if self.metrics is None:
+            return
+        counts, hostname = self._counts, replica.hostname
+        key = (self.metrics._routed, hostname, status)
+        counts[key] = counts.get(key, 0) + 1
+        latency = self._latencies.get(hostname)
+        if latency is None:
+            latency = self._latencies[hostname] = [0.0] * (len(BUCKET_BOUNDS) + 1)
+        latency[0] += seconds
+        latency[1 + bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
+        if attempt:
+            retries = (self.metrics._retries,)
+            counts[retries] = counts.get(retries, 0) + attempt
+
+    def unreachable(self, replica: Replica, error: BaseException) -> None:
+        if self.metrics is not None:  # rare: written at once
+            self.metrics.unreachable(replica, error)
+
+    def exhausted(self, tried: list[str]) -> None:
+        if self.metrics is not None:
+            self.metrics.exhausted(tried)
+
+    def response(self, endpoint: str, status: int) -> None:
+        if self.metrics is None:
+            return
+        key = (self.metrics._responses, endpoint, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        counts, self._counts = self._counts, {}
+        for (metric, *labels), n in counts.items():
+            (metrics._child(metric, *labels) if labels else metric).inc(n)
+        latencies, self._latencies = self._latencies, {}
+        for hostname, (total, *buckets) in latencies.items():
+            child = metrics._child(metrics._latency, hostname)
+            # What Histogram.observe() does per value, per bucket (prometheus-client 0.26,
+            # pinned; tests/test_ops.py checks both ways give the same exposition).
+            child._sum.inc(total)
+            for i, n in enumerate(buckets):
+                if n:
+                    child._buckets[i].inc(n)
 
 
 class _Families:

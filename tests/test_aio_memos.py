@@ -1,0 +1,140 @@
+"""What the event-driven path works out once and then reuses, in-process (no sockets): what a
+request's header fields mean, once per distinct set on a connection (``RequestHead``), and what
+a replica's answer head means, once per distinct head (``Head``, and an answer taken whole
+without the parser). Neither may change a byte of what goes out. The harness is the benchmark's
+(``bench/hotpath.py``): the real server, forwarder, pool and router with in-memory transports.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.hotpath import ANSWER, BODY, Harness
+from lb.aio.upstream import read_head
+from lb.routing import forward_headers
+
+
+def get(*fields: bytes, version: bytes = b"1.1") -> bytes:
+    return b"\r\n".join([b"GET /home?id=123456 HTTP/" + version, *fields]) + b"\r\n\r\n"
+
+
+def answer(body: bytes, *fields: bytes) -> bytes:
+    head = [b"HTTP/1.1 200 OK", b"Server: gunicorn", b"Date: Fri, 04 Dec 2026 02:00:00 GMT",
+            b"Content-Type: application/json", *fields,
+            b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def forwarded(sent: bytes) -> tuple[list[tuple[str, str]], str]:
+    """The header fields a replica got after Host, and the request id among them."""
+    lines = sent.decode("latin-1").split("\r\n")
+    assert lines[0] == "GET /home?id=123456 HTTP/1.1" and lines[1].startswith("Host: ")
+    pairs = [tuple(line.split(": ", 1)) for line in lines[2:] if line]
+    rid = dict(pairs)["X-Request-ID"]
+    return pairs, rid  # type: ignore[return-value]
+
+
+@pytest.fixture()
+def harness(tmp_path: Path) -> Harness:
+    return Harness(str(tmp_path))
+
+
+def test_each_request_goes_on_with_its_own_fields_whatever_came_before(
+        harness: Harness) -> None:
+    """Same fields (reused), other fields, the first ones again, no fields at all (the
+    connection's last request, HTTP/1.0): each time the replica gets exactly what
+    ``forward_headers`` gives for that request's fields."""
+    sequence = [
+        (get(b"Host: a.test", b"X-A: 1"), [("Host", "a.test"), ("X-A", "1")]),
+        (get(b"Host: a.test", b"X-A: 1"), [("Host", "a.test"), ("X-A", "1")]),
+        (get(b"Host: a.test", b"X-A: 2", b"X-Forwarded-For: 9.9.9.9"),
+         [("Host", "a.test"), ("X-A", "2"), ("X-Forwarded-For", "9.9.9.9")]),
+        (get(b"Host: a.test", b"X-A: 1"), [("Host", "a.test"), ("X-A", "1")]),
+        (get(version=b"1.0"), []),  # no field at all: still the X-Forwarded-* set
+    ]
+    rids = set()
+    for raw, fields in sequence:
+        conn, sent = harness.send(raw)
+        pairs, rid = forwarded(sent)
+        host = dict(fields).get("Host", "127.0.0.1:5000")  # no Host: the balancer's address
+        assert pairs == forward_headers(fields, "127.0.0.1", host, rid)
+        rids.add(rid)
+        conn.data_received(ANSWER)
+        assert harness.replies().endswith(BODY)
+    assert len(rids) == len(sequence)  # a request id of its own every time
+
+
+def test_a_connections_first_request_with_no_fields_gets_the_forwarded_set(
+        harness: Harness) -> None:
+    """Nothing was seen on the connection yet: no fields is not "the same fields as before"."""
+    _, sent = harness.send(get(version=b"1.0"))
+    pairs, rid = forwarded(sent)
+    assert pairs == forward_headers([], "127.0.0.1", "127.0.0.1:5000", rid)
+
+
+def test_an_answer_head_seen_before_gives_the_same_reply_as_the_parser(
+        harness: Harness) -> None:
+    first = answer(b'{"a":1}', b"X-Kept: k", b"Connection: keep-alive")
+    replies = []
+    for _ in range(3):
+        harness.request(get(b"Host: a.test"), first)
+        replies.append(re.sub(rb"X-Request-ID: \w+", b"", harness.replies()))
+    assert replies[0] == replies[1] == replies[2]
+    assert b"X-Kept: k\r\n" in replies[0] and replies[0].endswith(b'{"a":1}')
+    assert b"Connection: keep-alive\r\nContent-Type" in replies[0]  # the balancer's own hop
+    assert first[:first.index(b"\r\n\r\n") + 4] in harness.pool.heads
+
+
+def test_an_answer_that_comes_in_pieces_is_parsed_even_when_its_head_is_known(
+        harness: Harness) -> None:
+    body = b'{"message": "' + b"x" * 5000 + b'"}'
+    whole = answer(body)
+    harness.request(get(b"Host: a.test"), whole)  # its head is now known
+    assert harness.replies().endswith(body)
+    conn, _ = harness.send(get(b"Host: a.test"))
+    conn.data_received(whole[:300])
+    assert harness.replies() == b""  # not yet
+    conn.data_received(whole[300:])
+    assert harness.replies().endswith(body)
+
+
+def test_bytes_after_a_known_answer_end_that_connection(harness: Harness) -> None:
+    """The stray bytes are never read as the next request's answer: the connection is not
+    kept, whether or not its head was known."""
+    harness.request(get(b"Host: a.test"), ANSWER)
+    harness.check()
+    conn, _ = harness.send(get(b"Host: a.test"))
+    conn.data_received(ANSWER + b"HTTP/1.1 200 OK\r\n")
+    harness.check()
+    assert conn.closed
+    assert all(c is not conn for idle in harness.pool._idle.values() for c in idle)
+
+
+def test_a_known_head_that_closes_the_connection_still_closes_it(harness: Harness) -> None:
+    closing = answer(b"{}", b"Connection: close")
+    for _ in range(2):
+        conn, _ = harness.send(get(b"Host: a.test"))
+        conn.data_received(closing)
+        assert harness.replies().endswith(b"{}")
+        assert not conn.keep_alive and conn.closed
+        harness.pool.release("unused", conn)  # as the forwarder would: closed, not kept
+        # The harness's connection for that replica is gone; give it a fresh one.
+        harness.reconnect(conn)
+
+
+@pytest.mark.parametrize(("fields", "status", "length", "framed"), [
+    ([(b"Content-Length", b"2")], 200, 2, True),
+    ([(b"Transfer-Encoding", b"chunked")], 200, None, True),
+    ([(b"Content-Length", b"2"), (b"Content-Length", b"2")], 200, None, True),
+    ([], 200, None, False),  # delimited by the close
+    ([(b"Content-Length", b"0")], 204, None, True),
+    ([], 304, None, True),
+])
+def test_what_a_head_says_about_its_body(fields: list[tuple[bytes, bytes]], status: int,
+                                          length: int | None, framed: bool) -> None:
+    """Only a head whose one Content-Length alone frames the body may be taken whole."""
+    head = read_head(status, fields, keep_alive=True)
+    assert (head.length, head.framed) == (length, framed)
