@@ -191,23 +191,25 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()  # requests handled in a task of their own
         self.closing = False
         self.app_calls = 0  # calls of the Flask app in flight
-        self._date = (0, b"")
-        self._status_lines: dict[tuple[str, int], bytes] = {}
+        # Whether a reply of this server's endpoints gets an access line: the level is set
+        # when the worker starts (LB_LOG_LEVEL), and asking costs three calls per request.
+        self.access_lines = {endpoint: access_logged(endpoint) for endpoint in ("route", "none")}
+        self._second = 0
+        self._starts: dict[tuple[str, int], bytes] = {}
 
-    def status_line(self, version: str, status: int) -> bytes:
-        """``HTTP/1.1 200 OK`` and the ``Server`` header, as bytes (a few distinct ones)."""
-        line = self._status_lines.get((version, status))
-        if line is None:
-            line = self._status_lines[(version, status)] = (
-                f"HTTP/{version} {status} {reason_phrase(status)}\r\n".encode("latin-1")
-                + self.server_header)
-        return line
-
-    def date_header(self) -> bytes:
+    def reply_start(self, version: str, status: int) -> bytes:
+        """``HTTP/1.1 200 OK`` with the ``Server`` and ``Date`` headers, as bytes: a few
+        distinct ones each second."""
         now = int(time.time())
-        if now != self._date[0]:
-            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode("latin-1"))
-        return self._date[1]
+        if now != self._second:
+            self._second, self._starts = now, {}
+        start = self._starts.get((version, status))
+        if start is None:
+            start = self._starts[(version, status)] = b"".join((
+                f"HTTP/{version} {status} {reason_phrase(status)}\r\n".encode("latin-1"),
+                self.server_header,
+                f"Date: {formatdate(now, usegmt=True)}\r\n".encode("latin-1")))
+        return start
 
     def sweep(self, now: float) -> None:
         """Drop connections past their deadline (about once a second, from the worker)."""
@@ -552,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         close = not request.keep_alive or server.closing
         self.transport.write(b"".join((
-            server.status_line(request.version, status), server.date_header(),
+            server.reply_start(request.version, status),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
             head, body)))
 
@@ -570,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         """Metrics and the access line; ``target`` is a routed request's (the line writes it
         as werkzeug's ``full_path``), None for the raw URL."""
         self.server.counts.response(endpoint, status)
-        if access_logged(endpoint):  # the path is built only for a line that is written
+        if self.server.access_lines[endpoint]:  # the path is built only for a written line
             path = _log_path(target) if target else request.url.decode("latin-1")
             log_access(request.method, path, status, replica,
                        (time.perf_counter() - request.began) * 1000, rid, endpoint, self.client)

@@ -490,9 +490,10 @@ class AsyncForwarder:
     @staticmethod
     def _passed_back(replica: Replica, reply: Reply, path: str) -> tuple[Replica, Reply]:
         head = reply.head
-        error = replica_error(head.status, head.content_type, replica.hostname, path)
-        if error is not None:
-            raise error
+        if head.status >= 400:  # replica_error has nothing to say of anything else
+            error = replica_error(head.status, head.content_type, replica.hostname, path)
+            if error is not None:
+                raise error
         return replica, reply
 
 
