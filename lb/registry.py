@@ -482,6 +482,10 @@ class RegistryView:
     does not stop the caller. ``current()`` goes on returning the last good state, ``problem``
     says why, and one line is logged when that starts and one when it ends, not one per call.
     (Envoy keeps its last good configuration the same way.)
+
+    Watched (``watch``, by ``lb.watch.RegistryWatch``, which sees the folder's changes as they
+    happen), ``current()`` does not even stat: it trusts its last look at the file until the
+    watch calls ``changed()``.
     """
 
     RACY_SECONDS = 0.05
@@ -495,33 +499,66 @@ class RegistryView:
         self._good_mtime: float | None = None
         self.problem: RegistryUnreadable | None = None  # set while serving the last good state
         self.stale_since: float | None = None
+        self._watched = False  # a watch will call changed() when the file may have changed
+        self._trusted = False  # watched, and nothing changed since the last look
+        self._changes = 0  # changed() calls: one during a look means look again
 
     def current(self) -> State:
+        """The state to route with: a look at the file (``check()``), unless watched and the
+        watch saw no change since the last look."""
+        state = self._state
+        if self._trusted and state is not None:
+            return state
+        return self.check()
+
+    def watch(self, watched: bool) -> None:
+        """Whether a watch reports the file's changes (``changed()``) from now on."""
         with self._lock:
-            stamp = self.registry.stamp()
-            racy = stamp is not None and time.time_ns() - stamp[1] < self.RACY_SECONDS * 1e9
-            if self._state is None or stamp != self._stamp or racy:
-                try:
-                    raw = self.registry.read_bytes()
-                    # Unchanged bytes (a racy stamp checked again, on every call until it
-                    # ages) are the same state: reading costs a few microseconds, parsing
-                    # ten times more.
-                    state = (self._state if raw == self._raw and self._state is not None
-                             else self.registry.parse(raw))
-                except RegistryUnreadable as exc:
-                    self._stale(exc)
-                    if self._state is None:
-                        raise
-                else:
-                    self._good_mtime = None if stamp is None else stamp[1] / 1e9
-                    self._state, self._raw = state, raw
-                    self._fresh()
-                self._stamp = stamp  # an unreadable file is not parsed again until it changes
-            return self._state
+            self._watched = watched
+            self._trusted = False
+
+    def changed(self) -> None:
+        """The file may have changed: the next ``current()`` looks at it."""
+        self._changes += 1
+        self._trusted = False
+
+    def check(self) -> State:
+        """``current()``, always looking at the file: a stat, a read when it changed."""
+        with self._lock:
+            self._trusted = False
+            changes = self._changes
+            state, racy = self._look()
+            # Trusted only when no change was reported during the look (it may have missed
+            # it) and the stamp is old enough to tell two writes apart.
+            self._trusted = self._watched and self._changes == changes and not racy
+            return state
+
+    def _look(self) -> tuple[State, bool]:
+        """The state as the file has it now (or the last good one), and whether its stamp is
+        too recent to tell it from a next write's."""
+        stamp = self.registry.stamp()
+        racy = stamp is not None and time.time_ns() - stamp[1] < self.RACY_SECONDS * 1e9
+        if self._state is None or stamp != self._stamp or racy:
+            try:
+                raw = self.registry.read_bytes()
+                # Unchanged bytes (a racy stamp checked again, on every call until it ages)
+                # are the same state: reading costs a few microseconds, parsing ten times more.
+                state = (self._state if raw == self._raw and self._state is not None
+                         else self.registry.parse(raw))
+            except RegistryUnreadable as exc:
+                self._stale(exc)
+                if self._state is None:
+                    raise
+            else:
+                self._good_mtime = None if stamp is None else stamp[1] / 1e9
+                self._state, self._raw = state, raw
+                self._fresh()
+            self._stamp = stamp  # an unreadable file is not parsed again until it changes
+        return self._state, racy
 
     def follow(self, interval: float) -> None:
         """Keep the last good state recent without being asked: a daemon thread calls
-        ``current()`` every ``interval`` seconds. Without it, a process that had no reason to
+        ``check()`` every ``interval`` seconds. Without it, a process that had no reason to
         look for a while (a balancer worker without traffic) would only have an old state to
         go on when the file becomes unreadable. The thread ends with the view."""
         ref = weakref.ref(self)
@@ -533,7 +570,7 @@ class RegistryView:
                 if view is None:
                     return
                 try:
-                    view.current()
+                    view.check()
                 except RegistryError:
                     pass  # logged by the view, once per change
                 del view
@@ -543,7 +580,7 @@ class RegistryView:
     def latest(self) -> State:
         """The file's state, for replies about it (``/rep``, status): unlike ``current()``,
         which routing uses, this raises while only the last good state is left."""
-        state = self.current()
+        state = self.check()
         if self.problem is not None:
             raise self.problem
         return state

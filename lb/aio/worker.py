@@ -28,6 +28,7 @@ from gunicorn.workers import base
 
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
+from lb.watch import RegistryWatch
 
 NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
 # How stale a scrape may find this worker's counts: a few writes to the shared files a second
@@ -108,6 +109,8 @@ class AsyncWorker(base.Worker):
         counts = ext["metrics"].batched()  # the loop's, written every tenth of a second
         server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool, counts),
                         bridge, counts, self.cfg.keepalive, SERVER)
+        # Routing then looks at the registry only after it changed, not on every request.
+        watch = RegistryWatch.attach(ext["router"].view, loop)
 
         def flush_metrics() -> None:
             counts.flush()
@@ -138,6 +141,8 @@ class AsyncWorker(base.Worker):
             await asyncio.sleep(0.05)
         server.shut(graceful=False)
         counts.flush()
+        if watch is not None:
+            watch.close()
         self.app_calls = server.app_calls
         pool.close()
         bridge.executor.shutdown(wait=False, cancel_futures=True)
