@@ -474,7 +474,7 @@ def _fsync_dir(folder: str) -> None:
 class RegistryView:
     """A process's cached copy of the registry, re-read only when the file changed.
 
-    A stat per call; the JSON is parsed only after a write. Like git's "racy clean" check, a
+    A stat per call (``check``); the JSON is parsed only after a write. Like git's "racy clean" check, a
     file whose mtime is too recent to be trusted (two writes within the filesystem's timestamp
     granularity could share a stamp) is re-read until it ages.
 

@@ -15,7 +15,8 @@ written once for both:
   on both paths, and what a client is told when the registry cannot be used
   (``registry_trouble``).
 
-No sockets here; the registry is read through a ``RegistryView`` (one ``stat`` per request).
+No sockets here; the registry is read through a ``RegistryView`` (a ``stat`` per request, none
+when the view is watched: ``lb.watch``).
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class Router:
         self._suspects: dict[str, float] = {}  # hostname -> monotonic time until
 
     def table(self) -> RoutingTable:
-        """The current table: a stat per call, a rebuild only after the registry changed."""
+        """The current table: the view's look at the registry, a rebuild only after it changed."""
         with self._lock:
             state = self.view.current()
             if self._table is None or self._table.version != state.version:
