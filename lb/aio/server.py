@@ -107,9 +107,12 @@ class RequestHead:
     lookup: dict[str, str]  # lower-case name -> value (repeated ones joined, as in WSGI)
     refusal: ApiError | None  # a coding refused once the body is in (501)
     forwarded: bytes  # the header lines for a replica but X-Request-ID (forwarded_fields)
+    expects_body: bool  # chunked, or a Content-Length over 0
+    announced: int | None  # the Content-Length
+    continue_expected: bool  # Expect: 100-continue
 
 
-NO_HEAD = RequestHead([], {}, None, b"")
+NO_HEAD = RequestHead([], {}, None, b"", False, None, False)
 
 
 def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
@@ -131,46 +134,38 @@ def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
         fields.append((key, text))
         known = lookup.get(lower)
         lookup[lower] = text if known is None else f"{known},{text}"
+    length = lookup.get("content-length")
+    announced = None if length is None else int(length)  # llhttp let only digits through
     host = forwarded_host(lookup.get("host"), local)
     return RequestHead(fields, lookup, refusal,
-                       header_lines(forwarded_fields(fields, client, host)))
+                       header_lines(forwarded_fields(fields, client, host)),
+                       "transfer-encoding" in lookup or bool(announced), announced,
+                       lookup.get("expect", "").lower() == "100-continue")
 
 
 class Request:
-    """One request as parsed, with the body as far as it is kept."""
+    """One request as parsed, with the body as far as it is kept.
 
-    __slots__ = (
-        "began",
-        "body",
-        "body_error",
-        "body_too_large",
-        "expects_body",
-        "head",
-        "headers",
-        "keep_alive",
-        "method",
-        "path",
-        "routed",
-        "target",
-        "url",
-        "version",
-    )
+    The class holds each field's value until the request has its own: a request sets few of
+    them, and every one set costs on the path every routed request takes.
+    """
+
+    url = b""
+    method = ""
+    version = "1.1"
+    head = NO_HEAD  # what the header fields mean, once they are all in
+    keep_alive = True
+    expects_body = False
+    body: bytes | bytearray = b""  # a bytearray of its own once some of the body came
+    body_too_large = False  # more than LB_MAX_BODY came (or was announced)
+    body_error: Exception | None = None  # the app is told this when it reads the body
+    target: str | None = None  # origin form, as received (None: not routable)
+    path = ""  # decoded, as the Flask app matches it
+    routed = False  # a GET for the replicas: served without Flask
 
     def __init__(self, began: float = 0.0) -> None:
-        self.url = b""
-        self.method = ""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []  # as parsed
-        self.head = NO_HEAD  # what they mean, once they are all in
-        self.keep_alive = True
-        self.expects_body = False
-        self.body = bytearray()
-        self.body_too_large = False  # more than LB_MAX_BODY came (or was announced)
-        self.body_error: Exception | None = None  # the app is told this when it reads the body
         self.began = began  # perf_counter at the first byte
-        self.target: str | None = None  # origin form, as received (None: not routable)
-        self.path = ""  # decoded, as the Flask app matches it
-        self.routed = False  # a GET for the replicas: served without Flask
+        self.headers: list[tuple[bytes, bytes]] = []  # as parsed
 
 
 class Server:
@@ -341,10 +336,7 @@ class ClientConnection(asyncio.Protocol):
             head = read_request_head(request.headers, self.client, self.local)
             self.seen = (list(request.headers), head)  # a copy: trailers append to it
         request.head = head
-        lookup = head.lookup
-        length = lookup.get("content-length")
-        chunked = "transfer-encoding" in lookup
-        request.expects_body = chunked or (length is not None and int(length) > 0)
+        request.expects_body = head.expects_body
         request.target = origin_target(request.url.decode("latin-1"))
         if request.target is not None:
             request.path = decode_path(request.target.partition("?")[0])
@@ -353,14 +345,14 @@ class ClientConnection(asyncio.Protocol):
             self.accepting = False
         self.phase = BODY
         if request.expects_body:
-            if length is not None and int(length) > self.server.limits.body:
+            if head.announced is not None and head.announced > self.server.limits.body:
                 # Announced too large: the app answers 413 without reading it, and the
                 # connection ends (what is left of the body would be read as a request).
                 request.body_too_large = True
                 request.keep_alive = False
                 self._last()
                 self._complete()
-            elif lookup.get("expect", "").lower() == "100-continue":
+            elif head.continue_expected:
                 assert self.transport is not None
                 self.transport.write(f"HTTP/{request.version} 100 Continue\r\n\r\n".encode())
 
@@ -368,9 +360,12 @@ class ClientConnection(asyncio.Protocol):
         request = self.request
         if request.body_too_large:
             return
-        request.body += body
-        if len(request.body) > self.server.limits.body:
-            del request.body[self.server.limits.body + 1:]  # one byte more tells the app
+        kept = request.body
+        if not isinstance(kept, bytearray):
+            kept = request.body = bytearray()
+        kept += body
+        if len(kept) > self.server.limits.body:
+            del kept[self.server.limits.body + 1:]  # one byte more tells the app
             request.body_too_large = True
             request.keep_alive = False
             self._last()
