@@ -3,7 +3,7 @@
 PYTHON_BIN ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: bench bench-profile bench-micro bench-worker
+.PHONY: bench bench-profile bench-micro bench-hotpath bench-worker
 
 bench:  ## Balancer vs HAProxy vs nginx vs direct on the same 3 replicas (wrk); writes bench/results.md
 	bash bench/run.sh $(BENCH_ARGS)
@@ -13,6 +13,9 @@ bench-profile:  ## The same, plus py-spy on the balancer's workers under saturat
 
 bench-micro:  ## Only the micro-benchmark: hash lookup + registry check per request
 	$(PYTHON_BIN) bench/micro.py
+
+bench-hotpath:  ## The async worker's Python per routed GET, in-process: warm and on cold caches
+	$(PYTHON_BIN) bench/hotpath.py
 
 bench-worker:  ## The threads worker (lb/worker.py) vs plain gthread, side by side (wrk)
 	bash bench/worker_ab.sh

@@ -20,7 +20,8 @@ Three figures, on a registry of 3 ready replicas (the benchmark's settings: magl
   they make (``sys.setprofile``; the harness's own are not counted), the same on every run of
   the same code: what changes when code is cut.
 
-Run: ``.venv/bin/python bench/hotpath.py [--requests 20000] [--repeat 5]``.
+Run: ``make bench-hotpath`` (``.venv/bin/python bench/hotpath.py [--requests 20000] [--repeat 5]
+[--cold 2000]``).
 """
 
 from __future__ import annotations
