@@ -1,8 +1,8 @@
 """The registry file's changes as they happen, from inotify on its folder (Linux).
 
 A watched ``RegistryView`` does not look at the file on every request (a ``stat`` costs about
-ten microseconds on a cold cache, as much as the rest of choosing a replica): it trusts its
-last look until the watch reports a change. The event-driven worker reads the events on its
+ten microseconds on a cold cache, more than finding the key's replica): it trusts its last look
+until the watch reports a change. The event-driven worker reads the events on its
 loop (``RegistryWatch.attach``): an event for the file's name (replaced, written, removed,
 its mode changed) or a queue overflow makes the view look on its next call; a watch that ends
 (the folder removed or moved, its file system unmounted) puts the view back to a look per call.
