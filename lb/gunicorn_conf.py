@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 from lb import lifeline
+from lb.aio.accept import ConnectionTable
 from lb.logs import logging_config
 from lb.ops.metrics import mark_process_dead
 from lb.settings import Settings
@@ -36,9 +37,25 @@ secure_scheme_headers: dict[str, str] = {}
 forwarder_headers = ""
 
 
+# The async workers' connection counts, shared so that new connections go to the worker that
+# holds fewest (lb.aio.accept). Made here, in the arbiter, so that every forked worker has it.
+connections = ConnectionTable()
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """An async worker gets the table and a slot no live worker holds."""
+    if hasattr(worker, "connection_table"):
+        worker.connection_table = connections
+        worker.connection_slot = connections.claim(
+            w.connection_slot for w in server.WORKERS.values()
+            if getattr(w, "connection_slot", None) is not None)
+
+
 def child_exit(server: Any, worker: Any) -> None:
-    """A worker is gone: its live metrics files go too (prometheus-client multiprocess mode)."""
+    """A worker is gone: its live metrics files go too (prometheus-client multiprocess mode),
+    and its slot in the connection table."""
     mark_process_dead(worker.pid)
+    connections.release(getattr(worker, "connection_slot", None))
 
 
 def when_ready(server: Any) -> None:

@@ -183,6 +183,7 @@ class Server:
         self.keepalive = keepalive
         self.server_header = f"Server: {server_header}\r\n".encode("latin-1")
         self.connections: set[ClientConnection] = set()
+        self.lost: Callable[[], None] = _nothing  # a connection ended (lb.aio.accept.Share)
         self.tasks: set[asyncio.Task[None]] = set()  # requests handled in a task of their own
         self.closing = False
         self.app_calls = 0  # calls of the Flask app in flight
@@ -259,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.lost()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -639,3 +641,7 @@ def _log_path(target: str) -> str:
     """The path as the access log writes it (werkzeug's ``full_path``: decoded path, query)."""
     path, sep, query = target.partition("?")
     return decode_path(path) + (f"?{query}" if sep and query else "")
+
+
+def _nothing() -> None:
+    pass

@@ -26,6 +26,7 @@ from a2wsgi import WSGIMiddleware
 from gunicorn import SERVER
 from gunicorn.workers import base
 
+from lb.aio.accept import Acceptor, ConnectionTable, Share
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
 from lb.watch import RegistryWatch
@@ -43,6 +44,11 @@ class AsyncWorker(base.Worker):
         self.quick = False  # SIGINT/SIGQUIT: no grace
         self.app_calls = 0  # Flask calls still running when the loop stopped
         self._wake: asyncio.Event | None = None
+        # Set by the arbiter before the fork (lb.gunicorn_conf.pre_fork): the table of every
+        # worker's connections and this worker's slot in it (lb.aio.accept).
+        self.connection_table: ConnectionTable | None = None
+        self.connection_slot: int | None = None
+        self.share: Share | None = None
 
     def init_process(self) -> None:
         self.loop = uvloop.new_event_loop()
@@ -62,12 +68,19 @@ class AsyncWorker(base.Worker):
 
     def _graceful(self) -> None:
         self.alive = False
+        self._stop_sharing()
         self._wake_up()
 
     def _quick(self) -> None:
         self.alive = False
         self.quick = True
+        self._stop_sharing()
         self._wake_up()
+
+    def _stop_sharing(self) -> None:
+        # At once, not when the loop gets to it: the other workers no longer wait for this one.
+        if self.share is not None:
+            self.share.release()
 
     def _abort(self) -> None:
         self.alive = False
@@ -117,9 +130,15 @@ class AsyncWorker(base.Worker):
             loop.call_later(METRICS_FLUSH_SECONDS, flush_metrics)
 
         flush_metrics()
-        listeners = [await loop.create_server(lambda: ClientConnection(server, loop),
-                                              sock=listener.sock, backlog=self.cfg.backlog)
+        # New connections one at a time, to the worker holding fewest (lb.aio.accept).
+        self.share = share = Share(self.connection_table, self.connection_slot,
+                                   lambda: len(server.connections))
+        server.lost = share.publish
+        listeners = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop), share)
                      for listener in self.sockets]
+        for listener in listeners:
+            listener.start()
+        share.publish()  # accepting: from now on the others leave it connections
         sweep_every = max(0.1, min(NOTIFY_SECONDS, settings.client_timeout / 4))
         while self.alive:
             self.notify()
@@ -134,6 +153,7 @@ class AsyncWorker(base.Worker):
         # Stopping: no new connections; idle ones closed; busy ones close after their reply.
         for listener in listeners:
             listener.close()
+        share.release()
         server.shut(graceful=not self.quick)
         deadline = loop.time() + (0 if self.quick else self.cfg.graceful_timeout)
         while server.connections and loop.time() < deadline and not self.quick:

@@ -1,0 +1,177 @@
+"""New connections shared out evenly among the balancer's async workers.
+
+Every worker listens on the socket gunicorn opened. Left to uvloop, the first worker to wake
+accepts every connection waiting: a client or a proxy in front that opens a few keep-alive
+connections at once lands whole on one worker, one core, while the others idle (measured: 6
+connections of wrk split 6/0 between 2 workers in 5 runs of 8, 24 connections in 1 run of 6).
+Here a worker takes one connection at a time, and leaves it to another worker that holds fewer.
+HAProxy hands each new connection to its least loaded thread in the same spirit.
+
+The workers see each other's counts in a small table of shared memory (``ConnectionTable``)
+that gunicorn's arbiter makes before it forks them, with a slot per worker it assigns
+(``lb.gunicorn_conf.pre_fork``). A worker that defers waits at most ``PATIENCE_SECONDS``: if
+the worker that holds fewer does not take the connection by then (busy, stopped), it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import select
+import socket
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("lb.aio")
+
+FREE = -1  # a slot no accepting worker holds
+RETRY_SECONDS = 0.001  # a worker that deferred looks at the socket again after this
+PATIENCE_SECONDS = 0.005  # ... and takes the connection itself once it waited this long
+BACKOFF_SECONDS = 1.0  # out of file descriptors: stop accepting for this long (as asyncio does)
+# What accept() can meet that is the system's trouble, not the connection's.
+RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def should_take(mine: int, others: Iterable[int], waited: float) -> bool:
+    """Whether a worker holding ``mine`` connections takes the next one, when the other
+    workers hold ``others`` (FREE: no accepting worker) and it has waited ``waited`` seconds
+    for them to take it."""
+    fewest = min((n for n in others if n != FREE), default=None)
+    return fewest is None or mine <= fewest or waited >= PATIENCE_SECONDS
+
+
+class ConnectionTable:
+    """How many connections each worker holds: one 8-byte slot per worker, in anonymous shared
+    memory made before the workers are forked (each writes its own slot, reads the others')."""
+
+    def __init__(self, slots: int = 64) -> None:
+        self._memory = mmap.mmap(-1, slots * 8)  # MAP_SHARED: forked workers share the pages
+        self.counts = memoryview(self._memory).cast("q")
+        for slot in range(slots):
+            self.counts[slot] = FREE
+
+    def claim(self, taken: Iterable[int]) -> int | None:
+        """The lowest slot not in ``taken`` (the live workers'); None when every slot is taken
+        (that worker then takes every connection it is woken for). The slot stays FREE until
+        its worker accepts: nobody waits for a worker still loading the app."""
+        used = set(taken)
+        return next((slot for slot in range(len(self.counts)) if slot not in used), None)
+
+    def release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.counts[slot] = FREE
+
+    def others(self, slot: int) -> list[int]:
+        counts = self.counts.tolist()
+        del counts[slot]
+        return counts
+
+
+class Share:
+    """One worker's slot in the table: what it publishes, what it reads of the others."""
+
+    def __init__(self, table: ConnectionTable | None, slot: int | None,
+                 held: Callable[[], int]) -> None:
+        self.table = table
+        self.slot = slot if table is not None else None
+        self.held = held  # the connections the worker's server holds
+        self.opening = 0  # accepted, not yet connections of the server
+
+    def publish(self) -> None:
+        """The worker took or lost a connection."""
+        if self.table is not None and self.slot is not None:
+            self.table.counts[self.slot] = self.held() + self.opening
+
+    def takes(self, waited: float) -> bool:
+        """Whether the worker takes the waiting connection (``should_take``)."""
+        if self.table is None or self.slot is None:
+            return True
+        return should_take(self.held() + self.opening, self.table.others(self.slot), waited)
+
+    def release(self) -> None:
+        """The worker accepts no more: the others no longer wait for it."""
+        if self.table is not None:
+            self.table.release(self.slot)
+        self.slot = None
+
+
+class Acceptor:
+    """Accepts a listening socket's connections for one worker, one at a time, and hands each
+    to ``factory``'s protocol on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.Protocol], share: Share) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.share = share
+        self.opening: set[asyncio.Task[object]] = set()  # keeps the tasks referenced
+        self._since: float | None = None  # when this worker first deferred the waiting one
+        self._timer: asyncio.TimerHandle | None = None
+        self._listening = False
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        self._listening = True
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        """Accept no more (the socket itself is gunicorn's)."""
+        if self._listening:
+            self.loop.remove_reader(self.sock.fileno())
+            self._listening = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _readable(self) -> None:
+        now = self.loop.time()
+        if self._since is None:
+            self._since = now
+        if not self.share.takes(now - self._since):
+            self._pause(RETRY_SECONDS)
+            return
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            self._since = None  # another worker took it
+            return
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                log.error("accepting a connection: %s; accepting again in %.0f s", exc,
+                          BACKOFF_SECONDS)
+                self._pause(BACKOFF_SECONDS)
+            return  # ECONNABORTED and the like: that client is gone already
+        self._since = None
+        conn.setblocking(False)
+        task = self.loop.create_task(self._open(conn))
+        self.opening.add(task)
+        task.add_done_callback(self._opened)
+        self.share.opening += 1
+        self.share.publish()
+
+    async def _open(self, conn: socket.socket) -> object:
+        try:
+            return await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError:
+            conn.close()  # the client left before its connection was set up
+            return None
+
+    def _opened(self, task: asyncio.Task[object]) -> None:
+        self.opening.discard(task)
+        self.share.opening -= 1
+        self.share.publish()
+
+    def _pause(self, seconds: float) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self._listening = False
+        self._timer = self.loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._timer = None
+        waiting = select.poll()  # poll: select() fails on descriptors past 1,023
+        waiting.register(self.sock.fileno(), select.POLLIN)
+        if not waiting.poll(0):
+            self._since = None  # taken by another worker while this one waited
+        self.start()
