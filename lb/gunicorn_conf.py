@@ -39,7 +39,8 @@ forwarder_headers = ""
 
 # The async workers' connection counts, shared so that new connections go to the worker that
 # holds fewest (lb.aio.accept). Made here, in the arbiter, so that every forked worker has it.
-connections = ConnectionTable()
+# Room for restarts (a new worker may start before the old one is reaped) and TTIN signals.
+connections = ConnectionTable(slots=max(64, 2 * workers))
 
 
 def pre_fork(server: Any, worker: Any) -> None:

@@ -3,15 +3,21 @@ shared table across a real fork, and a real two-worker balancer under gunicorn."
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import os
+import resource
 import socket
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import uvloop
 
-from lb.aio.accept import FREE, PATIENCE_SECONDS, ConnectionTable, Share, should_take
+from lb.aio import accept
+from lb.aio.accept import FREE, PATIENCE_SECONDS, Acceptor, ConnectionTable, Share, should_take
 from tests.conftest import StackFactory
 from tests.helpers_chaos import balancer_workers_of
 
@@ -63,6 +69,61 @@ def test_a_forked_worker_sees_the_others_counts_and_they_see_its() -> None:
     assert not share.takes(0.0)  # 5 against 2
     share.release()
     assert table.counts[mine] == FREE and share.takes(0.0)  # no slot: takes everything
+
+
+def test_out_of_descriptors_a_worker_backs_off_then_accepts_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """accept() failing with EMFILE (a real RLIMIT_NOFILE, every descriptor under it in use)
+    pauses the worker's accepting instead of spinning on a socket that stays readable."""
+    monkeypatch.setattr(accept, "BACKOFF_SECONDS", 0.2)
+    loop = uvloop.new_event_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    made: list[asyncio.BaseTransport] = []
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    acceptor = Acceptor(loop, listener, Keep, Share(None, None, lambda: 0))
+    client = socket.create_connection(listener.getsockname())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+
+    async def starved_then_fed() -> None:
+        # Inside the running loop: uvloop opens descriptors of its own when it starts running.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+        with pytest.raises(OSError) as full:
+            while True:  # every descriptor under the limit, holes included
+                filler.append(os.dup(listener.fileno()))
+        assert full.value.errno == errno.EMFILE
+        acceptor.start()
+        await asyncio.sleep(0.1)
+        assert not made and not acceptor._listening  # paused, not spinning
+        for fd in filler:
+            os.close(fd)
+        filler.clear()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        deadline = loop.time() + 5
+        while not made and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="lb.aio"):
+            loop.run_until_complete(starved_then_fed())
+        assert any("Too many open files" in r.getMessage() for r in caplog.records)
+        assert len(made) == 1 and acceptor._listening  # accepting again after the pause
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        acceptor.close()
+        for transport in made:
+            transport.close()
+        client.close()
+        listener.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
 
 
 def _held_by(workers: list[psutil.Process], port: int) -> list[int]:

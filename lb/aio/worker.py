@@ -49,6 +49,7 @@ class AsyncWorker(base.Worker):
         self.connection_table: ConnectionTable | None = None
         self.connection_slot: int | None = None
         self.share: Share | None = None
+        self.acceptors: list[Acceptor] = []
 
     def init_process(self) -> None:
         self.loop = uvloop.new_event_loop()
@@ -68,17 +69,20 @@ class AsyncWorker(base.Worker):
 
     def _graceful(self) -> None:
         self.alive = False
-        self._stop_sharing()
+        self._stop_accepting()
         self._wake_up()
 
     def _quick(self) -> None:
         self.alive = False
         self.quick = True
-        self._stop_sharing()
+        self._stop_accepting()
         self._wake_up()
 
-    def _stop_sharing(self) -> None:
-        # At once, not when the loop gets to it: the other workers no longer wait for this one.
+    def _stop_accepting(self) -> None:
+        # At once (signal handlers run on the loop): no connection is taken after the signal,
+        # and the other workers no longer leave any to this one.
+        for acceptor in self.acceptors:
+            acceptor.close()
         if self.share is not None:
             self.share.release()
 
@@ -134,11 +138,12 @@ class AsyncWorker(base.Worker):
         self.share = share = Share(self.connection_table, self.connection_slot,
                                    lambda: len(server.connections))
         server.lost = share.publish
-        listeners = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop), share)
-                     for listener in self.sockets]
-        for listener in listeners:
-            listener.start()
-        share.publish()  # accepting: from now on the others leave it connections
+        self.acceptors = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop),
+                                   share) for listener in self.sockets]
+        if self.alive:  # not stopped while loading
+            for acceptor in self.acceptors:
+                acceptor.start()
+            share.publish()  # accepting: from now on the others leave it connections
         sweep_every = max(0.1, min(NOTIFY_SECONDS, settings.client_timeout / 4))
         while self.alive:
             self.notify()
@@ -151,9 +156,7 @@ class AsyncWorker(base.Worker):
             except TimeoutError:
                 pass
         # Stopping: no new connections; idle ones closed; busy ones close after their reply.
-        for listener in listeners:
-            listener.close()
-        share.release()
+        self._stop_accepting()
         server.shut(graceful=not self.quick)
         deadline = loop.time() + (0 if self.quick else self.cfg.graceful_timeout)
         while server.connections and loop.time() < deadline and not self.quick:
