@@ -75,10 +75,13 @@ def test_routed_counters_sum_to_the_requests_sent(make_stack: Callable[..., Runn
     for _, _, replica in results:
         served[replica] = served.get(replica, 0) + 1
 
-    # The event-driven worker writes its counts ten times a second: they add up by then.
+    # The event-driven worker writes its counts ten times a second: they add up by then. A
+    # scrape reads the metrics files one after another, so a flush can land between a worker's
+    # counter file and its histogram file: wait until both show every request.
     deadline = time.monotonic() + 10
     samples = scrape(stack)
-    while total(samples, "lb_upstream_latency_seconds_count") < K and time.monotonic() < deadline:
+    while (total(samples, "lb_upstream_latency_seconds_count") < K
+           or total(samples, "lb_routed_requests_total") < K) and time.monotonic() < deadline:
         time.sleep(0.2)
         samples = scrape(stack)
     assert total(samples, "lb_routed_requests_total") == K
