@@ -75,19 +75,18 @@ class Share:
                  held: Callable[[], int]) -> None:
         self.table = table
         self.slot = slot if table is not None else None
-        self.held = held  # the connections the worker's server holds
-        self.opening = 0  # accepted, not yet connections of the server
+        self.held = held  # the connections the worker holds, those still being set up included
 
     def publish(self) -> None:
         """The worker took or lost a connection."""
         if self.table is not None and self.slot is not None:
-            self.table.counts[self.slot] = self.held() + self.opening
+            self.table.counts[self.slot] = self.held()
 
     def takes(self, waited: float) -> bool:
         """Whether the worker takes the waiting connection (``should_take``)."""
         if self.table is None or self.slot is None:
             return True
-        return should_take(self.held() + self.opening, self.table.others(self.slot), waited)
+        return should_take(self.held(), self.table.others(self.slot), waited)
 
     def release(self) -> None:
         """The worker accepts no more: the others no longer wait for it."""
@@ -106,7 +105,7 @@ class Acceptor:
         self.sock = sock
         self.factory = factory
         self.share = share
-        self.opening: set[asyncio.Task[object]] = set()  # keeps the tasks referenced
+        self.opening: set[asyncio.Task[object]] = set()  # accepted, still being set up
         self._since: float | None = None  # when this worker first deferred the waiting one
         self._timer: asyncio.TimerHandle | None = None
         self._listening = False
@@ -148,7 +147,6 @@ class Acceptor:
         task = self.loop.create_task(self._open(conn))
         self.opening.add(task)
         task.add_done_callback(self._opened)
-        self.share.opening += 1
         self.share.publish()
 
     async def _open(self, conn: socket.socket) -> object:
@@ -160,7 +158,6 @@ class Acceptor:
 
     def _opened(self, task: asyncio.Task[object]) -> None:
         self.opening.discard(task)
-        self.share.opening -= 1
         self.share.publish()
 
     def _pause(self, seconds: float) -> None:

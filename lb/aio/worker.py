@@ -135,8 +135,9 @@ class AsyncWorker(base.Worker):
 
         flush_metrics()
         # New connections one at a time, to the worker holding fewest (lb.aio.accept).
-        self.share = share = Share(self.connection_table, self.connection_slot,
-                                   lambda: len(server.connections))
+        self.share = share = Share(
+            self.connection_table, self.connection_slot,
+            lambda: len(server.connections) + sum(len(a.opening) for a in self.acceptors))
         server.lost = share.publish
         self.acceptors = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop),
                                    share) for listener in self.sockets]
