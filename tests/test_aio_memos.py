@@ -7,6 +7,7 @@ without the parser). Neither may change a byte of what goes out. The harness is 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -88,17 +89,68 @@ def test_an_answer_head_seen_before_gives_the_same_reply_as_the_parser(
     assert first[:first.index(b"\r\n\r\n") + 4] in harness.pool.heads
 
 
-def test_an_answer_that_comes_in_pieces_is_parsed_even_when_its_head_is_known(
-        harness: Harness) -> None:
+@pytest.mark.parametrize("cuts", [
+    [-60],  # inside the head: the parser reads it
+    [0],  # the head alone, then the body: gunicorn's two writes
+    [7],  # the head and a few bytes of the body, then the rest
+    [0, 7, 3000],  # the body in several reads
+])
+def test_an_answer_that_comes_in_pieces_gives_the_same_reply_whether_its_head_is_known(
+        harness: Harness, cuts: list[int]) -> None:
+    """``cuts``: where the reads end, counted from the end of the head."""
     body = b'{"message": "' + b"x" * 5000 + b'"}'
     whole = answer(body)
-    harness.request(get(b"Host: a.test"), whole)  # its head is now known
-    assert harness.replies().endswith(body)
+    end = whole.index(b"\r\n\r\n") + 4
+    offsets = [end + c for c in cuts]
+    pieces = [whole[a:b] for a, b in zip([0, *offsets], [*offsets, len(whole)])]
+    assert b"".join(pieces) == whole and all(pieces)
+    replies = []
+    for n in range(3):  # the first time unknown, then known
+        conn, _ = harness.send(get(b"Host: a.test"))
+        for piece in pieces[:-1]:
+            conn.data_received(piece)
+            assert harness.replies() == b""  # not yet
+            # Known, and its head whole in the first read: the body is counted, not parsed.
+            assert (conn._known is not None) == (n > 0 and cuts[0] >= 0)
+        conn.data_received(pieces[-1])
+        replies.append(re.sub(rb"X-Request-ID: \w+", b"", harness.replies()))
+        assert conn.keep_alive and not conn.closed
+        harness.request(get(b"Host: a.test"), whole)  # in one read: learns the head
+        assert harness.replies().endswith(body)
+    assert whole[:end] in harness.pool.heads
+    assert replies[0] == replies[1] == replies[2] and replies[0].endswith(body)
+
+
+def test_bytes_after_a_known_answer_that_came_in_pieces_end_that_connection(
+        harness: Harness) -> None:
+    harness.request(get(b"Host: a.test"), ANSWER)
+    harness.check()
+    end = ANSWER.index(b"\r\n\r\n") + 4
     conn, _ = harness.send(get(b"Host: a.test"))
-    conn.data_received(whole[:300])
-    assert harness.replies() == b""  # not yet
-    conn.data_received(whole[300:])
-    assert harness.replies().endswith(body)
+    conn.data_received(ANSWER[:end])
+    conn.data_received(ANSWER[end:] + b"HTTP/1.1 200 OK\r\n")
+    harness.check()  # the answer stands
+    assert conn.closed and not conn.keep_alive
+    assert all(c is not conn for idle in harness.pool._idle.values() for c in idle)
+
+
+def test_a_known_head_whose_body_is_cut_by_the_replica_is_not_an_answer(
+        harness: Harness) -> None:
+    """The connection ends before the body its Content-Length gives: a failed try (the next
+    replica gets the request), never a short body passed back as the answer."""
+    harness.request(get(b"Host: a.test"), ANSWER)
+    harness.check()
+    end = ANSWER.index(b"\r\n\r\n") + 4
+    first, _ = harness.send(get(b"Host: a.test"))
+    first.data_received(ANSWER[:end + 5])
+    first.connection_lost(None)
+    harness.loop.run_until_complete(asyncio.sleep(0.01))  # the walk goes on to the next one
+    assert not harness.client_transport.written  # no short reply
+    retried = [conn for conn, transport in harness.replicas.values() if transport.written]
+    assert len(retried) == 1 and retried[0] is not first
+    retried[0].data_received(ANSWER)
+    harness.loop.run_until_complete(asyncio.sleep(0.01))
+    harness.check()
 
 
 def test_bytes_after_a_known_answer_end_that_connection(harness: Harness) -> None:
