@@ -306,6 +306,9 @@ class Router:
 
     def table(self) -> RoutingTable:
         """The current table: the view's look at the registry, a rebuild only after it changed."""
+        table = self._table
+        if table is not None and table.version == self.view.current().version:
+            return table  # the usual call (every request): no lock to take
         with self._lock:
             state = self.view.current()
             if self._table is None or self._table.version != state.version:
