@@ -190,6 +190,13 @@ class Settings:
             raise SettingsError(str(exc)) from None
 
 
+def graceful_drain(graceful_timeout: float) -> float:
+    """How long a balancer worker stopping gracefully waits for its busy connections (a reply
+    a client is slow to take): gunicorn's graceful timeout less a margin. The worker then ends
+    them itself and exits, before the arbiter SIGKILLs it at the timeout."""
+    return max(graceful_timeout / 2, graceful_timeout - 2.0)
+
+
 def _valid_hash_key(value: str) -> bool:
     if value in ("random", "client"):
         return True

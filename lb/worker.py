@@ -29,7 +29,11 @@ may stay blocked on a slow client once the worker stops:
 - SIGTERM (graceful: requests in flight are finished): the connections whose headers are still
   coming are shut; the others are shut for reading, so a body still coming ends (the app
   answers 400) while replies go out; a request whose thread began reading it after the
-  signal gets ``STOP_HEADERS_GRACE`` seconds for its headers, not ``LB_CLIENT_TIMEOUT``.
+  signal gets ``STOP_HEADERS_GRACE`` seconds for its headers, not ``LB_CLIENT_TIMEOUT``. A reply
+  the client is slow to take may go on for most of gunicorn's graceful timeout
+  (``lb.settings.graceful_drain``); then its connection is shut too, so that the worker exits
+  by itself before the arbiter would SIGKILL it (a thread blocked on the write would keep the
+  interpreter from exiting).
 
 **``close`` anywhere in ``Connection``** ends the connection after the reply, as on the async
 worker (RFC 9112 section 9.6); gunicorn looks only at a first header that is exactly ``close``.
@@ -50,7 +54,7 @@ from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
 from lb.routing import connection_options, error_body, reason_phrase
-from lb.settings import Settings
+from lb.settings import Settings, graceful_drain
 
 STOP_HEADERS_GRACE = 2.0  # seconds for a request's headers once a graceful stop has begun
 
@@ -131,6 +135,8 @@ class EnvelopeThreadWorker(ThreadWorker):
         self.in_threads: set[Any] = set()  # every connection a pool thread holds
         self.in_headers_lock = threading.Lock()  # guards both
         self.quitting = False  # a quick stop has begun: see handle_quit
+        self.stopping_at: float | None = None  # when a graceful stop began (monotonic)
+        self.drained = False  # ... and its busy connections were shut (graceful_drain)
 
     def init_process(self) -> None:
         # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
@@ -160,6 +166,8 @@ class EnvelopeThreadWorker(ThreadWorker):
         return super().handle_request(req, conn)
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful
+        if self.stopping_at is None:
+            self.stopping_at = time.monotonic()
         super().handle_exit(sig, frame)
         shut_all(self.in_headers)  # nothing was asked of those requests yet
         # The others are answered but read no further: a body still coming ends here (the app
@@ -183,6 +191,15 @@ class EnvelopeThreadWorker(ThreadWorker):
 
     def murder_pending(self) -> None:  # the main loop, about once a second
         super().murder_pending()
+        drain = graceful_drain(self.cfg.graceful_timeout)
+        if self.stopping_at is not None and time.monotonic() - self.stopping_at >= drain:
+            with self.in_headers_lock:
+                busy = list(self.in_threads)
+            if busy and not self.drained:
+                self.log.warning("stopping: %d connection(s) still busy after %gs, closed",
+                                 len(busy), drain)
+            self.drained = True
+            shut_all(busy)  # again on later rounds: a thread may take a queued one late
         allowed = self.client_timeout if self.alive else min(self.client_timeout,
                                                              STOP_HEADERS_GRACE)
         deadline = time.monotonic() - allowed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 import requests
 
+from lb.registry import Registry
 from lb.settings import Settings
 from tests.conftest import RunningStack, deployment_processes, free_port
+from tests.helpers_echo import start_echo_replica
 
 pytestmark = pytest.mark.system
 
@@ -37,24 +40,27 @@ def test_bad_setting_is_a_clear_error_not_a_traceback() -> None:
     assert "Traceback" not in run.stderr
 
 
-def start_in_own_session(tmp_path: Path, worker: str, **overrides: Any,
+def start_in_own_session(tmp_path: Path, worker: str, env: dict[str, str] | None = None,
+                         **overrides: Any,
                          ) -> tuple[subprocess.Popen[bytes], str, Settings, Path]:
     """``lb-run`` as a terminal would run it (its own process group, for a Ctrl-C to reach
-    every process of it), up and serving; the process, its URL, settings and log."""
+    every process of it), up and serving (its ``n`` replicas ready); the process, its URL,
+    settings and log. ``env``: more of the environment."""
     deployment = f"cc{uuid.uuid4().hex[:8]}"
     settings = Settings.from_env({}, port=free_port(), deployment=deployment, worker=worker,
                                  registry=str(tmp_path / "registry.json"), **overrides)
     log = tmp_path / "lb-run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lb"],
-                                env={**os.environ, **settings.to_env()},
+                                env={**os.environ, **settings.to_env(), **(env or {})},
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{settings.port}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if len(requests.get(url + "/rep", timeout=2).json()["message"]["replicas"]) == 3 \
-                    and requests.get(url + "/home", timeout=5).status_code == 200:
+            replicas = requests.get(url + "/rep", timeout=2).json()["message"]["replicas"]
+            if len(replicas) == settings.n and (
+                    settings.n == 0 or requests.get(url + "/home", timeout=5).status_code == 200):
                 return proc, url, settings, log
         except requests.RequestException:
             pass
@@ -120,6 +126,13 @@ def stops_promptly(proc: subprocess.Popen[bytes], settings: Settings, log: Path,
     print(f"\n[stop] worker={settings.worker}, {what}: everything stopped {took:.2f} s after")
     assert code == 0, text[-2000:]
     assert "SIGKILL" not in text and "WORKER TIMEOUT" not in text, text[-2000:]
+    # gunicorn 27 SIGKILLs the workers left at its graceful timeout without a word: each one
+    # must have said it exited (or, with an /add unfinished, that it exits without waiting).
+    booted = re.findall(r"Booting worker with pid: (\d+)", text)
+    assert booted and all(
+        f"Worker exiting (pid: {pid})" in text
+        or re.search(rf" {pid} [\w.]+ WARNING exiting with \d+ admin call", text)
+        for pid in booted), text[-2000:]
     assert took < 10, text[-2000:]
     assert deployment_processes(settings.deployment) == []
     return first
@@ -175,6 +188,26 @@ def test_stop_with_half_sent_requests_queued_behind_a_busy_thread_needs_no_sigki
     answer = stops_promptly(proc, settings, log, connect, signal_for(proc, stop), stop)
     if stop == "SIGTERM":
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+
+
+def test_graceful_stop_with_a_client_that_does_not_read_its_reply_needs_no_sigkill(
+        tmp_path: Path, lb_worker: str) -> None:
+    """SIGTERM while the balancer writes a 16 MiB reply to a client that reads none of it: the
+    worker waits for it most of gunicorn's graceful timeout (4 s here), then ends that
+    connection itself and exits, before the arbiter would SIGKILL it."""
+    proc, url, settings, log = start_in_own_session(
+        tmp_path, lb_worker, env={"GUNICORN_CMD_ARGS": "--graceful-timeout 4"}, n=0)
+    start_echo_replica(Registry(settings.registry_path), settings.deployment, "echo-big")
+    assert requests.get(url + "/home", timeout=10).status_code == 200
+
+    def connect() -> list[socket.socket]:
+        stuck = send(settings.port, b"GET /big?n=16777216 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.5)  # the replica has answered; the balancer is blocked writing it
+        return [stuck]
+
+    first = stops_promptly(proc, settings, log, connect, signal_for(proc, "SIGTERM"),
+                           "SIGTERM, a reply nobody reads")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n"), first[:200]  # it was being sent
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:

@@ -29,6 +29,7 @@ from gunicorn.workers import base
 from lb.aio.accept import Acceptor, ConnectionTable, Share
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
+from lb.settings import graceful_drain
 from lb.watch import RegistryWatch
 
 NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
@@ -159,10 +160,14 @@ class AsyncWorker(base.Worker):
         # Stopping: no new connections; idle ones closed; busy ones close after their reply.
         self._stop_accepting()
         server.shut(graceful=not self.quick)
-        deadline = loop.time() + (0 if self.quick else self.cfg.graceful_timeout)
+        drain = graceful_drain(self.cfg.graceful_timeout)
+        deadline = loop.time() + (0 if self.quick else drain)
         while server.connections and loop.time() < deadline and not self.quick:
             self.notify()
             await asyncio.sleep(0.05)
+        if server.connections and not self.quick:
+            self.log.warning("stopping: %d connection(s) still busy after %gs, closed",
+                             len(server.connections), drain)
         server.shut(graceful=False)
         counts.flush()
         if watch is not None:
