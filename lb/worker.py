@@ -136,7 +136,7 @@ class EnvelopeThreadWorker(ThreadWorker):
         self.in_headers_lock = threading.Lock()  # guards both
         self.quitting = False  # a quick stop has begun: see handle_quit
         self.stopping_at: float | None = None  # when a graceful stop began (monotonic)
-        self.drained = False  # ... and its busy connections were shut (graceful_drain)
+        self.drained = False  # ... and graceful_drain's time is over: busy ones are shut
 
     def init_process(self) -> None:
         # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.

@@ -208,6 +208,7 @@ def test_graceful_stop_with_a_client_that_does_not_read_its_reply_needs_no_sigki
     first = stops_promptly(proc, settings, log, connect, signal_for(proc, "SIGTERM"),
                            "SIGTERM, a reply nobody reads")
     assert first.startswith(b"HTTP/1.1 200 OK\r\n"), first[:200]  # it was being sent
+    assert "1 connection(s) still busy after 2s, closed" in log.read_text()  # ended, not killed
 
 
 def test_add_that_times_out_is_rolled_back(make_stack: object) -> None:
