@@ -642,8 +642,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run (10)")
     parser.add_argument("--connections", type=int, default=24, help="saturation (24)")
     parser.add_argument("--paced-connections", type=int, default=6, help="half load (6)")
-    parser.add_argument("--half-rounds", type=int, default=3,
-                        help="half-load rounds, interleaved (3)")
+    # Five, not three: a p99 over 10 s moves with any burst of outside load, and one such round
+    # in three moved the median by several milliseconds (bench/history.md, 2026-12-04).
+    parser.add_argument("--half-rounds", type=int, default=5,
+                        help="half-load rounds, interleaved (5)")
     parser.add_argument("--rounds", type=int, default=2, help="saturation rounds (2)")
     parser.add_argument("--strategy", default="maglev", help="LB_STRATEGY for the balancer")
     parser.add_argument("--lb-workers", type=int, default=2, help="LB_WORKERS (2)")
