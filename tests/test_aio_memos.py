@@ -190,3 +190,126 @@ def test_what_a_head_says_about_its_body(fields: list[tuple[bytes, bytes]], stat
     """Only a head whose one Content-Length alone frames the body may be taken whole."""
     head = read_head(status, fields, keep_alive=True)
     assert (head.length, head.framed) == (length, framed)
+
+
+# -- a GET whose header bytes the parser read before on the connection ---------------------------
+KNOWN_FIELDS = b"Host: a.test\r\nX-A: 1\r\n\r\n"
+
+
+def plain(line: bytes, fields: bytes = KNOWN_FIELDS) -> bytes:
+    return line + b"\r\n" + fields
+
+
+class CountingParser:
+    """The connection's own parser, counting what it is fed."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.fed = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.fed += 1
+        self.real.feed_data(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def outcome(harness: Harness, raw: bytes) -> tuple[bytes, ...]:
+    """What ``raw`` comes to on the harness's connection: what a replica got (but the request
+    id and the replica's address: with no ``id`` the key is random) and the reply's status
+    line; or the reply the balancer gave itself."""
+    harness.client.data_received(raw)
+    for conn, transport in harness.replicas.values():
+        if transport.written:
+            sent = b"".join(transport.written)
+            transport.written.clear()
+            conn.data_received(ANSWER)
+            return (re.sub(rb"X-Request-ID: \w+\r\n|(?<=Host: 127.0.0.1:)\d+", b"", sent),
+                    harness.replies().split(b"\r\n")[0])
+    return (harness.replies(),)
+
+
+def learned(harness: Harness) -> CountingParser:
+    """The connection after one plain GET with ``KNOWN_FIELDS``: those bytes are known."""
+    outcome(harness, plain(b"GET /home?id=123456 HTTP/1.1"))
+    assert harness.client.known is not None
+    assert harness.client.known.fields == KNOWN_FIELDS
+    harness.client.parser = parser = CountingParser(harness.client.parser)  # type: ignore[assignment]
+    return parser
+
+
+def test_a_get_with_known_header_bytes_goes_out_as_the_parser_would_send_it(
+        tmp_path: Path) -> None:
+    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    parser = learned(known)
+    for line in (b"GET /home?id=654321 HTTP/1.1", b"GET /home HTTP/1.1", b"GET / HTTP/1.1",
+                 b"GET /%68ome?a=1&b=%20;c@d:e HTTP/1.1", b"GET /a/b/../c?x=~y!$'()*+,- HTTP/1.1"):
+        want = outcome(fresh, plain(line))
+        assert outcome(known, plain(line)) == want
+        assert want[0].startswith(line + b"\r\nHost: ")  # to a replica, the target as it came
+    assert parser.fed == 0  # none of them met the parser
+
+
+@pytest.mark.parametrize("raw", [
+    plain(b"GET /home?id=654321 HTTP/1.1", b"Host: a.test\r\nX-A: 2\r\n\r\n"),  # other fields
+    plain(b"GET /home?id=654321 HTTP/1.1", b"Host: a.test\r\nX-A: 1\r\n\r\n\r\n"),  # more after
+    plain(b"GET /home HTTP/1.0"),
+    plain(b"GET /home#frag HTTP/1.1"),
+    plain(b"GET http://b.test/home?id=1 HTTP/1.1"),  # absolute form
+    plain(b"GET /h\xc3\xa9 HTTP/1.1"),  # not ASCII: 400
+    plain(b"GET /" + b"a" * 5000 + b" HTTP/1.1"),  # over the request-line limit: 414
+    plain(b"get /home HTTP/1.1"),
+    plain(b"GET /a b HTTP/1.1"),
+    plain(b"GET  /home HTTP/1.1"),
+    plain(b"GET /home HTTP/1.1 "),
+], ids=["other-fields", "bytes-after", "http10", "fragment", "absolute", "non-ascii",
+        "long-line", "lower-case", "space", "two-spaces", "trailing-space"])
+def test_anything_but_a_plain_get_with_the_known_bytes_meets_the_parser(
+        tmp_path: Path, raw: bytes) -> None:
+    """The same outcome as on a connection that knows nothing, and the parser saw it."""
+    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    parser = learned(known)
+    got = outcome(known, raw)
+    assert got == outcome(fresh, raw) and got != (b"",)
+    assert parser.fed == 1
+
+
+def test_known_requests_in_one_read_or_split_over_two_meet_the_parser(harness: Harness) -> None:
+    parser = learned(harness)
+    two = plain(b"GET /home?id=1 HTTP/1.1") + plain(b"GET /home?id=2 HTTP/1.1")
+    harness.client.data_received(two)  # pipelined: both answered, in order
+    for n in (1, 2):
+        conn, transport = next((c, t) for c, t in harness.replicas.values() if t.written)
+        assert b"".join(transport.written).startswith(b"GET /home?id=%d " % n)
+        transport.written.clear()
+        conn.data_received(ANSWER)
+        harness.loop.run_until_complete(asyncio.sleep(0))
+        harness.check()
+    assert parser.fed == 1
+    raw = plain(b"GET /home?id=3 HTTP/1.1")
+    harness.client.data_received(raw[:10])
+    assert outcome(harness, raw[10:])[0].startswith(b"GET /home?id=3 ")
+    assert parser.fed == 3
+    assert outcome(harness, plain(b"GET /home?id=4 HTTP/1.1"))[0].startswith(b"GET /home?id=4 ")
+    assert parser.fed == 3  # known again
+
+
+def test_a_request_that_ends_the_connection_teaches_nothing(harness: Harness) -> None:
+    outcome(harness, plain(b"GET /home HTTP/1.1", b"Host: a.test\r\nConnection: close\r\n\r\n"))
+    assert harness.client.known is None
+
+
+def test_the_known_path_keeps_the_request_line_limit_to_the_byte(tmp_path: Path) -> None:
+    """A request line of exactly the limit (4,094 bytes in the harness) is served without the
+    parser; one byte more meets it, and its 414."""
+    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    parser = learned(known)
+    longest = b"GET /home?id=1&pad=" + b"x" * (4094 - 28) + b" HTTP/1.1"
+    assert len(longest) == 4094
+    assert outcome(known, plain(longest)) == outcome(fresh, plain(longest))
+    assert parser.fed == 0
+    over = longest.replace(b"pad=", b"pad=x")
+    got = outcome(known, plain(over))
+    assert got == outcome(fresh, plain(over)) and got[0].startswith(b"HTTP/1.1 414 ")
+    assert parser.fed == 1

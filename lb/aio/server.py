@@ -12,7 +12,9 @@ ways:
 
 What a request's header fields mean (the lookup by name, the coding, the header lines for the
 replica) is worked out once per distinct set on a connection (``RequestHead``): a keep-alive
-client sends the same fields with every request.
+client sends the same fields with every request. A ``GET`` that arrives whole in one read, with
+a plain request line and the very header bytes of one the parser read before on the connection,
+is taken without the parser (``KnownHead``): the parser would find what it found then.
 
 Limits are gunicorn's own settings (request line, header count and size, as on the threads
 path) plus ``LB_MAX_BODY`` for bodies; each is answered in the contract's envelope. Deadlines
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -113,6 +116,19 @@ class RequestHead:
 
 
 NO_HEAD = RequestHead([], {}, None, b"", False, None, False)
+
+# A request line the parser would take as it is: GET, an origin-form target of characters
+# llhttp accepts in any mode (RFC 3986's unreserved, sub-delims, ":@/?%"), HTTP/1.1.
+PLAIN_GET = re.compile(rb"GET (/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*) HTTP/1\.1")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownHead:
+    """The header bytes of a whole ``GET`` the parser read on a connection, and what they
+    meant: a keep-alive request with no body (``ClientConnection._learn``)."""
+
+    fields: bytes  # everything after the request line, the blank line included
+    head: RequestHead
 
 
 def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
@@ -243,6 +259,7 @@ class ClientConnection(asyncio.Protocol):
         # The last distinct header fields and what they mean (the next request likely repeats
         # them): read_request_head depends on nothing else but the connection's two ends.
         self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestHead] = (None, NO_HEAD)
+        self.known: KnownHead | None = None  # a plain GET's header bytes, as last parsed
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,6 +281,9 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            return
+        between = self.phase == IDLE  # the parser is between two requests
+        if between and self.known is not None and self._take_known(data, self.known):
             return
         if self.phase != BODY:
             self.head_bytes += len(data)
@@ -288,6 +308,40 @@ class ClientConnection(asyncio.Protocol):
         else:
             if self.phase == HEAD and self.head_bytes > self.server.limits.head:
                 self.refuse(431, "Request Header Fields Too Large: request head too large")
+            elif between and self.phase == IDLE and not self.closed:
+                self._learn(data)
+
+    # -- the known GET: a request the parser read before, again ---------------------------------
+    def _learn(self, data: bytes) -> None:
+        """``data`` was one whole request, just parsed: if it is a plain keep-alive ``GET``
+        with no body, its header bytes are what the next ones likely repeat."""
+        request = self.request
+        end = data.find(b"\r\n")
+        if (request.method != "GET" or request.version != "1.1" or not request.keep_alive
+                or request.expects_body or data.find(b"\r\n\r\n") != len(data) - 4):
+            return  # not one whole GET alone (pipelined, or a body follows)
+        line = PLAIN_GET.fullmatch(data, 0, end)
+        if line is not None and line.group(1) == request.url:
+            self.known = KnownHead(data[end + 2:], request.head)
+
+    def _take_known(self, data: bytes, known: KnownHead) -> bool:
+        """Serve ``data`` as the parser would, if it is a whole plain ``GET`` whose header
+        bytes are ``known``'s; False (nothing done) for anything else."""
+        end = data.find(b"\r\n")
+        if end < 0 or data[end + 2:] != known.fields or not self.accepting:
+            return False
+        line = PLAIN_GET.fullmatch(data, 0, end)
+        if line is None or end > self.server.limits.request_line:
+            return False  # the parser says what is wrong (or what it makes of the line)
+        url = line.group(1)
+        request = self.request = Request(began=time.perf_counter())
+        request.url, request.method, request.head = url, "GET", known.head
+        target = request.target = url.decode("latin-1")
+        request.path = path = decode_path(target.partition("?")[0])
+        request.routed = is_routed("GET", path)
+        self.phase = BODY
+        self._complete()
+        return True
 
     def pause_writing(self) -> None:
         self.write_deadline = self.loop.time() + self.server.settings.client_timeout
