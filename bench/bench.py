@@ -341,6 +341,15 @@ def half_summary(runs: list[dict[str, Any]],
 
 
 # -- the run -------------------------------------------------------------------------------------
+def same_replicas(registry_path: str, addresses: list[str]) -> None:
+    """Raise if the registry's replicas are no longer those at ``addresses``: the supervisor
+    replaced one, so the direct runs, HAProxy and nginx point at one that is gone."""
+    now, _ = replica_processes(registry_path)
+    if now != addresses:
+        raise RuntimeError(f"a replica was replaced during the run ({addresses} -> {now}; "
+                           "lb-run.log says why): the figures no longer compare, run it again")
+
+
 def replica_processes(registry_path: str) -> tuple[list[str], list[psutil.Process]]:
     with open(registry_path, encoding="utf-8") as fh:
         entries = sorted(json.load(fh)["replicas"], key=lambda e: e["server_id"])
@@ -381,11 +390,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lua = os.path.join(work, "ids.lua")
     with open(lua, "w", encoding="utf-8") as fh:
         fh.write(WRK_LUA)
-    # Saturated replicas answer their heartbeat late too: 2 s (not 0.5) keeps the supervisor
-    # from replacing a replica for being busy in the middle of a measurement.
+    # Saturated replicas answer their heartbeat late too: 2 s (not 0.5) and 4 misses in a row
+    # (not 2) keep the supervisor from replacing a replica for being busy in the middle of a
+    # measurement (2 misses did, in a run of 2026-12-04 and one of 2026-12-06: every later
+    # round then failed). A replacement all the same stops the run (same_replicas).
     settings = {"hash_key": "query:id", "strategy": args.strategy, "log_level": "warning",
                 "workers": str(args.lb_workers), "threads": str(args.lb_threads),
-                "worker": "async", "heartbeat_timeout": "2.0"}
+                "worker": "async", "heartbeat_timeout": "2.0", "heartbeat_failures": "4"}
     meta: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
@@ -417,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name, t in targets.items():
                     print(f"round {r + 1}/{args.rounds}: {name}, {args.connections} connections, "
                           f"{args.duration:.0f} s ...", file=sys.stderr)
+                    same_replicas(stack.registry, addresses)
                     saturation[name].append(measured(t, args.connections, args.duration, lua,
                                                      replicas))
             # Half load: each worker at half its own saturation rate, beside the replicas
@@ -432,6 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name in names:
                         print(f"half load, round {r + 1}/{args.half_rounds}: {name} at "
                               f"{rate:.0f} req/s ...", file=sys.stderr)
+                        same_replicas(stack.registry, addresses)
                         runs[name].append(paced(targets[name], rate, args.paced_connections,
                                                 args.duration, lua, replicas))
                 for name in names:
