@@ -155,6 +155,12 @@ class Harness:
         reply = self.replies()
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(BODY), reply[:300]
 
+    def close(self) -> None:
+        """The registry watch (an inotify descriptor) and the loop."""
+        if self.watch is not None:
+            self.watch.close()
+        self.loop.close()
+
 
 def requests(n: int, seed: int = 7) -> list[bytes]:
     rng = random.Random(seed)
@@ -216,9 +222,7 @@ def run(n: int = 20_000, repeat: int = 5, cold: int = 2000) -> dict[str, float]:
             harness.request(raw)
         sys.setprofile(None)
         harness.check()
-        if harness.watch is not None:
-            harness.watch.close()
-        harness.loop.close()
+        harness.close()
     request_us = 1e6 * statistics.median(h[0] for h in halves)
     answer_us = 1e6 * statistics.median(h[1] for h in halves)
     return {"us_per_request": 1e6 * best / n, "calls_per_request": calls[0] / len(sample),

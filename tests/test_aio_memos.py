@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,19 @@ def forwarded(sent: bytes) -> tuple[list[tuple[str, str]], str]:
 
 
 @pytest.fixture()
-def harness(tmp_path: Path) -> Harness:
-    return Harness(str(tmp_path))
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    made = Harness(str(tmp_path))
+    yield made
+    made.close()
+
+
+@pytest.fixture()
+def two(tmp_path: Path) -> Iterator[tuple[Harness, Harness]]:
+    """Two harnesses: one whose connection knows nothing yet, one to teach."""
+    made = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    yield made
+    for harness in made:
+        harness.close()
 
 
 def test_each_request_goes_on_with_its_own_fields_whatever_came_before(
@@ -240,8 +252,8 @@ def learned(harness: Harness) -> CountingParser:
 
 
 def test_a_get_with_known_header_bytes_goes_out_as_the_parser_would_send_it(
-        tmp_path: Path) -> None:
-    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+        two: tuple[Harness, Harness]) -> None:
+    fresh, known = two
     parser = learned(known)
     for line in (b"GET /home?id=654321 HTTP/1.1", b"GET /home HTTP/1.1", b"GET / HTTP/1.1",
                  b"GET /%68ome?a=1&b=%20;c@d:e HTTP/1.1", b"GET /a/b/../c?x=~y!$'()*+,- HTTP/1.1"):
@@ -266,9 +278,9 @@ def test_a_get_with_known_header_bytes_goes_out_as_the_parser_would_send_it(
 ], ids=["other-fields", "bytes-after", "http10", "fragment", "absolute", "non-ascii",
         "long-line", "lower-case", "space", "two-spaces", "trailing-space"])
 def test_anything_but_a_plain_get_with_the_known_bytes_meets_the_parser(
-        tmp_path: Path, raw: bytes) -> None:
+        two: tuple[Harness, Harness], raw: bytes) -> None:
     """The same outcome as on a connection that knows nothing, and the parser saw it."""
-    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    fresh, known = two
     parser = learned(known)
     got = outcome(known, raw)
     assert got == outcome(fresh, raw) and got != (b"",)
@@ -300,10 +312,11 @@ def test_a_request_that_ends_the_connection_teaches_nothing(harness: Harness) ->
     assert harness.client.known is None
 
 
-def test_the_known_path_keeps_the_request_line_limit_to_the_byte(tmp_path: Path) -> None:
+def test_the_known_path_keeps_the_request_line_limit_to_the_byte(
+        two: tuple[Harness, Harness]) -> None:
     """A request line of exactly the limit (4,094 bytes in the harness) is served without the
     parser; one byte more meets it, and its 414."""
-    fresh, known = Harness(str(tmp_path / "fresh")), Harness(str(tmp_path / "known"))
+    fresh, known = two
     parser = learned(known)
     longest = b"GET /home?id=1&pad=" + b"x" * (4094 - 28) + b" HTTP/1.1"
     assert len(longest) == 4094
