@@ -344,15 +344,20 @@ def half_summary(runs: list[dict[str, Any]],
 def same_replicas(registry_path: str, addresses: list[str]) -> None:
     """Raise if the registry's replicas are no longer those at ``addresses``: the supervisor
     replaced one, so the direct runs, HAProxy and nginx point at one that is gone."""
-    now, _ = replica_processes(registry_path)
+    now = [e["address"] for e in registry_entries(registry_path)]
     if now != addresses:
         raise RuntimeError(f"a replica was replaced during the run ({addresses} -> {now}; "
                            "lb-run.log says why): the figures no longer compare, run it again")
 
 
-def replica_processes(registry_path: str) -> tuple[list[str], list[psutil.Process]]:
+def registry_entries(registry_path: str) -> list[dict[str, Any]]:
+    """The registry's replica entries, by server id."""
     with open(registry_path, encoding="utf-8") as fh:
-        entries = sorted(json.load(fh)["replicas"], key=lambda e: e["server_id"])
+        return sorted(json.load(fh)["replicas"], key=lambda e: e["server_id"])
+
+
+def replica_processes(registry_path: str) -> tuple[list[str], list[psutil.Process]]:
+    entries = registry_entries(registry_path)
     addresses = [e["address"] for e in entries]
     procs = []
     for e in entries:
