@@ -333,12 +333,9 @@ class ClientConnection(asyncio.Protocol):
         line = PLAIN_GET.fullmatch(data, 0, end)
         if line is None or end > self.server.limits.request_line:
             return False  # the parser says what is wrong (or what it makes of the line)
-        url = line.group(1)
         request = self.request = Request(began=time.perf_counter())
-        request.url, request.method, request.head = url, "GET", known.head
-        target = request.target = url.decode("latin-1")
-        request.path = path = decode_path(target.partition("?")[0])
-        request.routed = is_routed("GET", path)
+        request.url, request.method, request.head = line.group(1), "GET", known.head
+        _aim(request)
         self.phase = BODY
         self._complete()
         return True
@@ -393,10 +390,7 @@ class ClientConnection(asyncio.Protocol):
             self.seen = (list(request.headers), head)  # a copy: trailers append to it
         request.head = head
         request.expects_body = head.expects_body
-        request.target = origin_target(request.url.decode("latin-1"))
-        if request.target is not None:
-            request.path = decode_path(request.target.partition("?")[0])
-            request.routed = not request.expects_body and is_routed(request.method, request.path)
+        _aim(request)
         if not request.keep_alive:
             self.accepting = False
         self.phase = BODY
@@ -689,6 +683,15 @@ class ClientConnection(asyncio.Protocol):
         if not self.reading and self.transport is not None and not self.closed:
             self.transport.resume_reading()
             self.reading = True
+
+
+def _aim(request: Request) -> None:
+    """Where ``request`` goes, from its URL, method and whether a body comes: the target to
+    forward, the path the app matches, and whether the replicas answer it."""
+    request.target = target = origin_target(request.url.decode("latin-1"))
+    if target is not None:
+        request.path = decode_path(target.partition("?")[0])
+        request.routed = not request.expects_body and is_routed(request.method, request.path)
 
 
 def _log_path(target: str) -> str:
