@@ -60,9 +60,13 @@ SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-forwarded-ssl", "x-forwarded
 # Set by the balancer itself on the way to the replica.
 SET_ON_FORWARD = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-host",
                             "x-forwarded-proto", "x-request-id"})
-REQUEST_DROP = HOP_BY_HOP | SPOOFABLE | SET_ON_FORWARD
-# Set again by the balancer for its own reply.
-RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+# The client side of "Expect: 100-continue" is the balancer's (RFC 9110 section 10.1.1): a
+# replica asked for it would answer 100 first, an interim answer to a request with no body.
+OWNED_BY_BALANCER = frozenset({"expect"})
+REQUEST_DROP = HOP_BY_HOP | SPOOFABLE | SET_ON_FORWARD | OWNED_BY_BALANCER
+# Set again by the balancer for its own reply (a replica's own X-Served-By or X-Request-ID is
+# replaced, never sent twice).
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "x-served-by", "x-request-id"}
 _RESPONSE_DROP_ANY = frozenset(RESPONSE_DROP | {n.encode() for n in RESPONSE_DROP})
 _CONNECTION = frozenset({"connection", b"connection"})
 # The usual Connection value, naming a header that is dropped anyway: nothing to look into.
@@ -73,9 +77,39 @@ SUSPECT_SECONDS = 1.0
 # first one this long (at most LB_UPSTREAM_TIMEOUT) instead of failing at once.
 STARTING_POLL_SECONDS = 0.05
 
+# Methods RFC 9110 (section 9) and RFC 5789 define: a path that does not take one of them is a
+# 405 with its Allow; any other method is not implemented here at all, 501 (section 9.1).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                           "PATCH"})
+# Answers that never have a body, whatever their header fields say (RFC 9110 section 6.4.1).
+BODILESS_STATUSES = frozenset({204, 304})
+
 RESERVED_PREFIX = "/_lb"
 ADMIN_PATHS = frozenset({"/rep", "/add", "/rm"})
 JSON_TYPE = "application/json"
+
+
+def bodiless(status: int) -> bool:
+    """An answer with this status has no body and no Content-Length of its own: 1xx, 204, 304."""
+    return status < 200 or status in BODILESS_STATUSES
+
+
+class UpstreamError(ConnectionError):
+    """A replica gave no complete answer: how, and how far it had come.
+
+    - ``before_reply``: the connection closed before any byte of the answer (a kept-alive
+      connection the replica had closed: the request may go once more on a new connection);
+    - ``began``: some of the answer had come: never retried (RFC 9110 section 9.2.2 allows
+      retrying an idempotent request, but the replica may be slow to answer it, not unable);
+    - ``timed_out``: no answer, or no further byte of it, within its deadline (504, not 502).
+    """
+
+    def __init__(self, message: str, *, before_reply: bool = False, began: bool = False,
+                 timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.before_reply = before_reply
+        self.began = began
+        self.timed_out = timed_out
 
 
 # -- which requests, which target -----------------------------------------------------------------
@@ -410,7 +444,7 @@ class Attempts:
     without a loop; iterating afterwards goes on from there.
     """
 
-    __slots__ = ("_began", "events", "key", "router", "table", "tried")
+    __slots__ = ("_began", "events", "key", "last_error", "router", "table", "tried")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
                  events: RouterEvents) -> None:
@@ -419,6 +453,7 @@ class Attempts:
         self.key = key
         self.events = events
         self.tried: list[str] = []
+        self.last_error: BaseException | None = None
         self._began = 0.0
 
     @property
@@ -462,6 +497,14 @@ class Attempts:
         self.router._count(replica.hostname, -1)
         self.router.suspect(replica)
         self.events.unreachable(replica, error)
+        self.last_error = error
+
+    @staticmethod
+    def retryable(error: BaseException) -> bool:
+        """Whether the next replica may get the request after ``error``: not once any of the
+        answer has come (the client would get parts of two answers, or a replica that is
+        slow to answer would get every request twice)."""
+        return not getattr(error, "began", False)
 
     def answered(self, replica: Replica, status: int) -> None:
         """``replica`` answered with ``status`` (passed back as it is, but 404: see
@@ -472,5 +515,10 @@ class Attempts:
                               len(self.tried) - 1)
 
     def exhausted(self) -> ApiError:
+        """The request's answer once no further replica will be tried: 504 when the last one
+        tried timed out, 502 when it could not be reached or broke the protocol."""
         self.events.exhausted(self.tried)
-        return ApiError(502, f"No replica could serve the request (tried {', '.join(self.tried)})")
+        tried = ", ".join(self.tried)
+        if getattr(self.last_error, "timed_out", False):
+            return ApiError(504, f"No replica answered in time (tried {tried})")
+        return ApiError(502, f"No replica could serve the request (tried {tried})")

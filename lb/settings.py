@@ -69,7 +69,20 @@ class Settings:
     replica_threads: int = _opt(4, "Threads of each local replica's gunicorn worker")
     # -- routing ------------------------------------------------------------------------------
     connect_timeout: float = _opt(0.5, "Seconds to connect to a replica before trying the next")
-    upstream_timeout: float = _opt(5.0, "Seconds to wait for a replica's reply")
+    upstream_timeout: float = _opt(
+        5.0, "Seconds to wait for the first byte of a replica's answer once the request is "
+             "sent (then 504, or the next replica while nothing of the answer has come)")
+    read_timeout: float = _opt(
+        5.0, "Seconds a replica may pause between two reads of an answer it has begun (then "
+             "504, never retried)")
+    max_reply: int = _opt(
+        0, "Largest answer body passed back from a replica, in bytes (502 past it, or the "
+           "connection cut once the answer has begun); 0: no limit (answers stream through "
+           "bounded buffers whatever their size)")
+    max_clients: int = _opt(
+        0, "Client connections one async worker holds at once; 0 derives it from the "
+           "descriptor limit (RLIMIT_NOFILE), keeping half of it for replica connections, the "
+           "registry and logs. Past it, new connections wait in the listen backlog")
     retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(
@@ -175,9 +188,12 @@ class Settings:
             (self.n * self.virtual_per_server <= self.slots, "n * virtual must fit in slots"),
             (self.heartbeat_failures >= 1, "heartbeat_failures must be >= 1"),
             (self.retries >= 0, "retries must be >= 0"),
+            (self.max_reply >= 0 and self.max_clients >= 0,
+             "max_reply and max_clients must be >= 0"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
-                 self.connect_timeout, self.upstream_timeout, self.lock_timeout,
+                 self.connect_timeout, self.upstream_timeout, self.read_timeout,
+                 self.lock_timeout,
                  self.client_timeout) > 0,
              "timeouts and intervals must be > 0"),
         ]

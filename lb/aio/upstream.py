@@ -32,6 +32,7 @@ from lb.routing import (
     STARTING_POLL_SECONDS,
     Attempts,
     Router,
+    UpstreamError,
     replica_error,
     reply_headers,
 )
@@ -40,14 +41,6 @@ from lb.settings import Settings
 TIMER_RESOLUTION = 0.001  # libuv's timers count milliseconds
 IDLE_PER_REPLICA = 64  # kept-alive connections a worker keeps per replica; more are closed
 HEADS_KEPT = 256  # distinct answer heads a worker remembers (Date makes a new one each second)
-
-
-class UpstreamError(ConnectionError):
-    """A replica could not be reached, or gave no complete answer."""
-
-    def __init__(self, message: str, *, before_reply: bool = False) -> None:
-        super().__init__(message)
-        self.before_reply = before_reply  # nothing of an answer came: safe to send again
 
 
 @dataclass(frozen=True, slots=True)
