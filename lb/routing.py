@@ -84,6 +84,11 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "O
 # Answers that never have a body, whatever their header fields say (RFC 9110 section 6.4.1).
 BODILESS_STATUSES = frozenset({204, 304})
 
+# The most a replica's answer head may take (as the threads path's http.client allows): past
+# it the replica broke the protocol, 502. gunicorn's own heads are a few hundred bytes.
+REPLY_HEAD_MAX_BYTES = 65536
+REPLY_HEAD_MAX_FIELDS = 100
+
 RESERVED_PREFIX = "/_lb"
 ADMIN_PATHS = frozenset({"/rep", "/add", "/rm"})
 JSON_TYPE = "application/json"
