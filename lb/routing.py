@@ -119,11 +119,12 @@ class UpstreamError(ConnectionError):
 
 # -- which requests, which target -----------------------------------------------------------------
 def is_routed(method: str, path: str) -> bool:
-    """A GET the replicas answer: anything but the admin endpoints and the reserved prefix.
+    """A GET or HEAD the replicas answer: anything but the admin endpoints and the reserved
+    prefix.
 
     ``path`` is decoded (``/%72ep`` is ``/rep``), as the Flask app matches it.
     """
-    return (method == "GET" and path not in ADMIN_PATHS and path != RESERVED_PREFIX
+    return ((method == "GET" or method == "HEAD") and path not in ADMIN_PATHS and path != RESERVED_PREFIX
             and not path.startswith(RESERVED_PREFIX + "/"))
 
 

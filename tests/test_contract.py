@@ -119,6 +119,22 @@ def test_bad_admin_calls_get_the_envelope_and_change_nothing(
     assert shape(after) == shape(before)
 
 
+@pytest.mark.parametrize("method", ["PROPFIND", "PURGE", "FOO"])
+def test_a_method_rfc_9110_does_not_define_is_501_and_changes_nothing(
+    shared_stack: RunningStack, method: str
+) -> None:
+    """RFC 9110 section 9.1: a method the server does not recognize is 501, not 405 (which
+    says the resource does not take a method the server knows)."""
+    stack = shared_stack
+    before = stack.state()
+    reply = stack.session.request(method, stack.url + "/home", timeout=30)
+    assert reply.status_code == 501, reply.text
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.json()["status"] == "failure"
+    assert reply.json()["message"].startswith("<Error> Not Implemented")
+    assert [r.hostname for r in stack.state().replicas] == [r.hostname for r in before.replicas]
+
+
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("OPTIONS", "/add", "POST"), ("GET", "/add", "POST"), ("PUT", "/add", "POST"),
     ("DELETE", "/add", "POST"), ("HEAD", "/add", "POST"),
@@ -129,7 +145,7 @@ def test_bad_admin_calls_get_the_envelope_and_change_nothing(
     ("OPTIONS", "/home", "GET, HEAD"), ("PUT", "/home", "GET, HEAD"),
     ("POST", "/any/path?x=1", "GET, HEAD"), ("OPTIONS", "/", "GET, HEAD"),
     ("OPTIONS", "/_lb/readyz", "GET, HEAD"), ("POST", "/_lb/status.json", "GET, HEAD"),
-    ("DELETE", "/_lb/metrics", "GET, HEAD"), ("PROPFIND", "/home", "GET, HEAD"),
+    ("DELETE", "/_lb/metrics", "GET, HEAD"), ("TRACE", "/home", "GET, HEAD"),
 ])
 def test_a_method_the_path_does_not_take_is_405_with_one_allow_per_path(
     shared_stack: RunningStack, method: str, path: str, allow: str

@@ -39,13 +39,15 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder, Reply, header_lines, hold
+from lb.aio.upstream import AsyncForwarder, ReplicaConnection, Reply, header_lines, hold
 from lb.errors import ApiError
 from lb.logs import access_logged, log_access, new_request_id
 from lb.ops.metrics import LoopCounts
 from lb.registry import RegistryError, Replica
 from lb.routing import (
     JSON_TYPE,
+    KNOWN_METHODS,
+    bodiless,
     decode_path,
     error_body,
     forwarded_fields,
@@ -147,6 +149,8 @@ def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
             refusal = transfer_coding_error(text)
             if refusal is not None and refusal.status == 400:  # the body cannot be framed
                 raise Refused(400, f"Bad Request: {refusal.message}")
+        if lower == "host" and "host" in lookup:
+            raise Refused(400, "Bad Request: more than one Host field (RFC 9112 section 3.2)")
         fields.append((key, text))
         known = lookup.get(lower)
         lookup[lower] = text if known is None else f"{known},{text}"
@@ -176,6 +180,8 @@ class Request:
     body_too_large = False  # more than LB_MAX_BODY came (or was announced)
     body_error: Exception | None = None  # the app is told this when it reads the body
     target: str | None = None  # origin form, as received (None: not routable)
+    refusal: ApiError | None = None  # answered in its turn, the connection kept (501)
+    refused: tuple[int, str] | None = None  # a refusal in its turn: then the connection ends
     path = ""  # decoded, as the Flask app matches it
     routed = False  # a GET for the replicas: served without Flask
 
@@ -235,12 +241,41 @@ class Server:
             conn.shut(graceful)
 
 
+def new_parser(protocol: Any) -> httptools.HttpRequestParser:
+    """llhttp as the server needs it: any version gets through to ``check_version`` (which
+    answers 1.x as 1.1 and refuses the rest with the right status), and bytes after a last
+    request reach ``on_message_begin``, which ignores them (instead of a 400 that would take
+    the place of the last request's answer)."""
+    parser = httptools.HttpRequestParser(protocol)
+    parser.set_dangerous_leniencies(lenient_version=True, lenient_data_after_close=True)
+    return parser
+
+
+def check_request_line(request: Request, version: str, seen: bytes) -> None:
+    """Refuse what llhttp lets through but RFC 9112 does not: a request line that is not
+    ``method SP target SP HTTP/x.y`` with single spaces (``seen``: the bytes read of the head),
+    a version other than 1.x, a fragment in the target, a method RFC 9110 does not define."""
+    url = request.url
+    method = request.method.encode("latin-1")
+    if version == "0.9":  # llhttp's word for "no version" and for "HTTP/0.9"
+        if b"%s %s HTTP/0.9\r\n" % (method, url) in seen:
+            raise Refused(505, "HTTP Version Not Supported: HTTP/0.9")
+        raise Refused(400, "Bad Request: Invalid Request Line: no HTTP version")
+    if b"%s %s HTTP/%s\r\n" % (method, url, version.encode()) not in seen:
+        raise Refused(400, "Bad Request: Invalid Request Line: not 'method target version' "
+                           "with single spaces")
+    if not version.startswith("1."):
+        raise Refused(505, f"HTTP Version Not Supported: HTTP/{version}")
+    if b"#" in url:
+        raise Refused(400, "Bad Request: Invalid Request Line: a fragment in the target")
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = new_parser(self)
         self.client = ""
         self.client_port = 0
         self.local: tuple[str, int] | None = None
@@ -260,6 +295,10 @@ class ClientConnection(asyncio.Protocol):
         # them): read_request_head depends on nothing else but the connection's two ends.
         self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestHead] = (None, NO_HEAD)
         self.known: KnownHead | None = None  # a plain GET's header bytes, as last parsed
+        self.head_data = b""  # the bytes read of the request head being parsed (its line)
+        self.refusing = False  # a refusal is answered in its turn: nothing more is read
+        self.eof = False  # the client shut its side after a whole request: answer, then end
+        self.relay: Relay | None = None  # a streamed answer on its way to the client
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -278,11 +317,25 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         self.server.lost()
+        if self.relay is not None:  # gone mid-answer: the rest is never read
+            relay, self.relay = self.relay, None
+            relay.stream.abandon()
+
+    def eof_received(self) -> bool | None:
+        """The client shut its side. Requests it sent whole are still answered (RFC 9112
+        section 9.6: a half-close is no cancellation), then the connection ends; half a
+        request is dropped with it."""
+        if self.phase == IDLE and (self.handling or self.queue):
+            self.eof = True
+            self.accepting = False
+            return True  # keep the way back open
+        return None
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.refusing:
             return
         between = self.phase == IDLE  # the parser is between two requests
+        self.head_data = self.head_data + data if self.phase == HEAD else data
         if between and self.known is not None and self._take_known(data, self.known):
             return
         if self.phase != BODY:
@@ -303,6 +356,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 log.exception("error parsing a request", exc_info=cause)
                 self.refuse(500, "Internal error while reading the request")
+        except httptools.HttpParserInvalidMethodError:
+            self.refuse(501, "Not Implemented: a method RFC 9110 does not define")
         except httptools.HttpParserError as exc:
             self.refuse(400, f"Bad Request: {exc}")
         else:
@@ -341,10 +396,18 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
+        """The client has a high-water mark's worth to read: a streamed answer waits, and so
+        do pipelined requests (what one connection holds stays bounded)."""
         self.write_deadline = self.loop.time() + self.server.settings.client_timeout
+        if self.relay is not None:
+            self.relay.stream.pause()
 
     def resume_writing(self) -> None:
         self.write_deadline = None
+        if self.relay is not None:
+            self.relay.stream.resume()
+        elif not self.handling and not self.closed:
+            self._go_on()
 
     # -- httptools callbacks (request parsing) ---------------------------------------------------
     def on_message_begin(self) -> None:
@@ -376,8 +439,12 @@ class ClientConnection(asyncio.Protocol):
         request = self.request
         parser = self.parser
         request.method = parser.get_method().decode("latin-1")
-        request.version = parser.get_http_version()
+        version = parser.get_http_version()
+        check_request_line(request, version, self.head_data)
+        request.version = "1.1" if version != "1.0" else version  # 1.x as 1.1 (RFC 9110 2.5)
         request.keep_alive = parser.should_keep_alive()
+        if request.method not in KNOWN_METHODS:
+            request.refusal = ApiError(501, f"Not Implemented: {request.method}")
         line = len(request.method) + len(request.url) + 10  # "M URL HTTP/1.1"
         if line > self.server.limits.request_line:
             raise Refused(414, f"URI Too Long: Request Line is too large "
@@ -427,13 +494,13 @@ class ClientConnection(asyncio.Protocol):
             return  # already handed over (a body cut at the limit)
         self.phase = IDLE
         self.head_bytes = 0
-        if not self.handling and not self.queue:  # the usual case: nothing waits before it
-            self._start(self.request)
+        if not self.handling and not self.queue and self.write_deadline is None:
+            self._start(self.request)  # the usual case: nothing waits before it
             return
         self.queue.append(self.request)
         if len(self.queue) >= PIPELINE_DEPTH:
             self._pause()
-        if not self.handling:
+        if not self.handling and self.write_deadline is None:
             self._next()
 
     on_message_complete = _complete
@@ -444,14 +511,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         self.handling = True
-        if request.routed and request.head.refusal is None:
+        if request.refused is not None:
+            self._send_refusal(*request.refused)
+        elif request.routed and request.head.refusal is None and request.refusal is None:
             self._route(request)  # callbacks, no task: the hot path
         else:
             hold(self.server.tasks, self.loop.create_task(self._handle(request)))
 
     async def _handle(self, request: Request) -> None:
         try:
-            refusal = request.head.refusal
+            refusal = request.refusal or request.head.refusal
             if refusal is not None:
                 self._write_error(request, refusal.status, refusal.message, "none", None, None)
             else:
@@ -466,15 +535,20 @@ class ClientConnection(asyncio.Protocol):
         self.handling = False
         if self.closed:
             return
-        if not request.keep_alive or self.server.closing:
+        if not request.keep_alive or self.server.closing or (self.eof and not self.queue):
             assert self.transport is not None
             self.transport.close()  # after what is buffered has gone out
             return
+        if self.write_deadline is None:  # else the client has enough to read: resume_writing
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """The next request in line, or wait for one."""
         if self.queue:
             self._next()
             return
         self.idle_deadline = self.loop.time() + self.server.keepalive
-        if not self.reading:
+        if not self.reading and self.accepting:
             self._resume()
 
     # -- the routed GET --------------------------------------------------------------------------
@@ -494,7 +568,8 @@ class ClientConnection(asyncio.Protocol):
         self.routing = (request, rid)
         self.server.forwarder.start(target.encode("latin-1"),
                                     b"%sX-Request-ID: %s\r\n" % (head.forwarded, rid.encode()),
-                                    key, request.path, self._routed)
+                                    key, request.path, self._routed,
+                                    b"GET" if request.method == "GET" else b"HEAD")
 
     def _routed(self, replica: Replica | None, reply: Reply | None,
                 error: BaseException | None) -> None:
@@ -512,16 +587,77 @@ class ClientConnection(asyncio.Protocol):
                                       target)
                 else:
                     raise error or AssertionError("no reply and no error")
-            else:
-                tail = (f"Content-Length: {len(reply.body)}\r\nX-Served-By: {replica.hostname}"
-                        f"\r\nX-Request-ID: {rid}\r\n\r\n").encode("latin-1")
-                self._write(request, reply.status, reply.head.passed_back + tail, reply.body)
-                self._count(request, "route", reply.status, rid, target,
-                            replica.hostname)
+            elif self._pass_back(request, replica, reply, rid, target):
+                return  # streamed: end() or broken() finishes it
         except Exception as exc:  # noqa: BLE001 - a bug: _failed logs it with its traceback
             self._failed(request, exc)
             return
         self._done(request)
+
+    def _pass_back(self, request: Request, replica: Replica, reply: Reply, rid: str,
+                   target: str) -> bool:
+        """The replica's answer on its way to the client: True when its body is streamed
+        (the rest comes through ``body``, then ``end`` or ``broken``)."""
+        head, status, body, stream = reply.head, reply.status, reply.body, reply.stream
+        chunked = False
+        if request.method == "HEAD":  # the length of the body a GET would get, if it says
+            length = b"" if head.length is None else b"Content-Length: %d\r\n" % head.length
+        elif bodiless(status):  # 1xx, 204, 304: no body and no length, whatever came
+            length, body = b"", b""
+        elif stream is None:
+            length = b"Content-Length: %d\r\n" % len(body)
+        elif head.length is not None:
+            length = b"Content-Length: %d\r\n" % head.length
+        elif request.version == "1.1":
+            length, chunked = b"Transfer-Encoding: chunked\r\n", True
+            body = _chunk(body)
+        else:  # an HTTP/1.0 client: the end of the body is the end of the connection
+            length = b""
+            request.keep_alive = False
+        tail = b"%sX-Served-By: %s\r\nX-Request-ID: %s\r\n\r\n" % (
+            length, replica.hostname.encode("latin-1"), rid.encode("latin-1"))
+        self._write(request, status, head.passed_back + tail, body)
+        if stream is None or request.method == "HEAD":
+            self._count(request, "route", status, rid, target, replica.hostname)
+            return False
+        self.relay = Relay(request, stream, chunked, status, rid, target, replica.hostname)
+        if self.write_deadline is not None:
+            stream.pause()  # the client has enough to read already
+        stream.follow(self)
+        return True
+
+    # -- a streamed answer (lb.aio.upstream.Sink) ------------------------------------------------
+    def body(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is None or self.closed or not data:
+            return
+        assert self.transport is not None
+        self.transport.write(_chunk(data) if relay.chunked else data)
+
+    def end(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+        if relay.chunked and not self.closed:
+            assert self.transport is not None
+            self.transport.write(b"0\r\n\r\n")
+        self._count(relay.request, "route", relay.status, relay.rid, relay.target,
+                    relay.replica)
+        self._done(relay.request)
+
+    def broken(self, error: BaseException) -> None:
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+        # The status line went out already: cutting the connection is the only way left to
+        # tell the client the answer is not whole.
+        log.warning("replica %s broke off its answer to %s %s (%s): the client's connection "
+                    "is cut", relay.replica, relay.request.method, relay.target[:200], error)
+        self._count(relay.request, "route", relay.status, relay.rid, relay.target,
+                    relay.replica)
+        self.handling = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
     def _failed(self, request: Request, exc: BaseException | None = None) -> None:
         """A bug met while serving ``request``: logged with its traceback, answered 500."""
@@ -534,6 +670,11 @@ class ClientConnection(asyncio.Protocol):
     async def _call_app(self, request: Request) -> None:
         target = request.target
         if target is None:
+            if request.method in ("OPTIONS", "CONNECT"):  # OPTIONS *, CONNECT host:port
+                self._write_error(request, 405, f"Method Not Allowed: {request.method} "
+                                  f"{request.url.decode('latin-1')[:200]}", "none", None, None,
+                                  "Allow: GET, HEAD\r\n")
+                return
             self._write_error(request, 400, "Not a request target the balancer routes "
                               "(use a path)", "none", None, None)
             return
@@ -597,17 +738,17 @@ class ClientConnection(asyncio.Protocol):
             return
         assert self.transport is not None
         server = self.server
-        close = not request.keep_alive or server.closing
+        close = not request.keep_alive or server.closing or (self.eof and not self.queue)
         self.transport.write(b"".join((
             server.reply_start(request.version, status),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
-            head, body)))
+            head, b"" if request.method == "HEAD" else body)))
 
     def _write_error(self, request: Request, status: int, message: str, endpoint: str,
-                     rid: str | None, target: str | None) -> None:
+                     rid: str | None, target: str | None, extra: str = "") -> None:
         rid = rid or new_request_id(request.head.lookup.get("x-request-id"))
         body = error_body(message)
-        head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n"
+        head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n{extra}"
                 f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
         self._write(request, status, head, body)
         self._count(request, endpoint, status, rid, target, None)
@@ -623,8 +764,20 @@ class ClientConnection(asyncio.Protocol):
                        (time.perf_counter() - request.began) * 1000, rid, endpoint, self.client)
 
     def refuse(self, status: int, message: str) -> None:
-        """Answer a request no app sees (malformed, over a limit) and end the connection."""
+        """Answer a request no app sees (malformed, over a limit) and end the connection:
+        after the requests before it are answered, in their turn."""
         log.warning("Invalid request from ip=%s: %s", self.client, message)
+        self.refusing = True  # nothing more is read: the parser's state is unknown
+        self.accepting = False
+        self._pause()
+        if self.handling or self.queue:
+            refusal = Request()
+            refusal.refused = (status, message)
+            self.queue.append(refusal)
+            return
+        self._send_refusal(status, message)
+
+    def _send_refusal(self, status: int, message: str) -> None:
         if self.transport is not None and not self.closed:
             body = error_body(message)
             self.transport.write(
@@ -683,6 +836,23 @@ class ClientConnection(asyncio.Protocol):
         if not self.reading and self.transport is not None and not self.closed:
             self.transport.resume_reading()
             self.reading = True
+
+
+@dataclass(slots=True)
+class Relay:
+    """A streamed answer on its way: what its end (or break) needs to finish the request."""
+
+    request: Request
+    stream: ReplicaConnection
+    chunked: bool  # re-framed for the client as chunked (the replica's framing was its own)
+    status: int
+    rid: str
+    target: str
+    replica: str
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 def _aim(request: Request) -> None:

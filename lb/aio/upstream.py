@@ -19,8 +19,12 @@ already read once, the same outcome.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -29,10 +33,13 @@ from lb.errors import ApiError
 from lb.events import RouterEvents
 from lb.registry import Replica
 from lb.routing import (
+    REPLY_HEAD_MAX_BYTES,
+    REPLY_HEAD_MAX_FIELDS,
     STARTING_POLL_SECONDS,
     Attempts,
     Router,
     UpstreamError,
+    bodiless,
     replica_error,
     reply_headers,
 )
@@ -41,6 +48,9 @@ from lb.settings import Settings
 TIMER_RESOLUTION = 0.001  # libuv's timers count milliseconds
 IDLE_PER_REPLICA = 64  # kept-alive connections a worker keeps per replica; more are closed
 HEADS_KEPT = 256  # distinct answer heads a worker remembers (Date makes a new one each second)
+# An answer whose body is still coming past this many bytes is streamed to the client (with
+# backpressure) instead of held whole: what one exchange can cost in memory.
+STREAM_AFTER = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +78,31 @@ def read_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool)
             chunked = True
         elif lower == b"content-type":
             content_type = value.decode("latin-1")
-    bodiless = status < 200 or status in (204, 304)
-    length = int(lengths[0]) if len(lengths) == 1 and not chunked and not bodiless else None
+    no_body = bodiless(status)
+    length = int(lengths[0]) if len(lengths) == 1 and not chunked and not no_body else None
     passed_back = b"".join([b"%s: %s\r\n" % pair for pair in reply_headers(headers)])
-    return Head(status, keep_alive, content_type, bodiless or chunked or bool(lengths), length,
+    return Head(status, keep_alive, content_type, no_body or chunked or bool(lengths), length,
                 passed_back)
 
 
 @dataclass(slots=True)
 class Reply:
-    """A replica's complete answer."""
+    """A replica's answer: complete, or its head and the body so far (``stream``)."""
 
     status: int  # the head's
     head: Head
     body: bytes
+    stream: ReplicaConnection | None = None  # the rest of the body follows (follow, pause)
+
+
+class Sink(Protocol):
+    """Where a streamed answer's body goes (the client's connection)."""
+
+    def body(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def broken(self, error: UpstreamError) -> None: ...
 
 
 Done = Callable[[Reply | None, UpstreamError | None], None]
@@ -133,19 +154,35 @@ class Deadlines:
 class ReplicaConnection(asyncio.Protocol):
     """One kept-alive connection to a replica, one exchange at a time.
 
-    The outcome of an exchange goes to its ``done`` callback once the parser has returned
-    (never from inside it): the callback may hand the connection to the next request, whose
-    answer must not be parsed from bytes of this one.
+    An exchange ends in one of three ways, given to its ``done`` callback once the parser has
+    returned (never from inside it: the callback may hand the connection to the next request,
+    whose answer must not be parsed from bytes of this one):
+
+    - a complete answer (``Reply.stream`` None): the usual case, one read or a few;
+    - an answer whose body is still coming after ``STREAM_AFTER`` bytes (``Reply.stream`` is
+      this connection): the rest goes to the ``Sink`` given to ``follow``, which may
+      ``pause`` and ``resume`` it (a client slower than the replica), so an answer of any size
+      costs a bounded amount of memory;
+    - an ``UpstreamError``: how far the answer came decides a retry (``Attempts.retryable``).
+
+    Interim answers (1xx but 101) are skipped: the final answer is the one delivered. A
+    connection is reused only after an answer read completely by its framing, with nothing
+    after it (bytes beyond the answer, or arriving while idle, close it).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines,
-                 heads: dict[bytes, Head] | None = None) -> None:
+                 heads: dict[bytes, Head] | None = None, read_timeout: float = 5.0,
+                 max_reply: int = 0) -> None:
         self.loop = loop
         self.deadlines = deadlines
         self.heads = {} if heads is None else heads  # the pool's: heads read, by their bytes
+        self.read_timeout = read_timeout  # between two reads of an answer that has begun
+        self.max_reply = max_reply  # largest body passed on (0: any)
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
         self.closed = False
         self.keep_alive = False
+        self.on_free: Callable[[ReplicaConnection], None] | None = None  # a stream's end
         self._done: Done | None = None  # the exchange in progress
         self._outcome: tuple[Reply | None, UpstreamError | None] | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
@@ -153,17 +190,46 @@ class ReplicaConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: Head | None = None
         self._body: list[bytes] = []
+        self._size = 0  # body bytes of the current answer
+        self._head_size = 0  # bytes read before its (final) head was complete
+        self._field_bytes = 0  # the bytes of its header fields (and interim answers')
         self._got_bytes = False
         self._unread = True  # nothing of the current answer has come yet
         self._known: Head | None = None  # a head seen before, its body still coming
         self._missing = 0  # ... that many bytes of it
+        self._head_only = False  # the answer to a HEAD: no body, whatever its fields say
+        self._sink: Sink | None = None  # where a streamed body goes (follow)
+        self._streaming = False  # the answer was delivered before its body was all in
+        self._ended = False  # ... and its end was read
+        self._paused = False  # the sink asked for no more for now
+        self._read_on = True  # the transport is reading
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+
+    def pending(self) -> bool:
+        """Bytes the replica sent that the loop has not read yet (FIONREAD): on an idle
+        connection, an answer nobody asked for."""
+        if self.fd < 0:
+            return False
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return True  # the descriptor is gone: not reusable either
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._streaming:
+            self._feed(data)
+            if self._ended:
+                if self._sink is not None:
+                    self._end_stream()  # else follow() ends it when the sink comes
+            elif not self.closed:
+                self.deadlines.add(self, self.read_timeout)
+            return
         if self._done is None or self._outcome is not None:
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
@@ -172,12 +238,14 @@ class ReplicaConnection(asyncio.Protocol):
             self._missing -= len(data)
             if self._missing <= 0:
                 self._take_known()
+            else:
+                self.deadlines.add(self, self.read_timeout)
             return
         raw = None
         if self._unread:  # the answer starts with these bytes
             self._unread = False
             end = data.find(b"\r\n\r\n") + 4
-            if end > 4:
+            if end > 4 and not self._head_only:
                 raw = data[:end]
                 head = self.heads.get(raw)
                 if head is not None and head.length is not None:
@@ -192,18 +260,27 @@ class ReplicaConnection(asyncio.Protocol):
                         self._known, self._missing = head, head.length - len(body)
                         if body:
                             self._body.append(body)
+                        self.deadlines.add(self, self.read_timeout)
                         return
                     # More than the body: the parser reads the rest as an unsolicited answer.
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed reply: {exc}"))
-            self.close()
+        in_head = self._head is None
+        if in_head:
+            self._head_size += len(data)
+        self._feed(data)
+        if in_head and self._head is None and self._head_size > REPLY_HEAD_MAX_BYTES:
+            # No end of the head in sight (on_header counts a head that ends in one read).
+            self._broke(UpstreamError(f"answer head over {REPLY_HEAD_MAX_BYTES} bytes",
+                                      began=True))
         outcome = self._outcome
         if outcome is None:
+            if self._head is not None and self._size > STREAM_AFTER and not self.closed:
+                self._start_stream()  # a large answer: the rest goes through follow's sink
+            elif not self.closed:
+                self.deadlines.add(self, self.read_timeout)  # the next read's deadline
             return
         reply = outcome[0]
         if (raw is not None and reply is not None and reply.head.length is not None
+                and reply.head.length <= STREAM_AFTER
                 and len(raw) + reply.head.length == len(data) == len(raw) + len(reply.body)):
             # The whole answer was these bytes, the head exactly ``raw``: remember it.
             heads = self.heads
@@ -211,6 +288,32 @@ class ReplicaConnection(asyncio.Protocol):
                 heads.clear()
             heads[raw] = reply.head
         self._deliver()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadDone):
+                self.close()  # the body announced for a GET never comes: not reusable
+            else:
+                self._broke(cause if isinstance(cause, UpstreamError) else
+                            UpstreamError(f"malformed answer: {exc}", began=True))
+        except httptools.HttpParserUpgrade:
+            self._broke(UpstreamError("the replica switched protocols (101): the balancer "
+                                      "does not tunnel", began=True))
+        except httptools.HttpParserError as exc:
+            self._broke(UpstreamError(f"malformed answer: {exc}", began=True))
+
+    def _broke(self, error: UpstreamError) -> None:
+        """The answer broke the protocol (or a bound): nothing more is read from here."""
+        if self._streaming and self._sink is not None and not self._ended:
+            sink, self._sink = self._sink, None
+            self.close()
+            sink.broken(error)
+            return
+        self._fail(error)
+        self.close()
 
     def _take_known(self) -> None:
         """A known head's body is in: the answer, as the parser would give it. Bytes after
@@ -226,43 +329,89 @@ class ReplicaConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._streaming:
+            if not self._ended and self._head is not None and not self._head.framed:
+                self._ended = True  # delimited by the close
+            if self._ended:
+                if self._sink is not None:
+                    self._end_stream()
+            elif self._sink is not None:
+                self.deadlines.discard(self)
+                sink, self._sink = self._sink, None
+                sink.broken(UpstreamError("the replica closed the connection mid-answer",
+                                          began=True))
+            return
         if self._done is not None and self._outcome is None:
             if self._head is not None and not self._head.framed:  # delimited by the close
                 self.keep_alive = False
                 self._finish()
             else:
                 self._fail(UpstreamError("the replica closed the connection",
-                                         before_reply=not self._got_bytes))
+                                         before_reply=not self._got_bytes,
+                                         began=self._got_bytes))
         self._deliver()
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self._outcome is not None:  # a second answer to one request: stop, never reuse
-            raise UpstreamError("unsolicited reply")
+        if self._outcome is not None or self._ended:
+            raise UpstreamError("unsolicited answer", began=True)  # never reused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        if len(headers) >= REPLY_HEAD_MAX_FIELDS:
+            raise UpstreamError(f"answer head over {REPLY_HEAD_MAX_FIELDS} fields", began=True)
+        self._field_bytes += len(name) + len(value) + 4  # "name: value\r\n"
+        if self._field_bytes > REPLY_HEAD_MAX_BYTES:
+            raise UpstreamError(f"answer head over {REPLY_HEAD_MAX_BYTES} bytes", began=True)
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        self._head = read_head(parser.get_status_code(), self._headers,
-                               parser.should_keep_alive())
+        status = parser.get_status_code()
+        if status == 101:
+            raise UpstreamError("the replica switched protocols (101): the balancer does not "
+                                "tunnel", began=True)
+        if status < 200:
+            self._headers = []  # interim (100, 103, ...): the final answer follows
+            return
+        head = self._head = read_head(status, self._headers, parser.should_keep_alive())
+        if self._head_only:
+            self.keep_alive = False
+            self._outcome = (Reply(status, head, b""), None)
+            raise _HeadDone()
+        if self.max_reply and head.length is not None and head.length > self.max_reply:
+            raise UpstreamError(f"answer of {head.length} bytes, over LB_MAX_REPLY", began=True)
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        self._size += len(body)
+        if self.max_reply and self._size > self.max_reply:
+            raise UpstreamError("answer over LB_MAX_REPLY", began=True)
+        if self._sink is not None:
+            self._sink.body(body)
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._head is None:
+            return  # an interim answer's end
         self.keep_alive = self._parser.should_keep_alive()
-        self._finish()
+        if self._streaming:
+            self._ended = True
+        else:
+            self._finish()
 
     # -- the exchange ----------------------------------------------------------------------------
-    def exchange(self, request: bytes, timeout: float, done: Done) -> None:
-        """Send ``request`` (a complete GET); ``done`` gets the complete answer, or the
-        error, within ``timeout`` seconds."""
+    def exchange(self, request: bytes, timeout: float, done: Done,
+                 head_only: bool = False) -> None:
+        """Send ``request`` (a complete GET or HEAD); ``done`` gets the answer, or the error.
+        Its first byte must come within ``timeout`` seconds, each later read within the
+        pool's ``read_timeout``."""
         assert self.transport is not None and self._done is None
         self._headers, self._body, self._head = [], [], None
+        self._size = self._head_size = self._field_bytes = 0
         self._got_bytes, self._unread, self._known = False, True, None
-        self._done, self._outcome = done, None
+        self._done, self._outcome, self._head_only = done, None, head_only
+        self._streaming = self._ended = False
         if self.closed:
             # Lost before the request went out: a new connection the replica hung up on
             # while the task that opened it waited for its turn (uvloop raises RuntimeError
@@ -274,14 +423,89 @@ class ReplicaConnection(asyncio.Protocol):
         self.transport.write(request)
 
     def timed_out(self, seconds: float) -> None:
-        self._fail(UpstreamError(f"no complete answer within {seconds:g}s"))
+        error = UpstreamError(f"no answer within {seconds:g}s" if not self._got_bytes else
+                              f"the answer stopped for {seconds:g}s", timed_out=True,
+                              began=self._got_bytes)
+        if self._streaming:
+            self._broke(error)
+            return
+        self._fail(error)
         self.close()
         self._deliver()
 
     def close(self) -> None:
         self.closed = True
+        self.keep_alive = False
+        self.deadlines.discard(self)
         if self.transport is not None:
             self.transport.close()
+
+    # -- a streamed answer -----------------------------------------------------------------------
+    def follow(self, sink: Sink) -> None:
+        """The rest of a streamed answer's body goes to ``sink`` (``body``, then ``end`` or
+        ``broken``)."""
+        self._sink = sink
+        waiting, self._body = self._body, []  # what came before the sink did
+        for piece in waiting:
+            sink.body(piece)
+        self._reading()
+        if self._ended or (self.closed and self._head is not None and not self._head.framed):
+            self._ended = True
+            self._end_stream()
+        elif self.closed:
+            self._sink = None
+            sink.broken(UpstreamError("the replica closed the connection mid-answer",
+                                      began=True))
+
+    def pause(self) -> None:
+        """The sink has enough for now: read no more (its deadline stops meanwhile)."""
+        self._paused = True
+        self._reading()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._reading()
+
+    def _reading(self) -> None:
+        """Read a streamed answer only while a sink takes it and has not asked for a pause:
+        what waits is the replica's, in its socket buffers, not this worker's memory."""
+        want = not self._streaming or (self._sink is not None and not self._paused)
+        if self.closed or self.transport is None or want == self._read_on:
+            return
+        self._read_on = want
+        if want:
+            self.transport.resume_reading()
+            self.deadlines.add(self, self.read_timeout)
+        else:
+            self.transport.pause_reading()
+            self.deadlines.discard(self)
+
+    def abandon(self) -> None:
+        """The client went away mid-answer: the rest is never read, the connection closed."""
+        self._sink = None
+        self._streaming = False
+        self.close()
+
+    def _start_stream(self) -> None:
+        assert self._head is not None
+        self._streaming = True
+        self._paused = False
+        self._reading()  # no sink yet: nothing more is read until follow() gives one
+        body, self._body = b"".join(self._body), []
+        self._outcome = (Reply(self._head.status, self._head, body, self), None)
+        self._deliver()
+
+    def _end_stream(self) -> None:
+        self.deadlines.discard(self)
+        sink, self._sink = self._sink, None
+        self._streaming = self._ended = self._paused = False
+        self._reading()  # back to reading: an idle connection must see stray bytes
+        assert sink is not None
+        if self.on_free is not None and not self.closed:
+            self.on_free(self)
+        elif not self.closed:
+            self.close()
+        sink.end()
 
     def _finish(self) -> None:
         if self._done is not None and self._outcome is None and self._head is not None:
@@ -297,19 +521,30 @@ class ReplicaConnection(asyncio.Protocol):
         if done is None or outcome is None:
             return
         self._done = self._outcome = None
-        self.deadlines.discard(self)
+        if not self._streaming:
+            self.deadlines.discard(self)
         done(*outcome)
+
+
+class _HeadDone(Exception):
+    """The answer to a HEAD is its head: the parser stops there (llhttp would wait for the
+    body its fields announce)."""
 
 
 class ReplicaPool:
     """Idle kept-alive connections per replica address, for one worker's event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, connect_timeout: float,
-                 read_timeout: float) -> None:
+                 first_byte_timeout: float, read_timeout: float | None = None,
+                 max_reply: int = 0, idle_limit: int = 1 << 30) -> None:
         self.loop = loop
         self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.read_timeout = first_byte_timeout  # the first byte of an answer
+        self.between_reads = first_byte_timeout if read_timeout is None else read_timeout
+        self.max_reply = max_reply
+        self.idle_limit = idle_limit  # idle connections kept over every address
         self._idle: dict[str, list[ReplicaConnection]] = {}
+        self._idle_count = 0
         self.deadlines = Deadlines(loop)
         self.heads: dict[bytes, Head] = {}  # answer heads read, shared by every connection
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
@@ -319,41 +554,49 @@ class ReplicaPool:
         return (known or self._host(address))[2]
 
     def take(self, address: str) -> ReplicaConnection | None:
-        """A warm idle connection to ``address``, if there is one (newest first)."""
+        """A warm idle connection to ``address``, if there is one (newest first); one with
+        bytes waiting (an answer nobody asked for) is closed, never handed out."""
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            self._idle_count -= 1
+            if conn.closed:
+                continue
+            if conn.pending():
+                conn.close()
+                continue
+            return conn
         return None
 
     def release(self, address: str, conn: ReplicaConnection) -> None:
         """``conn`` after an exchange: kept for the next request when it can be, else closed."""
-        if conn.keep_alive and not conn.closed:
+        if conn.keep_alive and not conn.closed and self._idle_count < self.idle_limit:
             idle = self._idle.setdefault(address, [])
             if len(idle) < IDLE_PER_REPLICA:
                 idle.append(conn)
+                self._idle_count += 1
                 return
         conn.close()
 
-    async def fetch(self, address: str, request: bytes) -> Reply:
-        """``request`` sent to the replica at ``address`` and its complete answer."""
+    async def fetch(self, address: str, request: bytes, head_only: bool = False) -> Reply:
+        """``request`` sent to the replica at ``address`` and its answer."""
         conn = self.take(address)
         if conn is not None:
             try:
-                return await self._exchange(address, conn, request)
+                return await self._exchange(address, conn, request, head_only)
             except UpstreamError as exc:
                 if not exc.before_reply:
                     raise
                 # The replica closed a kept-alive connection between two requests (its
                 # keep-alive timeout): not its failure. Once more on a new connection.
-        return await self._exchange(address, await self._connect(address), request)
+        return await self._exchange(address, await self._connect(address), request, head_only)
 
     def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._idle_count = 0
 
     def _host(self, address: str) -> tuple[str, int, bytes]:
         known = self._hosts.get(address)
@@ -368,15 +611,17 @@ class ReplicaPool:
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: ReplicaConnection(self.loop, self.deadlines, self.heads),
+                    lambda: ReplicaConnection(self.loop, self.deadlines, self.heads,
+                                              self.between_reads, self.max_reply),
                     host, port),
                 self.connect_timeout)
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to {address}: {exc!r}") from exc
+        conn.on_free = lambda c: self.release(address, c)
         return conn
 
     async def _exchange(self, address: str, conn: ReplicaConnection,
-                        request: bytes) -> Reply:
+                        request: bytes, head_only: bool = False) -> Reply:
         answer: asyncio.Future[Reply] = self.loop.create_future()
 
         def done(reply: Reply | None, error: UpstreamError | None) -> None:
@@ -385,14 +630,17 @@ class ReplicaPool:
                     answer.set_result(reply)
                 else:
                     answer.set_exception(error or UpstreamError("no reply"))
+            elif reply is not None and reply.stream is not None:
+                reply.stream.abandon()  # nobody waits for it any more
 
-        conn.exchange(request, self.read_timeout, done)
+        conn.exchange(request, self.read_timeout, done, head_only)
         try:
             reply = await answer
         except BaseException:
             conn.close()
             raise
-        self.release(address, conn)
+        if reply.stream is None:
+            self.release(address, conn)
         return reply
 
 
@@ -406,7 +654,8 @@ def hold(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
 
 
 class AsyncForwarder:
-    """Sends a routed GET to the first candidate replica that answers (event-driven path)."""
+    """Sends a routed GET or HEAD to the first candidate replica that answers (event-driven
+    path)."""
 
     def __init__(self, settings: Settings, router: Router, pool: ReplicaPool,
                  events: RouterEvents | None = None) -> None:
@@ -417,7 +666,7 @@ class AsyncForwarder:
         self._tasks: set[asyncio.Task[None]] = set()  # see hold()
 
     def start(self, target: bytes, fields: bytes, key: int, path: str,
-              answered: Answered) -> None:
+              answered: Answered, method: bytes = b"GET") -> None:
         """``forward``, with its outcome given to ``answered(replica, reply, error)``.
 
         The usual request, a first try on a warm pooled connection, runs in callbacks alone:
@@ -427,7 +676,7 @@ class AsyncForwarder:
         try:
             attempts = self.router.attempts(key, self.events)
             if attempts.empty:  # nothing routable: wait for a starting replica, or say why
-                self._go_on(self.forward(target, fields, key, path), answered)
+                self._go_on(self.forward(target, fields, key, path, method), answered)
                 return
             replica = attempts.first()
             conn = None if replica is None else self.pool.take(replica.address or "")
@@ -435,13 +684,14 @@ class AsyncForwarder:
             answered(None, None, exc)
             return
         if replica is None or conn is None:
-            self._go_on(self._walk(attempts, replica, target, fields, path), answered)
+            self._go_on(self._walk(attempts, replica, target, fields, path, method), answered)
             return
         chosen, warm, address = replica, conn, replica.address or ""
 
         def done(reply: Reply | None, error: UpstreamError | None) -> None:
             if reply is not None:
-                self.pool.release(address, warm)
+                if reply.stream is None:
+                    self.pool.release(address, warm)
                 attempts.answered(chosen, reply.status)
                 try:
                     passed = self._passed_back(chosen, reply, path)
@@ -454,15 +704,20 @@ class AsyncForwarder:
             assert error is not None
             if error.before_reply:  # a kept-alive connection the replica had closed: not
                 # its failure; once more through the pool (a new connection if need be)
-                self._go_on(self._walk(attempts, chosen, target, fields, path), answered)
+                self._go_on(self._walk(attempts, chosen, target, fields, path, method),
+                            answered)
                 return
             attempts.failed(chosen, error)
-            self._go_on(self._walk(attempts, None, target, fields, path), answered)
+            if not attempts.retryable(error):
+                answered(None, None, attempts.exhausted())
+                return
+            self._go_on(self._walk(attempts, None, target, fields, path, method), answered)
 
-        conn.exchange(self._request(address, target, fields), self.pool.read_timeout, done)
+        conn.exchange(self._request(method, address, target, fields), self.pool.read_timeout,
+                      done, method == b"HEAD")
 
     async def forward(self, target: bytes, fields: bytes, key: int,
-                      path: str) -> tuple[Replica, Reply]:
+                      path: str, method: bytes = b"GET") -> tuple[Replica, Reply]:
         """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``fields`` the
         forwarded header lines (``header_lines``), ``path`` (decoded) names the request in
         errors. The replica that answered and its answer."""
@@ -472,10 +727,10 @@ class AsyncForwarder:
             while self.router.waiting_for_replicas() and self.loop_time() < deadline:
                 await asyncio.sleep(STARTING_POLL_SECONDS)
             attempts = self.router.attempts(key, self.events)
-        return await self._walk(attempts, None, target, fields, path)
+        return await self._walk(attempts, None, target, fields, path, method)
 
     async def _walk(self, attempts: Attempts, first: Replica | None, target: bytes,
-                    fields: bytes, path: str) -> tuple[Replica, Reply]:
+                    fields: bytes, path: str, method: bytes = b"GET") -> tuple[Replica, Reply]:
         """The way round the ring from where it stands: ``first`` (when given), then the
         rest of ``attempts``, each through the pool (a new connection when none is idle)."""
         replicas = iter(attempts)
@@ -483,9 +738,12 @@ class AsyncForwarder:
         while replica is not None:
             address = replica.address or ""  # routable: it has one
             try:
-                reply = await self.pool.fetch(address, self._request(address, target, fields))
+                reply = await self.pool.fetch(
+                    address, self._request(method, address, target, fields), method == b"HEAD")
             except UpstreamError as exc:
                 attempts.failed(replica, exc)
+                if not attempts.retryable(exc):
+                    break
                 replica = next(replicas, None)
                 continue
             attempts.answered(replica, reply.status)
@@ -495,8 +753,8 @@ class AsyncForwarder:
     def loop_time(self) -> float:
         return self.pool.loop.time()
 
-    def _request(self, address: str, target: bytes, fields: bytes) -> bytes:
-        return b"".join((b"GET ", target, b" HTTP/1.1\r\nHost: ",
+    def _request(self, method: bytes, address: str, target: bytes, fields: bytes) -> bytes:
+        return b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ",
                          self.pool.host_header(address), b"\r\n", fields, b"\r\n"))
 
     def _go_on(self, walk: Awaitable[tuple[Replica, Reply]], answered: Answered) -> None:
@@ -516,6 +774,8 @@ class AsyncForwarder:
         if head.status >= 400:  # replica_error has nothing to say of anything else
             error = replica_error(head.status, head.content_type, replica.hostname, path)
             if error is not None:
+                if reply.stream is not None:
+                    reply.stream.abandon()  # its body is not passed on
                 raise error
         return replica, reply
 

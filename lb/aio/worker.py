@@ -120,7 +120,8 @@ class AsyncWorker(base.Worker):
         flask_app = self.wsgi
         ext = flask_app.extensions["lb"]
         settings = flask_app.config["SETTINGS"]
-        pool = ReplicaPool(loop, settings.connect_timeout, settings.upstream_timeout)
+        pool = ReplicaPool(loop, settings.connect_timeout, settings.upstream_timeout,
+                           settings.read_timeout, settings.max_reply)
         bridge = WSGIMiddleware(flask_app, workers=settings.threads)
         limits = Limits(self.cfg.limit_request_line, self.cfg.limit_request_fields,
                         self.cfg.limit_request_field_size, settings.max_body)
