@@ -227,7 +227,7 @@ class ReplicaConnection(asyncio.Protocol):
             if self._ended:
                 if self._sink is not None:
                     self._end_stream()  # else follow() ends it when the sink comes
-            elif not self.closed:
+            elif not self.closed and self._read_on:  # (not while the sink holds it back)
                 self.deadlines.add(self, self.read_timeout)
             return
         if self._done is None or self._outcome is not None:
