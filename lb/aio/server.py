@@ -295,7 +295,8 @@ class ClientConnection(asyncio.Protocol):
         # them): read_request_head depends on nothing else but the connection's two ends.
         self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestHead] = (None, NO_HEAD)
         self.known: KnownHead | None = None  # a plain GET's header bytes, as last parsed
-        self.head_data = b""  # the bytes read of the request head being parsed (its line)
+        self.head_data = b""  # the reads holding the request line being parsed
+        self.line_end = 0  # the line is within that many bytes of head_data (or is too long)
         self.refusing = False  # a refusal is answered in its turn: nothing more is read
         self.eof = False  # the client shut its side after a whole request: answer, then end
         self.relay: Relay | None = None  # a streamed answer on its way to the client
@@ -335,7 +336,10 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.refusing:
             return
         between = self.phase == IDLE  # the parser is between two requests
-        self.head_data = self.head_data + data if self.phase == HEAD else data
+        if self.phase != HEAD:
+            self.head_data = data  # a request line that begins in this read is in it
+        elif len(self.head_data) < self.line_end:  # the line began in an earlier read
+            self.head_data += data
         if between and self.known is not None and self._take_known(data, self.known):
             return
         if self.phase != BODY:
@@ -415,6 +419,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Stop()
         self.request = Request(began=time.perf_counter())
         self.phase = HEAD
+        # Kept for check_request_line: no more than the longest line past this read (a slow
+        # client's head is not copied over and over).
+        self.line_end = len(self.head_data) + self.server.limits.request_line + 4
         self.request_deadline = self.loop.time() + self.server.settings.client_timeout
 
     def on_url(self, url: bytes) -> None:
