@@ -130,7 +130,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         headers = forward_headers(
             request.headers.items(), request.remote_addr or "", request.host,
             request_id(request.environ, request.headers.get("X-Request-ID")))
-        upstream = forwarder.forward(request.method, target, headers, key, request.path)
+        if request.method == "HEAD":  # as HEAD: the replica's own answer head, no body
+            upstream = forwarder.forward(target, headers, key, request.path, method="HEAD")
+        else:
+            upstream = forwarder.forward(target, headers, key, request.path)
         return passed_back(upstream)
 
     @app.errorhandler(ApiError)

@@ -325,11 +325,11 @@ class Forwarder:
         self.router = router
         self._local = threading.local()
 
-    def forward(self, method: str, target: str, headers: Iterable[tuple[str, str]], key: int,
-                path: str) -> Upstream:
-        """``method`` (GET or HEAD) ``target`` (path and query as received) with ``headers``
-        (already the forwarded set), from the first replica that answers; ``path``
-        (decoded) names it in errors."""
+    def forward(self, target: str, headers: Iterable[tuple[str, str]], key: int, path: str,
+                method: str = "GET") -> Upstream:
+        """GET (or HEAD) ``target`` (path and query as received) with ``headers`` (already
+        the forwarded set) from the first replica that answers; ``path`` (decoded) names it
+        in errors."""
         fields = list(headers)
         attempts = self.router.attempts(key)
         if attempts.empty and self.router.waiting_for_replicas():
