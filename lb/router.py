@@ -62,7 +62,7 @@ STREAM_ABOVE = 64 * 1024
 STREAM_PIECE = 64 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.(\d) (\d\d\d)(?: ([^\r\n]*))?\r?\n")
-_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r?\n")
+_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
 _LAST_LINE = (b"\r\n", b"\n")
 
@@ -119,6 +119,8 @@ class ReplicaResponse(http.client.HTTPResponse):
             if match is None:
                 raise BrokenAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
             status = int(match.group(2))
+            if status < 100:
+                raise BrokenAnswer(f"status {status}")
             fields = self._fields()
             if status == 101:
                 raise BrokenAnswer("101 Switching Protocols (the balancer does not tunnel)")
@@ -455,7 +457,8 @@ class Forwarder:
         if reply.isclosed():
             settle(conn, reply)
             return Upstream(status, headers, b"".join(parts), replica)
-        return Upstream(status, headers, b"", replica, length=reply.declared_length,
+        length = None if reply.chunked else reply.declared_length  # chunked: it wins
+        return Upstream(status, headers, b"", replica, length=length,
                         stream=BodyStream(conn, reply, parts, replica.hostname, self.settings))
 
 

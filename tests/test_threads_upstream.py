@@ -204,6 +204,26 @@ def test_an_oversized_answer_head_is_a_502_and_not_retried(
     assert lb.second.requests == 0
 
 
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nX-Ctl: a\x01b\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+], ids=["status 099", "HTTP/2", "control character", "obsolete folding", "two lengths",
+        "hex length", "gzip coding", "hex chunk size"])
+def test_a_broken_answer_is_a_502_and_not_retried(balancer: Callable[..., Balancer],
+                                                  head: bytes) -> None:
+    """Framing and fields read as RFC 9112 says a proxy must: what is not HTTP/1.1 is never
+    guessed at (http.client took the first of two lengths, ignored a coding, folded lines)."""
+    lb = balancer(lambda n, _: [head, 2.0])
+    failure(lb.get(), 502)
+    assert lb.second.requests == 0
+
+
 def test_a_head_at_the_bounds_passes(balancer: Callable[..., Balancer]) -> None:
     fields = [f"X-Field-{i}: {'v' * 500}" for i in range(99)]
     lb = balancer(lambda n, head: [answer(b"{}", "200 OK", *fields)])
