@@ -108,6 +108,7 @@ class ReplicaResponse(http.client.HTTPResponse):
         self.irregular = False  # the framing was odd enough that the connection must close
         self.declared_length: int | None = None  # the head's Content-Length (HEAD answers)
         self._room = REPLY_HEAD_MAX_BYTES
+        self._abandoned = False  # closed before the body was read to its end
 
     # -- the head ---------------------------------------------------------------------------
     def begin(self) -> None:
@@ -216,25 +217,26 @@ class ReplicaResponse(http.client.HTTPResponse):
         """The body is complete (or abandoned): before ``http.client`` closes its buffered
         reader, and loses what it read ahead, see whether anything came after the answer."""
         fp = self.fp
-        if fp is not None and not self.will_close and not self.irregular:
+        if fp is not None and not (self.will_close or self.irregular or self._abandoned):
             self.reusable = not self._pending(fp)
         http.client.HTTPResponse._close_conn(self)  # type: ignore[attr-defined]
 
+    def close(self) -> None:
+        self._abandoned = self.fp is not None  # closed before its body was read to the end
+        super().close()
+
     def _pending(self, fp: Any) -> bool:
+        """Bytes after the answer, read ahead already or on the socket, or the replica has
+        closed: looked at without waiting (a connection in doubt is not used again)."""
         sock = self._sock
-        timeout = sock.gettimeout()
         try:
+            timeout = sock.gettimeout()
             sock.settimeout(0.0)
-            if fp.peek(1):  # read ahead already, or readable now (never waits)
-                return True
+            buffered = bool(fp.peek(1))
+            sock.settimeout(timeout)
         except OSError:
             return True
-        finally:
-            try:
-                sock.settimeout(timeout)
-            except OSError:
-                return True
-        return not clean_and_idle(sock)
+        return buffered or not clean_and_idle(sock)
 
     def piece(self, most: int) -> bytes:
         """Up to ``most`` bytes of the body, from at most one read; ``b""`` at its end."""

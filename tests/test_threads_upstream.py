@@ -279,6 +279,18 @@ def test_a_large_answer_is_streamed_not_held(balancer: Callable[..., Balancer],
     assert lb.first.connections == 1
 
 
+def test_a_stream_the_client_leaves_is_never_read_by_the_next_request(
+        balancer: Callable[..., Balancer]) -> None:
+    """Guards the streaming above (the old code read every answer whole): the client takes
+    one piece of a 1 MiB answer and goes; the rest is not the next request's answer."""
+    lb = balancer(lambda n, head: [answer(b"x" * (1 << 20))] if n == 1 else ok(n, head))
+    reply = lb.get(buffered=False)
+    assert next(iter(reply.response))
+    reply.close()
+    assert lb.get().get_data() == b"answer 2"
+    assert lb.first.connections == 2
+
+
 # -- 6. HEAD is forwarded as HEAD -------------------------------------------------------------
 def test_head_goes_to_the_replica_as_head(balancer: Callable[..., Balancer]) -> None:
     lb = balancer(lambda n, head: [answer(b"", "200 OK", "Content-Length: 1234",
