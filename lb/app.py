@@ -26,10 +26,11 @@ from lb.logs import request_id
 from lb.ops.blueprint import init_ops
 from lb.ops.metrics import BalancerMetrics
 from lb.registry import Registry, RegistryBusy, RegistryError, RegistryUnreadable
-from lb.router import Forwarder
+from lb.router import Forwarder, Upstream
 from lb.routing import (
     JSON_TYPE,
     Router,
+    bodiless,
     error_body,
     forward_headers,
     header_value,
@@ -129,12 +130,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         headers = forward_headers(
             request.headers.items(), request.remote_addr or "", request.host,
             request_id(request.environ, request.headers.get("X-Request-ID")))
-        upstream = forwarder.forward(target, headers, key, request.path)
-        reply = Response(upstream.body, status=upstream.status, headers=upstream.headers)
-        if header_value(upstream.headers, "Content-Type") is None:
-            del reply.headers["Content-Type"]  # passed back as it is: no default added
-        reply.headers["X-Served-By"] = upstream.replica.hostname
-        return reply
+        if request.method == "HEAD":  # as HEAD: the replica's own answer head, no body
+            upstream = forwarder.forward(target, headers, key, request.path, method="HEAD")
+        else:
+            upstream = forwarder.forward(target, headers, key, request.path)
+        return passed_back(upstream)
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> tuple[Response, int]:
@@ -178,6 +178,26 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         return jsonify(envelope("The replica backend failed; see the balancer's log")), 503
 
     return app
+
+
+def passed_back(upstream: Upstream) -> Response:
+    """A replica's answer as the client gets it: a small body whole, a large one streamed
+    (``direct_passthrough``: werkzeug neither buffers nor measures it). The replica's
+    Content-Length goes with a HEAD answer and a streamed one; none ever goes with a 1xx,
+    204 or 304 (werkzeug adds none to those, and none is added here)."""
+    body: Any = upstream.body if upstream.stream is None else upstream.stream
+    if request.method == "HEAD" and upstream.length is None:
+        body = iter(())  # no length known: werkzeug would say 0
+    reply = Response(body, status=upstream.status, headers=upstream.headers,
+                     direct_passthrough=upstream.stream is not None)
+    if header_value(upstream.headers, "Content-Type") is None:
+        del reply.headers["Content-Type"]  # passed back as it is: no default added
+    if bodiless(upstream.status):
+        del reply.headers["Content-Length"]
+    elif upstream.length is not None:
+        reply.headers["Content-Length"] = str(upstream.length)
+    reply.headers["X-Served-By"] = upstream.replica.hostname
+    return reply
 
 
 def _empty_path_is_root(wsgi_app: Any) -> Any:

@@ -4,67 +4,336 @@ The reference implementation of the data path (``LB_WORKER=threads``): the Flask
 over the request's parts, this module does the I/O, and every rule comes from ``lb.routing``.
 ``http.client`` directly, not urllib3: urllib3 re-encodes the target (``%2e`` became ``%2E``,
 ``/%zz`` became ``/%25zz``) where the replica must get it exactly as the client sent it.
+
+What ``http.client`` leaves to its caller, and this module does:
+
+- **the answer's head** (``ReplicaResponse.begin``): interim answers (1xx but 101) skipped, a
+  101 refused (the balancer does not tunnel), the whole head bounded (``REPLY_HEAD_MAX_BYTES``
+  over every line, ``REPLY_HEAD_MAX_FIELDS`` per head), the framing worked out strictly (RFC
+  9112 section 6.3: a Content-Length that is not one number, or a transfer coding other than
+  chunked, is a broken answer, 502; never a guess);
+- **a connection used again only when it is clean**: its answer was read to the end by its own
+  framing, no byte came after it (checked before ``http.client`` drops its read buffer, and
+  again just before the next request goes out), the replica did not ask to close, and the
+  request went out whole. Anything else and the connection is closed, so that no request can
+  ever read the rest of another's answer;
+- **deadlines** (``Forwarder._exchange``): the connect within ``connect_timeout``, the answer's
+  first byte within ``upstream_timeout``, each further read within ``read_timeout``;
+- **bounded memory**: an answer over ``STREAM_ABOVE`` bytes, or of unknown length, is handed to
+  the client a piece at a time (``Upstream.stream``); the client's own pace is the backpressure.
 """
 
 from __future__ import annotations
 
+import email.parser
 import http.client
+import logging
+import math
+import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from lb.registry import Replica
 from lb.routing import (
+    REPLY_HEAD_MAX_BYTES,
+    REPLY_HEAD_MAX_FIELDS,
     STARTING_POLL_SECONDS,
     Router,
+    UpstreamError,
+    bodiless,
+    connection_options,
     header_value,
     replica_error,
     reply_headers,
 )
 from lb.settings import Settings
 
+log = logging.getLogger(__name__)
+
+# An answer whose body is larger than this, or of unknown length, goes to the client in pieces
+# of at most STREAM_PIECE bytes instead of being held whole.
+STREAM_ABOVE = 64 * 1024
+STREAM_PIECE = 64 * 1024
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.(\d) (\d\d\d)(?: ([^\r\n]*))?\r?\n")
+_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
+_LAST_LINE = (b"\r\n", b"\n")
+
+
+class BrokenAnswer(http.client.HTTPException):
+    """The replica's answer broke HTTP/1.1, or a limit the balancer sets on answers."""
+
+
+class ReplyCut(Exception):
+    """A streamed answer failed after its head went to the client: the client's connection is
+    cut (a second status cannot be sent). Not an ``OSError``, so that gunicorn takes it for
+    the application's failure after the head and closes the connection."""
+
+
+def clean_and_idle(sock: socket.socket) -> bool:
+    """Nothing has come on ``sock`` and the replica has not closed it, without waiting."""
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        sock.recv(1, socket.MSG_PEEK)  # a byte nobody asked for, or b"": closed
+        return False
+    except BlockingIOError:
+        return True  # nothing to read: idle and open
+    except OSError:
+        return False
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+class ReplicaResponse(http.client.HTTPResponse):
+    """``http.client``'s answer, with the head and the chunked framing read strictly and
+    bounded, and ``reusable`` telling whether the connection may carry another request."""
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self._sock = sock
+        self.request_method = method
+        self.reusable = False  # the body ended by its framing and nothing came after it
+        self.irregular = False  # the framing was odd enough that the connection must close
+        self.declared_length: int | None = None  # the head's Content-Length (HEAD answers)
+        self._room = REPLY_HEAD_MAX_BYTES
+        self._abandoned = False  # closed before the body was read to its end
+
+    # -- the head ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            line = self._head_line("status line")
+            match = _STATUS_LINE.fullmatch(line)
+            if match is None:
+                raise BrokenAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
+            status = int(match.group(2))
+            if status < 100:
+                raise BrokenAnswer(f"status {status}")
+            fields = self._fields()
+            if status == 101:
+                raise BrokenAnswer("101 Switching Protocols (the balancer does not tunnel)")
+            if status >= 200:
+                break
+            # An interim answer (103 Early Hints, 100 Continue): the final one follows.
+        self.code = self.status = status
+        self.reason = (match.group(3) or b"").decode("latin-1").strip()
+        self.version = 10 if match.group(1) == b"0" else 11
+        text = b"".join(fields).decode("iso-8859-1")
+        self.headers = self.msg = email.parser.Parser(
+            _class=http.client.HTTPMessage).parsestr(text)
+        self._framing(status)
+
+    def _head_line(self, what: str) -> bytes:
+        line: bytes = self.fp.readline(self._room + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > self._room:
+                raise BrokenAnswer(f"answer head over {REPLY_HEAD_MAX_BYTES} bytes")
+            raise BrokenAnswer(f"the connection closed in the answer's {what}")
+        self._room -= len(line)
+        return line
+
+    def _fields(self) -> list[bytes]:
+        fields: list[bytes] = []
+        while True:
+            line = self._head_line("head")
+            if line in _LAST_LINE:
+                return fields
+            if _FIELD_LINE.fullmatch(line) is None:
+                raise BrokenAnswer(f"not a header field: {line[:80]!r}")
+            fields.append(line)
+            if len(fields) > REPLY_HEAD_MAX_FIELDS:
+                raise BrokenAnswer(f"more than {REPLY_HEAD_MAX_FIELDS} header fields")
+
+    def _framing(self, status: int) -> None:
+        """RFC 9112 section 6.3, the way a proxy must read it: what ends the body."""
+        headers = self.headers
+        closing = [v for v in headers.get_all("connection") or []
+                   if "close" in connection_options(v)]
+        keep_alive = [v for v in headers.get_all("connection") or []
+                      if "keep-alive" in connection_options(v)]
+        self.will_close = bool(closing) or (self.version == 10 and not keep_alive)
+        codings = [c.strip(" \t").lower() for v in headers.get_all("transfer-encoding") or []
+                   for c in v.split(",")]
+        lengths = {v.strip(" \t") for f in headers.get_all("content-length") or []
+                   for v in f.split(",")}
+        if lengths:
+            if len(lengths) > 1 or not all(v.isdigit() and v.isascii() for v in lengths):
+                raise BrokenAnswer(f"Content-Length {sorted(lengths)!r} is not one length")
+            self.declared_length = int(lengths.pop())
+        self.chunked = False
+        self.chunk_left = None
+        self.length = self.declared_length
+        if bodiless(status) or self.request_method == "HEAD":
+            self.length = 0  # whatever the fields say (RFC 9110 section 6.4.1)
+        elif codings:
+            if codings != ["chunked"]:
+                raise BrokenAnswer(f"transfer coding {codings!r} (only chunked is read)")
+            self.chunked, self.length = True, None
+            if self.declared_length is not None:
+                self.irregular = True  # both: chunked wins, and the connection goes
+        elif self.length is None:
+            self.will_close = True  # the body ends when the replica closes
+
+    # -- chunked framing, strictly --------------------------------------------------------
+    def _read_next_chunk_size(self) -> int:
+        line = self.fp.readline(1025)
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise BrokenAnswer(f"not a chunk size line: {line[:80]!r}")
+        return int(match.group(1), 16)
+
+    def _get_chunk_left(self) -> int | None:
+        chunk_left = self.chunk_left
+        if not chunk_left:
+            if chunk_left is not None and self.fp.read(2) != b"\r\n":
+                raise BrokenAnswer("a chunk does not end with CRLF")
+            chunk_left = self._read_next_chunk_size()
+            if chunk_left == 0:
+                self._read_and_discard_trailer()
+                self._close_conn()
+                chunk_left = None
+            self.chunk_left = chunk_left
+        return chunk_left
+
+    def _read_and_discard_trailer(self) -> None:
+        self._room = REPLY_HEAD_MAX_BYTES
+        self._fields()
+
+    # -- the end of the body --------------------------------------------------------------
+    def _close_conn(self) -> None:
+        """The body is complete (or abandoned): before ``http.client`` closes its buffered
+        reader, and loses what it read ahead, see whether anything came after the answer."""
+        fp = self.fp
+        if fp is not None and not (self.will_close or self.irregular or self._abandoned):
+            self.reusable = not self._pending(fp)
+        http.client.HTTPResponse._close_conn(self)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._abandoned = self.fp is not None  # closed before its body was read to the end
+        super().close()
+
+    def _pending(self, fp: Any) -> bool:
+        """Bytes after the answer, read ahead already or on the socket, or the replica has
+        closed: looked at without waiting (a connection in doubt is not used again)."""
+        sock = self._sock
+        try:
+            timeout = sock.gettimeout()
+            sock.settimeout(0.0)
+            buffered = bool(fp.peek(1))
+            sock.settimeout(timeout)
+        except OSError:
+            return True
+        return buffered or not clean_and_idle(sock)
+
+    def piece(self, most: int) -> bytes:
+        """Up to ``most`` bytes of the body, from at most one read; ``b""`` at its end."""
+        if self.fp is None:
+            return b""
+        if self.chunked:
+            data: bytes = self.read1(most)
+            return data
+        want = most if self.length is None else min(most, self.length)
+        if want == 0:
+            self._close_conn()
+            return b""
+        data = self.fp.read1(want)
+        if not data:
+            self._close_conn()
+            if self.length is not None:
+                raise http.client.IncompleteRead(b"", self.length)
+            return b""
+        if self.length is not None:
+            self.length -= len(data)
+            if self.length == 0:
+                self._close_conn()
+        return data
+
+
+class ReplicaConnection(http.client.HTTPConnection):
+    """One thread's keep-alive connection to one replica: connects within the connect
+    timeout; the request line goes out byte for byte (``http.client`` would insist on ASCII)."""
+
+    response_class = ReplicaResponse
+
+    def __init__(self, host: str, port: int | None, connect_timeout: float,
+                 send_timeout: float) -> None:
+        super().__init__(host, port, timeout=connect_timeout)
+        self.send_timeout = send_timeout
+        self.reusable = False  # set once an answer ended cleanly on it
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.send_timeout)
+
+    def _encode_request(self, request: str) -> bytes:
+        return request.encode("latin-1")  # the target as received (gunicorn decodes latin-1)
+
+    def ready(self) -> bool:
+        """Whether the next request may go out on this connection as it is."""
+        return self.sock is None or (self.reusable and clean_and_idle(self.sock))
+
+    def send_request(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+        self.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        self.putheader("Host", f"{self.host}:{self.port}")
+        for name, value in headers:
+            self.putheader(name, value)
+        self.endheaders()
+
+    def await_answer(self, timeout: float) -> None:
+        """Until the answer's first byte is there (``TimeoutError`` after ``timeout``); a
+        connection closed before it raises ``ConnectionResetError``."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(math.ceil(timeout * 1000)):
+            raise TimeoutError(f"no answer within {timeout:g}s")
+        if not self.sock.recv(1, socket.MSG_PEEK):
+            raise ConnectionResetError("the replica closed the connection")
+
 
 @dataclass
 class Upstream:
-    """A replica's complete answer, ready to be passed back."""
+    """A replica's answer, ready to be passed back: its body whole in ``body``, or, when it
+    is large or of unknown length, in ``stream`` (to be iterated or closed once)."""
 
     status: int
     headers: list[tuple[str, str]]
     body: bytes
     replica: Replica
+    length: int | None = None  # the Content-Length the client gets, when not len(body)
+    stream: BodyStream | None = None
 
-
-class ReplicaConnection(http.client.HTTPConnection):
-    """Connects within the connect timeout, then waits up to the upstream timeout per read; the
-    request line goes out byte for byte (``http.client`` would insist on ASCII)."""
-
-    def __init__(self, host: str, port: int | None, connect_timeout: float,
-                 read_timeout: float) -> None:
-        super().__init__(host, port, timeout=connect_timeout)
-        self.read_timeout = read_timeout
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(self.read_timeout)
-
-    def _encode_request(self, request: str) -> bytes:
-        return request.encode("latin-1")  # the target as received (gunicorn decodes latin-1)
+    def close(self) -> None:
+        """Drop the answer unread (its connection goes)."""
+        if self.stream is not None:
+            self.stream.close()
 
 
 class Forwarder:
-    """Sends a routed GET to the first candidate replica that answers (threads path)."""
+    """Sends a routed GET or HEAD to the first candidate replica that answers (threads path)."""
 
     def __init__(self, settings: Settings, router: Router) -> None:
         self.settings = settings
         self.router = router
         self._local = threading.local()
 
-    def forward(self, target: str, headers: Iterable[tuple[str, str]], key: int,
-                path: str) -> Upstream:
-        """GET ``target`` (path and query as received) with ``headers`` (already the forwarded
-        set) from the first replica that answers; ``path`` (decoded) names it in errors."""
+    def forward(self, target: str, headers: Iterable[tuple[str, str]], key: int, path: str,
+                method: str = "GET") -> Upstream:
+        """GET (or HEAD) ``target`` (path and query as received) with ``headers`` (already
+        the forwarded set) from the first replica that answers; ``path`` (decoded) names it
+        in errors."""
         fields = list(headers)
         attempts = self.router.attempts(key)
         if attempts.empty and self.router.waiting_for_replicas():
@@ -74,60 +343,190 @@ class Forwarder:
             attempts = self.router.attempts(key)
         for replica in attempts:
             try:
-                upstream = self._get(replica, target, fields)
-            except (OSError, http.client.HTTPException) as exc:
+                upstream = self._get(replica, method, target, fields)
+            except UpstreamError as exc:
+                log.warning("replica %s: %s", replica.hostname, exc)
                 attempts.failed(replica, exc)
+                if not attempts.retryable(exc):
+                    break  # some of the answer came: never a second replica
                 continue
             attempts.answered(replica, upstream.status)
             error = replica_error(upstream.status, header_value(upstream.headers, "Content-Type"),
                                   replica.hostname, path)
             if error is not None:
+                upstream.close()
                 raise error
             return upstream
         raise attempts.exhausted()
 
     def _connection(self, address: str, fresh: bool) -> ReplicaConnection:
-        """This thread's keep-alive connection to ``address`` (a new one when ``fresh``)."""
+        """This thread's keep-alive connection to ``address``: a new one when ``fresh`` or
+        when the one it has may not carry another request."""
         conns: dict[str, ReplicaConnection] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         conn = conns.get(address)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
+        if conn is not None and (fresh or not conn.ready()):
+            conn.close()
+            conn = None
+        if conn is None:
             parts = urlsplit(address)
             conn = conns[address] = ReplicaConnection(
                 parts.hostname or "", parts.port, self.settings.connect_timeout,
                 self.settings.upstream_timeout)
         return conn
 
-    def _get(self, replica: Replica, target: str, headers: list[tuple[str, str]]) -> Upstream:
+    def _get(self, replica: Replica, method: str, target: str,
+             headers: list[tuple[str, str]]) -> Upstream:
         address = replica.address or ""  # routable: it has one
         conn = self._connection(address, fresh=False)
         reused = conn.sock is not None
         try:
-            return self._exchange(conn, replica, target, headers)
-        except (ConnectionError, http.client.BadStatusLine):
-            if not reused:
+            return self._exchange(conn, replica, method, target, headers)
+        except UpstreamError as exc:
+            if not (reused and exc.before_reply):
                 raise
         # The replica closed a kept-alive connection between two requests (its keep-alive
         # timeout): not a failure of the replica. Once more on a new connection.
-        return self._exchange(self._connection(address, fresh=True), replica, target, headers)
+        return self._exchange(self._connection(address, fresh=True), replica, method, target,
+                              headers)
 
-    @staticmethod
-    def _exchange(conn: ReplicaConnection, replica: Replica, target: str,
+    def _exchange(self, conn: ReplicaConnection, replica: Replica, method: str, target: str,
                   headers: list[tuple[str, str]]) -> Upstream:
+        """One request and its answer on ``conn``; every failure an ``UpstreamError`` that
+        says how far the answer had come, and the connection closed."""
+        settings = self.settings
+        conn.reusable = False
+        name = replica.hostname
         try:
-            conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", f"{conn.host}:{conn.port}")
-            for name, value in headers:
-                conn.putheader(name, value)
-            conn.endheaders()
-            reply = conn.getresponse()
-            body = reply.read()  # bytes as sent, encoding untouched
-        except BaseException:
+            if conn.sock is None:
+                conn.connect()
+        except OSError as exc:
             conn.close()
-            raise
-        if reply.will_close:
+            raise UpstreamError(f"cannot connect: {exc}") from exc
+        try:
+            conn.send_request(method, target, headers)
+            conn.await_answer(settings.upstream_timeout)
+        except TimeoutError as exc:
             conn.close()
-        return Upstream(reply.status, reply_headers(reply.getheaders()), body, replica)
+            raise UpstreamError(f"no answer within {settings.upstream_timeout:g}s "
+                                "(LB_UPSTREAM_TIMEOUT)", timed_out=True) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise UpstreamError(f"the connection closed before an answer: {exc!r}",
+                                before_reply=True) from exc
+        conn.sock.settimeout(settings.read_timeout)
+        reply: ReplicaResponse | None = None
+        try:
+            reply = conn.getresponse()  # type: ignore[assignment]
+            assert isinstance(reply, ReplicaResponse)
+            return self._take(conn, reply, replica)
+        except TimeoutError as exc:
+            drop(conn, reply)
+            raise UpstreamError(f"the answer stalled for {settings.read_timeout:g}s "
+                                "(LB_READ_TIMEOUT)", began=True, timed_out=True) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            drop(conn, reply)
+            raise UpstreamError(f"broken answer from {name}: {exc!r}", began=True) from exc
+
+    def _take(self, conn: ReplicaConnection, reply: ReplicaResponse,
+              replica: Replica) -> Upstream:
+        """The answer whose head is in: its body whole when small, else a stream."""
+        status = reply.status
+        headers = reply_headers(reply.getheaders())
+        limit = self.settings.max_reply
+        if reply.length == 0:  # bodiless, or an answer to HEAD
+            reply.read()
+            settle(conn, reply)
+            length = None if bodiless(status) else reply.declared_length
+            return Upstream(status, headers, b"", replica, length=length)
+        if limit and reply.length is not None and reply.length > limit:
+            raise BrokenAnswer(f"an answer of {reply.length} bytes (LB_MAX_REPLY={limit})")
+        if reply.length is not None and reply.length <= STREAM_ABOVE:
+            body = reply.read()
+            settle(conn, reply)
+            return Upstream(status, headers, body, replica)
+        parts: list[bytes] = []
+        size = 0
+        while size <= STREAM_ABOVE:
+            data = reply.piece(STREAM_PIECE)
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+            if limit and size > limit:
+                raise BrokenAnswer(f"an answer over LB_MAX_REPLY={limit} bytes")
+        if reply.isclosed():
+            settle(conn, reply)
+            return Upstream(status, headers, b"".join(parts), replica)
+        length = None if reply.chunked else reply.declared_length  # chunked: it wins
+        return Upstream(status, headers, b"", replica, length=length,
+                        stream=BodyStream(conn, reply, parts, replica.hostname, self.settings))
+
+
+def settle(conn: ReplicaConnection, reply: ReplicaResponse) -> None:
+    """``reply`` is read to its end: its connection stays only if it is clean."""
+    if reply.reusable and conn.sock is not None:
+        conn.reusable = True
+    else:
+        conn.close()
+
+
+def drop(conn: ReplicaConnection, reply: ReplicaResponse | None) -> None:
+    """An answer not read to its end: its connection goes."""
+    if reply is not None:
+        reply.close()
+    conn.close()
+
+
+class BodyStream:
+    """A large answer's body, a piece at a time as the client takes it (a WSGI iterable).
+
+    A failure once the head went out cuts the client's connection (``ReplyCut``); closed
+    before its end (the client left, or nobody iterated it), it closes the replica's
+    connection; read to its end, the connection is kept if it is clean.
+    """
+
+    def __init__(self, conn: ReplicaConnection, reply: ReplicaResponse, parts: list[bytes],
+                 name: str, settings: Settings) -> None:
+        self.conn = conn
+        self.reply = reply
+        self.parts = parts  # read already (the part that told it is large), in order
+        self.name = name
+        self.limit = settings.max_reply
+        self.read_timeout = settings.read_timeout
+        self.size = sum(len(p) for p in parts)
+        self.done = False
+
+    def __iter__(self) -> BodyStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.parts:
+            return self.parts.pop(0)
+        if self.done:
+            raise StopIteration
+        try:
+            data = self.reply.piece(STREAM_PIECE)
+        except TimeoutError as exc:
+            self.close()
+            raise ReplyCut(f"replica {self.name} stalled mid-answer for {self.read_timeout:g}s "
+                           "(LB_READ_TIMEOUT)") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise ReplyCut(f"replica {self.name} broke off its answer: {exc!r}") from exc
+        if not data:
+            self.done = True
+            settle(self.conn, self.reply)
+            raise StopIteration
+        self.size += len(data)
+        if self.limit and self.size > self.limit:
+            self.close()
+            raise ReplyCut(f"replica {self.name}'s answer went over LB_MAX_REPLY={self.limit}")
+        return data
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.parts.clear()
+            drop(self.conn, self.reply)

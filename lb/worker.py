@@ -37,6 +37,14 @@ may stay blocked on a slow client once the worker stops:
 
 **``close`` anywhere in ``Connection``** ends the connection after the reply, as on the async
 worker (RFC 9112 section 9.6); gunicorn looks only at a first header that is exactly ``close``.
+
+**One request grammar for both workers.** What gunicorn lets through or answers otherwise:
+``HTTP/1.x`` with x > 1 is served as HTTP/1.1 and answered ``HTTP/1.1`` (RFC 9110 section 6.2;
+gunicorn echoed ``HTTP/1.2``); any other major version is a 505, not gunicorn's 400; a method
+outside ``lb.routing.KNOWN_METHODS`` is a 501 (RFC 9110 section 9.1), not the app's 405; a
+fragment in the target is a 400 (a client never sends one, RFC 9112 section 3.2); a transfer
+coding gunicorn refuses is answered by ``lb.routing.transfer_coding_error`` (``xchunked``: 400,
+chunked not being the final coding). ``request_refusal`` and ``refusal_of`` hold these rules.
 """
 
 from __future__ import annotations
@@ -50,10 +58,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http.errors import InvalidHTTPVersion, UnsupportedTransferCoding
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
-from lb.routing import connection_options, error_body, reason_phrase
+from lb.router import ReplyCut
+from lb.routing import (
+    KNOWN_METHODS,
+    connection_options,
+    error_body,
+    reason_phrase,
+    transfer_coding_error,
+)
 from lb.settings import Settings, graceful_drain
 
 STOP_HEADERS_GRACE = 2.0  # seconds for a request's headers once a graceful stop has begun
@@ -105,6 +121,58 @@ def limit_blocking_io(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+class RequestRefused(Exception):
+    """A request gunicorn parsed that the balancer does not take: answered with ``status``
+    before the app sees it, and the connection closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def request_refusal(req: Any) -> RequestRefused | None:
+    """What a parsed request is refused with, if anything; an ``HTTP/1.x`` (x > 1) request
+    becomes an HTTP/1.1 one (its answer says ``HTTP/1.1``), RFC 9110 section 6.2."""
+    major, minor = req.version
+    if major == 1 and minor > 1:
+        req.version = (1, 1)
+    if req.method not in KNOWN_METHODS:
+        return RequestRefused(501, f"Method {req.method} is not implemented")
+    if "#" in req.uri:
+        return RequestRefused(400, "A request target has no fragment ('#' is for the client)")
+    return None
+
+
+def refusal_of(exc: BaseException) -> tuple[int, str] | None:
+    """The status and message the balancer answers ``exc`` with where they are not
+    gunicorn's: None leaves the answer to gunicorn."""
+    if isinstance(exc, RequestRefused):
+        return exc.status, exc.message
+    if isinstance(exc, InvalidHTTPVersion) and isinstance(exc.version, tuple):
+        # A well-formed version gunicorn does not serve; a malformed one stays a 400.
+        major, minor = exc.version
+        return 505, f"HTTP/{major}.{minor} is not supported (HTTP/1.x only)"
+    if isinstance(exc, UnsupportedTransferCoding):
+        error = transfer_coding_error(str(exc.hdr))
+        if error is not None:
+            return error.status, error.message
+    return None
+
+
+class CutReplyLog(logging.Filter):
+    """gunicorn logs an answer that failed after its head went out ("Error handling
+    request") with a traceback; a replica that broke off a streamed answer is one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ReplyCut):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "%s; the client's connection was cut", (exc,), None, None)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class SlowClientLog(logging.Filter):
     """gthread logs an expired ``SO_RCVTIMEO`` as "Socket error processing request." with a
     traceback; one warning line says what happened without filling the log under a slowloris."""
@@ -143,6 +211,7 @@ class EnvelopeThreadWorker(ThreadWorker):
         util.write_error = write_json_error
         self.client_timeout = Settings.from_env().client_timeout
         self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
+        self.log.error_log.addFilter(CutReplyLog())
         super().init_process()
 
     def handle(self, conn: Any) -> Any:  # a pool thread
@@ -161,9 +230,24 @@ class EnvelopeThreadWorker(ThreadWorker):
     def handle_request(self, req: Any, conn: Any) -> Any:  # the headers are in
         with self.in_headers_lock:
             self.in_headers.pop(conn, None)
+        refused = request_refusal(req)
+        if refused is not None:
+            raise refused  # handle() passes it to handle_error
         if asks_to_close(req.headers):
             req.must_close = True  # what gunicorn's Request.should_close() consults first
         return super().handle_request(req, conn)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        refusal = refusal_of(exc)
+        if refusal is None:
+            super().handle_error(req, client, addr, exc)
+            return
+        status, message = refusal
+        self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], message)
+        try:
+            write_json_error(client, status, reason_phrase(status), message)
+        except OSError:
+            self.log.debug("Failed to send error message.")
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful
         if self.stopping_at is None:
