@@ -106,11 +106,21 @@ def attack(url: str, kind: str) -> Reply | str:
             return f"{type(exc).__name__}: {exc}"
 
 
+def whose(reply: Reply) -> str:
+    """What a victim got instead of its own answer."""
+    echoed = reply.header("X-Echo-Id") or ""
+    if echoed.startswith("smuggled-"):
+        return f"forged answer ({echoed})"
+    if reply.status == 200 and len(echoed) == 32:
+        return "another request's answer"
+    return f"{reply.status} {echoed or reply.body[:80]!r}"
+
+
 def victim(url: str) -> tuple[bool, str]:
     rid = uuid.uuid4().hex
     with Client(url, timeout=10) as client:
         reply = client.get(f"/echo?id={rid}")
-    return own(reply, rid), f"{reply.status} {reply.header('X-Echo-Id')}"
+    return own(reply, rid), whose(reply)
 
 
 @pytest.mark.parametrize("kind", list(ATTACKS))
@@ -146,7 +156,8 @@ def test_soak_victims_beside_attackers_get_only_their_own_answers(odd: Odd) -> N
     stop = time.monotonic() + SOAK_SECONDS
     lock = threading.Lock()
     tally: Counter[str] = Counter()
-    wrong: Counter[str] = Counter()
+    wrong: Counter[str] = Counter()  # answers that were not the victim's own
+    errors: Counter[str] = Counter()  # no answer at all (a closed connection, garbage)
 
     def victims() -> None:
         client: Client | None = None
@@ -158,7 +169,7 @@ def test_soak_victims_beside_attackers_get_only_their_own_answers(odd: Odd) -> N
             except (OSError, EOFError, ValueError) as exc:
                 with lock:
                     tally["victim errors"] += 1
-                    wrong[f"error {type(exc).__name__}"] += 1
+                    errors[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
                 if client is not None:
                     client.close()
                 client = None
@@ -166,7 +177,7 @@ def test_soak_victims_beside_attackers_get_only_their_own_answers(odd: Odd) -> N
             with lock:
                 tally["victims"] += 1
                 if not own(reply, rid):
-                    wrong[f"{reply.status} {reply.header('X-Echo-Id')}"] += 1
+                    wrong[whose(reply)] += 1
             if reply.header("Connection") == "close":
                 client.close()
                 client = None
@@ -189,10 +200,14 @@ def test_soak_victims_beside_attackers_get_only_their_own_answers(odd: Odd) -> N
     for t in threads:
         t.join(timeout=SOAK_SECONDS + 30)
     report(f"desync soak ({odd.worker})", wrong=sum(wrong.values()), **tally,
-           **{f"wrong {k}": v for k, v in wrong.items()})
+           **{f"wrong: {k}": v for k, v in wrong.items()},
+           **{f"error: {k}": v for k, v in errors.items()})
     assert tally["victims"] > 100, tally
     assert not wrong, (f"{sum(wrong.values())} of {tally['victims']} victims' replies were "
                        f"not their own: {dict(wrong)}")
+    # A victim's kept-alive connection may meet a close now and then (and reconnects); no
+    # more than that.
+    assert sum(errors.values()) <= max(2, tally["victims"] // 1000), dict(errors)
 
 
 # -- what the balancer passes back -----------------------------------------------------------------
