@@ -15,6 +15,8 @@ reads) so that the slow cases take seconds.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import RunningStack
-from tests.helpers_chaos import report
+from tests.helpers_chaos import balancer_workers_of, report
 from tests.helpers_misbehave import Client, Reply, counts, start_misbehaving_replica
 from tests.helpers_stack import running_stack
 
@@ -64,6 +66,39 @@ def odd(tmp_path_factory: pytest.TempPathFactory, lb_worker: str) -> Iterator[Od
         yield Odd(stack, replicas, lb_worker)
 
 
+@pytest.fixture
+def fresh(odd: Odd) -> Odd:
+    """The stack with new balancer workers: no kept-alive replica connection a test before
+    left in some state (on a balancer that pools a connection after a misbehaving answer,
+    what is left on it would come out as the answer to a later test's request)."""
+    old = {p.pid for p in balancer_workers_of(odd.stack.proc.pid)}
+    for pid in old:
+        try:
+            os.kill(pid, signal.SIGQUIT)  # quick: gunicorn's arbiter starts another
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    why = ""
+    while time.monotonic() < deadline:
+        now = {p.pid for p in balancer_workers_of(odd.stack.proc.pid)}
+        why = f"workers {sorted(now)} (were {sorted(old)})"
+        log = odd.stack.log()
+        # Each new worker has its signal handlers once its app is loaded (this line): until
+        # then, a later test's signal would be lost.
+        if (len(now) == odd.stack.settings.workers and not now & old
+                and all(f"balancer worker {pid} starts" in log for pid in now)):
+            try:
+                with Client(odd.url, timeout=2) as client:
+                    reply = client.get("/rep", "Connection: close")
+                if reply.status == 200:
+                    return odd
+                why += f", /rep: {reply}"
+            except (OSError, EOFError, ValueError) as exc:
+                why += f", /rep: {exc!r}"
+        time.sleep(0.1)
+    raise AssertionError(f"the balancer's workers were not replaced within 30 s: {why}")
+
+
 def own(reply: Reply, rid: str) -> bool:
     """The victim's own answer: 200, its id in the header and in the body."""
     if reply.status != 200 or reply.header("X-Echo-Id") != rid:
@@ -80,134 +115,6 @@ def assert_envelope(reply: Reply, status: int) -> None:
     body = reply.json()
     assert set(body) == {"message", "status"} and body["status"] == "failure", body
     assert str(body["message"]).startswith("<Error> "), body
-
-
-# -- attacks: each a request that makes the replica misbehave --------------------------------------
-ATTACKS = {
-    # The client asks for 100-continue on a GET: a replica asked in turn answers 100 first.
-    "expect": ("/echo?id={id}", ("Expect: 100-continue",)),
-    "early-hints": ("/early-hints?id={id}", ()),  # 103, then the answer
-    "continue": ("/continue?id={id}", ()),  # an unasked 100, then the answer
-    "204-body": ("/204-body", ()),  # a 204 followed by bytes
-    "extra": ("/extra?id={id}", ()),  # the answer, then a second one nobody asked for
-    "late": ("/late?id={id}", ()),  # the answer, then bytes on the idle connection
-    "switch": ("/switch", ()),  # 101 Switching Protocols
-}
-
-
-def attack(url: str, kind: str) -> Reply | str:
-    """One attack on a connection of its own; its reply (or why there is none)."""
-    target, headers = ATTACKS[kind]
-    rid = uuid.uuid4().hex
-    with Client(url, timeout=10) as client:
-        try:
-            return client.get(target.format(id=rid), *headers, "Connection: close")
-        except (EOFError, OSError, ValueError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-
-
-def whose(reply: Reply) -> str:
-    """What a victim got instead of its own answer."""
-    echoed = reply.header("X-Echo-Id") or ""
-    if echoed.startswith("smuggled-"):
-        return f"forged answer ({echoed})"
-    if reply.status == 200 and len(echoed) == 32:
-        return "another request's answer"
-    return f"{reply.status} {echoed or reply.body[:80]!r}"
-
-
-def victim(url: str) -> tuple[bool, str]:
-    rid = uuid.uuid4().hex
-    with Client(url, timeout=10) as client:
-        reply = client.get(f"/echo?id={rid}")
-    return own(reply, rid), whose(reply)
-
-
-@pytest.mark.parametrize("kind", list(ATTACKS))
-def test_a_misbehaving_answer_never_reaches_the_next_request(odd: Odd, kind: str) -> None:
-    """After each attack, the next requests (some of which reuse the connection the attack's
-    answer came on) each get their own answer."""
-    wrong: Counter[str] = Counter()
-    for _ in range(5):
-        reply = attack(odd.url, kind)
-        if kind in ("expect", "early-hints", "continue", "extra", "late"):
-            assert isinstance(reply, Reply) and reply.status == 200, (kind, reply)
-            assert reply.json()["id"] == reply.header("X-Echo-Id"), (kind, reply)
-        elif kind == "204-body":
-            assert isinstance(reply, Reply) and reply.status == 204, reply
-        for _ in range(10):
-            ok, what = victim(odd.url)
-            if not ok:
-                wrong[what] += 1
-    assert not wrong, f"{sum(wrong.values())} of 50 victims got someone else's answer: {wrong}"
-
-
-def test_the_reply_to_a_101_is_a_502(odd: Odd) -> None:
-    """The balancer never upgrades a connection: a replica that switches protocols broke the
-    exchange."""
-    reply = attack(odd.url, "switch")
-    assert isinstance(reply, Reply), reply
-    assert_envelope(reply, 502)
-
-
-def test_soak_victims_beside_attackers_get_only_their_own_answers(odd: Odd) -> None:
-    """8 keep-alive victims beside 2 attackers cycling through every attack, for a bounded
-    time: not one victim may get someone else's answer."""
-    stop = time.monotonic() + SOAK_SECONDS
-    lock = threading.Lock()
-    tally: Counter[str] = Counter()
-    wrong: Counter[str] = Counter()  # answers that were not the victim's own
-    errors: Counter[str] = Counter()  # no answer at all (a closed connection, garbage)
-
-    def victims() -> None:
-        client: Client | None = None
-        while time.monotonic() < stop:
-            rid = uuid.uuid4().hex
-            try:
-                client = client or Client(odd.url, timeout=10)
-                reply = client.get(f"/echo?id={rid}")
-            except (OSError, EOFError, ValueError) as exc:
-                with lock:
-                    tally["victim errors"] += 1
-                    errors[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
-                if client is not None:
-                    client.close()
-                client = None
-                continue
-            with lock:
-                tally["victims"] += 1
-                if not own(reply, rid):
-                    wrong[whose(reply)] += 1
-            if reply.header("Connection") == "close":
-                client.close()
-                client = None
-        if client is not None:
-            client.close()
-
-    def attackers() -> None:
-        kinds = [k for k in ATTACKS if k != "switch"] + ["switch"]
-        i = 0
-        while time.monotonic() < stop:
-            attack(odd.url, kinds[i % len(kinds)])
-            with lock:
-                tally[f"attack {kinds[i % len(kinds)]}"] += 1
-            i += 1
-
-    threads = [threading.Thread(target=victims) for _ in range(8)]
-    threads += [threading.Thread(target=attackers) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=SOAK_SECONDS + 30)
-    report(f"desync soak ({odd.worker})", wrong=sum(wrong.values()), **tally,
-           **{f"wrong: {k}": v for k, v in wrong.items()},
-           **{f"error: {k}": v for k, v in errors.items()})
-    assert tally["victims"] > 100, tally
-    assert not wrong, (f"{sum(wrong.values())} of {tally['victims']} victims' replies were "
-                       f"not their own: {dict(wrong)}")
-    # A victim's kept-alive connection may meet a close now and then (and reconnects); no
-    # more than that.
-    assert sum(errors.values()) <= max(2, tally["victims"] // 1000), dict(errors)
 
 
 # -- what the balancer passes back -----------------------------------------------------------------
@@ -348,6 +255,136 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(odd: Odd,
             assert_envelope(reply, 400)
             assert "more than newly added" in str(reply.json()["message"])
         assert client.at_eof()
+
+
+# -- attacks: each a request that makes the replica misbehave (on new workers each time) ----------
+ATTACKS = {
+    # The client asks for 100-continue on a GET: a replica asked in turn answers 100 first.
+    "expect": ("/echo?id={id}", ("Expect: 100-continue",)),
+    "early-hints": ("/early-hints?id={id}", ()),  # 103, then the answer
+    "continue": ("/continue?id={id}", ()),  # an unasked 100, then the answer
+    "204-body": ("/204-body", ()),  # a 204 followed by bytes
+    "extra": ("/extra?id={id}", ()),  # the answer, then a second one nobody asked for
+    "late": ("/late?id={id}", ()),  # the answer, then bytes on the idle connection
+    "switch": ("/switch", ()),  # 101 Switching Protocols
+}
+
+
+def attack(url: str, kind: str) -> Reply | str:
+    """One attack on a connection of its own; its reply (or why there is none)."""
+    target, headers = ATTACKS[kind]
+    rid = uuid.uuid4().hex
+    with Client(url, timeout=10) as client:
+        try:
+            return client.get(target.format(id=rid), *headers, "Connection: close")
+        except (EOFError, OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+
+def whose(reply: Reply) -> str:
+    """What a victim got instead of its own answer."""
+    echoed = reply.header("X-Echo-Id") or ""
+    if echoed.startswith("smuggled-"):
+        return f"forged answer ({echoed})"
+    if reply.status == 200 and len(echoed) == 32:
+        return "another request's answer"
+    return f"{reply.status} {echoed or reply.body[:80]!r}"
+
+
+def victim(url: str) -> tuple[bool, str]:
+    rid = uuid.uuid4().hex
+    with Client(url, timeout=10) as client:
+        reply = client.get(f"/echo?id={rid}")
+    return own(reply, rid), whose(reply)
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_a_misbehaving_answer_never_reaches_the_next_request(fresh: Odd, kind: str) -> None:
+    """After each attack, the next requests (some of which reuse the connection the attack's
+    answer came on) each get their own answer."""
+    odd = fresh
+    wrong: Counter[str] = Counter()
+    for _ in range(5):
+        reply = attack(odd.url, kind)
+        if kind in ("expect", "early-hints", "continue", "extra", "late"):
+            assert isinstance(reply, Reply) and reply.status == 200, (kind, reply)
+            assert reply.json()["id"] == reply.header("X-Echo-Id"), (kind, reply)
+        elif kind == "204-body":
+            assert isinstance(reply, Reply) and reply.status == 204, reply
+        for _ in range(10):
+            ok, what = victim(odd.url)
+            if not ok:
+                wrong[what] += 1
+    assert not wrong, f"{sum(wrong.values())} of 50 victims got someone else's answer: {wrong}"
+
+
+def test_the_reply_to_a_101_is_a_502(fresh: Odd) -> None:
+    """The balancer never upgrades a connection: a replica that switches protocols broke the
+    exchange."""
+    reply = attack(fresh.url, "switch")
+    assert isinstance(reply, Reply), reply
+    assert_envelope(reply, 502)
+
+
+def test_soak_victims_beside_attackers_get_only_their_own_answers(fresh: Odd) -> None:
+    """8 keep-alive victims beside 2 attackers cycling through every attack, for a bounded
+    time: not one victim may get someone else's answer."""
+    odd = fresh
+    stop = time.monotonic() + SOAK_SECONDS
+    lock = threading.Lock()
+    tally: Counter[str] = Counter()
+    wrong: Counter[str] = Counter()  # answers that were not the victim's own
+    errors: Counter[str] = Counter()  # no answer at all (a closed connection, garbage)
+
+    def victims() -> None:
+        client: Client | None = None
+        while time.monotonic() < stop:
+            rid = uuid.uuid4().hex
+            try:
+                client = client or Client(odd.url, timeout=10)
+                reply = client.get(f"/echo?id={rid}")
+            except (OSError, EOFError, ValueError) as exc:
+                with lock:
+                    tally["victim errors"] += 1
+                    errors[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
+                if client is not None:
+                    client.close()
+                client = None
+                continue
+            with lock:
+                tally["victims"] += 1
+                if not own(reply, rid):
+                    wrong[whose(reply)] += 1
+            if reply.header("Connection") == "close":
+                client.close()
+                client = None
+        if client is not None:
+            client.close()
+
+    def attackers() -> None:
+        kinds = [k for k in ATTACKS if k != "switch"] + ["switch"]
+        i = 0
+        while time.monotonic() < stop:
+            attack(odd.url, kinds[i % len(kinds)])
+            with lock:
+                tally[f"attack {kinds[i % len(kinds)]}"] += 1
+            i += 1
+
+    threads = [threading.Thread(target=victims) for _ in range(8)]
+    threads += [threading.Thread(target=attackers) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SOAK_SECONDS + 30)
+    report(f"desync soak ({odd.worker})", wrong=sum(wrong.values()), **tally,
+           **{f"wrong: {k}": v for k, v in wrong.items()},
+           **{f"error: {k}": v for k, v in errors.items()})
+    assert tally["victims"] > 100, tally
+    assert not wrong, (f"{sum(wrong.values())} of {tally['victims']} victims' replies were "
+                       f"not their own: {dict(wrong)}")
+    # A victim's kept-alive connection may meet a close now and then (and reconnects); no
+    # more than that.
+    assert sum(errors.values()) <= max(2, tally["victims"] // 1000), dict(errors)
 
 
 # -- administration while replicas hang (last: it leaves requests in flight for a while) --------
