@@ -50,6 +50,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Self
 from urllib.parse import parse_qs
 
 import requests
@@ -335,9 +336,10 @@ class Reply:
     """One reply as read off a client connection."""
 
     def __init__(self, status: int, reason: str, version: str, headers: list[tuple[str, str]],
-                 body: bytes, interim: list[int]) -> None:
+                 body: bytes, interim: list[tuple[int, list[tuple[str, str]]]]) -> None:
         self.status, self.reason, self.version = status, reason, version
-        self.headers, self.body, self.interim = headers, body, interim
+        self.headers, self.body = headers, body
+        self.interim = interim  # the 1xx answers before it: status, header fields
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -361,7 +363,7 @@ class Client:
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.file = self.sock.makefile("rb")
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -381,12 +383,12 @@ class Client:
 
     def read(self, head_only: bool = False) -> Reply:
         """The next reply (interim 1xx replies noted and skipped). EOFError: closed first."""
-        interim: list[int] = []
+        interim: list[tuple[int, list[tuple[str, str]]]] = []
         while True:
             line = self.file.readline(65537)
             if not line:
-                raise EOFError("the connection closed before a final reply"
-                               + (f" (after interim {interim})" if interim else ""))
+                raise EOFError("the connection closed before a final reply" + (
+                    f" (after interim {[code for code, _ in interim]})" if interim else ""))
             version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
             code, _, reason = rest.partition(" ")
             if not version.startswith("HTTP/") or not code.isdigit():
@@ -400,7 +402,7 @@ class Client:
                 headers.append((name.strip(), value.strip()))
             status = int(code)
             if 100 <= status < 200 and status != 101:
-                interim.append(status)
+                interim.append((status, headers))
                 continue
             break
         fields = {k.lower(): v for k, v in headers}

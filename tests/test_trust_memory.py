@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Self
 
 import psutil
 import pytest
@@ -69,7 +70,7 @@ class Peak:
             if self.rise > GIVE_UP:
                 self.far_past.set()
 
-    def __enter__(self) -> Peak:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
