@@ -33,6 +33,9 @@ Run as ``python -m tests.helpers_misbehave --fd N`` (a listening socket handed o
 backend starts replicas) or in a thread (``serve_in_thread``). ``start_misbehaving_replica``
 starts it as one of a real stack's replicas, marked as the deployment's, so the supervisor
 heartbeats it and ``lb-run`` stops it with the others.
+
+The client side (``Client``, ``Reply``): raw HTTP/1.1 on one connection, one reply read at a
+time (interim 1xx answers noted), for pipelining, half-closes and keep-alive victims.
 """
 
 from __future__ import annotations
