@@ -8,17 +8,21 @@ KB) but of a single value, for what the length alone costs; the review's hostile
 - ``request_key`` alone: ``lb.routing.query_value`` as the async path calls it, and the former
   way (every name decoded until one matches) for comparison;
 - the whole routed GET on the event-driven path, in-process (``bench/hotpath.py``'s harness: the
-  real server, forwarder and pool, no sockets), with the query in its request line.
+  real server, forwarder and pool, no sockets), with the query in its request line;
+- with ``--stack N``: the CPU the balancer's processes (gunicorn's master and its one async
+  worker) spend per request on a real stack (``lb-run`` on loopback, 3 local replicas), over
+  N requests on one kept-alive connection: what a request costs with the system calls too.
 
-Ratios are against the plain query. Loopback-free, one process; figures are the best of
-``--repeat`` runs (the least disturbed).
+Ratios are against the plain query. In-process figures are the best of ``--repeat`` runs (the
+least disturbed).
 
-    .venv/bin/python bench/sticky_query.py [--repeat 5]
+    .venv/bin/python bench/sticky_query.py [--repeat 5] [--stack 3000]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 import tempfile
@@ -26,9 +30,12 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote_plus
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from analysis.stacks import LocalStack
 from bench.hotpath import Harness
 from lb.routing import query_value, request_key
 
@@ -96,10 +103,47 @@ def request_cost(harness: Harness, query: str, repeat: int) -> float:
     return cost
 
 
+def stack_costs(requests: int) -> dict[str, float]:
+    """CPU µs per request of the balancer's gunicorn (master and worker), by query."""
+    costs = {}
+    with LocalStack("sticky", {"workers": 1, "n": 3, "hash_key": "query:id"}) as stack:
+        assert stack.proc is not None
+        gunicorn = [p for p in psutil.Process(stack.proc.pid).children()
+                    if "gunicorn" in " ".join(p.cmdline())]
+        procs = [q for p in gunicorn for q in (p, *p.children(recursive=True))]
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+        try:
+            for label, query in QUERIES.items():
+                path = f"/home?{query}"
+
+                def get(path: str = path) -> None:
+                    conn.request("GET", path)
+                    reply = conn.getresponse()
+                    reply.read()
+                    assert reply.status == 200, reply.status
+
+                for _ in range(min(200, requests)):
+                    get()
+                began = cpu(procs)
+                for _ in range(requests):
+                    get()
+                costs[label] = (cpu(procs) - began) / requests * 1e6
+        finally:
+            conn.close()
+    return costs
+
+
+def cpu(procs: list[psutil.Process]) -> float:
+    times = [p.cpu_times() for p in procs]
+    return sum(t.user + t.system for t in times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--stack", type=int, default=0, metavar="N",
+                        help="also N requests per query on a real stack (0: not)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -121,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {size} | {params} | {key_us:.2f} ({key_us / plain[3]:.1f}x) | "
               f"{former_us:.2f} ({former_us / plain[4]:.1f}x) | "
               f"{request_us:.1f} ({request_us / plain[5]:.2f}x) |")
+    if args.stack:
+        costs = stack_costs(args.stack)
+        print(f"\nReal stack, balancer CPU per request ({args.stack} requests each):")
+        for label, us in costs.items():
+            print(f"- {label}: {us:.0f} µs ({us / costs['plain']:.2f}x)")
 
 
 if __name__ == "__main__":
