@@ -53,8 +53,9 @@ def client_cap(settings: Settings, nofile: int | None = None) -> int:
     """The most client connections one worker holds at once: ``LB_MAX_CLIENTS``, or when it
     is 0, half of what the descriptor limit (``nofile``, by default this process's soft
     RLIMIT_NOFILE) leaves past ``RESERVED_DESCRIPTORS``. The other half is for connections to
-    replicas: a client has one request in flight at a time, so the replica connections in use
-    never outnumber the clients, and the pool of idle ones is kept to the same number."""
+    replicas, in use and idle together: a client has one request in flight at a time, so those
+    in use never outnumber the clients, and the pool is to hold no more than that many in all
+    (``ReplicaPool``'s ``idle_limit``)."""
     if settings.max_clients:
         return settings.max_clients
     return max(1, (_descriptor_limit(nofile) - RESERVED_DESCRIPTORS) // 2)
