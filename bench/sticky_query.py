@@ -1,100 +1,175 @@
-"""What a hostile query costs a sticky key (``LB_HASH_KEY=query:k``): a benchmark, not a test.
+"""What a sticky key from the query (``LB_HASH_KEY=query:id``) costs, plain and hostile, side by side.
 
-A 4 KB query of ``%61=`` parameters (800 of them: 1,000 would pass gunicorn's 4,094-byte request
-line limit and be a 414) makes ``lb.routing.query_value`` decode every name on the way to ``k``.
-The target: such a request costs within about 2x a plain one. Printed per worker:
+Four queries, each ending in the key: a plain one (``id=123456``); one as long as the others (4
+KB) but of a single value, for what the length alone costs; the review's hostile one (4 KB of
+``%61=`` parameters, each a name to decode before the key); and a targeted one (4 KB of
+``%69%64x=``, near misses that spell the first two characters of ``id``). For each:
 
-- **in-process**: µs of ``request_key`` for the plain query (``k=123456``) and for the hostile
-  one (``k`` last, and ``k`` absent), and their ratio;
-- **end to end**: the median latency of sequential keep-alive GETs through a real stack (one
-  replica, ``LB_HASH_KEY=query:k``), plain against hostile, and their ratio.
+- ``request_key`` alone: ``lb.routing.query_value`` as the async path calls it, and the former
+  way (every name decoded until one matches) for comparison;
+- the whole routed GET on the event-driven path, in-process (``bench/hotpath.py``'s harness: the
+  real server, forwarder and pool, no sockets), with the query in its request line;
+- with ``--stack N``: the CPU the balancer's processes (gunicorn's master and its one async
+  worker) spend per request on a real stack (``lb-run`` on loopback, 3 local replicas), over
+  N requests on one kept-alive connection: what a request costs with the system calls too.
 
-Run: ``PYTHONPATH=. .venv/bin/python bench/sticky_query.py [--requests 2000] [--worker both]``.
+Ratios are against the plain query. In-process figures are the best of ``--repeat`` runs (the
+least disturbed).
+
+    .venv/bin/python bench/sticky_query.py [--repeat 5] [--stack 3000]
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
-import statistics
+import http.client
+import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
+from urllib.parse import unquote_plus
 
-HOSTILE = "&".join(["%61="] * 800)
-QUERIES = {
-    "plain": "k=123456",
-    "hostile, k last": f"{HOSTILE}&k=123456",
-    "hostile, no k": HOSTILE,
-}
+import psutil
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
-def in_process(rounds: int) -> dict[str, float]:
-    """µs per ``request_key`` call, best of 5 runs of ``rounds`` calls."""
-    from lb.routing import query_value, request_key
+from analysis.stacks import LocalStack
+from bench.hotpath import Harness
+from lb.routing import query_value, request_key
 
-    out = {}
-    for name, query in QUERIES.items():
-        best = float("inf")
-        for _ in range(5):
-            began = time.perf_counter()
-            def in_query(name: str, query: str = query) -> str | None:
-                return query_value(query, name)
-
-            for _ in range(rounds):
-                request_key("query:k", lambda name: None, in_query, "127.0.0.1")
-            best = min(best, (time.perf_counter() - began) / rounds)
-        out[name] = best * 1e6
-    return out
+REQUEST_LINE_MAX = 4094  # gunicorn's limit_request_line, the harness's too
+KEY = "id=123456"
 
 
-def end_to_end(url: str, requests: int) -> dict[str, float]:
-    """Median ms per keep-alive GET /home?<query>, one connection, one request at a time."""
-    host, port = url.removeprefix("http://").split(":")
-    out = {}
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        reader = sock.makefile("rb")
-        for name, query in QUERIES.items():
-            raw = f"GET /home?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-            times = []
-            for _ in range(requests):
-                began = time.perf_counter()
-                sock.sendall(raw)
-                status = reader.readline()
-                length = 0
-                while (line := reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                reader.read(length)
-                times.append(time.perf_counter() - began)
-                if not status.startswith(b"HTTP/1.1 200"):
-                    sys.exit(f"{name}: {status!r}")
-            out[name] = statistics.median(times) * 1000
-    return out
+def filled(parameter: str) -> str:
+    """A query of ``parameter`` repeated, then the key, as long as a request line allows."""
+    room = REQUEST_LINE_MAX - len("GET /home? HTTP/1.1") - len(KEY) - 1
+    return "&".join([parameter] * (room // (len(parameter) + 1))) + "&" + KEY
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--worker", choices=("async", "threads", "both"), default="both")
-    options = parser.parse_args()
-    from tests.helpers_stack import running_stack
+def padded() -> str:
+    """A query as long, but of one long value: what its 4 KB cost without anything to decode."""
+    return "pad=" + "x" * (len(filled("%61=")) - len(KEY) - 5) + "&" + KEY
 
-    calls = in_process(200)
-    print("in-process request_key, µs: " + ", ".join(f"{k}: {v:.1f}" for k, v in calls.items())
-          + f"; ratio hostile/plain: {calls['hostile, k last'] / calls['plain']:.1f}x "
-          f"(no k: {calls['hostile, no k'] / calls['plain']:.1f}x)")
-    workers = ("async", "threads") if options.worker == "both" else (options.worker,)
-    for worker in workers:
-        with running_stack(Path(tempfile.mkdtemp(prefix="sticky")), worker, n=1,
-                           hash_key="query:k") as stack:
-            end_to_end(stack.url, 200)  # warm up
-            ms = end_to_end(stack.url, options.requests)
-        ratio = ms["hostile, k last"] / ms["plain"]
-        print(f"{worker}: median ms per GET: " + ", ".join(f"{k}: {v:.3f}" for k, v in ms.items())
-              + f"; ratio hostile/plain: {ratio:.2f}x (no k: "
-              f"{ms['hostile, no k'] / ms['plain']:.2f}x; target: about 2x at most)")
+
+QUERIES = {"plain": KEY, "4 KB, one value": padded(), "hostile %61=": filled("%61="),
+           "targeted %69%64x=": filled("%69%64x=")}
+
+
+def decode_every_name(query: str, name: str) -> str | None:
+    """The former ``query_value``: each name decoded until one is ``name``."""
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name or unquote_plus(key) == name:
+            return unquote_plus(value) if "%" in value or "+" in value else value
+    return None
+
+
+def best_us(call: Callable[[], object], repeat: int, seconds: float = 0.2) -> float:
+    """Microseconds per call: the best of ``repeat`` batches of about ``seconds`` each."""
+    began, n = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds / 4:
+        call()
+        n += 1
+    batch = max(1, n * 4)
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        for _ in range(batch):
+            call()
+        best = min(best, (time.perf_counter() - began) / batch)
+    return best * 1e6
+
+
+def key_cost(query: str, lookup: Callable[[str, str], str | None], repeat: int) -> float:
+    return best_us(lambda: request_key("query:id", lambda n: None,
+                                       lambda n: lookup(query, n), "127.0.0.1"), repeat)
+
+
+def request_cost(harness: Harness, query: str, repeat: int) -> float:
+    raw = b"GET /home?%s HTTP/1.1\r\nHost: 127.0.0.1:5000\r\n\r\n" % query.encode()
+    harness.request(raw)
+    harness.check()
+
+    def one() -> None:
+        harness.request(raw)
+        harness.replies()
+
+    cost = best_us(one, repeat)
+    harness.request(raw)
+    harness.check()
+    return cost
+
+
+def stack_costs(requests: int) -> dict[str, float]:
+    """CPU µs per request of the balancer's gunicorn (master and worker), by query."""
+    costs = {}
+    with LocalStack("sticky", {"workers": 1, "n": 3, "hash_key": "query:id"}) as stack:
+        assert stack.proc is not None
+        gunicorn = [p for p in psutil.Process(stack.proc.pid).children()
+                    if "gunicorn" in " ".join(p.cmdline())]
+        procs = [q for p in gunicorn for q in (p, *p.children(recursive=True))]
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+        try:
+            for label, query in QUERIES.items():
+                path = f"/home?{query}"
+
+                def get(path: str = path) -> None:
+                    conn.request("GET", path)
+                    reply = conn.getresponse()
+                    reply.read()
+                    assert reply.status == 200, reply.status
+
+                for _ in range(min(200, requests)):
+                    get()
+                began = cpu(procs)
+                for _ in range(requests):
+                    get()
+                costs[label] = (cpu(procs) - began) / requests * 1e6
+        finally:
+            conn.close()
+    return costs
+
+
+def cpu(procs: list[psutil.Process]) -> float:
+    times = [p.cpu_times() for p in procs]
+    return sum(t.user + t.system for t in times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--stack", type=int, default=0, metavar="N",
+                        help="also N requests per query on a real stack (0: not)")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        harness = Harness(folder)
+        try:
+            for label, query in QUERIES.items():
+                assert query_value(query, "id") == decode_every_name(query, "id") == "123456"
+                rows.append((label, len(query), query.count("&") + 1,
+                             key_cost(query, query_value, args.repeat),
+                             key_cost(query, decode_every_name, args.repeat),
+                             request_cost(harness, query, args.repeat)))
+        finally:
+            harness.close()
+    plain = rows[0]
+    print("| query | bytes | params | request_key µs (x plain) | decoding every name µs "
+          "(x plain) | whole routed GET µs (x plain) |")
+    print("|---|---|---|---|---|---|")
+    for label, size, params, key_us, former_us, request_us in rows:
+        print(f"| {label} | {size} | {params} | {key_us:.2f} ({key_us / plain[3]:.1f}x) | "
+              f"{former_us:.2f} ({former_us / plain[4]:.1f}x) | "
+              f"{request_us:.1f} ({request_us / plain[5]:.2f}x) |")
+    if args.stack:
+        costs = stack_costs(args.stack)
+        print(f"\nReal stack, balancer CPU per request ({args.stack} requests each):")
+        for label, us in costs.items():
+            print(f"- {label}: {us:.0f} µs ({us / costs['plain']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import signal
 from typing import Any
 
 from lb import lifeline
-from lb.aio.accept import ConnectionTable
+from lb.aio.accept import ConnectionTable, client_cap
 from lb.logs import logging_config
 from lb.ops.metrics import mark_process_dead
 from lb.settings import Settings
@@ -23,6 +23,12 @@ workers = _settings.workers
 worker_class = {"async": "lb.aio.worker.AsyncWorker",
                 "threads": "lb.worker.EnvelopeThreadWorker"}[_settings.worker]
 threads = _settings.threads
+# Client connections a gthread worker holds at once (the async worker keeps its own cap): no
+# more than the descriptor limit leaves, so that replica connections, the registry and the
+# logs always find one (lb.aio.accept.client_cap), and gthread stops accepting before accept()
+# fails with EMFILE, which ends its worker. gunicorn's default, 1000, is the most when
+# LB_MAX_CLIENTS does not say.
+worker_connections = _settings.max_clients or min(1000, client_cap(_settings))
 keepalive = 5
 timeout = 60
 graceful_timeout = 15

@@ -11,6 +11,13 @@ The workers see each other's counts in a small table of shared memory (``Connect
 that gunicorn's arbiter makes before it forks them, with a slot per worker it assigns
 (``lb.gunicorn_conf.pre_fork``). A worker that defers waits at most ``PATIENCE_SECONDS``: if
 the worker that holds fewer does not take the connection by then (busy, stopped), it does.
+
+A worker holds at most ``client_cap`` client connections at once, so that its replica
+connections, the registry and its logs always find a file descriptor: at the cap it stops
+accepting (the connection waits in the listen backlog, or another worker takes it) until one
+of its connections ends. Without it, a few hundred idle connections took every descriptor and
+clients already connected got 502s (no replica connection could be opened) and 503s (nor the
+registry file).
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ import asyncio
 import errno
 import logging
 import mmap
+import resource
 import select
 import socket
 from collections.abc import Callable, Iterable
+
+from lb.settings import Settings
 
 log = logging.getLogger("lb.aio")
 
@@ -31,6 +41,40 @@ PATIENCE_SECONDS = 0.005  # ... and takes the connection itself once it waited t
 BACKOFF_SECONDS = 1.0  # out of file descriptors: stop accepting for this long (as asyncio does)
 # What accept() can meet that is the system's trouble, not the connection's.
 RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Descriptors a worker needs besides its connections: listeners, logs, metrics files, the
+# registry and its lock, inotify, the loop's own (epoll, io_uring, pipes), the Flask app's
+# calls. An idle worker holds about 25.
+RESERVED_DESCRIPTORS = 64
+# What a descriptor limit of "unlimited" means in practice: Linux's default fs.nr_open.
+UNLIMITED_DESCRIPTORS = 1 << 20
+
+
+def client_cap(settings: Settings, nofile: int | None = None) -> int:
+    """The most client connections one worker holds at once: ``LB_MAX_CLIENTS``, or when it
+    is 0, half of what the descriptor limit (``nofile``, by default this process's soft
+    RLIMIT_NOFILE) leaves past ``RESERVED_DESCRIPTORS``. The other half is for connections to
+    replicas, in use and idle together: a client has one request in flight at a time, so those
+    in use never outnumber the clients, and the pool is to hold no more than that many in all
+    (``ReplicaPool``'s ``idle_limit``)."""
+    if settings.max_clients:
+        return settings.max_clients
+    return max(1, (_descriptor_limit(nofile) - RESERVED_DESCRIPTORS) // 2)
+
+
+def client_cap_source(settings: Settings) -> str:
+    """Where ``client_cap`` came from, for the worker's log."""
+    if settings.max_clients:
+        return "LB_MAX_CLIENTS"
+    return (f"LB_MAX_CLIENTS=0: half of the descriptor limit {_descriptor_limit(None)} "
+            f"past {RESERVED_DESCRIPTORS} reserved")
+
+
+def _descriptor_limit(nofile: int | None) -> int:
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile > UNLIMITED_DESCRIPTORS:
+        return UNLIMITED_DESCRIPTORS
+    return nofile
 
 
 def should_take(mine: int, others: Iterable[int], waited: float) -> bool:
@@ -69,18 +113,33 @@ class ConnectionTable:
 
 
 class Share:
-    """One worker's slot in the table: what it publishes, what it reads of the others."""
+    """One worker's slot in the table: what it publishes, what it reads of the others; and
+    its cap (0: none), which its acceptors wait under."""
 
     def __init__(self, table: ConnectionTable | None, slot: int | None,
-                 held: Callable[[], int]) -> None:
+                 held: Callable[[], int], cap: int = 0) -> None:
         self.table = table
         self.slot = slot if table is not None else None
         self.held = held  # the connections the worker holds, those still being set up included
+        self.cap = cap
+        self._waiting: list[Callable[[], None]] = []  # acceptors paused at the cap
+
+    def full(self) -> bool:
+        """The worker holds as many connections as its cap allows."""
+        return 0 < self.cap <= self.held()
+
+    def when_room(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` once the worker is under its cap again (``publish``)."""
+        self._waiting.append(resume)
 
     def publish(self) -> None:
         """The worker took or lost a connection."""
         if self.table is not None and self.slot is not None:
             self.table.counts[self.slot] = self.held()
+        if self._waiting and not self.full():
+            waiting, self._waiting = self._waiting, []
+            for resume in waiting:
+                resume()
 
     def takes(self, waited: float) -> bool:
         """Whether the worker takes the waiting connection (``should_take``)."""
@@ -97,7 +156,11 @@ class Share:
 
 class Acceptor:
     """Accepts a listening socket's connections for one worker, one at a time, and hands each
-    to ``factory``'s protocol on the loop."""
+    to ``factory``'s protocol on the loop.
+
+    It listens, or waits without listening: a moment (another worker may take the
+    connection), a second (out of descriptors), or until the worker is under its cap again.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  factory: Callable[[], asyncio.Protocol], share: Share) -> None:
@@ -109,22 +172,35 @@ class Acceptor:
         self._since: float | None = None  # when this worker first deferred the waiting one
         self._timer: asyncio.TimerHandle | None = None
         self._listening = False
+        self._closed = False
         sock.setblocking(False)
 
     def start(self) -> None:
+        if self._closed or self._listening:
+            return
+        if self.share.full():
+            self.share.when_room(self._resume)
+            return
         self._listening = True
         self.loop.add_reader(self.sock.fileno(), self._readable)
 
     def close(self) -> None:
         """Accept no more (the socket itself is gunicorn's)."""
-        if self._listening:
-            self.loop.remove_reader(self.sock.fileno())
-            self._listening = False
+        self._closed = True
+        self._stop_listening()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self.loop.remove_reader(self.sock.fileno())
+            self._listening = False
+
     def _readable(self) -> None:
+        if self.share.full():  # another acceptor of the worker took the last one
+            self._wait_for_room()
+            return
         now = self.loop.time()
         if self._since is None:
             self._since = now
@@ -148,6 +224,15 @@ class Acceptor:
         self.opening.add(task)
         task.add_done_callback(self._opened)
         self.share.publish()
+        if self.share.full():
+            self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
+        """At the cap: not listening until one of the worker's connections ends. The
+        connections arriving meanwhile wait in the listen backlog, or another worker takes
+        them (this one publishes the most a worker holds, so none defers to it)."""
+        self._stop_listening()
+        self.share.when_room(self._resume)
 
     async def _open(self, conn: socket.socket) -> object:
         try:
@@ -161,12 +246,13 @@ class Acceptor:
         self.share.publish()
 
     def _pause(self, seconds: float) -> None:
-        self.loop.remove_reader(self.sock.fileno())
-        self._listening = False
+        self._stop_listening()
         self._timer = self.loop.call_later(seconds, self._resume)
 
     def _resume(self) -> None:
         self._timer = None
+        if self._closed or self._listening:
+            return
         waiting = select.poll()  # poll: select() fails on descriptors past 1,023
         waiting.register(self.sock.fileno(), select.POLLIN)
         if not waiting.poll(0):

@@ -183,6 +183,7 @@ class ReplicaConnection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False
         self.on_free: Callable[[ReplicaConnection], None] | None = None  # a stream's end
+        self.on_lost: Callable[[ReplicaConnection], None] | None = None  # the pool's count
         self._done: Done | None = None  # the exchange in progress
         self._outcome: tuple[Reply | None, UpstreamError | None] | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
@@ -329,6 +330,9 @@ class ReplicaConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.on_lost is not None:
+            self.on_lost(self)
+            self.on_lost = None
         if self._streaming:
             if not self._ended and self._head is not None and not self._head.framed:
                 self._ended = True  # delimited by the close
@@ -536,15 +540,17 @@ class ReplicaPool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, connect_timeout: float,
                  first_byte_timeout: float, read_timeout: float | None = None,
-                 max_reply: int = 0, idle_limit: int = 1 << 30) -> None:
+                 max_reply: int = 0, connection_limit: int = 1 << 30) -> None:
         self.loop = loop
         self.connect_timeout = connect_timeout
         self.read_timeout = first_byte_timeout  # the first byte of an answer
         self.between_reads = first_byte_timeout if read_timeout is None else read_timeout
         self.max_reply = max_reply
-        self.idle_limit = idle_limit  # idle connections kept over every address
+        # Replica connections open at once, idle or not (lb.aio.accept.client_cap: as many as
+        # the clients a worker may hold, each of which uses one at a time).
+        self.connection_limit = connection_limit
+        self.open = 0
         self._idle: dict[str, list[ReplicaConnection]] = {}
-        self._idle_count = 0
         self.deadlines = Deadlines(loop)
         self.heads: dict[bytes, Head] = {}  # answer heads read, shared by every connection
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
@@ -559,7 +565,6 @@ class ReplicaPool:
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            self._idle_count -= 1
             if conn.closed:
                 continue
             if conn.pending():
@@ -570,11 +575,10 @@ class ReplicaPool:
 
     def release(self, address: str, conn: ReplicaConnection) -> None:
         """``conn`` after an exchange: kept for the next request when it can be, else closed."""
-        if conn.keep_alive and not conn.closed and self._idle_count < self.idle_limit:
+        if conn.keep_alive and not conn.closed and self.open <= self.connection_limit:
             idle = self._idle.setdefault(address, [])
             if len(idle) < IDLE_PER_REPLICA:
                 idle.append(conn)
-                self._idle_count += 1
                 return
         conn.close()
 
@@ -596,7 +600,6 @@ class ReplicaPool:
             for conn in conns:
                 conn.close()
         self._idle.clear()
-        self._idle_count = 0
 
     def _host(self, address: str) -> tuple[str, int, bytes]:
         known = self._hosts.get(address)
@@ -606,8 +609,21 @@ class ReplicaPool:
                                             parts.netloc.encode("latin-1"))
         return known
 
+    def _make_room(self) -> None:
+        """At the limit, an idle connection (the longest idle, to the replica with most) is
+        closed for the new one: descriptors stay within the worker's budget."""
+        idle = max(self._idle.values(), key=len, default=None)
+        if idle:
+            conn = idle.pop(0)
+            conn.close()
+
+    def _lost(self, conn: ReplicaConnection) -> None:
+        self.open -= 1
+
     async def _connect(self, address: str) -> ReplicaConnection:
         host, port, _ = self._host(address)
+        if self.open >= self.connection_limit:
+            self._make_room()
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
@@ -618,6 +634,8 @@ class ReplicaPool:
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to {address}: {exc!r}") from exc
         conn.on_free = lambda c: self.release(address, c)
+        conn.on_lost = self._lost
+        self.open += 1
         return conn
 
     async def _exchange(self, address: str, conn: ReplicaConnection,

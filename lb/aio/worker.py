@@ -26,7 +26,7 @@ from a2wsgi import WSGIMiddleware
 from gunicorn import SERVER
 from gunicorn.workers import base
 
-from lb.aio.accept import Acceptor, ConnectionTable, Share
+from lb.aio.accept import Acceptor, ConnectionTable, Share, client_cap, client_cap_source
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
 from lb.settings import graceful_drain
@@ -120,8 +120,13 @@ class AsyncWorker(base.Worker):
         flask_app = self.wsgi
         ext = flask_app.extensions["lb"]
         settings = flask_app.config["SETTINGS"]
+        # Client connections held at once: the rest of the descriptors stay for replica
+        # connections, the registry and the logs (lb.aio.accept.client_cap).
+        cap = client_cap(settings)
+        self.log.info("holding at most %d client connections at once (%s)", cap,
+                      client_cap_source(settings))
         pool = ReplicaPool(loop, settings.connect_timeout, settings.upstream_timeout,
-                           settings.read_timeout, settings.max_reply)
+                           settings.read_timeout, settings.max_reply, connection_limit=cap)
         bridge = WSGIMiddleware(flask_app, workers=settings.threads)
         limits = Limits(self.cfg.limit_request_line, self.cfg.limit_request_fields,
                         self.cfg.limit_request_field_size, settings.max_body)
@@ -136,10 +141,11 @@ class AsyncWorker(base.Worker):
             loop.call_later(METRICS_FLUSH_SECONDS, flush_metrics)
 
         flush_metrics()
-        # New connections one at a time, to the worker holding fewest (lb.aio.accept).
+        # New connections one at a time, to the worker holding fewest, none past the cap
+        # (lb.aio.accept).
         self.share = share = Share(
             self.connection_table, self.connection_slot,
-            lambda: len(server.connections) + sum(len(a.opening) for a in self.acceptors))
+            lambda: len(server.connections) + sum(len(a.opening) for a in self.acceptors), cap)
         server.lost = share.publish
         self.acceptors = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop),
                                    share) for listener in self.sockets]
