@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Request, Response, jsonify, request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import (
     ClientDisconnected,
     HTTPException,
@@ -102,10 +103,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.before_request
     def require_admin_token() -> None:
         # Only the method that acts needs the token: GET /add is a 405 either way.
-        if settings.admin_token and request.method in ADMIN_METHODS.get(request.path, ()):
+        if (settings.admin_token and request.method in ADMIN_METHODS.get(request.path, ())
+                and not _slashed(request)):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
                 raise ApiError(401, "Missing or wrong admin token (Authorization: Bearer ...)")
+
+    @app.before_request
+    def leading_slashes_name_a_path_of_their_own() -> Response | None:
+        # werkzeug matches "//rep" (and "//add") as "/rep": a path that begins with "//" is
+        # not the balancer's own, but one for the replicas like "//double//slash".
+        if not _slashed(request):
+            return None
+        if request.method in READ_METHODS:
+            return route(request.path[1:])
+        raise MethodNotAllowed(valid_methods=READ_METHODS)
 
     @app.post("/add")
     def add() -> Response:
@@ -120,7 +132,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/", defaults={"path": ""})
     @app.get("/<path:path>")
     def route(path: str) -> Response:
-        if request.path in ADMIN_METHODS:  # GET /add is a mistake, not a path for the replicas
+        if request.path in ADMIN_METHODS and not _slashed(request):  # GET /add: a mistake
             raise MethodNotAllowed(valid_methods=ADMIN_METHODS[request.path])
         target = origin_target(_raw_target(request.environ))
         if target is None:
@@ -131,9 +143,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             request.headers.items(), request.remote_addr or "", request.host,
             request_id(request.environ, request.headers.get("X-Request-ID")))
         if request.method == "HEAD":  # as HEAD: the replica's own answer head, no body
-            upstream = forwarder.forward(target, headers, key, request.path, method="HEAD")
+            upstream = forwarder.forward(target, headers, key, _path(request), method="HEAD")
         else:
-            upstream = forwarder.forward(target, headers, key, request.path)
+            upstream = forwarder.forward(target, headers, key, _path(request))
         return passed_back(upstream)
 
     @app.errorhandler(ApiError)
@@ -146,12 +158,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
-        reply = jsonify(envelope(f"{exc.name}: {request.method} {request.path}"
+        reply = jsonify(envelope(f"{exc.name}: {request.method} {_path(request)}"
                                  if code in (404, 405) else str(exc.description or exc.name)))
         if code == 405:
             # werkzeug's list is every method of every rule the path matched (POST /rm matches
             # DELETE /rm and the routed GET /<path>): the path's own list instead.
-            reply.headers["Allow"] = ", ".join(allowed_methods(request.path))
+            reply.headers["Allow"] = ", ".join(allowed_methods(_path(request)))
         return reply, code
 
     @app.errorhandler(RegistryBusy)
@@ -220,6 +232,11 @@ def _json_body(req: Request) -> Any:
         # Without a Content-Length (chunked), werkzeug stops reading at the limit without a
         # word: a longer body would be cut there and obeyed. One byte more tells.
         too_long = limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1)
+    except ParseException as exc:
+        # gunicorn's chunked reader met a body it cannot frame (a bad size, a bare LF): what
+        # follows cannot be told from a next request, so the connection ends with this answer.
+        _close_after(req)
+        raise ApiError(400, f"Bad Request: malformed chunked body ({exc})") from exc
     except (BlockingIOError, ClientDisconnected) as exc:
         # SO_RCVTIMEO expired (lb.worker): the client went quiet. werkzeug reports it as a
         # disconnect, raised while handling the BlockingIOError.
@@ -235,6 +252,28 @@ def _json_body(req: Request) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"Malformed JSON body: {str(exc)[:100]}") from exc
+
+
+def _path(req: Request) -> str:
+    """The decoded path as the client sent it: werkzeug's ``request.path`` folds leading
+    slashes into one (``//rep`` is ``/rep`` to it and to its routing)."""
+    raw = req.environ.get("PATH_INFO", "")
+    leading = len(raw) - len(raw.lstrip("/"))
+    return "/" * max(leading, 1) + req.path.lstrip("/")
+
+
+def _slashed(req: Request) -> bool:
+    """The path begins with ``//``: none of the balancer's own endpoints."""
+    return str(req.environ.get("PATH_INFO", "")).startswith("//")
+
+
+def _close_after(req: Request) -> None:
+    """Tell gunicorn (threads worker) to end the connection after this reply: its request
+    object is reached through the body reader it gave as ``wsgi.input``."""
+    reader = getattr(req.environ.get("wsgi.input"), "reader", None)
+    gunicorn_request = getattr(reader, "req", None)
+    if gunicorn_request is not None:
+        gunicorn_request.must_close = True
 
 
 def _raw_target(environ: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from gunicorn import util
-from gunicorn.http.errors import InvalidHTTPVersion, UnsupportedTransferCoding
+from gunicorn.http.body import ChunkedReader
+from gunicorn.http.errors import InvalidChunkSize, InvalidHTTPVersion, UnsupportedTransferCoding
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -83,6 +84,20 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
+
+
+_read_into = ChunkedReader.read_into
+
+
+def strict_read_into(self: ChunkedReader, unreader: Any, buf: bytearray) -> None:
+    """gunicorn's chunked reader waits for a CRLF to end a chunk-size line, and would wait out
+    the client's timeout on ``2\\n{}\\n0\\n\\n``: a bare LF before the first CRLF of what it
+    reads (a size line, a trailer line) is refused at once, as llhttp refuses it (RFC 9112
+    section 7.1: chunk lines end in CRLF)."""
+    _read_into(self, unreader, buf)
+    end = buf.find(b"\r\n")
+    if b"\n" in (buf if end < 0 else buf[:end]):
+        raise InvalidChunkSize(b"bare LF as line terminator")
 
 
 def asks_to_close(headers: list[tuple[str, str]]) -> bool:
@@ -209,6 +224,7 @@ class EnvelopeThreadWorker(ThreadWorker):
     def init_process(self) -> None:
         # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
         util.write_error = write_json_error
+        ChunkedReader.read_into = strict_read_into  # type: ignore[method-assign]
         self.client_timeout = Settings.from_env().client_timeout
         self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
         self.log.error_log.addFilter(CutReplyLog())

@@ -64,6 +64,8 @@ CORPUS: dict[str, tuple[bytes, int, str | None]] = {
                          body=b"{} "), 400, None),
     "chunked, bare lf": (line(*ADD_CHUNKED, "Transfer-Encoding: chunked",
                               body=b"2\n{}\n0\n\n"), 400, None),
+    "chunked, bad size": (line(*ADD_CHUNKED, "Transfer-Encoding: chunked",
+                               body=b"2\r\n{}\r\nzz\r\n\r\n"), 400, None),
     "obs-fold": (line("GET", "/home", "HTTP/1.1", "X-Folded: a", " b"), 400, None),
     # Not an admin path: "//rep" is a path the replicas are asked for, like "//double//slash".
     "double slash rep": (line("GET", "//rep"), 400, None),
