@@ -868,7 +868,7 @@ def _aim(request: Request) -> None:
     request.target = target = origin_target(request.url.decode("latin-1"))
     if target is not None:
         request.path = decode_path(target.partition("?")[0])
-        request.routed = not request.expects_body and is_routed(request.method, request.path)
+        request.routed = is_routed(request.method, request.path)  # a GET body is not forwarded
 
 
 def _log_path(target: str) -> str:
