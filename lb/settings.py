@@ -80,9 +80,10 @@ class Settings:
            "connection cut once the answer has begun); 0: no limit (answers stream through "
            "bounded buffers whatever their size)")
     max_clients: int = _opt(
-        0, "Client connections one async worker holds at once; 0 derives it from the "
-           "descriptor limit (RLIMIT_NOFILE), keeping half of it for replica connections, the "
-           "registry and logs. Past it, new connections wait in the listen backlog")
+        0, "Client connections one balancer worker holds at once (threads: gunicorn's "
+           "worker_connections); 0 derives it from the descriptor limit (RLIMIT_NOFILE), "
+           "keeping the rest for replica connections, the registry and logs. Past it, new "
+           "connections wait in the listen backlog")
     retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(

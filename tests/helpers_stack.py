@@ -6,16 +6,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RunningStack, StackFactory, unavailable
+import requests
+
+from tests.conftest import RunningStack, StackFactory, free_port, unavailable
 
 
 @contextmanager
@@ -116,3 +121,27 @@ def get_request(target: bytes, *headers: bytes) -> bytes:
     lines = [b"GET " + target + b" HTTP/1.1", b"Host: balancer.test", *headers,
              b"Connection: close"]
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def threads_balancer(stack: RunningStack) -> tuple[subprocess.Popen[bytes], str]:
+    """A threads balancer on ``stack``'s registry, beside its own (async) one, for tests that
+    compare the two workers (as ``bench/worker_ab.sh`` does)."""
+    port = free_port()
+    env = {**os.environ, **stack.settings.to_env(), "LB_WORKER": "threads",
+           "LB_PORT": str(port), "LB_REGISTRY": stack.settings.registry_path}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = open(Path(stack.log_path).with_suffix(".threads.log"), "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if requests.get(url + "/_lb/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the threads balancer did not come up")

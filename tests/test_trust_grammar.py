@@ -12,21 +12,14 @@ fragment in the target, the methods a balancer never serves (``OPTIONS *``, ``CO
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import requests
 
-from tests.conftest import RunningStack, free_port
 from tests.helpers_chaos import report
 from tests.helpers_misbehave import start_misbehaving_replica
-from tests.helpers_stack import running_stack
+from tests.helpers_stack import running_stack, threads_balancer
 
 pytestmark = pytest.mark.system
 
@@ -86,29 +79,6 @@ def balancers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         # name -> async status/threads status (visible with -s)
         report("grammar corpus", **{name: f"{s['async']}/{s['threads']}"
                                     for name, s in RESULTS.items()})
-
-
-def threads_balancer(stack: RunningStack) -> tuple[subprocess.Popen[bytes], str]:
-    """A threads balancer on the stack's registry (as ``tests/test_differential.py``)."""
-    port = free_port()
-    env = {**os.environ, **stack.settings.to_env(), "LB_WORKER": "threads",
-           "LB_PORT": str(port), "LB_REGISTRY": stack.settings.registry_path}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = open(Path(stack.log_path).with_suffix(".threads.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/_lb/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the threads balancer did not come up")
 
 
 class Seen:

@@ -608,21 +608,21 @@ class ClientConnection(asyncio.Protocol):
         head, status, body, stream = reply.head, reply.status, reply.body, reply.stream
         chunked = False
         if request.method == "HEAD":  # the length of the body a GET would get, if it says
-            length = b"" if head.length is None else b"Content-Length: %d\r\n" % head.length
+            length = "" if head.length is None else f"Content-Length: {head.length}\r\n"
         elif bodiless(status):  # 1xx, 204, 304: no body and no length, whatever came
-            length, body = b"", b""
+            length, body = "", b""
         elif stream is None:
-            length = b"Content-Length: %d\r\n" % len(body)
+            length = f"Content-Length: {len(body)}\r\n"
         elif head.length is not None:
-            length = b"Content-Length: %d\r\n" % head.length
+            length = f"Content-Length: {head.length}\r\n"
         elif request.version == "1.1":
-            length, chunked = b"Transfer-Encoding: chunked\r\n", True
+            length, chunked = "Transfer-Encoding: chunked\r\n", True
             body = _chunk(body)
         else:  # an HTTP/1.0 client: the end of the body is the end of the connection
-            length = b""
+            length = ""
             request.keep_alive = False
-        tail = b"%sX-Served-By: %s\r\nX-Request-ID: %s\r\n\r\n" % (
-            length, replica.hostname.encode("latin-1"), rid.encode("latin-1"))
+        tail = (f"{length}X-Served-By: {replica.hostname}\r\nX-Request-ID: {rid}\r\n\r\n"
+                .encode("latin-1"))
         self._write(request, status, head.passed_back + tail, body)
         if stream is None or request.method == "HEAD":
             self._count(request, "route", status, rid, target, replica.hostname)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import struct
 import termios
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ HEADS_KEPT = 256  # distinct answer heads a worker remembers (Date makes a new o
 # An answer whose body is still coming past this many bytes is streamed to the client (with
 # backpressure) instead of held whole: what one exchange can cost in memory.
 STREAM_AFTER = 64 * 1024
+NOTHING_PENDING = b"\0\0\0\0"  # FIONREAD's count of zero bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +216,8 @@ class ReplicaConnection(asyncio.Protocol):
         connection, an answer nobody asked for."""
         if self.fd < 0:
             return False
-        try:
-            return struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+        try:  # the count comes back in the 4 bytes given: any but zero is pending bytes
+            return fcntl.ioctl(self.fd, termios.FIONREAD, NOTHING_PENDING) != NOTHING_PENDING
         except OSError:
             return True  # the descriptor is gone: not reusable either
 
