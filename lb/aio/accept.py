@@ -55,7 +55,7 @@ def client_cap(settings: Settings, nofile: int | None = None) -> int:
     RLIMIT_NOFILE) leaves past ``RESERVED_DESCRIPTORS``. The other half is for connections to
     replicas, in use and idle together: a client has one request in flight at a time, so those
     in use never outnumber the clients, and the pool is to hold no more than that many in all
-    (``ReplicaPool``'s ``idle_limit``)."""
+    (``ReplicaPool``'s ``connection_limit``)."""
     if settings.max_clients:
         return settings.max_clients
     return max(1, (_descriptor_limit(nofile) - RESERVED_DESCRIPTORS) // 2)
