@@ -141,7 +141,7 @@ class ReplicaResponse(http.client.HTTPResponse):
         if not line.endswith(b"\n"):
             if len(line) > self._room:
                 raise BrokenAnswer(f"answer head over {REPLY_HEAD_MAX_BYTES} bytes")
-            raise BrokenAnswer(f"the connection closed in the answer's {what}")
+            raise http.client.IncompleteRead(line)  # closed in the answer's head: cut short
         self._room -= len(line)
         return line
 
@@ -425,9 +425,14 @@ class Forwarder:
             drop(conn, reply)
             raise UpstreamError(f"the answer stalled for {settings.read_timeout:g}s "
                                 "(LB_READ_TIMEOUT)", began=True, timed_out=True) from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except BrokenAnswer as exc:  # the protocol broken, or a bound: not sent again
             drop(conn, reply)
             raise UpstreamError(f"broken answer from {name}: {exc!r}", began=True) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            # Cut by a close or a reset (a replica that crashed): nothing of it went to the
+            # client, so the next replica may have the request (a GET: RFC 9110 9.2.2).
+            drop(conn, reply)
+            raise UpstreamError(f"answer from {name} cut short: {exc!r}") from exc
 
     def _take(self, conn: ReplicaConnection, reply: ReplicaResponse,
               replica: Replica) -> Upstream:

@@ -106,8 +106,10 @@ class UpstreamError(ConnectionError):
 
     - ``before_reply``: the connection closed before any byte of the answer (a kept-alive
       connection the replica had closed: the request may go once more on a new connection);
-    - ``began``: some of the answer had come: never retried (RFC 9110 section 9.2.2 allows
-      retrying an idempotent request, but the replica may be slow to answer it, not unable);
+    - ``began``: an answer had begun, then timed out or broke the protocol: never retried
+      (the replica may be slow to answer, not unable, or is broken). An answer cut by the
+      replica's close (a crash) is not ``began``: nothing of it went to the client, and a GET
+      may go to the next replica (RFC 9110 section 9.2.2);
     - ``timed_out``: no answer, or no further byte of it, within its deadline (504, not 502).
     """
 
@@ -628,9 +630,9 @@ class Attempts:
 
     @staticmethod
     def retryable(error: BaseException) -> bool:
-        """Whether the next replica may get the request after ``error``: not once any of the
-        answer has come (the client would get parts of two answers, or a replica that is
-        slow to answer would get every request twice)."""
+        """Whether the next replica may get the request after ``error``: not once an answer
+        began and then timed out or broke the protocol (a replica slow to answer would get
+        every request twice, a broken one would be asked again and again)."""
         return not getattr(error, "began", False)
 
     def answered(self, replica: Replica, status: int) -> None:

@@ -350,9 +350,10 @@ class ReplicaConnection(asyncio.Protocol):
                 self.keep_alive = False
                 self._finish()
             else:
+                # Cut by the close (a replica that crashed): nothing of it went to the client,
+                # so the next replica may have the request (a GET: RFC 9110 section 9.2.2).
                 self._fail(UpstreamError("the replica closed the connection",
-                                         before_reply=not self._got_bytes,
-                                         began=self._got_bytes))
+                                         before_reply=not self._got_bytes))
         self._deliver()
 
     # -- httptools callbacks ---------------------------------------------------------------------
