@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast lint typecheck settings-table clean
+.PHONY: help venv run run-ha test test-fast lint typecheck settings-table clean
 
 help:  ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -19,6 +19,10 @@ venv: $(STAMP)  ## Create .venv and install the project with its pinned dependen
 
 run: $(STAMP)  ## Run balancer + supervisor + 3 local replicas on http://127.0.0.1:5000 (Ctrl-C stops all)
 	$(BIN)/lb-run
+
+run-ha: $(STAMP)  ## Run 3 etcd members, 2 supervisors, balancers on :5000-5002, 3 replicas (needs etcd)
+	@command -v etcd >/dev/null || { echo "etcd is not installed: apt-get install etcd-server (Debian)"; exit 1; }
+	$(BIN)/lb-ha
 
 test: $(STAMP)  ## Run the whole test suite
 	$(BIN)/pytest

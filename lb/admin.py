@@ -3,6 +3,17 @@
 Every check that can reject a call runs before anything changes, and the registry entries a
 call creates are reserved under the registry lock before any replica starts, so two concurrent
 calls can never pick the same name or server id and a rejected call leaves no trace.
+
+Who acts on the replicas:
+- **the file store** (one host): the balancer worker that took the call starts or stops them
+  itself, under a lease on their entries; the supervisor finishes a call whose worker died;
+- **etcd** (several balancers, several hosts): the leading supervisor alone starts and stops
+  replicas. An ``/add`` writes its entries under a ``WANT`` lease, waits until the supervisor
+  has started them and they answer, then commits them by ending the lease; if that takes longer
+  than ``start_timeout`` it hands them back (503, nothing added), and entries whose lease runs
+  out uncommitted (a balancer that died mid-call) are removed by the supervisor. An ``/rm``
+  marks its entries removed and returns; the supervisor stops them. Balancers then need no
+  Docker socket, and two supervisors' leases can never meet on one replica.
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
 from lb.leases import Lease, Purpose
 from lb.naming import MAX_HOSTNAME, random_hostname, valid_hostname
-from lb.registry import READY, REMOVING, Registry, RegistryError, Replica, State
+from lb.registry import READY, REMOVING, RegistryError, Replica, State
 from lb.settings import Settings
+from lb.stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +107,74 @@ def parallel(fn: Callable[[T], R], items: list[T]) -> list[R | BaseException]:
 class Admin:
     """Scales the replica set through the registry and a backend."""
 
-    def __init__(self, settings: Settings, registry: Registry, backend: Backend) -> None:
+    def __init__(self, settings: Settings, registry: Store, backend: Backend | None) -> None:
         self.settings = settings
         self.registry = registry
-        self.backend = backend
+        self.backend = backend  # None: the leading supervisor acts on replicas (etcd)
 
     # -- /add --------------------------------------------------------------------------------
     def add(self, n: int, hostnames: list[str]) -> State:
-        lease = Lease.take(Purpose.ADD, self.settings.start_timeout)
+        purpose = Purpose.ADD if self.backend is not None else Purpose.WANT
+        lease = Lease.take(purpose, self.settings.start_timeout)
         with self.registry.update() as state:  # a registry error here has changed nothing
             entries = self._reserve(state, n, hostnames, lease)
         try:
-            return self._start_reserved(lease.holder, entries)
+            if self.backend is None:
+                return self._await_supervisor(lease.holder, entries)
+            return self._start_reserved(self.backend, lease.holder, entries)
         except RegistryError as exc:
             log.error("an /add lost the registry half-way: %s", exc)
-            raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
-                                "replicas it reserved are added by the supervisor once the "
-                                "registry can be used again (see /rep)") from exc
+            then = ("the replicas it reserved are added by the supervisor once the registry "
+                    "can be used again (see /rep)" if self.backend is not None else
+                    "nothing was added (its reservation runs out and the supervisor removes "
+                    "it)")
+            raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: "
+                                f"{then}") from exc
 
-    def _start_reserved(self, holder: str, entries: list[Replica]) -> State:
+    def _await_supervisor(self, holder: str, entries: list[Replica]) -> State:
+        """Wait for the supervisor to start the reserved entries, and for them to answer;
+        commit them, or hand them back."""
+        timeout = self.settings.start_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            mine = [r for r in self.registry.read().replicas
+                    if r.leased_to(holder) and r.state != REMOVING]
+            if len(mine) != len(entries):
+                reason = "The new replicas were taken back while they started"
+                break
+            addresses = [r.address for r in mine if r.address]
+            if len(addresses) == len(mine):
+                ready = wait_ready(addresses, max(0.0, deadline - time.monotonic()))
+                if len(ready) == len(addresses):
+                    return self._commit_add(holder, len(entries))
+                slow = sorted(r.hostname for r in mine if r.address not in ready)
+                reason = (f"New replicas did not answer their heartbeat within {timeout:g}s: "
+                          f"{', '.join(slow)}")
+                break
+            if time.monotonic() >= deadline:
+                waiting = sorted(r.hostname for r in mine if not r.address)
+                reason = (f"No supervisor started the new replicas within {timeout:g}s "
+                          f"({', '.join(waiting)}): is one leading? (see /_lb/status)")
+                break
+            time.sleep(0.05)
+        self._hand_back(holder)
+        raise ApiError(503, reason + "; nothing was added")
+
+    def _hand_back(self, holder: str) -> None:
+        """An /add given up: its entries are removed, and the supervisor stops what it started.
+        Should this write fail, their lease runs out and the supervisor does the same."""
+        try:
+            with self.registry.update() as state:
+                for r in state.replicas:
+                    if r.leased_to(holder) and r.state != REMOVING:
+                        r.state = REMOVING
+                        r.release()
+        except RegistryError as exc:
+            log.error("could not hand back an /add's replicas (their lease runs out): %s", exc)
+
+    def _start_reserved(self, backend: Backend, holder: str, entries: list[Replica]) -> State:
         specs = [ReplicaSpec(e.hostname, e.server_id) for e in entries]
-        results = parallel(self.backend.start, specs)
+        results = parallel(backend.start, specs)
         started = [r for r in results if isinstance(r, Instance)]
         failed = [r for r in results if not isinstance(r, Instance)]
         if not failed:
@@ -133,7 +192,7 @@ class Admin:
         else:
             log.error("could not start new replicas: %s", failed[0])
             reason = f"Could not start new replicas: {public_reason(failed[0])}"
-        self._roll_back_add(holder, started)
+        self._roll_back_add(backend, holder, started)
         raise ApiError(503, reason + "; nothing was added")
 
     def _reserve(self, state: State, n: int, hostnames: list[str],
@@ -161,18 +220,29 @@ class Admin:
         state.replicas.extend(entries)
         return entries
 
-    def _commit_add(self, holder: str) -> State:
+    def _commit_add(self, holder: str, expected: int | None = None) -> State:
+        """The call's entries made ready and its lease ended; with ``expected``, only if all
+        of them are still there (the supervisor may have removed an entry whose lease it saw
+        run out), else none (503)."""
         now = time.time()
         with self.registry.update() as state:
-            for entry in state.replicas:
-                if entry.leased_to(holder):
+            mine = [r for r in state.replicas if r.leased_to(holder) and r.state != REMOVING]
+            if expected is not None and len(mine) != expected:
+                for entry in mine:
+                    entry.state = REMOVING
+                    entry.release()
+            else:
+                for entry in mine:
                     entry.state, entry.lease = READY, None
                     entry.last_heartbeat, entry.failures = now, 0
+        if expected is not None and len(mine) != expected:
+            raise ApiError(503, "The new replicas were taken back before they could be "
+                                "added; nothing was added")
         log.info("added replicas; now %s", state.rep())
         return state
 
-    def _roll_back_add(self, holder: str, started: list[Instance]) -> None:
-        parallel(lambda i: self.backend.stop(i.handle), started)
+    def _roll_back_add(self, backend: Backend, holder: str, started: list[Instance]) -> None:
+        parallel(lambda i: backend.stop(i.handle), started)
         with self.registry.update() as state:
             state.replicas = [r for r in state.replicas if not r.leased_to(holder)]
         log.warning("rolled back an /add of %d replicas", len(started))
@@ -182,11 +252,17 @@ class Admin:
         with self.registry.update() as state:  # a registry error here has changed nothing
             chosen = self._choose_removals(state, n, hostnames)
             lease = Lease.take(Purpose.RM, self.settings.start_timeout)
+            if self.backend is None:  # the supervisor stops them: nobody holds them
+                lease = lease.released()
             for entry in chosen:
                 entry.state, entry.lease = REMOVING, lease
             handles = [e.handle for e in chosen if e.handle]
+        if self.backend is None:
+            log.info("removed %s (the supervisor stops them); now %s",
+                     [e.hostname for e in chosen], state.rep())
+            return state
         try:
-            return self._stop_chosen(lease.holder, chosen, handles)
+            return self._stop_chosen(self.backend, lease.holder, chosen, handles)
         except RegistryError as exc:
             log.error("an /rm lost the registry half-way: %s", exc)
             raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: the "
@@ -194,10 +270,11 @@ class Admin:
                                 "the supervisor once the registry can be used again (see /rep)"
                            ) from exc
 
-    def _stop_chosen(self, holder: str, chosen: list[Replica], handles: list[str]) -> State:
+    def _stop_chosen(self, backend: Backend, holder: str, chosen: list[Replica],
+                     handles: list[str]) -> State:
         # Routers stop sending new requests as soon as they see the entries leave the ready
         # set; the backend's graceful stop lets requests already in flight finish.
-        results = parallel(self.backend.stop, handles)
+        results = parallel(backend.stop, handles)
         failed = {h for h, r in zip(handles, results) if isinstance(r, BaseException)}
         for handle, result in zip(handles, results):
             if isinstance(result, BaseException):

@@ -26,7 +26,7 @@ from lb.errors import ApiError, envelope, success
 from lb.logs import request_id
 from lb.ops.blueprint import init_ops
 from lb.ops.metrics import BalancerMetrics
-from lb.registry import Registry, RegistryBusy, RegistryError, RegistryUnreadable
+from lb.registry import RegistryBusy, RegistryError, RegistryUnreadable
 from lb.router import Forwarder, Upstream
 from lb.routing import (
     JSON_TYPE,
@@ -41,6 +41,7 @@ from lb.routing import (
     transfer_coding_error,
 )
 from lb.settings import Settings
+from lb.stores import open_registry
 
 log = logging.getLogger(__name__)
 ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
@@ -64,14 +65,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS is a 405 too: see allowed_methods
-    registry = Registry(settings.registry_path, settings.lock_timeout)
+    registry = open_registry(settings)
     try:
         ensure_registry(settings, registry)
     except RegistryError as exc:
         # A worker (re)started while the file is unreadable serves 503s until the supervisor
         # restores it, instead of failing to boot, which would make gunicorn stop them all.
         log.error("starting without a registry: %s", exc)
-    admin = Admin(settings, registry, create_backend(settings))
+    # With the file store this balancer starts and stops the replicas of its own /add and
+    # /rm; with etcd, the leading supervisor alone acts on replicas (lb.admin).
+    admin = Admin(settings, registry, None if registry.kind == "etcd" else create_backend(settings))
     metrics = BalancerMetrics()
     router = Router(settings, registry, metrics)
     forwarder = Forwarder(settings, router)

@@ -22,13 +22,13 @@ from lb.registry import (
     READY,
     REMOVING,
     STARTING,
-    Registry,
     RegistryError,
     Replica,
     RingParams,
     State,
 )
 from lb.settings import Settings
+from lb.stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def initial_state(settings: Settings) -> State:
     return state
 
 
-def ensure_registry(settings: Settings, registry: Registry, reset: bool = False,
+def ensure_registry(settings: Settings, registry: Store, reset: bool = False,
                     migrate: bool = False) -> State:
     """The registry, created from the settings if missing (or when ``reset``).
 
@@ -76,14 +76,14 @@ def ensure_registry(settings: Settings, registry: Registry, reset: bool = False,
         return state
     if not migrate:
         raise HashMapMismatch(
-            f"registry {registry.path} was written with the hash map {describe(state.ring)}, "
+            f"registry {registry.where} was written with the hash map {describe(state.ring)}, "
             f"but the settings ask for {describe(wanted)}; resuming would mix the two. Start "
             "afresh (lb-run without --keep-registry), set the settings back, or place every "
             "replica again under the new map (lb-run --keep-registry --migrate-hash)")
     return migrate_registry(registry, wanted)
 
 
-def migrate_registry(registry: Registry, wanted: RingParams) -> State:
+def migrate_registry(registry: Store, wanted: RingParams) -> State:
     """Every entry's virtual servers placed again under ``wanted``; keys move accordingly.
 
     Entries keep their hostnames, server ids, addresses and processes: only ``slots`` change.
@@ -97,11 +97,11 @@ def migrate_registry(registry: Registry, wanted: RingParams) -> State:
             for replica in sorted(state.replicas, key=lambda r: r.server_id):
                 replica.slots = list(ring.add(replica.server_id))
         except RingError as exc:
-            raise HashMapMismatch(f"registry {registry.path} cannot move to the hash map "
+            raise HashMapMismatch(f"registry {registry.where} cannot move to the hash map "
                                   f"{describe(wanted)}: {exc}") from None
         state.ring = wanted
     log.warning("registry %s moved from the hash map %s to %s: %d replicas placed again",
-                registry.path, describe(old), describe(wanted), len(state.replicas))
+                registry.where, describe(old), describe(wanted), len(state.replicas))
     return registry.read()
 
 

@@ -12,6 +12,9 @@ Unix time). Its rules:
 - When the holder's process is known to be gone (``holder_gone``), the supervisor releases the
   lease at once and finishes the call; where that cannot be known, ``until`` decides.
 - A started replica that has not answered its heartbeat when its lease ends failed to start.
+- An ``/add`` that hands its replicas to the supervisor (the etcd registry: ``WANT``) commits
+  them by ending its lease; one whose lease ran out uncommitted added nothing, and the
+  supervisor removes its entries.
 
 In the registry file a lease is an entry's ``owner`` (the holder) and ``deadline`` (until).
 """
@@ -29,6 +32,7 @@ from lb.owners import owner_alive, owner_tag
 
 class Purpose(StrEnum):
     ADD = "add"  # an /add starting new replicas
+    WANT = "want"  # an /add waiting for the leading supervisor to start them (etcd registry)
     RM = "rm"  # an /rm stopping replicas
     SUPERVISOR = "supervisor"  # the supervisor (re)starting a replica, until it answers
 
@@ -75,7 +79,7 @@ class Lease:
 
 def term(purpose: Purpose, start_timeout: float) -> float:
     """How long a lease for ``purpose`` runs, in seconds."""
-    if purpose is Purpose.ADD:  # it waits start_timeout for the new replicas' heartbeats
+    if purpose in (Purpose.ADD, Purpose.WANT):  # it waits start_timeout for their heartbeats
         return start_timeout + CALL_MARGIN
     if purpose is Purpose.RM:  # it lets each replica finish its requests, STOP_TIMEOUT at most
         return STOP_TIMEOUT + CALL_MARGIN

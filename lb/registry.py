@@ -177,8 +177,14 @@ class Replica:
 
     @property
     def adding(self) -> bool:
-        """An ``/add`` in flight is starting this replica."""
-        return self.held and self.lease is not None and self.lease.purpose is Purpose.ADD
+        """An ``/add`` in flight is starting this replica (itself or through the supervisor)."""
+        return (self.held and self.lease is not None
+                and self.lease.purpose in (Purpose.ADD, Purpose.WANT))
+
+    @property
+    def wanted(self) -> bool:
+        """An ``/add`` asked the supervisor for this replica and has not committed it."""
+        return self.lease is not None and self.lease.purpose is Purpose.WANT
 
     def leased_to(self, holder: str) -> bool:
         """Whether ``holder`` took this entry's lease (running or not) and nobody took it since."""
@@ -291,8 +297,28 @@ class State:
         return state
 
 
+def parse_state(raw: bytes, where: str) -> State:
+    """The state a registry document holds; ``RegistryCorrupt`` saying why it holds none
+    (every store keeps the same document, so every store reads it alike)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise RegistryCorrupt(f"cannot read registry {where}: {exc}",
+                              f"not valid JSON: {str(exc)[:80]}") from exc
+    try:
+        return State.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RegistryCorrupt(f"{where} is not a registry: {exc!r}",
+                              f"valid JSON, but not a registry: {_what(exc)}") from exc
+
+
 class Registry:
-    """The JSON file at ``path`` and its lock at ``path + '.lock'``."""
+    """The JSON file at ``path`` and its lock at ``path + '.lock'``: the embedded store.
+
+    The etcd store (``lb.etcd.EtcdRegistry``) has the same face: ``read``, ``update``,
+    ``create``, ``restore``, ``view``, ``where``."""
+
+    kind = "file"
 
     def __init__(self, path: str, lock_timeout: float = 10.0) -> None:
         self.path = os.path.abspath(path)
@@ -302,6 +328,11 @@ class Registry:
         # file lock.
         self._thread_lock = threading.Lock()
         self._lock = filelock.FileLock(self.path + ".lock", timeout=lock_timeout)
+
+    @property
+    def where(self) -> str:
+        """The store, for logs."""
+        return self.path
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -321,16 +352,11 @@ class Registry:
                                   f"cannot read it: {_oserror_detail(exc)}") from exc
 
     def parse(self, raw: bytes) -> State:
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except ValueError as exc:  # not JSON, or not UTF-8
-            raise RegistryCorrupt(f"cannot read registry {self.path}: {exc}",
-                                  f"not valid JSON: {str(exc)[:80]}") from exc
-        try:
-            return State.from_dict(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RegistryCorrupt(f"{self.path} is not a registry: {exc!r}",
-                                  f"valid JSON, but not a registry: {_what(exc)}") from exc
+        return parse_state(raw, self.path)
+
+    def view(self) -> RegistryView:
+        """A cached copy for routing, re-read when the file changed."""
+        return RegistryView(self)
 
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced (see ``RegistryView`` for the racy case)."""

@@ -15,8 +15,8 @@ written once for both:
   on both paths, and what a client is told when the registry cannot be used
   (``registry_trouble``).
 
-No sockets here; the registry is read through a ``RegistryView`` (a ``stat`` per request, none
-when the view is watched: ``lb.watch``).
+No sockets here; the registry is read through its store's view: the file's (a ``stat`` per
+request, none when watched: ``lb.watch``) or etcd's (the state its watch thread last applied).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import AnyStr
+from typing import TYPE_CHECKING, AnyStr
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlsplit
 
 import werkzeug.urls  # noqa: F401 - registers the "werkzeug.url_quote" decoding error handler
@@ -42,14 +42,15 @@ from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
 from lb.registry import (
     STARTING,
-    Registry,
     RegistryError,
     RegistryUnreadable,
-    RegistryView,
     Replica,
 )
 from lb.settings import Settings
 from lb.strategies import Lookup
+
+if TYPE_CHECKING:
+    from lb.stores import Store, View
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset({
@@ -457,12 +458,12 @@ class RoutingTable:
 class Router:
     """Chooses replicas for request keys: one per worker process, shared by its threads."""
 
-    def __init__(self, settings: Settings, registry: Registry,
+    def __init__(self, settings: Settings, registry: Store,
                  events: RouterEvents | None = None) -> None:
         self.settings = settings
         self.events = events or RouterEvents()
         self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
-        self.view = RegistryView(registry)  # public: readiness and admin replies consult it
+        self.view: View = registry.view()  # public: readiness and admin replies consult it
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
         self._suspects: dict[str, float] = {}  # hostname -> monotonic time until

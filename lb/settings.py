@@ -96,8 +96,15 @@ class Settings:
     heartbeat_failures: int = _opt(2, "Missed heartbeats before a replica is declared down")
     restart_backoff: float = _opt(30.0, "Longest wait between restarts of a replica that fails")
     # -- shared state -------------------------------------------------------------------------
-    registry: str = _opt("", "Registry JSON file; empty means <tmp>/<deployment>/registry.json")
-    lock_timeout: float = _opt(10.0, "Seconds to wait for the registry lock")
+    registry: str = _opt(
+        "", "Where replica state is shared: a JSON file (empty: <tmp>/<deployment>/registry."
+            "json), or etcd://host:port,host:port/prefix for several balancers and "
+            "supervisors on several hosts (prefix default /hashlb/<deployment>)")
+    lock_timeout: float = _opt(10.0, "Seconds to wait for the registry lock (etcd: for the "
+                                     "cluster to answer a write)")
+    leader_ttl: int = _opt(
+        3, "Seconds of the leading supervisor's etcd lease (etcd registry): a standby leads "
+           "this long after the leader is gone")
     # -- docker and swarm backends ------------------------------------------------------------
     image: str = _opt("hashlb-server:latest", "Replica image (docker and swarm backends)")
     network: str = _opt(
@@ -143,8 +150,17 @@ class Settings:
         return 2.5 * self.record_seconds  # max(5 s, 10 x LB_HEARTBEAT_INTERVAL)
 
     @property
+    def etcd(self) -> EtcdAddress | None:
+        """The etcd registry's address, or None for the file."""
+        if not self.registry.startswith(ETCD_SCHEME):
+            return None
+        return EtcdAddress.parse(self.registry, self.deployment)
+
+    @property
     def registry_path(self) -> str:
-        if self.registry:
+        """The registry file; with etcd, where this host keeps its own files (logs, metrics)
+        beside it."""
+        if self.registry and self.etcd is None:
             return os.path.abspath(self.registry)
         return os.path.join(tempfile.gettempdir(), self.deployment, "registry.json")
 
@@ -201,10 +217,48 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        try:
+            self.etcd  # noqa: B018 - parsed for its errors
+        except ValueError as exc:
+            raise SettingsError(f"registry {self.registry!r}: {exc}") from None
+        if self.leader_ttl < 2:
+            raise SettingsError("leader_ttl must be >= 2 (etcd's shortest lease)")
         try:  # last: formulas are checked over j < K, so K must be valid first
             resolve_preset(self.hash, self.virtual_per_server)
         except ValueError as exc:  # a formula refused, a plug-in that cannot be loaded
             raise SettingsError(str(exc)) from None
+
+
+ETCD_SCHEME = "etcd://"
+ETCD_PORT = 2379
+
+
+@dataclass(frozen=True)
+class EtcdAddress:
+    """``etcd://host:port,host:port/prefix``: the members and the prefix of the keys."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str, deployment: str = "hashlb") -> EtcdAddress:
+        """ValueError saying what is wrong with ``url``."""
+        if not url.startswith(ETCD_SCHEME):
+            raise ValueError(f"not an {ETCD_SCHEME} address")
+        hosts, slash, prefix = url[len(ETCD_SCHEME):].partition("/")
+        endpoints = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = item.strip(), str(ETCD_PORT)
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad member {item.strip()!r} (use host:port)")
+            endpoints.append((host.strip("[]"), int(port)))
+        prefix = prefix.strip("/") if slash else ""
+        return cls(tuple(endpoints), "/" + (prefix or f"hashlb/{deployment}"))
+
+    def __str__(self) -> str:
+        return ETCD_SCHEME + ",".join(f"{h}:{p}" for h, p in self.endpoints) + self.prefix
 
 
 def graceful_drain(graceful_timeout: float) -> float:

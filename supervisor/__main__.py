@@ -1,9 +1,17 @@
-"""``lb-supervisor``: run the reconcile loop until SIGTERM or SIGINT (or ``lb-run`` is gone)."""
+"""``lb-supervisor``: run the reconcile loop until SIGTERM or SIGINT (or ``lb-run`` is gone).
+
+With the etcd registry any number may run: one leads (``lb.etcd.Leadership``) and ticks, the
+others stand by, trying to lead once a round, and take over when the leader's lease runs out.
+A leader whose write is refused by the fence, or whose lease it could not refresh in time,
+stops acting at once and stands by again.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -11,9 +19,11 @@ import time
 from lb import lifeline
 from lb.backends import BackendError, create_backend
 from lb.bootstrap import HashMapMismatch, ensure_registry
+from lb.etcd import EtcdRegistry, EtcdUnreachable, Leadership, NotLeader
 from lb.logs import configure_logging
-from lb.registry import Registry, RegistryError
+from lb.registry import RegistryError
 from lb.settings import Settings, SettingsError
+from lb.stores import open_registry
 from supervisor.core import Supervisor
 from supervisor.metrics import SupervisorMetrics
 
@@ -68,14 +78,22 @@ def main() -> None:
         backend = create_backend(settings)
     except BackendError as exc:
         sys.exit(f"lb-supervisor: {exc}")
-    registry = Registry(settings.registry_path, settings.lock_timeout)
+    registry = open_registry(settings)
     try:
         ensure_registry(settings, registry)
     except HashMapMismatch as exc:
         sys.exit(f"lb-supervisor: {exc}")
+    except EtcdUnreachable as exc:
+        sys.exit(f"lb-supervisor: {exc}")
     except RegistryError:
         pass  # unreadable or unwritable: start_up() restores it in the loop, with back-off
-    supervisor = Supervisor(settings, registry, backend, SupervisorMetrics())
+    leadership: Leadership | None = None
+    if isinstance(registry, EtcdRegistry):
+        leadership = Leadership(registry.etcd, registry.leader_key, settings.leader_ttl,
+                                f"{socket.gethostname()}:{os.getpid()}")
+        registry = registry.fenced(leadership)
+    supervisor = Supervisor(settings, registry, backend, SupervisorMetrics(),
+                            may_act=leadership.holds if leadership else lambda: True)
 
     stop = threading.Event()
     # Handlers only note the signal; the loop does the work (gunicorn's arbiter does the same).
@@ -84,17 +102,27 @@ def main() -> None:
     line = lifeline.inherited()
     if line is not None:
         lifeline.watch(line, stop.set, "the supervisor")
-    log.info("supervising %s (backend %s, every %.2gs)", registry.path, settings.backend,
+    log.info("supervising %s (backend %s, every %.2gs)", registry.where, settings.backend,
              settings.heartbeat_interval)
     trouble = Trouble(settings.heartbeat_interval)
+    standing = Standing(leadership) if leadership is not None else None
     started = False
     while not stop.is_set():
         began = time.monotonic()
         try:
-            if not started:
-                supervisor.start_up()
-                started = True
-            supervisor.tick()
+            if standing is not None and not standing.leads():
+                started = False  # a new term begins with start_up()
+            else:
+                if not started:
+                    supervisor.start_up()
+                    started = True
+                supervisor.tick()
+        except NotLeader as exc:
+            log.warning("%s: standing by", exc)
+            assert leadership is not None
+            leadership.step_down()
+            started = False
+            wait = 0.0
         except Exception as exc:  # noqa: BLE001 - the loop outlives any one round's failure
             wait = trouble.failed(exc)
         else:
@@ -102,7 +130,28 @@ def main() -> None:
             wait = max(0.0, settings.heartbeat_interval - (time.monotonic() - began))
         stop.wait(wait)
     supervisor.close()
+    if leadership is not None:
+        leadership.step_down()  # the standby need not wait for the lease to run out
     log.info("supervisor stopped")
+
+
+class Standing:
+    """Whether this supervisor leads, asked once a round; said once each time it changes."""
+
+    def __init__(self, leadership: Leadership) -> None:
+        self.leadership = leadership
+        self.leading: bool | None = None
+
+    def leads(self) -> bool:
+        leads = self.leadership.campaign()
+        if leads != self.leading:
+            if leads:
+                log.info("leading the supervisors (lease of %ds, term %d)",
+                         self.leadership.ttl, self.leadership.token)
+            else:
+                log.info("standing by: %s leads", self.leadership.leader() or "nobody yet")
+            self.leading = leads
+        return leads
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ killed half-way and restarted, leaves neither a duplicate nor an orphan.
 The supervisor owns the replicas, so it restores the registry when its file is lost (corrupt,
 deleted): from the last state it read, brought up to date with what runs. An ``/add`` or
 ``/rm`` whose process died lets go of its entries as soon as that is known, not at its deadline.
+
+With the etcd registry, the replicas an ``/add`` wants (``Replica.wanted``) are started here,
+and removed again if the call's lease runs out before it committed them; only the elected
+supervisor ticks, and it asks ``may_act`` (its leadership, checked on its own clock) before
+each start or stop, since a write refused by the fence comes only after the act.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from lb.registry import (
     READY,
     REMOVING,
     STARTING,
-    Registry,
     RegistryMissing,
     RegistryUnreadable,
     RegistryUnwritable,
@@ -49,11 +53,16 @@ from lb.registry import (
     State,
 )
 from lb.settings import Settings
+from lb.stores import Store
 
 log = logging.getLogger(__name__)
 
 # A replica being replaced is dead or hung: no requests worth draining, so no long graceful stop.
 DEAD_STOP_TIMEOUT = 2.0
+
+
+class NotActing(Exception):
+    """This supervisor may no longer act (it lost its leadership): the act was not done."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,11 @@ class Job:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, registry: Registry, backend: Backend,
-                 events: SupervisorEvents | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Store, backend: Backend,
+                 events: SupervisorEvents | None = None,
+                 may_act: Callable[[], bool] = lambda: True) -> None:
         self.settings = settings
+        self.may_act = may_act  # whether this supervisor may still start and stop replicas
         self.events = events or SupervisorEvents()
         self.registry = registry
         self.backend = backend
@@ -132,13 +143,13 @@ class Supervisor:
         except RegistryUnwritable as exc:
             raise RegistryUnwritable(
                 f"{problem}, and it cannot be restored ({exc}): a person must act: make "
-                f"{os.path.dirname(self.registry.path)} writable or put a good registry back",
+                f"{os.path.dirname(self.registry.where)} writable or put a good registry back",
                 exc.detail) from exc
         if written is None:  # readable again: someone else restored it
             return self.registry.read()
         if self.last_good is None and isinstance(problem, RegistryMissing) and not any(
                 r.handle for r in written.replicas):
-            log.info("created registry %s: %s", self.registry.path, written.rep())
+            log.info("created registry %s: %s", self.registry.where, written.rep())
         else:
             log.warning("%s: restored it from %s: version %d, %s", problem,
                         "the last good state and the running replicas" if self.last_good
@@ -161,7 +172,17 @@ class Supervisor:
                 self._record(r, answered, running, now)
             self._stamp([r for r, answered, _ in heard if answered], now)
             for r in state.replicas:
-                if r.state == REMOVING or r.held or r.not_before > now:
+                if r.wanted and not r.held and r.state != REMOVING:
+                    log.warning("the /add that wanted replica %s did not commit it in time: "
+                                "removing it", r.hostname)
+                    r.state = REMOVING
+                if r.state == REMOVING or r.not_before > now:
+                    continue
+                if r.wanted:  # an /add waits for it: start it, under the call's lease
+                    if r.handle is None:
+                        jobs.append(Job(r.hostname, r.server_id, None))
+                    continue
+                if r.held:
                     continue
                 if r.state == DOWN or r.handle is None:
                     old = r.handle
@@ -250,6 +271,8 @@ class Supervisor:
             self._commit(job, result)
 
     def _start(self, job: Job, running: dict[str, Instance]) -> Instance | Exception:
+        if not self.may_act():
+            return NotActing(f"not starting {job.hostname}: this supervisor no longer leads")
         try:
             if job.old_handle:
                 self.backend.stop(job.old_handle, DEAD_STOP_TIMEOUT)
@@ -265,16 +288,26 @@ class Supervisor:
     def _commit(self, job: Job, result: Instance | Exception) -> None:
         now = time.time()
         orphan: Instance | None = None
+        if isinstance(result, NotActing):
+            return
         with self.registry.update() as state:
             r = state.find(job.hostname)
             ours = r is not None and r.leased_to(SUPERVISOR_HOLDER) and r.state == STARTING
+            wanted = (r is not None and r.wanted and r.held and r.handle is None
+                      and r.state == STARTING)
             if isinstance(result, Exception):
                 log.error("could not start replica %s: %s", job.hostname, result)
                 self.events.start_failed(job.hostname)
                 if ours and r is not None:
                     self._failed_start(r, now)
+                elif wanted and r is not None:  # tried again next round while the /add waits
+                    r.not_before = now + 0.5
                 return
-            if ours and r is not None:
+            if wanted and r is not None:  # the /add commits it once it answers
+                r.handle, r.address = result.handle, result.address
+                log.info("started replica %s (server id %d) for an /add", r.hostname,
+                         r.server_id)
+            elif ours and r is not None:
                 r.handle, r.address = result.handle, result.address
                 # Its time to answer starts now.
                 r.lease = Lease.take(Purpose.SUPERVISOR, self.settings.start_timeout, now)
@@ -293,20 +326,23 @@ class Supervisor:
                     state.replicas = [x for x in state.replicas
                                       if not (x.hostname == name and x.state == REMOVING)]
 
-            log.info("finishing the removal of %s", r.hostname)
-            self._stop_in_background(r.handle, then=forget, key=f"rm:{r.hostname}")
+            if self._stop_in_background(r.handle, then=forget, key=f"rm:{r.hostname}"):
+                log.info("finishing the removal of %s", r.hostname)
 
     def _stop_in_background(self, handle: str | None, then: Callable[[], None] | None = None,
-                            key: str | None = None) -> None:
-        """Stop without holding up the tick (a graceful stop takes seconds); once per key."""
+                            key: str | None = None) -> bool:
+        """Stop without holding up the tick (a graceful stop takes seconds); once per key.
+        Whether it was not under way already."""
         key = key or handle or ""
         with self._stopping_lock:
             if key in self._stopping:
-                return
+                return False
             self._stopping.add(key)
 
         def work() -> None:
             try:
+                if not self.may_act():
+                    return  # the next leader finishes it
                 if handle:
                     self.backend.stop(handle)
                 if then is not None:
@@ -318,6 +354,7 @@ class Supervisor:
                     self._stopping.discard(key)
 
         self.reaper.submit(work)
+        return True
 
     def _stop_orphans(self) -> None:
         """Stop replicas of this deployment that no entry knows, seen twice in a row.

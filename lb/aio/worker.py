@@ -29,6 +29,7 @@ from gunicorn.workers import base
 from lb.aio.accept import Acceptor, ConnectionTable, Share, client_cap, client_cap_source
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
+from lb.registry import RegistryView
 from lb.settings import graceful_drain
 from lb.watch import RegistryWatch
 
@@ -133,8 +134,10 @@ class AsyncWorker(base.Worker):
         counts = ext["metrics"].batched()  # the loop's, written every tenth of a second
         server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool, counts),
                         bridge, counts, self.cfg.keepalive, SERVER)
-        # Routing then looks at the registry only after it changed, not on every request.
-        watch = RegistryWatch.attach(ext["router"].view, loop)
+        # Routing then looks at the registry file only after it changed, not on every request
+        # (the etcd registry's view has a watch of its own).
+        view = ext["router"].view
+        watch = RegistryWatch.attach(view, loop) if isinstance(view, RegistryView) else None
 
         def flush_metrics() -> None:
             counts.flush()

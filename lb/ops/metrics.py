@@ -272,7 +272,7 @@ class ReplicaSetCollector:
         version = GaugeMetricFamily("lb_registry_version", "Writes the registry has seen")
         version.add_metric([], float(state.version))
         yield version
-        stamp = self.registry.stamp()
+        stamp = self.registry.stamp() if isinstance(self.registry, Registry) else None
         if stamp is not None:
             # The supervisor rewrites it every heartbeat round while a replica is ready: a
             # growing age means nobody records what happens to the replicas.

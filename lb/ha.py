@@ -1,0 +1,278 @@
+"""``lb-ha``: a highly available stack on one machine, in one command (``make run-ha``).
+
+A 3-member etcd cluster from Debian's ``etcd-server`` on loopback ports, two supervisors (one
+leads, one stands by), three balancers on consecutive ports and local replicas, all sharing
+the registry in etcd. Ctrl-C (or SIGTERM) stops the balancers, the supervisors, every replica
+of the deployment and the etcd members, and removes the cluster's data; killed with SIGKILL,
+everything still goes (the lifeline, and a parent-death signal for the etcd members).
+
+``EtcdCluster`` is also what the tests run etcd with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NoReturn
+
+from lb import lifeline
+from lb.backends import BackendError, create_backend
+from lb.bootstrap import ensure_registry
+from lb.etcd import Etcd, EtcdRegistry, EtcdUnreachable, put
+from lb.logs import configure_logging
+from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
+from lb.registry import READY, RegistryError
+from lb.settings import EtcdAddress, Settings, SettingsError
+
+log = logging.getLogger("lb-ha")
+
+PR_SET_PDEATHSIG = 1
+
+
+_prctl = ctypes.CDLL(None).prctl  # looked up here: the child only calls it
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it ends (etcd has no
+    lifeline of its own). One system call, nothing allocated: safe beside threads."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback: client ports ``client_port + i``, peer ports
+    ``peer_port + i``, data under ``folder``."""
+
+    def __init__(self, folder: str, size: int = 3, client_port: int = 23791,
+                 peer_port: int = 23801, host: str = "127.0.0.1") -> None:
+        self.folder = folder
+        self.size = size
+        self.host = host
+        self.client_ports = [client_port + i for i in range(size)]
+        self.peer_ports = [peer_port + i for i in range(size)]
+        self.members: list[subprocess.Popen[bytes] | None] = [None] * size
+        self._binary = shutil.which("etcd")
+        if self._binary is None:
+            raise FileNotFoundError("etcd is not installed (Debian: apt-get install "
+                                    "etcd-server)")
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        return tuple((self.host, p) for p in self.client_ports)
+
+    def address(self, prefix: str) -> str:
+        """The ``LB_REGISTRY`` of a deployment keeping its keys under ``prefix``."""
+        return str(EtcdAddress(self.endpoints, "/" + prefix.strip("/")))
+
+    def _command(self, i: int, state: str) -> list[str]:
+        assert self._binary is not None
+        cluster = ",".join(f"e{j}=http://{self.host}:{p}" for j, p in enumerate(self.peer_ports))
+        client = f"http://{self.host}:{self.client_ports[i]}"
+        peer = f"http://{self.host}:{self.peer_ports[i]}"
+        return [self._binary, "--name", f"e{i}", "--data-dir", os.path.join(self.folder, f"e{i}"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", cluster, "--initial-cluster-state", state,
+                "--initial-cluster-token", f"hashlb-{os.path.basename(self.folder)}"]
+
+    def start_member(self, i: int, state: str = "new") -> None:
+        log_file = open(os.path.join(self.folder, f"e{i}.log"), "ab")  # noqa: SIM115
+        with log_file:
+            self.members[i] = subprocess.Popen(
+                self._command(i, state), stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _die_with_parent
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Every member, then wait until the cluster takes a write."""
+        os.makedirs(self.folder, exist_ok=True)
+        for i in range(self.size):
+            self.start_member(i)
+        self.wait_writable(timeout)
+
+    def wait_writable(self, timeout: float) -> None:
+        Etcd(self.endpoints, deadline=timeout).txn([], [put("/hashlb-health", b"ok")])
+
+    def pid(self, i: int) -> int:
+        member = self.members[i]
+        assert member is not None
+        return member.pid
+
+    def signal(self, i: int, sig: int) -> None:
+        member = self.members[i]
+        if member is not None and member.poll() is None:
+            os.kill(member.pid, sig)
+
+    def kill(self, i: int) -> None:
+        self.signal(i, signal.SIGKILL)
+        member = self.members[i]
+        if member is not None:
+            member.wait()
+
+    def restart(self, i: int) -> None:
+        """A killed member back with its data (it rejoins the cluster)."""
+        self.kill(i)
+        self.start_member(i, state="existing")
+
+    def leader(self) -> int | None:
+        """Which member leads etcd's own raft, from each member's status."""
+        return Etcd(self.endpoints, deadline=2.0).raft_leader()
+
+    def close(self) -> None:
+        for i in range(self.size):
+            self.signal(i, signal.SIGCONT)
+            self.signal(i, signal.SIGTERM)
+        for member in self.members:
+            if member is None:
+                continue
+            try:
+                member.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                member.kill()
+                member.wait()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lb-ha", description="A highly available stack on this machine: 3 etcd members, "
+        "2 supervisors, several balancers on consecutive ports from LB_PORT, local replicas. "
+        "Settings come from LB_* variables (LB_REGISTRY is set here). Ctrl-C stops all of it.")
+    parser.add_argument("--balancers", type=int, default=3, help="balancers (default 3)")
+    parser.add_argument("--supervisors", type=int, default=2, help="supervisors (default 2)")
+    parser.add_argument("--etcd-port", type=int, default=23791,
+                        help="first etcd client port (default 23791; peers from 23801)")
+    parser.add_argument("--ready-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    if not 1 <= args.balancers <= 16 or not 1 <= args.supervisors <= 8:
+        parser.error("1..16 balancers and 1..8 supervisors")
+    return args
+
+
+class HaStack:
+    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+        self.folder = tempfile.mkdtemp(prefix=f"{settings.deployment}-ha-")
+        self.cluster = EtcdCluster(os.path.join(self.folder, "etcd"),
+                                   client_port=args.etcd_port, peer_port=args.etcd_port + 10)
+        registry = self.cluster.address(f"hashlb/{settings.deployment}")
+        self.settings = Settings.from_env(registry=registry)
+        self.args = args
+        self.lifeline, self._lifeline_write = lifeline.create()
+        self.env = {**os.environ, **self.settings.to_env(), **lifeline.child_env(self.lifeline)}
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.signalled: list[int] = []
+
+    def ports(self) -> list[int]:
+        return [self.settings.port + i for i in range(self.args.balancers)]
+
+    def start(self) -> None:
+        self.cluster.start()
+        log.info("etcd: 3 members on %s", ", ".join(f"{h}:{p}" for h, p in
+                                                      self.cluster.endpoints))
+        backend = create_backend(self.settings)
+        backend.stop_all()  # an earlier run's replicas of this deployment
+        backend.prepare()
+        registry = EtcdRegistry(self.settings.etcd or EtcdAddress((), ""),
+                                self.settings.lock_timeout)
+        ensure_registry(self.settings, registry, reset=True)
+        for i in range(self.args.supervisors):
+            self._spawn(f"supervisor {i + 1}", [sys.executable, "-m", "supervisor"], {})
+        for port in self.ports():
+            metrics = prepare_multiprocess_dir(os.path.join(self.folder, f"balancer-{port}",
+                                                            "registry.json"))
+            self._spawn(f"balancer :{port}", [sys.executable, "-m", "gunicorn", "-c",
+                                              "python:lb.gunicorn_conf"],
+                        {"LB_PORT": str(port), ENV_DIR: metrics})
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(cmd, env={**self.env, **env}, stdin=subprocess.DEVNULL,
+                                pass_fds=(self.lifeline,))
+        self.children.append((name, proc))
+
+    def wait_ready(self) -> bool:
+        registry = EtcdRegistry(self.settings.etcd or EtcdAddress((), ""), 2.0)
+        deadline = time.monotonic() + self.args.ready_timeout
+        while time.monotonic() < deadline and not self.signalled:
+            try:
+                if all(r.state == READY for r in registry.read().members()):
+                    return True
+            except RegistryError:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def run(self) -> int:
+        """Until a signal. A process that dies is said once, and left dead: the others go on
+        serving, which is the point."""
+        said: set[str] = set()
+        while not self.signalled:
+            for name, proc in self.children:
+                if proc.poll() is not None and name not in said:
+                    log.warning("%s exited with %s; the others go on", name, proc.returncode)
+                    said.add(name)
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.children):  # balancers first, then supervisors
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in self.children:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        try:
+            stopped = create_backend(self.settings).stop_all()
+            log.info("stopped %d replicas", stopped)
+        except BackendError as exc:
+            log.error("could not stop the replicas: %s", exc)
+        self.cluster.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"lb-ha: {exc}")
+    configure_logging(settings)
+    try:
+        stack = HaStack(settings, args)
+    except FileNotFoundError as exc:
+        sys.exit(f"lb-ha: {exc}")
+
+    def note(signum: int, _frame: object) -> None:
+        stack.signalled.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+    code = 1
+    try:
+        stack.start()
+        if stack.wait_ready():
+            log.info("ready: %s (registry %s; Ctrl-C stops everything)",
+                     "  ".join(f"http://{settings.host}:{p}" for p in stack.ports()),
+                     stack.settings.registry)
+            code = stack.run()
+        elif stack.signalled:
+            code = 0
+        else:
+            log.error("replicas were not ready within %.0fs", args.ready_timeout)
+    except (EtcdUnreachable, RegistryError, BackendError) as exc:
+        log.error("cannot start: %s", exc)
+    finally:
+        stack.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
