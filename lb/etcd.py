@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import etcd3gw
 import requests
-from etcd3gw.exceptions import Etcd3Exception
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from lb.registry import (
     RegistryBusy,
@@ -154,7 +154,8 @@ class Etcd:
                 self._first = index
                 return result
             if time.monotonic() >= end:
-                raise EtcdUnreachable(f"etcd {what} failed on every member ({problem})",
+                members = ", ".join(self._name(i) for i in range(len(self._clients)))
+                raise EtcdUnreachable(f"cannot reach etcd at {members} ({what}: {problem})",
                                       "no member answered in time")
             time.sleep(0.05 + random.random() * 0.05)
 
@@ -252,9 +253,19 @@ class Etcd:
 
 
 def _brief(exc: BaseException) -> str:
+    """An etcd failure in a few words (requests' own texts run to hundreds of characters)."""
+    if isinstance(exc, ConnectionTimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionFailedError):
+        return "refused" if "refused" in (exc.detail_text or "").lower() else "connection failed"
     if isinstance(exc, Etcd3Exception):
-        return f"{type(exc).__name__} {(exc.detail_text or '')[:120]}"
-    return f"{type(exc).__name__} {str(exc)[:120]}"
+        detail = exc.detail_text or ""
+        try:
+            detail = json.loads(detail).get("message", detail)
+        except (ValueError, AttributeError):
+            pass
+        return f"{type(exc).__name__}: {detail[:100]}"
+    return f"{type(exc).__name__}: {str(exc)[:100]}"
 
 
 # -- the store --------------------------------------------------------------------------------------

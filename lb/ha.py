@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -156,48 +157,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class HaStack:
-    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+    """The processes of a highly available stack, each reachable by role and index (tests and
+    the benchmark kill and pause them one by one). ``logs``: a folder for each process's
+    output (default: this process's own)."""
+
+    def __init__(self, settings: Settings, balancers: int = 3, supervisors: int = 2,
+                 etcd_port: int = 23791, logs: str | None = None,
+                 ready_timeout: float = 60.0) -> None:
         self.folder = tempfile.mkdtemp(prefix=f"{settings.deployment}-ha-")
-        self.cluster = EtcdCluster(os.path.join(self.folder, "etcd"),
-                                   client_port=args.etcd_port, peer_port=args.etcd_port + 10)
+        self.cluster = EtcdCluster(os.path.join(self.folder, "etcd"), client_port=etcd_port,
+                                   peer_port=etcd_port + 10)
         registry = self.cluster.address(f"hashlb/{settings.deployment}")
-        self.settings = Settings.from_env(registry=registry)
-        self.args = args
+        self.settings = dataclasses.replace(settings, registry=registry)
+        self.logs = logs
+        self.ready_timeout = ready_timeout
         self.lifeline, self._lifeline_write = lifeline.create()
         self.env = {**os.environ, **self.settings.to_env(), **lifeline.child_env(self.lifeline)}
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.ports = [self.settings.port + i for i in range(balancers)]
+        self.balancers: list[subprocess.Popen[bytes] | None] = [None] * balancers
+        self.supervisors: list[subprocess.Popen[bytes] | None] = [None] * supervisors
         self.signalled: list[int] = []
+        self._said: set[str] = set()
 
-    def ports(self) -> list[int]:
-        return [self.settings.port + i for i in range(self.args.balancers)]
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{self.settings.host}:{p}" for p in self.ports]
+
+    def registry(self) -> EtcdRegistry:
+        assert self.settings.etcd is not None
+        return EtcdRegistry(self.settings.etcd, self.settings.lock_timeout)
 
     def start(self) -> None:
         self.cluster.start()
-        log.info("etcd: 3 members on %s", ", ".join(f"{h}:{p}" for h, p in
-                                                      self.cluster.endpoints))
+        log.info("etcd: %d members on %s", self.cluster.size,
+                 ", ".join(f"{h}:{p}" for h, p in self.cluster.endpoints))
         backend = create_backend(self.settings)
         backend.stop_all()  # an earlier run's replicas of this deployment
         backend.prepare()
-        registry = EtcdRegistry(self.settings.etcd or EtcdAddress((), ""),
-                                self.settings.lock_timeout)
-        ensure_registry(self.settings, registry, reset=True)
-        for i in range(self.args.supervisors):
-            self._spawn(f"supervisor {i + 1}", [sys.executable, "-m", "supervisor"], {})
-        for port in self.ports():
-            metrics = prepare_multiprocess_dir(os.path.join(self.folder, f"balancer-{port}",
-                                                            "registry.json"))
-            self._spawn(f"balancer :{port}", [sys.executable, "-m", "gunicorn", "-c",
-                                              "python:lb.gunicorn_conf"],
-                        {"LB_PORT": str(port), ENV_DIR: metrics})
+        ensure_registry(self.settings, self.registry(), reset=True)
+        for i in range(len(self.supervisors)):
+            self.start_supervisor(i)
+        for i in range(len(self.balancers)):
+            self.start_balancer(i)
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen(cmd, env={**self.env, **env}, stdin=subprocess.DEVNULL,
-                                pass_fds=(self.lifeline,))
-        self.children.append((name, proc))
+    def start_supervisor(self, i: int) -> None:
+        self.supervisors[i] = self._spawn(f"supervisor-{i + 1}",
+                                          [sys.executable, "-m", "supervisor"], {})
+
+    def start_balancer(self, i: int) -> None:
+        port = self.ports[i]
+        metrics = prepare_multiprocess_dir(os.path.join(self.folder, f"balancer-{port}",
+                                                        "registry.json"))
+        self.balancers[i] = self._spawn(
+            f"balancer-{port}", [sys.executable, "-m", "gunicorn", "-c",
+                                 "python:lb.gunicorn_conf"],
+            {"LB_PORT": str(port), ENV_DIR: metrics})
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        out = None
+        if self.logs is not None:
+            out = open(os.path.join(self.logs, f"{name}.log"), "ab")  # noqa: SIM115
+        try:
+            return subprocess.Popen(cmd, env={**self.env, **env}, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT if out else None,
+                                    pass_fds=(self.lifeline,))
+        finally:
+            if out is not None:
+                out.close()
+
+    def processes(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        named = [(f"supervisor {i + 1}", p) for i, p in enumerate(self.supervisors)]
+        named += [(f"balancer :{port}", p) for port, p in zip(self.ports, self.balancers)]
+        return [(name, p) for name, p in named if p is not None]
 
     def wait_ready(self) -> bool:
-        registry = EtcdRegistry(self.settings.etcd or EtcdAddress((), ""), 2.0)
-        deadline = time.monotonic() + self.args.ready_timeout
+        registry = self.registry()
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline and not self.signalled:
             try:
                 if all(r.state == READY for r in registry.read().members()):
@@ -210,20 +245,22 @@ class HaStack:
     def run(self) -> int:
         """Until a signal. A process that dies is said once, and left dead: the others go on
         serving, which is the point."""
-        said: set[str] = set()
         while not self.signalled:
-            for name, proc in self.children:
-                if proc.poll() is not None and name not in said:
+            for name, proc in self.processes():
+                if proc.poll() is not None and name not in self._said:
                     log.warning("%s exited with %s; the others go on", name, proc.returncode)
-                    said.add(name)
+                    self._said.add(name)
             time.sleep(0.2)
         return 0
 
     def stop(self) -> None:
-        for _name, proc in reversed(self.children):  # balancers first, then supervisors
+        """Balancers, then supervisors, then every replica of the deployment, then etcd."""
+        procs = [p for _name, p in reversed(self.processes())]
+        for proc in procs:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused one must hear the SIGTERM
                 proc.terminate()
-        for _name, proc in self.children:
+        for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -236,6 +273,11 @@ class HaStack:
             log.error("could not stop the replicas: %s", exc)
         self.cluster.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+        for fd in (self._lifeline_write, self.lifeline):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # stopped twice
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -246,7 +288,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(f"lb-ha: {exc}")
     configure_logging(settings)
     try:
-        stack = HaStack(settings, args)
+        stack = HaStack(settings, args.balancers, args.supervisors, args.etcd_port,
+                        ready_timeout=args.ready_timeout)
     except FileNotFoundError as exc:
         sys.exit(f"lb-ha: {exc}")
 
@@ -260,13 +303,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         stack.start()
         if stack.wait_ready():
             log.info("ready: %s (registry %s; Ctrl-C stops everything)",
-                     "  ".join(f"http://{settings.host}:{p}" for p in stack.ports()),
-                     stack.settings.registry)
+                     "  ".join(stack.urls), stack.settings.registry)
             code = stack.run()
         elif stack.signalled:
             code = 0
         else:
-            log.error("replicas were not ready within %.0fs", args.ready_timeout)
+            log.error("replicas were not ready within %.0fs", stack.ready_timeout)
     except (EtcdUnreachable, RegistryError, BackendError) as exc:
         log.error("cannot start: %s", exc)
     finally:

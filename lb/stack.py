@@ -7,6 +7,11 @@ started again (after 0.5, 1, 2 ... seconds if it keeps dying); if the balancer d
 stops. Killed with SIGKILL, it leaves nothing running either: everything it started holds its
 lifeline (``lb.lifeline``) and stops when it is cut, and the next start of the same deployment
 stops whatever is left of an earlier one (refusing to start if that one's ``lb-run`` still runs).
+
+``--role balancer`` or ``--role supervisor`` starts one part only, against a registry another
+part shares (``LB_REGISTRY=etcd://...``, or the same file): such a run, and any run on the
+etcd registry, neither resets the registry nor stops the deployment's replicas, which other
+balancers and supervisors may be serving.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ from lb.registry import (
     READY,
     REMOVING,
     STARTING,
-    Registry,
     RegistryError,
     RegistryUnreadable,
     State,
 )
 from lb.settings import Settings, SettingsError, settings_table
+from lb.stores import open_registry
 from lb.strategies import expected_shares
 
 log = logging.getLogger("lb-run")
@@ -48,6 +53,7 @@ ENV_STACK = "HASHLB_STACK"
 ENV_RUN = "HASHLB_RUN"
 LEFTOVER_STOP_TIMEOUT = 10.0
 LONGEST_RESTART_WAIT = 30.0
+ROLES = ("all", "balancer", "supervisor")
 
 
 class AlreadyRunning(Exception):
@@ -69,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--migrate-hash", action="store_true",
                         help="with --keep-registry: place every replica's virtual servers again "
                              "under the settings' hash map instead of refusing (keys move)")
+    parser.add_argument("--role", choices=ROLES, default="all",
+                        help="what to run: all (balancer and supervisor, the default), "
+                             "balancer or supervisor alone, against a shared registry")
     parser.add_argument("--ready-timeout", type=float, default=60.0,
                         help="seconds to wait for the first replicas (default 60)")
     args = parser.parse_args(argv)
@@ -79,15 +88,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: str = "all") -> None:
         self.settings = settings
-        self.registry = Registry(settings.registry_path, settings.lock_timeout)
+        self.role = role
+        # Shared: other runs serve the same deployment, so this one owns no replica.
+        self.shared = role != "all" or settings.etcd is not None
+        self.registry = open_registry(settings)
         self.backend = create_backend(settings)
         self.run_id = owner_tag("run")
         # The read end goes to every child; the write end stays here alone (os.pipe() makes
         # both non-inheritable, and only pass_fds hands the read end on).
         self.lifeline, self._lifeline_write = lifeline.create()
-        self.env = {**os.environ, **settings.to_env(), "LB_REGISTRY": settings.registry_path,
+        registry = settings.registry if settings.etcd else settings.registry_path
+        self.env = {**os.environ, **settings.to_env(), "LB_REGISTRY": registry,
                     ENV_STACK: self.stack_name, ENV_RUN: self.run_id,
                     **lifeline.child_env(self.lifeline)}
         self.supervisor: subprocess.Popen[bytes] | None = None
@@ -99,8 +112,10 @@ class Stack:
 
     @property
     def stack_name(self) -> str:
-        """The deployment and its registry: what makes two runs "the same deployment"."""
-        return f"{self.settings.deployment}:{self.settings.registry_path}"
+        """The deployment and its registry (and, shared, the part and port): what makes two
+        runs "the same run"."""
+        name = f"{self.settings.deployment}:{self.settings.registry or self.settings.registry_path}"
+        return f"{name}:{self.role}:{self.settings.port}" if self.shared else name
 
     def start(self, keep_registry: bool) -> State:
         """Start everything; the registry's state it starts from."""
@@ -108,17 +123,29 @@ class Stack:
         # of the deployment (also those a supervisor not started by lb-run left).
         self.stop_leftovers()
         self.claimed = True
-        self.stop_replicas()
-        self.backend.prepare()  # e.g. the replicas' Docker network
-        state = ensure_registry(self.settings, self.registry, reset=not keep_registry)
-        if keep_registry:
-            self.resume_registry()
-            state = self.registry.read()
-        # Metrics of every balancer worker and the supervisor, added up at scrape time.
-        self.env[ENV_DIR] = prepare_multiprocess_dir(self.settings.registry_path)
-        self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
-        self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
-                                     "-c", "python:lb.gunicorn_conf"])
+        if self.shared:  # the registry and the replicas are everyone's: created if missing
+            if self.role != "balancer":
+                self.backend.prepare()
+            state = ensure_registry(self.settings, self.registry)
+        else:
+            self.stop_replicas()
+            self.backend.prepare()  # e.g. the replicas' Docker network
+            state = ensure_registry(self.settings, self.registry, reset=not keep_registry)
+            if keep_registry:
+                self.resume_registry()
+                state = self.registry.read()
+        # Metrics of every balancer worker and the supervisor, added up at scrape time (a
+        # folder of this run's own when others on this host share the deployment).
+        anchor = self.settings.registry_path
+        if self.shared:
+            anchor = os.path.join(os.path.dirname(anchor), f"{self.role}-{self.settings.port}",
+                                  "registry.json")
+        self.env[ENV_DIR] = prepare_multiprocess_dir(anchor)
+        if self.role != "balancer":
+            self.supervisor = self._spawn([sys.executable, "-m", "supervisor"])
+        if self.role != "supervisor":
+            self.balancer = self._spawn([sys.executable, "-m", "gunicorn",
+                                         "-c", "python:lb.gunicorn_conf"])
         self._started_at = time.monotonic()
         return state
 
@@ -191,11 +218,10 @@ class Stack:
     def run(self) -> int:
         """Watch the children until a signal comes or the balancer dies."""
         while not self.signalled:
-            assert self.balancer is not None and self.supervisor is not None
-            if self.balancer.poll() is not None:
+            if self.balancer is not None and self.balancer.poll() is not None:
                 log.error("the balancer exited with %s; stopping", self.balancer.returncode)
                 return 1
-            if self.supervisor.poll() is not None:
+            if self.supervisor is not None and self.supervisor.poll() is not None:
                 self._restart_supervisor()
             time.sleep(0.2)
         return 0
@@ -232,6 +258,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self.shared:
+            return  # the replicas go on serving the other balancers
         try:
             stopped = self.stop_replicas()
             self.backend.release()
@@ -277,15 +305,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except SettingsError as exc:
         sys.exit(f"lb-run: {exc}")
     configure_logging(settings)
-    if args.keep_registry:
+    if args.keep_registry or settings.etcd is not None:
         # Checked before anything is started or stopped: a refused resume leaves the
-        # deployment's replicas exactly as they were.
+        # deployment's replicas exactly as they were; an etcd that cannot be reached is said
+        # in one line.
         try:
-            ensure_registry(settings, Registry(settings.registry_path, settings.lock_timeout),
-                            migrate=args.migrate_hash)
+            ensure_registry(settings, open_registry(settings), migrate=args.migrate_hash)
         except RegistryError as exc:
             sys.exit(f"lb-run: {exc}")
-    stack = Stack(settings)
+    stack = Stack(settings, args.role)
 
     def note(signum: int, _frame: object) -> None:
         stack.signalled.append(signum)
@@ -298,8 +326,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         log.log(*expected_shares_line(settings, state))
         if stack.wait_ready(args.ready_timeout):
             rep = stack.registry.read().rep()
-            log.info("ready: http://%s:%d  N=%d %s  (Ctrl-C stops everything)",
-                     settings.host, settings.port, rep["N"], rep["replicas"])
+            if stack.balancer is None:
+                log.info("supervising  N=%d %s  (Ctrl-C stops it)", rep["N"], rep["replicas"])
+            else:
+                log.info("ready: http://%s:%d  N=%d %s  (Ctrl-C stops %s)", settings.host,
+                         settings.port, rep["N"], rep["replicas"],
+                         "this run" if stack.shared else "everything")
             code = stack.run()
         elif not stack.signalled:
             log.error("replicas were not ready within %.0fs", args.ready_timeout)
