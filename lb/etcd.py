@@ -451,8 +451,7 @@ class EtcdRegistry:
 
     def leader(self) -> str | None:
         """Who leads the supervisors, as the leader key says (None: nobody)."""
-        value = self.etcd.get(self.leader_key, deadline=2.0)
-        return None if value.data is None else value.data.decode("utf-8", "replace")
+        return leader_of(self.etcd.get(self.leader_key, deadline=2.0))
 
 
 # -- the balancers' view ----------------------------------------------------------------------------
@@ -625,12 +624,15 @@ class Leadership(Fence):
         self.step_down()
         sent = time.monotonic()
         lease = self.etcd.grant(self.ttl)
+        # The key names this campaign, not only this process: a key left by an earlier
+        # campaign of ours (its lease about to run out) must not pass for a win.
+        mine = f"{self.identity} {uuid.uuid4().hex[:12]}".encode()
         try:
             ok, revision = self.etcd.txn([created_is(self.key, 0)],
-                                         [put(self.key, self.identity.encode(), lease)])
+                                         [put(self.key, mine, lease)])
             if not ok:
                 found = self.etcd.get(self.key)
-                ok = found.data == self.identity.encode()  # our first try landed
+                ok = found.data == mine  # our first try landed, its answer was lost
                 revision = found.create_revision
         except EtcdUnreachable:
             self.etcd.revoke(lease)
@@ -675,5 +677,11 @@ class Leadership(Fence):
             self.etcd.revoke(lease)
 
     def leader(self) -> str | None:
-        value = self.etcd.get(self.key, deadline=2.0)
-        return None if value.data is None else value.data.decode("utf-8", "replace")
+        return leader_of(self.etcd.get(self.key, deadline=2.0))
+
+
+def leader_of(value: Value) -> str | None:
+    """The leading supervisor's identity ("host:pid") from the leader key's value."""
+    if value.data is None:
+        return None
+    return value.data.decode("utf-8", "replace").partition(" ")[0]

@@ -81,7 +81,10 @@ class EtcdCluster:
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", cluster, "--initial-cluster-state", state,
-                "--initial-cluster-token", f"hashlb-{os.path.basename(self.folder)}"]
+                "--initial-cluster-token", f"hashlb-{os.path.basename(self.folder)}",
+                # Every registry write adds a revision: keep the last 10,000, or the history
+                # fills etcd's 2 GB quota in days and the cluster refuses writes.
+                "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000"]
 
     def start_member(self, i: int, state: str = "new") -> None:
         log_file = open(os.path.join(self.folder, f"e{i}.log"), "ab")  # noqa: SIM115

@@ -18,12 +18,14 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, render_templ
 from werkzeug.exceptions import MethodNotAllowed
 
 from lb.errors import ApiError, sentence, success
+from lb.etcd import EtcdView
 from lb.logs import log_access, request_id
 from lb.ops.metrics import CONTENT_TYPE, BalancerMetrics, sample_sums
 from lb.ops.openapi import PREFIX, openapi_document
 from lb.ops.status import Counts, RateWindow, build_status
-from lb.registry import READY, Registry, RegistryError, RegistryView, State
+from lb.registry import READY, RegistryError, State
 from lb.routing import reason_phrase
+from lb.stores import Store, View
 
 STARTED_KEY = "lb.started"
 ENDPOINTS = ("healthz", "readyz", "status", "status.json", "metrics", "openapi.json")
@@ -67,9 +69,26 @@ def _ext() -> dict[str, Any]:
     return ext
 
 
-def _registry() -> Registry:
-    registry: Registry = _ext()["registry"]
+def _registry() -> Store:
+    registry: Store = _ext()["registry"]
     return registry
+
+
+def registry_facts(view: View, state: State) -> dict[str, Any]:
+    """The status's ``registry``: the store, the revision this worker applied, the leading
+    supervisor (etcd; a read of its key, so only for replies about the registry) and the
+    time since this worker applied the last change."""
+    written = view.written_at
+    facts: dict[str, Any] = {
+        "store": view.registry.kind, "revision": state.version, "leader": None,
+        "change_age": None if written is None else max(0.0, time.time() - written)}
+    if isinstance(view, EtcdView):
+        facts["revision"] = view.revision
+        try:
+            facts["leader"] = view.registry.leader()
+        except RegistryError:
+            pass  # unknown while etcd cannot be reached; the view says why elsewhere
+    return facts
 
 
 def _no_store(reply: Response) -> Response:
@@ -103,7 +122,7 @@ def readyz() -> Response:
                                       "stale": _staleness(router.view, state)})))
 
 
-def _staleness(view: RegistryView, state: State) -> str | None:
+def _staleness(view: View, state: State) -> str | None:
     """Why the replica set this worker routes with may be out of date, or None.
 
     The supervisor writes the registry at least every ``record_seconds`` while a replica is
@@ -137,7 +156,8 @@ def status_document() -> dict[str, Any]:
                            failed.get(name, 0.0) + unreachable.get(name, 0.0))
               for name in set(requests) | set(unreachable) | {r.hostname for r in state.replicas}}
     span, rates = ext["rates"].rates(time.monotonic(), counts)
-    return build_status(state, counts, rates, span, current_app.config["SETTINGS"])
+    return build_status(state, counts, rates, span, current_app.config["SETTINGS"],
+                        registry=registry_facts(ext["router"].view, state))
 
 
 @bp.get("/status.json")
@@ -156,7 +176,12 @@ def metrics() -> Response:
     ext = _ext()
     if not ext["metrics"].enabled:
         raise ApiError(503, "Metrics need prometheus-client: pip install 'hashlb[ops]'")
-    text = ext["metrics"].exposition(_registry(), current_app.config["SETTINGS"])
+    view = ext["router"].view
+    try:
+        facts = registry_facts(view, view.latest())
+    except RegistryError:
+        facts = None  # lb_registry_up says so
+    text = ext["metrics"].exposition(_registry(), current_app.config["SETTINGS"], facts)
     return _no_store(Response(text, content_type=CONTENT_TYPE))
 
 

@@ -20,11 +20,14 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lb.events import RouterEvents
 from lb.registry import Registry, RegistryError, Replica, ReplicaState
 from lb.settings import Settings
+
+if TYPE_CHECKING:
+    from lb.stores import Store
 
 try:
     import prometheus_client
@@ -163,7 +166,8 @@ class BalancerMetrics(RouterEvents):
             return MultiProcessCollector(None).collect()
         return self.registry.collect()
 
-    def exposition(self, registry: Registry, settings: Settings) -> bytes:
+    def exposition(self, registry: Store, settings: Settings,
+                   facts: dict[str, Any] | None = None) -> bytes:
         """The Prometheus text of everything: counted figures plus the registry's."""
         if not self.enabled:
             raise RuntimeError("prometheus-client is not installed")
@@ -172,7 +176,7 @@ class BalancerMetrics(RouterEvents):
             MultiProcessCollector(out)
         else:
             out.register(_Families(self.registry))
-        out.register(ReplicaSetCollector(registry, self.multiprocess, settings))
+        out.register(ReplicaSetCollector(registry, self.multiprocess, settings, facts))
         return prometheus_client.generate_latest(out)
 
 
@@ -250,10 +254,12 @@ class ReplicaSetCollector:
     """Gauges read from the registry at scrape time: they are facts about the state, not
     events, so the workers need not agree on them."""
 
-    def __init__(self, registry: Registry, multiprocess: bool, settings: Settings) -> None:
+    def __init__(self, registry: Store, multiprocess: bool, settings: Settings,
+                 facts: dict[str, Any] | None = None) -> None:
         self.registry = registry
         self.multiprocess = multiprocess
         self.settings = settings
+        self.facts = facts  # blueprint.registry_facts: what this worker applied
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("lb_registry_up", "1 when the registry could be read")
@@ -272,6 +278,7 @@ class ReplicaSetCollector:
         version = GaugeMetricFamily("lb_registry_version", "Writes the registry has seen")
         version.add_metric([], float(state.version))
         yield version
+        yield from self._applied()
         stamp = self.registry.stamp() if isinstance(self.registry, Registry) else None
         if stamp is not None:
             # The supervisor rewrites it every heartbeat round while a replica is ready: a
@@ -322,6 +329,33 @@ class ReplicaSetCollector:
                                     "replica (K)")
         virtual.add_metric([], float(ring.virtual))
         yield virtual
+
+
+    def _applied(self) -> Iterator[Metric]:
+        """Which store, the revision this worker routes from, who leads, how old the last
+        change applied is: the figures that show several balancers in step."""
+        store = GaugeMetricFamily("lb_registry_info", "The registry's store (value always 1)",
+                                  labels=["store"])
+        store.add_metric([self.registry.kind], 1.0)
+        yield store
+        if self.facts is None:
+            return
+        revision = GaugeMetricFamily("lb_registry_revision", "The registry revision this "
+                                     "worker has applied (etcd: the state key's revision)")
+        revision.add_metric([], float(self.facts["revision"]))
+        yield revision
+        if self.facts["change_age"] is not None:
+            change = GaugeMetricFamily("lb_registry_change_age_seconds", "Seconds since this "
+                                       "worker applied the last change of the registry")
+            change.add_metric([], float(self.facts["change_age"]))
+            yield change
+        if self.registry.kind == "etcd":
+            leader = GaugeMetricFamily("lb_supervisor_leader", "1 for the supervisor that "
+                                       "leads (etcd), none while no supervisor leads",
+                                       labels=["leader"])
+            if self.facts["leader"]:
+                leader.add_metric([self.facts["leader"]], 1.0)
+            yield leader
 
 
 def sample_sums(families: Iterable[Metric], name: str, by: str,

@@ -146,7 +146,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Status": {
         "type": "object",
-        "required": ["deployment", "generated_at", "registry_version", "rep",
+        "required": ["deployment", "generated_at", "registry_version", "registry", "rep",
                      "replicas_desired", "replicas_by_state", "hash_map", "ring",
                      "rate_window", "totals", "replicas"],
         "additionalProperties": False,
@@ -154,6 +154,24 @@ SCHEMAS: dict[str, Any] = {
             "deployment": {"type": "string"},
             "generated_at": {"type": "number"},
             "registry_version": {"type": "integer"},
+            "registry": {
+                "type": "object",
+                "description": "The store this balancer worker routes from",
+                "required": ["store", "revision", "leader", "change_age"],
+                "additionalProperties": False,
+                "properties": {
+                    "store": {"type": "string", "enum": ["file", "etcd"]},
+                    "revision": {"type": "integer", "description": "The registry revision "
+                                 "this worker has applied (etcd: the state key's revision; "
+                                 "file: the registry version)"},
+                    "leader": {"type": ["string", "null"], "description": "The supervisor "
+                               "that leads (etcd: 'host:pid' of the lease holder; null: none, "
+                               "or the file store, whose one supervisor needs no election)"},
+                    "change_age": {"type": ["number", "null"], "minimum": 0,
+                                   "description": "Seconds since this worker applied the last "
+                                                  "change of the registry"},
+                },
+            },
             "rep": _ref("Rep"),
             "replicas_desired": {"type": "integer", "minimum": 0},
             "replicas_by_state": {

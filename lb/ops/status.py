@@ -79,7 +79,8 @@ def arcs(owner_by_slot: Iterable[int | None]) -> list[list[int]]:
 
 def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Counts],
                  span: float | None, settings: Settings,
-                 now: float | None = None) -> dict[str, Any]:
+                 now: float | None = None,
+                 registry: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status document (see the OpenAPI description's ``Status`` schema).
 
     Shares and slot ownership come from the lookup of the strategy that routes (the same
@@ -123,6 +124,8 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
         "deployment": settings.deployment,
         "generated_at": now,
         "registry_version": state.version,
+        "registry": registry or {"store": "file", "revision": state.version, "leader": None,
+                                 "change_age": None},
         "rep": state.rep(),
         "replicas_desired": len(members),
         "replicas_by_state": {name: sum(r.state == name for r in state.replicas)

@@ -41,6 +41,10 @@
     setText("starting", s.replicas_by_state.starting);
     setText("requests", s.totals.requests);
     setText("errors", s.totals.errors);
+    const g = s.registry;
+    setText("registry", `${g.store} · revision ${g.revision}` +
+                        (g.store === "etcd" ? ` · leader ${g.leader || "none"}` : "") +
+                        (g.change_age === null ? "" : ` · changed ${g.change_age.toFixed(1)}s ago`));
     const h = s.hash_map;
     // Formulas written out when there are any: "seed: H(i) = ..." or just "H(i) = ...".
     const name = h.formulas ? (h.preset.includes("=") ? "" : `${h.preset}: `) : h.preset;
