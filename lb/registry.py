@@ -113,7 +113,7 @@ class Replica:
     slots: list[int]
     state: ReplicaState = STARTING
     address: str | None = None  # base URL, e.g. http://127.0.0.1:41234
-    handle: str | None = None  # backend's own id: "pid/create-time" or a container id
+    handle: str | None = None  # backend's own id: "pid/token", a container or service id
     last_heartbeat: float | None = None
     failures: int = 0  # consecutive missed heartbeats
     restarts: int = 0  # consecutive starts that never became ready

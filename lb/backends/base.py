@@ -28,7 +28,7 @@ class Instance:
     """A running replica, as the backend sees it."""
 
     hostname: str
-    handle: str  # the backend's own id for it (pid/create-time, container id, ...)
+    handle: str  # the backend's own id for it (pid/token, container or service id)
     address: str  # base URL the balancer and the supervisor use, e.g. http://127.0.0.1:41234
     server_id: int | None = None
 
