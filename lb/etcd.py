@@ -477,9 +477,14 @@ class EtcdView:
 
     # -- what routing and the replies ask -----------------------------------------------------
     def current(self) -> State:
+        """The applied state. No I/O once the watch thread runs (routing calls this on an
+        event loop): until it has read a state, this raises what stops it."""
         state = self._state
         if state is not None:
             return state
+        if self._thread is not None:
+            raise self.problem or EtcdUnreachable(
+                f"registry {self.registry.where} not read yet", "not read yet")
         return self.check()
 
     def check(self) -> State:
