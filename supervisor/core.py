@@ -112,8 +112,10 @@ class Supervisor:
     # -- one round -----------------------------------------------------------------------------
     def tick(self) -> None:
         state = self._read()
-        targets = [r for r in state.replicas
-                   if r.handle and r.address and r.state != REMOVING and not r.adding]
+        # Not probed: what an /add is starting, and what an /add wanted and never committed
+        # (its lease ran out: it is removed below, not made ready by its answer).
+        targets = [r for r in state.replicas if r.handle and r.address
+                   and r.state != REMOVING and not r.adding and not r.wanted]
         alive = {r.handle: self.backend.is_running(r.handle) for r in targets if r.handle}
         answers = dict(zip(
             [r.hostname for r in targets],

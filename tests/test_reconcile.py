@@ -308,3 +308,95 @@ def test_a_supervisor_restarted_mid_start_takes_back_what_it_had_reserved(
     entry = state.find("replica-abcdef")
     assert entry is not None and entry.handle == started.handle  # adopted, not doubled
     assert world.backend.started == ["Server1", "Server2"]
+
+
+# -- what an /add wants of the leading supervisor (the etcd registry) -----------------------------
+def want(world: World, name: str, server_id: int, holder: str | None = None) -> Lease:
+    """An entry an /add reserved for the supervisor to start (``Purpose.WANT``)."""
+    lease = Lease.take(Purpose.WANT, START_TIMEOUT)
+    if holder is not None:
+        lease = Lease(holder, lease.until)
+    with world.registry.update() as state:
+        slots = state.hash_ring().add(server_id)
+        state.replicas.append(Replica(name, server_id, list(slots), lease=lease))
+    return lease
+
+
+def test_a_wanted_entry_is_started_under_the_calls_lease_and_left_to_the_add(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The /add waits for its replicas' heartbeats and commits them itself: the supervisor
+    starts them, and neither probes them nor makes them ready nor takes their lease."""
+    world.ready()
+    lease = want(world, "Wanted", 3)
+    probed: list[str] = []
+    monkeypatch.setattr(supervisor.core, "probe",
+                        lambda address, timeout: probed.append(address) or
+                        world.backend.probe(address, timeout))
+    state = world.tick()
+    entry = state.find("Wanted")
+    assert entry is not None and world.backend.started[-1] == "Wanted"
+    assert (entry.state, entry.handle, entry.lease) == (STARTING, "Wanted#3", lease)
+    world.clock.advance(START_TIMEOUT)  # past the supervisor's own start time, within the call's
+    state = world.tick(3)
+    entry = state.find("Wanted")
+    assert entry is not None
+    assert (entry.state, entry.lease, entry.last_heartbeat) == (STARTING, lease, None)
+    assert world.backend.started.count("Wanted") == 1  # started once
+    assert entry.address is not None and entry.address not in probed
+
+
+@pytest.mark.parametrize("how", ["its lease ran out", "its caller died"])
+def test_a_wanted_entry_left_uncommitted_is_removed_and_its_replica_stopped(
+        world: World, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    world.ready()
+    lease = want(world, "Wanted", 3,
+                 holder=dead_holder(Purpose.WANT) if how == "its caller died" else None)
+    state = world.tick()
+    if how == "its lease ran out":
+        entry = state.find("Wanted")
+        assert entry is not None and entry.handle == "Wanted#3"  # started, never committed
+        world.clock.advance(lease.until - world.clock.now)
+    caplog.set_level("WARNING", logger="supervisor.core")
+    world.tick()
+    state = world.settle()
+    assert any("did not commit it in time: removing it" in r.getMessage()
+               for r in caplog.records)
+    assert [r.hostname for r in state.replicas] == ["Server1", "Server2"]
+    if how == "its lease ran out":
+        assert world.backend.stopped == ["Wanted#3"]
+    assert "Wanted" not in {i.hostname for i in world.backend.list()}
+
+
+def test_a_wanted_entry_whose_lease_ran_out_before_it_started_is_never_started(
+        world: World) -> None:
+    world.ready()
+    lease = want(world, "Late", 3)
+    world.clock.advance(lease.until - world.clock.now)
+    world.tick()
+    state = world.settle()
+    assert state.find("Late") is None
+    assert "Late" not in world.backend.started
+
+
+def test_a_supervisor_that_may_not_act_starts_and_stops_nothing(world: World) -> None:
+    """A supervisor that lost its leadership: another acts, so this one must not start or stop
+    a replica, whatever the registry asks for."""
+    world.ready()
+    stray = Instance("stray", "stray#0", f"{NOBODY}/stray", 99)
+    world.backend.running[stray.handle] = stray
+    want(world, "Wanted", 3)
+    with world.registry.update() as state:
+        gone = state.find("Server2")
+        assert gone is not None
+        gone.state, gone.lease = REMOVING, Lease("rm:elsewhere", 0.0)  # an /rm's, released
+    world.backend.die("Server1")
+    log_before = list(world.backend.log)
+    passive = Supervisor(world.sup.settings, world.registry, world.backend, world.events,
+                         may_act=lambda: False)
+    try:
+        for _ in range(3):
+            passive.tick()
+    finally:
+        passive.close()  # waits for anything it put in the background
+    assert world.backend.log == log_before  # nothing started, nothing stopped
+    assert stray.handle in world.backend.running
