@@ -198,9 +198,15 @@ class Etcd:
 
     def revoke(self, lease: int) -> None:
         """End a lease and delete its keys; best effort (it runs out by itself anyway)."""
+        def op(client: etcd3gw.Etcd3Client) -> None:
+            try:
+                client.post(client.get_url("/kv/lease/revoke"), json={"ID": lease})
+            except Etcd3Exception as exc:
+                if "lease not found" not in (exc.detail_text or ""):
+                    raise  # gone already: what a revoke wants
+
         try:
-            self._call(lambda c: c.post(c.get_url("/kv/lease/revoke"), json={"ID": lease}),
-                       "lease revoke", deadline=1.0)
+            self._call(op, "lease revoke", deadline=1.0)
         except EtcdUnreachable as exc:
             log.debug("lease %x not revoked: %s", lease, exc)
 
