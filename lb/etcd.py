@@ -552,9 +552,12 @@ class EtcdView:
             self._fresh()
 
     def follow(self, interval: float = 0.0) -> None:
-        """Start the watch thread (once): a fresh read, then the key's changes, then again."""
+        """Start the watch thread (once): a fresh read, then the key's changes, then again.
+        A first read happens here, before it returns, if none has yet."""
         if self._thread is not None:
             return
+        if self._state is None:
+            self.refresh()
         self._thread = threading.Thread(target=self._follow, name="registry-watch",
                                         daemon=True)
         self._thread.start()
