@@ -132,6 +132,7 @@ def ha_stack(folder: Path, **overrides: Any) -> Iterator[HaStack]:
     values: dict[str, Any] = {
         "deployment": deployment, "port": port, "n": 3, "workers": 1, "leader_ttl": 2,
         "hash_key": HASH_KEY, "hash": "xxhash",  # keys spread over the replicas
+        "backend": "local", "log_level": "info",  # the failover test reads the INFO lines
     }
     values.update(overrides)
     for p in range(port, port + 3):
