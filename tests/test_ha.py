@@ -423,11 +423,13 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def switch(self, key: str, new: str, since: float) -> tuple[float, float] | None:
+    def switch(self, key: str, new: str, since: float,
+               start: int = 0) -> tuple[float, float] | None:
         """When this balancer began sending ``key`` to ``new`` for good, as an interval
         (the last request that went elsewhere was sent, the first of the new ones answered);
-        None while it has not (two answers from ``new`` in a row at least)."""
-        seen = [(s, a, who) for s, a, k, who in list(self.seen) if k == key and a >= since]
+        None while it has not (two answers from ``new`` in a row at least). Only requests
+        from the ``start``-th and answered after ``since`` count."""
+        seen = [(s, a, who) for s, a, k, who in self.seen[start:] if k == key and a >= since]
         last_other = max((i for i, (_, _, who) in enumerate(seen) if who != new), default=-1)
         after = seen[last_other + 1:]
         if len(after) < 2:
@@ -487,6 +489,7 @@ def test_convergence_after_add_and_rm(ha: HaStack,
             moving = [k for k in keys if before[k] != guess[k]][:3]
             for s in samplers:
                 s.keys = moving + [k for k in keys[:1] if k not in moving]
+            starts = [len(s.seen) for s in samplers]
             time.sleep(0.3)  # every balancer seen on the old routing first
             began = time.monotonic()
             if kind == "add":
@@ -514,8 +517,8 @@ def test_convergence_after_add_and_rm(ha: HaStack,
             deadline = time.monotonic() + 10
             switches: dict[str, list[tuple[float, float]]] = {}
             while time.monotonic() < deadline:
-                found = {k: [s.switch(k, after[k], began - 0.3) for s in samplers]
-                         for k in moved}
+                found = {k: [s.switch(k, after[k], began - 0.3, i0)
+                             for s, i0 in zip(samplers, starts)] for k in moved}
                 if all(x is not None for seen in found.values() for x in seen):
                     switches = {k: [x for x in seen if x is not None] for k, seen in found.items()}
                     break
