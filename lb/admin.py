@@ -32,7 +32,7 @@ from lb.hashring import RingFull
 from lb.heartbeat import wait_ready
 from lb.leases import Lease, Purpose
 from lb.naming import MAX_HOSTNAME, random_hostname, valid_hostname
-from lb.registry import READY, REMOVING, RegistryError, Replica, State
+from lb.registry import READY, REMOVING, RegistryError, RegistryWriteUnknown, Replica, State
 from lb.settings import Settings
 from lb.stores import Store
 
@@ -128,6 +128,9 @@ class Admin:
                     "can be used again (see /rep)" if self.backend is not None else
                     "nothing was added (its reservation runs out and the supervisor removes "
                     "it)")
+            if isinstance(exc, RegistryWriteUnknown):
+                then = ("its last write could not be confirmed, so the replicas may or may "
+                        "not have been added (see /rep)")
             raise ApiError(503, f"{sentence(exc.reason)} half-way through this call: "
                                 f"{then}") from exc
 

@@ -52,6 +52,7 @@ from lb.registry import (
     RegistryError,
     RegistryMissing,
     RegistryUnreadable,
+    RegistryWriteUnknown,
     State,
     parse_state,
 )
@@ -60,9 +61,11 @@ from lb.settings import EtcdAddress
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = (0.5, 2.0)  # connect, read: one member's slowness moves us on to the next
+REQUEST_TIMEOUT = (0.5, 1.0)  # connect, read: a hung member moves us on to the next in 1 s
 LOCK_TTL = 5  # seconds a dead writer can hold the write lock (blocks under it take milliseconds)
-WATCH_IDLE = 5.0  # seconds a quiet watch lasts before a fresh read re-makes it
+# Seconds a quiet watch lasts before a fresh read re-makes it: a hung member's stream goes
+# quiet without breaking, so this bounds how long a balancer can follow one.
+WATCH_IDLE = 2.0
 T = TypeVar("T")
 
 
@@ -405,8 +408,8 @@ class EtcdRegistry:
             try:
                 now = self.get()
             except EtcdUnreachable as exc:
-                raise EtcdUnreachable(f"{exc}; the write to {self.where} may not have landed",
-                                      exc.detail) from exc
+                raise RegistryWriteUnknown(f"{exc}; the write to {self.where} may or may not "
+                                           "have landed") from exc
             if now.data == data:
                 return  # it landed; the reply was lost
             if now.mod_revision != read_at:

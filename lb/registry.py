@@ -84,6 +84,13 @@ class RegistryMissing(RegistryUnreadable):
     summary = "the replica registry file is missing"
 
 
+class RegistryWriteUnknown(RegistryError):
+    """A write was sent and nothing could confirm or rule out that it was applied (the store
+    became unreachable meanwhile): it may yet be."""
+
+    summary = "the replica registry did not confirm a write"
+
+
 class RegistryUnwritable(RegistryError):
     """The registry (its folder, its lock or its file) cannot be written."""
 

@@ -44,6 +44,7 @@ from lb.registry import (
     STARTING,
     RegistryError,
     RegistryUnreadable,
+    RegistryWriteUnknown,
     Replica,
 )
 from lb.settings import Settings
@@ -417,6 +418,9 @@ def registry_trouble(exc: RegistryError) -> str:
     if isinstance(exc, RegistryUnreadable):
         return (f"{sentence(exc.reason)}; routing goes on with the last good set of replicas, "
                 "and admin calls are refused until the supervisor restores it")
+    if isinstance(exc, RegistryWriteUnknown):
+        return (f"{sentence(exc.reason)}: the registry could not be reached to confirm it, so "
+                "this call's change may or may not have been made; see /rep")
     return f"{sentence(exc.reason)}; nothing was changed, try again later"
 
 
