@@ -26,7 +26,8 @@ import lb.etcd
 from lb.bootstrap import initial_state
 from lb.etcd import EtcdRegistry, EtcdUnreachable, Leadership, NotLeader, delete
 from lb.ha import EtcdCluster
-from lb.registry import RegistryBusy, State
+from lb.registry import RegistryBusy, RegistryWriteUnknown, State
+from lb.routing import registry_trouble
 from lb.settings import EtcdAddress, Settings, SettingsError
 from tests.conftest import free_port, kill_deployment
 from tests.helpers_etcd import etcd_cluster, etcd_prefix, etcd_registry, new_cluster  # noqa: F401
@@ -195,6 +196,43 @@ def test_a_state_write_whose_answer_is_lost_lands_exactly_once(
     assert etcd_registry.get().mod_revision == landed[0]  # and nothing after it
     assert etcd_registry.read().version == 2
     assert etcd_registry.read().replicas[0].failures == 1
+
+
+@pytest.mark.system
+def test_a_write_that_cannot_be_confirmed_says_it_may_have_landed(
+        etcd_registry: EtcdRegistry,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster answers no more right after a write was sent (quorum lost): neither the
+    write nor the read-back can say whether it was applied. The error says so, and so does
+    what a client is told: not "nothing was changed", which may be false."""
+    etcd_registry.create(seed())
+    real_txn, real_get = etcd_registry.etcd.txn, etcd_registry.etcd.get
+    gone: list[bool] = []
+
+    def then_gone(compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                  failure: list[dict[str, Any]] | None = None,
+                  deadline: float | None = None) -> tuple[bool, int]:
+        if gone:
+            raise EtcdUnreachable("cannot reach etcd at (write: timed out)", "no member")
+        result = real_txn(compare, success, failure, deadline)
+        if _puts_to(etcd_registry.state_key, success):
+            gone.append(True)  # sent and applied; from here on nothing answers
+            raise EtcdUnreachable("cannot reach etcd at (write: timed out)", "no member")
+        return result
+
+    def unreachable(*args: Any, **kw: Any) -> Any:
+        if gone:
+            raise EtcdUnreachable("cannot reach etcd at (read: timed out)", "no member")
+        return real_get(*args, **kw)
+
+    monkeypatch.setattr(etcd_registry.etcd, "txn", then_gone)
+    monkeypatch.setattr(etcd_registry.etcd, "get", unreachable)
+    with pytest.raises(RegistryWriteUnknown) as caught:
+        bump(etcd_registry)
+    said = registry_trouble(caught.value)
+    assert "may or may not have been made" in said and "nothing was changed" not in said
+    monkeypatch.undo()
+    assert etcd_registry.read().version == 2  # it had landed, as it may
 
 
 @pytest.mark.system
