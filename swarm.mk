@@ -22,6 +22,7 @@ CLUSTER           ?= hashlb-cluster
 CLUSTER_WORKERS   ?= 2
 CLUSTER_MANAGERS  ?= 3
 CLUSTER_PORTS     ?=
+CLUSTER_OWNER     ?=
 CLUSTER_DIR       ?= /tmp/$(CLUSTER)
 CLUSTER_HEARTBEAT ?= 2s
 
@@ -117,10 +118,11 @@ swarm-down:  ## Remove the stack, then the replica services, the network and the
 	@# The etcd volumes sit on the nodes their members ran on: a job on every node (global-job,
 	@# engine 20.10 and newer) removes them there. A node that is down keeps its own.
 	@$(DOCKER) service rm $(STACK)_cleanup >/dev/null 2>&1 || true
-	@$(DOCKER) service create --quiet --detach --name $(STACK)_cleanup --mode global-job \
+	@# (Its output is only the warning that the image has no registry digest, unless it fails.)
+	@said=$$($(DOCKER) service create --quiet --detach --name $(STACK)_cleanup --mode global-job \
 	    --restart-condition none --user 0:0 --label hashlb.deployment=$(LB_DEPLOYMENT) \
 	    --mount type=bind,source=$(DOCKER_SOCKET),target=/var/run/docker.sock \
-	    $(LB_LB_IMAGE) python -c "$$VOLUMES_CLEANUP" >/dev/null
+	    $(LB_LB_IMAGE) python -c "$$VOLUMES_CLEANUP" 2>&1) || { echo "$$said" >&2; exit 1; }
 	@end=$$(( $$(date +%s) + $(SWARM_WAIT) )); while [ $$(date +%s) -lt $$end ]; do \
 	    states=$$($(DOCKER) service ps --format '{{.CurrentState}}' $(STACK)_cleanup 2>/dev/null); \
 	    [ -n "$$states" ] && ! echo "$$states" | grep -qvE '^(Complete|Failed|Rejected|Shutdown)' && break; \
@@ -138,7 +140,8 @@ CLUSTER_NODES  = manager $(addprefix worker,$(shell seq $(CLUSTER_WORKERS)))
 cluster-up: build node-image  ## A local test cluster: 3 managers as containers, images loaded, the stack deployed
 	@CLUSTER=$(CLUSTER) CLUSTER_WORKERS=$(CLUSTER_WORKERS) CLUSTER_MANAGERS=$(CLUSTER_MANAGERS) \
 	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_HEARTBEAT=$(CLUSTER_HEARTBEAT) NODE_IMAGE=$(NODE_IMAGE) \
-	CLUSTER_PORTS="$(CLUSTER_PORTS)" LB_PUBLISH_PORT=$(LB_PUBLISH_PORT) bash ci/cluster.sh up
+	CLUSTER_PORTS="$(CLUSTER_PORTS)" CLUSTER_OWNER="$(CLUSTER_OWNER)" \
+	LB_PUBLISH_PORT=$(LB_PUBLISH_PORT) bash ci/cluster.sh up
 	@$(MAKE) --no-print-directory swarm-images \
 	    SWARM_NODES="$(foreach node,$(CLUSTER_NODES),$(call CLUSTER_SOCKET,$(node)))"
 	@DOCKER_HOST=$(call CLUSTER_SOCKET,manager) $(MAKE) --no-print-directory swarm-up \

@@ -30,6 +30,9 @@ NODE_IMAGE=${NODE_IMAGE:-hashlb-node:latest}
 LB_PUBLISH_PORT=${LB_PUBLISH_PORT:-5000}
 READY_SECONDS=${CLUSTER_READY_SECONDS:-60}
 LABEL="hashlb.cluster=$CLUSTER"
+# Who made it, e.g. a test run's "<pid>:<start time>": a later run removes a cluster whose
+# owner is gone even if its nodes still run (a run killed before its teardown).
+CLUSTER_OWNER=${CLUSTER_OWNER:-}
 NETWORK="$CLUSTER-net"
 
 say() { echo "cluster $CLUSTER: $*"; }
@@ -57,7 +60,8 @@ start_node() {
     mkdir -p "$CLUSTER_DIR/$node"
     docker volume create --label "$LABEL" "$name" >/dev/null
     docker run --detach --name "$name" --hostname "$name" --label "$LABEL" \
-        --label hashlb.role=node --network "$NETWORK" "${publish[@]}" \
+        --label hashlb.role=node --label "hashlb.cluster.owner=$CLUSTER_OWNER" \
+        --network "$NETWORK" "${publish[@]}" \
         --cap-add=ALL --cap-drop=SYS_RESOURCE \
         --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
         --volume /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run \
