@@ -104,15 +104,17 @@ export VOLUMES_CLEANUP
 swarm-down:  ## Remove the stack, then the replica services, the network and the etcd volumes
 	@ids=$$($(DOCKER) service ls -q --filter label=com.docker.stack.namespace=$(STACK)); \
 	[ -z "$$ids" ] || $(DOCKER) service rm $$ids >/dev/null  # the supervisors first: no new replicas
-	@ids=$$($(SERVICES_OF) --filter label=hashlb.role=replica); \
-	[ -z "$$ids" ] || { $(DOCKER) service rm $$ids >/dev/null; \
-	    echo "removed $$(echo $$ids | wc -w) replica services of deployment $(LB_DEPLOYMENT)"; }
 	@# The network goes once the tasks' containers have stopped (a grace period each, longer on
-	@# a loaded machine): up to SWARM_WAIT seconds.
-	@end=$$(( $$(date +%s) + $(SWARM_WAIT) )); while [ $$(date +%s) -lt $$end ]; do \
+	@# a loaded machine): up to SWARM_WAIT seconds. Replica services are removed on every round:
+	@# a supervisor's last round, before its task has stopped, may have replaced some.
+	@end=$$(( $$(date +%s) + $(SWARM_WAIT) )); removed=0; while [ $$(date +%s) -lt $$end ]; do \
+	    ids=$$($(SERVICES_OF) --filter label=hashlb.role=replica); \
+	    [ -z "$$ids" ] || { $(DOCKER) service rm $$ids >/dev/null 2>&1; \
+	        removed=$$((removed + $$(echo $$ids | wc -w))); }; \
 	    $(DOCKER) stack rm $(STACK) >/dev/null 2>&1; \
-	    [ -z "$$($(DOCKER) network ls -q --filter label=com.docker.stack.namespace=$(STACK))" ] && \
-	    { echo "stack $(STACK) removed"; exit 0; }; \
+	    [ -z "$$ids" ] && [ -z "$$($(DOCKER) network ls -q --filter label=com.docker.stack.namespace=$(STACK))" ] && \
+	    { echo "removed $$removed replica services of deployment $(LB_DEPLOYMENT)"; \
+	      echo "stack $(STACK) removed"; exit 0; }; \
 	    sleep 1; \
 	done; echo "swarm-down: the network of $(STACK) is still in use" >&2; exit 1
 	@# The etcd volumes sit on the nodes their members ran on: a job on every node (global-job,

@@ -163,18 +163,21 @@ class Cluster:
                 found[container] = names.get(task.get("NodeID", ""), "?")
         return found
 
-    def etcdctl(self, *args: str) -> str:
-        """``etcdctl ARGS`` in a running etcd member of the stack (on a node that answers)."""
+    def etcdctl(self, *args: str, check: bool = True) -> str:
+        """``etcdctl ARGS`` in a running etcd member of the stack (on a node that answers); its
+        output (with ``check=False`` also when it exits non-zero, e.g. a member unhealthy)."""
+        said = ""
         for member in ("etcd1", "etcd2", "etcd3"):
             try:
                 for container, node in self.task_nodes(member).items():
                     run = self.client(node).containers.get(container).exec_run(
                         ["etcdctl", "--command-timeout=3s", *args])
-                    if run.exit_code == 0:
-                        return str(run.output.decode())
-            except docker.errors.DockerException:
-                continue
-        raise AssertionError(f"no etcd member answered etcdctl {' '.join(args)}")
+                    said = run.output.decode()
+                    if run.exit_code == 0 or not check:
+                        return said
+            except (docker.errors.DockerException, requests.RequestException):
+                continue  # that node is down: its engine's socket is gone
+        raise AssertionError(f"no etcd member answered etcdctl {' '.join(args)}: {said}")
 
     def leader(self) -> str | None:
         """The node whose supervisor leads (the leader key holds
@@ -193,7 +196,7 @@ class Cluster:
             states = [n["Status"]["State"] for n in self.nodes().values()]
             if states.count("ready") != len(NODES):
                 return f"nodes {states}"
-            health = self.etcdctl("endpoint", "health", "--cluster")
+            health = self.etcdctl("endpoint", "health", "--cluster", check=False)
             if health.count("is healthy") != 3:
                 return f"etcd: {health}"
             if sorted(self.task_nodes("lb").values()) != sorted(NODES):
@@ -205,7 +208,8 @@ class Cluster:
             session = http_session()
             for node in NODES:
                 session.get(self.url_of(node) + "/rep", timeout=5).raise_for_status()
-        except (AssertionError, OSError, docker.errors.DockerException) as exc:
+        except (AssertionError, OSError, docker.errors.DockerException,
+                requests.RequestException) as exc:
             return repr(exc)
         return None
 

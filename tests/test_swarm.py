@@ -192,7 +192,9 @@ def test_add_and_rm_ten_across_nodes(swarm_cluster: Cluster) -> None:
     assert reply.status_code == 200, reply.text
     left = reply.json()["message"]
     assert left["N"] == 3 and not set(names[:5]) & set(left["replicas"])
-    assert set(cluster.replica_services()) == set(left["replicas"])
+    # The leading supervisor stops them (the balancer only wrote the wanted state to etcd).
+    wait_until("docker service ls agreeing with /rm",
+               lambda: set(cluster.replica_services()) == set(left["replicas"]))
     assert cluster.rep(session) == left
 
 
@@ -402,7 +404,7 @@ def test_leaders_node_stopped_no_failed_request_standby_leads(swarm_cluster: Clu
         assert (session.get(cluster.url_of(others[1]) + "/rep", timeout=30).json()["message"]
                 == cluster.rep(session))
         assert routed(cluster, others[1], keys) == routed(cluster, others[0], keys)
-        members = cluster.etcdctl("endpoint", "health", "--cluster")
+        members = cluster.etcdctl("endpoint", "health", "--cluster", check=False)
     finally:
         host.containers.get(f"{cluster.name}-{victim}").start()  # it rejoins the swarm
         host.close()
