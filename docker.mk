@@ -1,5 +1,5 @@
 # The Docker deployment's life cycle (included by the Makefile):
-#   make build   base image (if needed) + wheels + the replica and balancer images
+#   make build   base image (if needed) + wheels + the replica, balancer and etcd images
 #   make up      the compose stack: balancer on 127.0.0.1:$(LB_PUBLISH_PORT), supervisor, N replicas
 #   make down    everything of the stack gone: replicas (also those /add started), network, volume
 # The variables below can be set on the command line or in the environment, e.g.
@@ -15,6 +15,7 @@ LB_NETWORK      ?= net1
 LB_PUBLISH_PORT ?= 5000
 LB_IMAGE        ?= hashlb-server:latest
 LB_LB_IMAGE     ?= hashlb-lb:latest
+LB_ETCD_IMAGE   ?= hashlb-etcd:latest
 DOCKER_SOCKET   ?= /var/run/docker.sock
 
 # The base image: the official slim image when it is here (PULL_BASE=yes tries to pull it first),
@@ -80,10 +81,11 @@ wheels: base-image | $(STAMP)  ## Download the images' Python packages as wheels
 	    touch $$stamp; \
 	else echo "wheels: up to date for Python $$py"; fi
 
-build: wheels  ## Build the images: replica (hashlb-server) and balancer/supervisor (hashlb-lb)
+build: wheels  ## Build the images: replica (hashlb-server), balancer/supervisor (hashlb-lb), etcd (hashlb-etcd)
 	$(DOCKER) build --quiet --build-arg BASE_IMAGE=$(BASE_IMAGE) -f Dockerfile.server -t $(LB_IMAGE) .
 	$(DOCKER) build --quiet --build-arg BASE_IMAGE=$(BASE_IMAGE) -f Dockerfile.lb -t $(LB_LB_IMAGE) .
-	@for image in server lb; do  # superseded builds (the venv stages stay: they are the cache) \
+	$(DOCKER) build --quiet --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(LB_ETCD_IMAGE) - <Dockerfile.etcd
+	@for image in server lb etcd; do  # superseded builds (the venv stages stay: they are the cache) \
 	    $(DOCKER) image prune --force --filter label=hashlb.image=$$image >/dev/null; done
 
 up: build  ## Start the stack in Docker; returns when it serves on 127.0.0.1:5000 (LB_PUBLISH_PORT)
@@ -113,6 +115,6 @@ ps:  ## The stack's containers and its replicas
 	    --format 'table {{.Names}}\t{{.Status}}\t{{.Label "hashlb.server_id"}}\t{{.ID}}'
 
 docker-clean: down  ## down, then remove the images (not the base) and the downloaded wheels
-	-$(DOCKER) image rm $(LB_IMAGE) $(LB_LB_IMAGE)
+	-$(DOCKER) image rm $(LB_IMAGE) $(LB_LB_IMAGE) $(LB_ETCD_IMAGE)
 	$(DOCKER) image prune --force --filter label=hashlb.image >/dev/null
 	rm -rf $(WHEELS)

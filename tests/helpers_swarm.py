@@ -1,15 +1,20 @@
-"""The test cluster: a Docker Swarm of a manager and two workers, each a container with its own
-engine (``make cluster-up``), the stack deployed, the balancer on a loopback port.
+"""The test cluster: a Docker Swarm of three nodes, each a container with its own engine and
+each a swarm manager (``make cluster-up``; the nodes are named ``manager``, which made the
+swarm, ``worker1`` and ``worker2``), the stack deployed, each node's balancer on a loopback port.
 
-One cluster serves the whole test session (``conftest.swarm_cluster``); its last user,
-``test_swarm.test_cluster_down_leaves_nothing``, takes it down with ``make cluster-down`` and
-checks that nothing of it is left. Everything else about it is read through the engines' API:
-the manager's for services, tasks and nodes, a worker's for the containers it runs.
+One cluster serves the whole test session (``conftest.swarm_cluster``), and only the fixture's
+teardown takes it down (``make cluster-down``): no test removes what another still needs. A
+test that stops a node starts it again; one that removes the stack deploys it again. The nodes
+carry their run's owner (pid and start time): the next run removes a cluster whose owner is
+gone, even with its nodes still running. Everything else about it is read through the engines'
+API: a manager's (``Cluster.control``) for services, tasks and nodes, a node's own for the
+containers it runs.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import requests
 
 from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_HOSTNAME, LABEL_ROLE
@@ -27,39 +33,79 @@ from lb.backends.swarm import is_live
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IMAGE = "hashlb-node:latest"  # swarm.mk's NODE_IMAGE, which the tests keep
 CLUSTER_LABEL = "hashlb.cluster"  # ci/cluster.sh labels all a cluster makes with its name
+OWNER_LABEL = "hashlb.cluster.owner"  # ... and its nodes with who made them (CLUSTER_OWNER)
+NODES = ("manager", "worker1", "worker2")  # all three swarm managers (CLUSTER_MANAGERS=3)
 TEST_CLUSTER_PREFIX = "hlbs"  # the tests' clusters; a user's own (make cluster-up) are never touched
 UP_TIMEOUT = 900  # seconds: a first run builds the node image (Debian's docker.io) too
 # The stack's settings for the tests: Maglev spreads random keys evenly, so every replica gets
 # requests (the spec's hash sends 96 % to one), and a start timeout with room for a busy machine.
-STACK_SETTINGS = {"LB_STRATEGY": "maglev", "LB_START_TIMEOUT": "45", "LB_N": "3"}
+# A request with ``?key=K`` is routed by K (one without falls back to a random key), so the
+# balancers of all nodes can be compared on where they send one key.
+STACK_SETTINGS = {"LB_STRATEGY": "maglev", "LB_START_TIMEOUT": "45", "LB_N": "3",
+                  "LB_HASH_KEY": "query:key"}
+
+
+def owner_of_this_run() -> str:
+    """``<pid>:<start time>`` of this process: what its clusters' nodes are labelled with."""
+    return f"{os.getpid()}:{int(psutil.Process().create_time())}"
+
+
+def owner_alive(owner: str) -> bool:
+    pid, _, started = owner.partition(":")
+    try:
+        return int(psutil.Process(int(pid)).create_time()) == int(started)
+    except (ValueError, psutil.Error):
+        return False
+
+
+def other_free_ports(first: int, count: int) -> list[int]:
+    """``first`` and ``count - 1`` more free loopback ports, all different."""
+    ports = [first]
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 @dataclass
 class Cluster:
     name: str
     folder: Path
-    port: int
+    port: int  # the manager's balancer on the host, and the port every node publishes
+    ports: dict[str, int] = field(default_factory=dict)  # node -> its balancer on the host
     deployment: str = "hashlb"
     stack: str = "hashlb"
+    control: str = "manager"  # the node whose engine client() asks by default: a live manager
     removed: bool = False
     _clients: dict[str, docker.DockerClient] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The balancer of the node ``control`` names (the manager's unless a test moved it)."""
+        return self.url_of(self.control)
+
+    def url_of(self, node: str) -> str:
+        """The balancer on ``node``, from here."""
+        return f"http://127.0.0.1:{self.ports.get(node, self.port)}"
 
     def socket(self, node: str = "manager") -> str:
         return f"unix://{self.folder}/{node}/docker.sock"
 
-    def client(self, node: str = "manager") -> docker.DockerClient:
+    def client(self, node: str | None = None) -> docker.DockerClient:
+        node = node or self.control
         if node not in self._clients:
             self._clients[node] = docker.DockerClient(base_url=self.socket(node), timeout=60)
         return self._clients[node]
 
     def make(self, *targets: str, timeout: float = UP_TIMEOUT,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        ports = " ".join(str(self.ports.get(node, self.port)) for node in NODES)
         variables = [f"CLUSTER={self.name}", f"CLUSTER_DIR={self.folder}",
-                     f"LB_PUBLISH_PORT={self.port}", f"STACK={self.stack}",
+                     f"LB_PUBLISH_PORT={self.port}", f"CLUSTER_PORTS={ports}",
+                     f"CLUSTER_OWNER={owner_of_this_run()}", f"STACK={self.stack}",
                      f"LB_DEPLOYMENT={self.deployment}"]
         return subprocess.run(["make", "-s", *targets, *variables], cwd=ROOT, text=True,
                               capture_output=True, timeout=timeout, check=False,
@@ -103,6 +149,70 @@ class Cluster:
                                f"{LABEL_DEPLOYMENT}={self.deployment}"]})
         return container
 
+    def task_nodes(self, service: str) -> dict[str, str]:
+        """Container id -> the node (``manager``, ...) for the running tasks of the stack's
+        ``service`` (``lb``, ``supervisor``, ``etcd1``, ...)."""
+        names = {i: n["Description"]["Hostname"].removeprefix(self.name + "-")
+                 for i, n in self.nodes().items()}
+        found = {}
+        for task in self.client().api.tasks(filters={"service": f"{self.stack}_{service}",
+                                                     "desired-state": "running"}):
+            status = task["Status"]
+            if status["State"] == "running":
+                container = status.get("ContainerStatus", {}).get("ContainerID", "")
+                found[container] = names.get(task.get("NodeID", ""), "?")
+        return found
+
+    def etcdctl(self, *args: str, check: bool = True) -> str:
+        """``etcdctl ARGS`` in a running etcd member of the stack (on a node that answers); its
+        output (with ``check=False`` also when it exits non-zero, e.g. a member unhealthy)."""
+        said = ""
+        for member in ("etcd1", "etcd2", "etcd3"):
+            try:
+                for container, node in self.task_nodes(member).items():
+                    run = self.client(node).containers.get(container).exec_run(
+                        ["etcdctl", "--command-timeout=3s", *args])
+                    said = run.output.decode()
+                    if run.exit_code == 0 or not check:
+                        return said
+            except (docker.errors.DockerException, requests.RequestException):
+                continue  # that node is down: its engine's socket is gone
+        raise AssertionError(f"no etcd member answered etcdctl {' '.join(args)}: {said}")
+
+    def leader(self) -> str | None:
+        """The node whose supervisor leads (the leader key holds
+        ``supervisor-<node's hostname>:<pid>``), or None."""
+        said = self.etcdctl("get", "--print-value-only",
+                            f"/hashlb/{self.deployment}/leader").strip()
+        if not said:
+            return None
+        return said.partition(":")[0].removeprefix(f"supervisor-{self.name}-")
+
+    def whole(self) -> str | None:
+        """None when the stack is whole again: every node ready, three etcd members healthy,
+        a balancer serving on every node, two supervisors running and one leading; else what
+        is missing."""
+        try:
+            states = [n["Status"]["State"] for n in self.nodes().values()]
+            if states.count("ready") != len(NODES):
+                return f"nodes {states}"
+            health = self.etcdctl("endpoint", "health", "--cluster", check=False)
+            if health.count("is healthy") != 3:
+                return f"etcd: {health}"
+            if sorted(self.task_nodes("lb").values()) != sorted(NODES):
+                return f"balancers on {self.task_nodes('lb')}"
+            if len(set(self.task_nodes("supervisor").values())) != 2:
+                return f"supervisors on {self.task_nodes('supervisor')}"
+            if self.leader() is None:
+                return "no supervisor leads"
+            session = http_session()
+            for node in NODES:
+                session.get(self.url_of(node) + "/rep", timeout=5).raise_for_status()
+        except (AssertionError, OSError, docker.errors.DockerException,
+                requests.RequestException) as exc:
+            return repr(exc)
+        return None
+
     def balancer_trouble(self, since: float) -> list[str]:
         """The balancer's log lines at WARNING and above since ``since`` (a Unix time), each
         with its traceback: what a failed request's test shows of the balancer's side."""
@@ -141,9 +251,11 @@ def http_session() -> requests.Session:
 
 def start_cluster(free_port: int, settings: dict[str, str] | None = None,
                   ) -> tuple[Cluster, subprocess.CompletedProcess[str]]:
-    """``make cluster-up`` under a fresh name, the stack with ``settings`` (LB_* variables)."""
+    """``make cluster-up`` under a fresh name, the stack with ``settings`` (LB_* variables);
+    the manager's balancer on ``free_port``, the others' on other free ports."""
     name = f"{TEST_CLUSTER_PREFIX}{uuid.uuid4().hex[:6]}"
-    cluster = Cluster(name, Path("/tmp") / name, free_port)
+    ports = dict(zip(NODES, other_free_ports(free_port, len(NODES)), strict=True))
+    cluster = Cluster(name, Path("/tmp") / name, free_port, ports)
     began = time.monotonic()
     proc = cluster.make("cluster-up", env=settings or STACK_SETTINGS)
     print(f"\n[swarm] cluster {name} up in {time.monotonic() - began:.0f}s "
@@ -166,19 +278,21 @@ def remains_of(name: str) -> list[str]:
 
 
 def remove_abandoned_clusters() -> list[str]:
-    """Test clusters of which no node runs (a run killed before its teardown left them, and a
-    run still using its cluster has its manager running): each taken down with ``make
-    cluster-down``. Their names."""
+    """Test clusters a run killed before its teardown left: those whose owner (the run that made
+    them, on their nodes' label) is gone, even with nodes still running, and those without an
+    owner of which no node runs. Each taken down with ``make cluster-down``. Their names."""
     host = docker.from_env(timeout=60)
     try:
-        running: dict[str, bool] = {}
+        alive: dict[str, bool] = {}
         for node in host.containers.list(all=True, filters={"label": f"{LABEL_ROLE}=node"}):
             name = node.labels.get(CLUSTER_LABEL, "")
             if name.startswith(TEST_CLUSTER_PREFIX):
-                running[name] = running.get(name, False) or node.status == "running"
+                owner = node.labels.get(OWNER_LABEL, "")
+                used = owner_alive(owner) if owner else node.status == "running"
+                alive[name] = alive.get(name, False) or used
     finally:
         host.close()
-    abandoned = sorted(name for name, alive in running.items() if not alive)
+    abandoned = sorted(name for name, used in alive.items() if not used)
     for name in abandoned:
         Cluster(name, Path("/tmp") / name, 0).make("cluster-down", timeout=300)
     return abandoned
@@ -198,4 +312,8 @@ def running_cluster(free_port: int) -> Iterator[Cluster]:
     finally:
         cluster.close()
         if not cluster.removed:
-            cluster.make("cluster-down", timeout=300)
+            proc = cluster.make("cluster-down", timeout=300)
+            left = remains_of(cluster.name)
+            if proc.returncode != 0 or left:
+                print(f"\n[swarm] make cluster-down of {cluster.name} left {left}: "
+                      f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}", flush=True)

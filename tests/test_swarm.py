@@ -1,19 +1,28 @@
-"""The Swarm deployment on a real cluster: a manager and two workers, each a container running its
-own engine (``make cluster-up``), the stack deployed, the balancer reached on a loopback port.
+"""The Swarm deployment on a real cluster: three nodes (``manager``, ``worker1``, ``worker2``, all
+three swarm managers), each a container running its own engine (``make cluster-up``), the stack
+deployed: etcd on every node, a balancer on every node (each reached on a loopback port), two
+supervisors.
 
-The contract holds through the balancer; replicas spread over the nodes; ``/add`` and ``/rm``
+The stack is laid out with no single point of failure and every balancer routes a key alike;
+the contract holds through the balancer; replicas spread over the nodes; ``/add`` and ``/rm``
 agree with ``docker service ls``; a replica killed on a worker, a worker drained and a worker
 stopped outright each end with replacements on the nodes left and no failed client request;
-``make swarm-down`` removes the stack and every replica service;
-``make cluster-down`` leaves nothing. The tests run in file order on one cluster (the last one
-takes it down) and print their figures (``[hard-to-break] swarm-...`` lines).
+the node of the leading supervisor stopped outright: no failed request through another node's
+balancer, the standby leads, the lost replicas are replaced; ``make swarm-down`` removes the
+stack, every replica service and the etcd volumes on every node (and the stack is deployed
+again); ``make cluster-down`` leaves nothing (on a cluster of its own). The tests share one
+cluster, which only the fixture takes down; each leaves it whole, and they print their figures
+(``[hard-to-break] swarm-...`` lines).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -24,9 +33,14 @@ from tests.helpers_chaos import Load, report
 from tests.helpers_swarm import (
     CLUSTER_LABEL,
     NODE_IMAGE,
+    NODES,
+    OWNER_LABEL,
+    ROOT,
+    STACK_SETTINGS,
     TEST_CLUSTER_PREFIX,
     Cluster,
     http_session,
+    owner_of_this_run,
     remains_of,
     remove_abandoned_clusters,
 )
@@ -35,6 +49,7 @@ from tests.helpers_swarm import (
 pytestmark = [pytest.mark.docker, pytest.mark.swarm, pytest.mark.timeout(900)]
 
 RECOVERY_TIMEOUT = 90.0  # seconds; a replacement normally serves within a few
+WHOLE_TIMEOUT = 180.0  # seconds for a stopped node to be back with all of its stack's tasks
 
 
 def error(message: str) -> dict[str, str]:
@@ -70,6 +85,65 @@ def settled(cluster: Cluster, n: int, gone: frozenset[str] | set[str] = frozense
             return None
         return where
     return check
+
+
+def wait_whole(cluster: Cluster, timeout: float = WHOLE_TIMEOUT) -> float:
+    """Wait until the stack is whole again (``Cluster.whole``); the seconds it took."""
+    began = time.monotonic()
+    missing: list[str | None] = [None]
+
+    def check() -> bool:
+        missing[0] = cluster.whole()
+        return missing[0] is None
+    try:
+        wait_until("the stack whole again", check, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {missing[0]}") from None
+    return time.monotonic() - began
+
+
+def routed(cluster: Cluster, node: str, keys: list[str]) -> dict[str, str]:
+    """Key -> the replica that answered ``/home?key=K`` through ``node``'s balancer."""
+    session = http_session()
+    served = {}
+    for key in keys:
+        reply = session.get(cluster.url_of(node) + "/home", params={"key": key}, timeout=30)
+        assert reply.status_code == 200, (node, key, reply.text)
+        served[key] = reply.headers["X-Served-By"]
+    return served
+
+
+def test_no_single_point_of_failure_in_the_layout(swarm_cluster: Cluster) -> None:
+    cluster = swarm_cluster
+    wait_whole(cluster)
+    members = {member: set(cluster.task_nodes(member).values())
+               for member in ("etcd1", "etcd2", "etcd3")}
+    assert all(len(where) == 1 for where in members.values()), members
+    assert {n for where in members.values() for n in where} == set(NODES), members
+    assert sorted(cluster.task_nodes("lb").values()) == sorted(NODES)
+    supervisors = list(cluster.task_nodes("supervisor").values())
+    assert len(supervisors) == len(set(supervisors)) == 2, supervisors
+    assert cluster.leader() in supervisors
+    managers = [n["Spec"]["Role"] for n in cluster.nodes().values()]
+    assert managers == ["manager"] * 3, managers
+    # Balancers have no Docker socket; supervisors do.
+    api = cluster.client().api
+    mounts = {name: [m["Target"] for m in api.inspect_service(f"{cluster.stack}_{name}")["Spec"]
+                     ["TaskTemplate"]["ContainerSpec"].get("Mounts", [])]
+              for name in ("lb", "supervisor")}
+    assert mounts == {"lb": [], "supervisor": ["/var/run/docker.sock"]}, mounts
+
+    # Every balancer sees the same replicas and sends each key to the same one, every time.
+    session = http_session()
+    reps = {node: session.get(cluster.url_of(node) + "/rep", timeout=30).json()["message"]
+            for node in NODES}
+    assert len({str(rep) for rep in reps.values()}) == 1, reps
+    keys = [f"user{i}" for i in range(30)]
+    first = routed(cluster, "manager", keys)
+    assert len(set(first.values())) >= 2, f"30 keys on one replica: {first}"
+    for node in NODES:
+        for _ in range(2):
+            assert routed(cluster, node, keys) == first, node
 
 
 def test_contract_through_the_balancer(swarm_cluster: Cluster) -> None:
@@ -118,7 +192,9 @@ def test_add_and_rm_ten_across_nodes(swarm_cluster: Cluster) -> None:
     assert reply.status_code == 200, reply.text
     left = reply.json()["message"]
     assert left["N"] == 3 and not set(names[:5]) & set(left["replicas"])
-    assert set(cluster.replica_services()) == set(left["replicas"])
+    # The leading supervisor stops them (the balancer only wrote the wanted state to etcd).
+    wait_until("docker service ls agreeing with /rm",
+               lambda: set(cluster.replica_services()) == set(left["replicas"]))
     assert cluster.rep(session) == left
 
 
@@ -192,7 +268,8 @@ def test_drained_worker_hands_its_replicas_to_the_others(swarm_cluster: Cluster)
         load.wait()
     finally:
         _set_availability(cluster, node, "active")
-    report("swarm-drain", node=node, replicas_moved=len(leaving), moved_s=moved,
+        back_s = wait_whole(cluster)  # its etcd member and balancer come back with it
+    report("swarm-drain", whole_again_s=back_s, node=node, replicas_moved=len(leaving), moved_s=moved,
            serving_s=serving, requests=load.sent, failed=len(load.failures))
     assert len(new) == len(leaving)
     no_failures(cluster, load)
@@ -246,54 +323,179 @@ def test_stopped_worker_is_replaced_on_the_remaining_nodes(swarm_cluster: Cluste
     finally:
         host.containers.get(f"{cluster.name}-{node}").start()  # it rejoins the swarm
         host.close()
-    report("swarm-stop-node", node=node, replicas_lost=len(leaving), detected_s=detected,
+        back_s = wait_whole(cluster)
+    report("swarm-stop-node", node=node, whole_again_s=back_s, replicas_lost=len(leaving),
+           detected_s=detected,
            serving_s=serving, manager_saw_down_by_s=node_down, requests=load.sent,
            failed=len(load.failures), now_on=sorted(set(where.values())))
     no_failures(cluster, load)
 
 
+def _scale_to(cluster: Cluster, n: int) -> None:
+    session = http_session()
+    have = cluster.rep(session)["N"]
+    if have < n:
+        reply = session.post(cluster.url + "/add", json={"n": n - have}, timeout=120)
+    elif have > n:
+        reply = session.delete(cluster.url + "/rm", json={"n": have - n}, timeout=120)
+    else:
+        return
+    assert reply.status_code == 200, reply.text
+
+
+def _one_or_two_replicas_on(cluster: Cluster, node: str, n: int) -> tuple[dict[str, str], int]:
+    """Replicas placed so that ``node`` runs one or two of them (never all three a request may
+    try: 1 + LB_RETRIES): replicas added or removed until so. The placement and their count."""
+    session = http_session()
+    _scale_to(cluster, n)
+    for _ in range(6):
+        where = wait_until(f"{n} replicas running", settled(cluster, n))
+        on_node = sorted(name for name, at in where.items() if at == node)
+        if 1 <= len(on_node) <= 2:
+            return where, n
+        if on_node:  # too many there: one fewer
+            reply = session.delete(cluster.url + "/rm", json={"n": 1, "hostnames": on_node[:1]},
+                                   timeout=120)
+            n -= 1
+        else:  # none: Swarm puts the next where the fewest tasks run, so add until one is
+            reply = session.post(cluster.url + "/add", json={"n": 1}, timeout=120)
+            n += 1
+        assert reply.status_code == 200, reply.text
+    raise AssertionError(f"could not get one or two replicas on {node}: {where}")
+
+
+def test_leaders_node_stopped_no_failed_request_standby_leads(swarm_cluster: Cluster) -> None:
+    """The node running the leading supervisor, one balancer, one etcd member and some replicas
+    stops outright: clients of another node's balancer see no failed request, the standby
+    supervisor leads, the lost replicas are replaced on the nodes left, and the balancers left
+    still agree on every key."""
+    cluster = swarm_cluster
+    wait_whole(cluster)
+    victim = cluster.leader()
+    assert victim in NODES, victim
+    others = [node for node in NODES if node != victim]
+    cluster.control = others[0]  # a manager that stays up answers for the swarm from here on
+    host = docker.from_env(timeout=60)
+    try:
+        before, n = _one_or_two_replicas_on(cluster, victim, 5)
+        leaving = {name for name, at in before.items() if at == victim}
+        keys = [f"user{i}" for i in range(30)]
+        assert routed(cluster, others[1], keys) == routed(cluster, others[0], keys)
+        session = http_session()
+        load = Load(cluster.url_of(others[0]), total=2000, seconds=25, threads=6).start()
+        time.sleep(3)
+        began = time.monotonic()
+        host.containers.get(f"{cluster.name}-{victim}").stop(timeout=0)
+        new_leader = wait_until("the standby supervisor leading",
+                                lambda: (lead := cluster.leader()) not in (None, victim) and lead,
+                                timeout=60)
+        leads_s = time.monotonic() - began
+        rep = wait_until(f"replicas of stopped {victim} replaced in /rep",
+                         lambda: not leaving & set((r := cluster.rep(session))["replicas"])
+                         and r["N"] == n and r)
+        replaced_s = time.monotonic() - began
+        new = set(rep["replicas"]) - set(before)
+        wait_until(f"{new} serving", lambda: new <= cluster.serving(session, 60))
+        serving_s = time.monotonic() - began
+        where = wait_until("replicas running elsewhere",
+                           settled(cluster, n, gone=leaving, off=victim))
+        load.wait()
+        # The other balancer left saw it all alike: same replicas, same key -> replica.
+        assert (session.get(cluster.url_of(others[1]) + "/rep", timeout=30).json()["message"]
+                == cluster.rep(session))
+        assert routed(cluster, others[1], keys) == routed(cluster, others[0], keys)
+        members = cluster.etcdctl("endpoint", "health", "--cluster", check=False)
+    finally:
+        host.containers.get(f"{cluster.name}-{victim}").start()  # it rejoins the swarm
+        host.close()
+        back_s = wait_whole(cluster)
+        cluster.control = "manager"
+        _scale_to(cluster, 3)
+    report("swarm-stop-leaders-node", node=victim, new_leader=new_leader, leads_s=leads_s,
+           replicas=n, replicas_lost=len(leaving), replaced_in_rep_s=replaced_s,
+           serving_s=serving_s, requests=load.sent, failed=len(load.failures),
+           now_on=sorted(set(where.values())), etcd_healthy_left=members.count("is healthy"),
+           whole_again_s=back_s)
+    no_failures(cluster, load)
+    assert load.ok == load.sent
+    assert new_leader in others
+
+
 def test_swarm_down_removes_the_stack_and_every_replica(swarm_cluster: Cluster) -> None:
     cluster, session = swarm_cluster, http_session()
+    wait_whole(cluster)
     reply = session.post(cluster.url + "/add", json={"n": 2}, timeout=120)
     assert reply.status_code == 200, reply.text
     assert len(cluster.replica_services()) == 5
+    began = time.monotonic()
     proc = cluster.make("swarm-down", timeout=400,  # past SWARM_WAIT: its own message first
                         env={"DOCKER_HOST": cluster.socket("manager")})
+    down_s = time.monotonic() - began
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "etcd volumes of" in proc.stdout, proc.stdout + proc.stderr
     api = cluster.client().api
-    assert api.services() == []  # the stack's two and every replica
+    assert api.services() == []  # the stack's and every replica, the clean-up job too
     assert api.networks(names=["net1"]) == []
-    assert [v["Name"] for v in api.volumes()["Volumes"] or []
-            if v["Name"] == f"{cluster.stack}_registry"] == []
+    for node in NODES:  # each etcd member's volume, on its own node
+        volumes = cluster.client(node).api.volumes(
+            filters={"label": f"com.docker.stack.namespace={cluster.stack}"})["Volumes"]
+        assert not volumes, (node, [v["Name"] for v in volumes])
+    # The cluster is shared: the stack goes back for whoever uses it next (a fresh registry).
+    began = time.monotonic()
+    proc = cluster.make("swarm-up", timeout=400,
+                        env={"DOCKER_HOST": cluster.socket("manager"), **STACK_SETTINGS})
+    up_s = time.monotonic() - began
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_whole(cluster)
+    assert cluster.rep(session) == {"N": 3, "replicas": ["Server1", "Server2", "Server3"]}
+    report("swarm-down-up", down_s=down_s, up_s=up_s)
 
 
 def test_a_cluster_left_by_a_killed_run_is_removed_and_a_live_one_is_not(
         swarm_cluster: Cluster) -> None:
-    """What a run killed before its teardown leaves (node containers no longer running, their
-    volume, the network) is removed before the next run starts its cluster."""
-    name = f"{TEST_CLUSTER_PREFIX}dead{uuid.uuid4().hex[:4]}"
-    labels = {CLUSTER_LABEL: name, LABEL_ROLE: "node"}
+    """What a run killed before its teardown leaves is removed before the next run starts its
+    cluster: node containers no longer running, their volume, the network; and node containers
+    still running whose owner (the run that made them) is gone."""
+    dead = f"{TEST_CLUSTER_PREFIX}dead{uuid.uuid4().hex[:4]}"
+    orphan = f"{TEST_CLUSTER_PREFIX}orph{uuid.uuid4().hex[:4]}"
     host = docker.from_env(timeout=60)
     try:
-        host.volumes.create(f"{name}-manager", labels={CLUSTER_LABEL: name})
-        host.networks.create(f"{name}-net", labels={CLUSTER_LABEL: name})
-        host.containers.create(NODE_IMAGE, name=f"{name}-manager", labels=labels)
+        host.volumes.create(f"{dead}-manager", labels={CLUSTER_LABEL: dead})
+        host.networks.create(f"{dead}-net", labels={CLUSTER_LABEL: dead})
+        host.containers.create(NODE_IMAGE, name=f"{dead}-manager",
+                               labels={CLUSTER_LABEL: dead, LABEL_ROLE: "node"})
+        # Running, made by a process that is gone (pid 1 did not start at time 0).
+        host.containers.run(NODE_IMAGE, ["sleep", "300"], name=f"{orphan}-manager", detach=True,
+                            network_mode="none",
+                            labels={CLUSTER_LABEL: orphan, LABEL_ROLE: "node", OWNER_LABEL: "1:0"})
     finally:
         host.close()
-    assert len(remains_of(name)) == 3
-    assert name in remove_abandoned_clusters()
-    assert remains_of(name) == []
+    assert len(remains_of(dead)) == 3
+    assert len(remains_of(orphan)) == 1
+    removed = remove_abandoned_clusters()
+    assert dead in removed and orphan in removed, removed
+    assert remains_of(dead) == [] and remains_of(orphan) == []
     assert swarm_cluster.name not in remove_abandoned_clusters()
     assert len(remains_of(swarm_cluster.name)) >= 3
 
 
-def test_cluster_down_leaves_nothing(swarm_cluster: Cluster) -> None:
-    cluster = swarm_cluster
-    assert remains_of(cluster.name), "the cluster should exist before it is taken down"
-    proc = cluster.make("cluster-down", timeout=300)
-    cluster.removed = True
+def test_cluster_down_leaves_nothing() -> None:
+    """On a cluster of its own (one node, no stack): the shared one stays for the other tests,
+    and the fixture takes it down the same way."""
+    name = f"{TEST_CLUSTER_PREFIX}{uuid.uuid4().hex[:6]}"
+    cluster = Cluster(name, Path("/tmp") / name, 0)
+    env = {**os.environ, "CLUSTER": name, "CLUSTER_DIR": str(cluster.folder),
+           "CLUSTER_WORKERS": "0", "CLUSTER_MANAGERS": "1", "CLUSTER_PORTS": "0",
+           "CLUSTER_OWNER": owner_of_this_run(), "NODE_IMAGE": NODE_IMAGE}
+    try:
+        proc = subprocess.run(["bash", "ci/cluster.sh", "up"], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert remains_of(name), "the cluster should exist before it is taken down"
+        assert cluster.client().info()["Swarm"]["LocalNodeState"] == "active"
+    finally:
+        cluster.close()
+        proc = cluster.make("cluster-down", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert remains_of(cluster.name) == []
+    assert remains_of(name) == []
     assert not cluster.folder.exists()
-    with pytest.raises(OSError):
-        http_session().get(cluster.url + "/rep", timeout=2)
