@@ -187,6 +187,23 @@ def replica_procs(state: State) -> list[psutil.Process]:
     return procs
 
 
+def restart_supervisor(stack: HaStack, index: int, logs: str, timeout: float = 30) -> float:
+    """Start supervisor ``index`` again and wait until its log says it stands by (a standby
+    still importing its modules would make the next takeover look slower); seconds."""
+    path = os.path.join(logs, f"supervisor-{index + 1}.log")
+    offset = os.path.getsize(path) if os.path.exists(path) else 0
+    began = time.monotonic()
+    stack.start_supervisor(index)
+    while time.monotonic() - began < timeout:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            fh.seek(offset)
+            text = fh.read()
+        if "standing by" in text or "leading the supervisors" in text:
+            return time.monotonic() - began
+        time.sleep(0.05)
+    raise RuntimeError(f"supervisor {index + 1} did not stand by within {timeout:.0f}s")
+
+
 def leader_index(stack: HaStack) -> tuple[int, str]:
     who = stack.registry().leader()
     if who is None:
@@ -210,6 +227,43 @@ def wait_leader(stack: HaStack, timeout: float = 30) -> str:
 
 
 # -- 1. throughput: the etcd store against the file store -----------------------------------
+class LeaderWatch:
+    """The leader key, read every 0.1 s through a window: how often it changed hands, how long
+    it named nobody, how long it could not be read (no quorum)."""
+
+    def __init__(self, stack: HaStack) -> None:
+        self.registry = stack.registry()
+        self.seen: list[tuple[float, str | None]] = []  # "?": unreadable
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="leader-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                who = self.registry.etcd.get(self.registry.leader_key, deadline=0.5).data
+                self.seen.append((time.monotonic(), None if who is None else who.decode()))
+            except EtcdUnreachable:
+                self.seen.append((time.monotonic(), "?"))
+            self._stop.wait(0.1)
+
+    def close(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        changes, nobody, unknown = 0, 0.0, 0.0
+        last = None
+        for (t, who), (t2, _) in zip(self.seen, self.seen[1:]):
+            if who is None:
+                nobody += t2 - t
+            elif who == "?":
+                unknown += t2 - t
+            elif last is not None and who != last:
+                changes += 1
+            if who not in (None, "?"):
+                last = who
+        return {"leader_changes": changes, "no_leader_s": nobody, "unreadable_s": unknown}
+
+
 class Mirror:
     """Keeps a registry file equal to the etcd state: each change of the state key rewritten
     through the file store (so the file balancer sees the same writes, at the same pace)."""
@@ -528,7 +582,7 @@ def takeover(stack: HaStack, how: str, reps: int, logs: str) -> list[dict[str, A
             row.update(fencing_check(stack, index, logs))
             proc.send_signal(signal.SIGKILL)  # replaced below, as after a SIGKILL
             proc.wait()
-        stack.start_supervisor(index)  # back as the standby
+        row["standby_start_s"] = restart_supervisor(stack, index, logs)  # the new standby
         rows.append(row)
         say(f"takeover {how} {k + 1}/{reps}: standby leads after "
             f"{_s(led)}, replica replaced after {_s(replaced)}"
@@ -591,7 +645,8 @@ def collect(procs: list[subprocess.Popen[str]], seconds: float) -> list[dict[str
     return out
 
 
-def faults(stack: HaStack, args: argparse.Namespace, lua: str) -> list[dict[str, Any]]:
+def faults(stack: HaStack, args: argparse.Namespace, lua: str,
+           logs: str) -> list[dict[str, Any]]:
     cluster = stack.cluster
     n = stack.settings.n
     at = 2.0  # seconds into the window the fault comes
@@ -615,6 +670,7 @@ def faults(stack: HaStack, args: argparse.Namespace, lua: str) -> list[dict[str,
         label = plan.format(q=args.quorum_seconds)
         say(f"fault window ({args.window:.0f} s at {args.rate:.0f} req/s per balancer): {label}")
         load = paced_load(stack.urls, args.rate, args.window, lua, args.fault_connections)
+        leaders = LeaderWatch(stack)
         time.sleep(at)
         note = ""
         killed: list[int] = []
@@ -664,6 +720,7 @@ def faults(stack: HaStack, args: argparse.Namespace, lua: str) -> list[dict[str,
             note = (f"supervisor {who} SIGKILLed; the standby led after "
                     f"{time.monotonic() - t_fault:.2f} s")
         results = collect(load, args.window)
+        led = leaders.close()
         # Back to whole before the next window.
         for i in killed:
             cluster.restart(i)
@@ -673,8 +730,8 @@ def faults(stack: HaStack, args: argparse.Namespace, lua: str) -> list[dict[str,
             stack.start_balancer(0)
             wait_http(stack.urls[0] + "/_lb/readyz", 60)
         if plan.startswith("leading supervisor"):
-            stack.start_supervisor(index)
-        rows.append({"fault": label, "note": note, "per_balancer": results})
+            restart_supervisor(stack, index, logs)
+        rows.append({"fault": label, "note": note, "per_balancer": results, **led})
         say(f"  {note or 'no fault'}: " + "; ".join(
             f"b{b + 1} {r['requests']} requests, {r['non2xx']} non-2xx, {r['errors']} errors"
             for b, r in enumerate(results)))
@@ -733,9 +790,14 @@ def render(data: dict[str, Any]) -> str:
         if {"etcd", "file"} <= set(med):
             spread = [abs(x["rps"] - y["rps"]) / max(1.0, y["rps"]) for x, y in
                       zip(t["rounds"]["file"], t["rounds"]["file"][1:])]
-            lines += ["", (f"etcd / file: {med['etcd'] / med['file']:.3f} (round-to-round "
-                           f"spread of the file store alone: "
-                           f"{'-' if not spread else f'{100 * max(spread):.1f} %'}).")]
+            ratios = [x["rps"] / max(1.0, y["rps"]) for x, y in
+                      zip(t["rounds"]["etcd"], t["rounds"]["file"])]
+            lines += ["", (f"etcd / file, each round (its two runs back to back): "
+                           f"{', '.join(f'{r:.2f}' for r in ratios)}; median "
+                           f"{statistics.median(ratios):.3f} (ratio of the medians "
+                           f"{med['etcd'] / med['file']:.3f}). Largest change of the file "
+                           "store alone from one round to the next: "
+                           f"{'-' if not spread else f'{100 * max(spread):.1f} %'}.")]
     c = data.get("convergence")
     if c:
         rows = c["rows"]
@@ -833,13 +895,19 @@ def render(data: dict[str, Any]) -> str:
              "one cell counts attempts, not requests; the others' cells are the figure asked "
              "for."),
             "",
-            "| fault | balancer 1 | balancer 2 | balancer 3 | what happened |",
-            "|---|---|---|---|---|",
+            ("The leader key was read every 0.1 s through each window: how many times it "
+             "changed hands, how long it named nobody, and how long it could not be read."),
+            "",
+            ("| fault | balancer 1 | balancer 2 | balancer 3 | supervisor leader changes / "
+             "none / unreadable | what happened |"),
+            "|---|---|---|---|---|---|",
         ]
         for row in f:
             cells = [f"{r['requests']} / {r['non2xx']} / {r['errors']}"
                      for r in row["per_balancer"]]
-            lines.append(f"| {row['fault']} | {' | '.join(cells)} | {row['note'] or '-'} |")
+            lines.append(f"| {row['fault']} | {' | '.join(cells)} | {row['leader_changes']} / "
+                         f"{row['no_leader_s']:.1f} s / {row['unreadable_s']:.1f} s | "
+                         f"{row['note'] or '-'} |")
     lines += ["", "Settings of stack B (sections 2-4): " + ", ".join(
         f"{k}={v}" for k, v in meta["ha_settings"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -860,8 +928,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< ~3 min)")
     parser.add_argument("--parts", default="throughput,convergence,takeover,faults")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (10; quick 4)")
-    parser.add_argument("--rounds", type=int, help="throughput rounds (4; quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (8; quick 4)")
+    parser.add_argument("--rounds", type=int, help="throughput rounds (6; quick 2)")
     parser.add_argument("--connections", type=int, default=24, help="saturation (24)")
     parser.add_argument("--changes", type=int, help="convergence changes (20; quick 6)")
     parser.add_argument("--takeovers", type=int, help="repetitions of each signal (5; quick 1)")
@@ -874,7 +942,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
     quick = args.quick
-    for name, full, short in (("duration", 10.0, 4.0), ("rounds", 4, 2), ("changes", 20, 6),
+    for name, full, short in (("duration", 8.0, 4.0), ("rounds", 6, 2), ("changes", 20, 6),
                               ("takeovers", 5, 1), ("window", 20.0, 8.0),
                               ("quorum_seconds", 8.0, 3.0)):
         if getattr(args, name) is None:
@@ -895,7 +963,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "etcd": _etcd_version(),
-        "command": "python bench/ha.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python bench/ha.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args),
         "ha_settings": {f"LB_{k.upper()}": getattr(ha, k) for k in
                         ("hash_key", "strategy", "workers", "worker", "heartbeat_interval",
@@ -918,7 +986,7 @@ def main(argv: list[str] | None = None) -> None:
                                         + takeover(stack, "SIGSTOP", args.takeovers,
                                                    os.path.join(work, "b")))
                 if "faults" in parts:
-                    data["faults"] = faults(stack, args, lua)
+                    data["faults"] = faults(stack, args, lua, os.path.join(work, "b"))
     finally:
         if not args.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
