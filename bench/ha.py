@@ -228,12 +228,14 @@ def wait_leader(stack: HaStack, timeout: float = 30) -> str:
 
 # -- 1. throughput: the etcd store against the file store -----------------------------------
 class LeaderWatch:
-    """The leader key, read every 0.1 s through a window: how often it changed hands, how long
-    it named nobody, how long it could not be read (no quorum)."""
+    """The leader key, read every 0.1 s through a window: how often it changed hands, how many
+    new terms began (its create revision changed: a supervisor that stepped down and won again
+    counts too), how long it named nobody, how long it could not be read (no quorum)."""
 
     def __init__(self, stack: HaStack) -> None:
         self.registry = stack.registry()
         self.seen: list[tuple[float, str | None]] = []  # "?": unreadable
+        self.terms: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="leader-watch", daemon=True)
         self._thread.start()
@@ -241,8 +243,11 @@ class LeaderWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                who = self.registry.etcd.get(self.registry.leader_key, deadline=0.5).data
+                value = self.registry.etcd.get(self.registry.leader_key, deadline=0.5)
+                who = value.data
                 self.seen.append((time.monotonic(), None if who is None else who.decode()))
+                if who is not None:
+                    self.terms.add(value.create_revision)
             except EtcdUnreachable:
                 self.seen.append((time.monotonic(), "?"))
             self._stop.wait(0.1)
@@ -261,7 +266,8 @@ class LeaderWatch:
                 changes += 1
             if who not in (None, "?"):
                 last = who
-        return {"leader_changes": changes, "no_leader_s": nobody, "unreadable_s": unknown}
+        return {"leader_changes": changes, "new_terms": max(0, len(self.terms) - 1),
+                "no_leader_s": nobody, "unreadable_s": unknown}
 
 
 class Mirror:
@@ -771,7 +777,9 @@ def render(data: dict[str, Any]) -> str:
              "), same 3 replicas: the file balancer's registry is a mirror of the etcd state, "
              f"rewritten through the file store on each change ({t['writes']} writes during "
              "the rounds, the supervisor's heartbeat records). Replicas unchanged through the "
-             f"rounds: {'yes' if t['same_replicas'] else 'NO'}."),
+             f"rounds: {'yes' if t['same_replicas'] else 'NO'}. Each round runs both "
+             "back to back, the order alternating; under outside load the ratio within a "
+             "round says more than either figure."),
             "",
             ("| store | requests/s (median) | p50 | p99 | balancer CPU per request | errors + "
              "non-2xx | each round (req/s) |"),
@@ -794,7 +802,8 @@ def render(data: dict[str, Any]) -> str:
                       zip(t["rounds"]["etcd"], t["rounds"]["file"])]
             lines += ["", (f"etcd / file, each round (its two runs back to back): "
                            f"{', '.join(f'{r:.2f}' for r in ratios)}; median "
-                           f"{statistics.median(ratios):.3f} (ratio of the medians "
+                           f"{statistics.median(ratios):.3f}, middle half "
+                           f"{pct(ratios, 0.25):.2f}-{pct(ratios, 0.75):.2f} (ratio of the medians "
                            f"{med['etcd'] / med['file']:.3f}). Largest change of the file "
                            "store alone from one round to the next: "
                            f"{'-' if not spread else f'{100 * max(spread):.1f} %'}.")]
@@ -896,17 +905,20 @@ def render(data: dict[str, Any]) -> str:
              "for."),
             "",
             ("The leader key was read every 0.1 s through each window: how many times it "
-             "changed hands, how long it named nobody, and how long it could not be read."),
+             "changed hands, how many new terms began (a new create revision: a leader that "
+             "stepped down and won again counts), how long it named nobody, and how long it "
+             "could not be read."),
             "",
-            ("| fault | balancer 1 | balancer 2 | balancer 3 | supervisor leader changes / "
-             "none / unreadable | what happened |"),
+            ("| fault | balancer 1 | balancer 2 | balancer 3 | supervisor leader: changes / "
+             "new terms / none / unreadable | what happened |"),
             "|---|---|---|---|---|---|",
         ]
         for row in f:
             cells = [f"{r['requests']} / {r['non2xx']} / {r['errors']}"
                      for r in row["per_balancer"]]
             lines.append(f"| {row['fault']} | {' | '.join(cells)} | {row['leader_changes']} / "
-                         f"{row['no_leader_s']:.1f} s / {row['unreadable_s']:.1f} s | "
+                         f"{row['new_terms']} / {row['no_leader_s']:.1f} s / "
+                         f"{row['unreadable_s']:.1f} s | "
                          f"{row['note'] or '-'} |")
     lines += ["", "Settings of stack B (sections 2-4): " + ", ".join(
         f"{k}={v}" for k, v in meta["ha_settings"].items()) + "."]
@@ -928,8 +940,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< ~3 min)")
     parser.add_argument("--parts", default="throughput,convergence,takeover,faults")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (8; quick 4)")
-    parser.add_argument("--rounds", type=int, help="throughput rounds (6; quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (5; quick 4)")
+    parser.add_argument("--rounds", type=int, help="throughput rounds (12; quick 2)")
     parser.add_argument("--connections", type=int, default=24, help="saturation (24)")
     parser.add_argument("--changes", type=int, help="convergence changes (20; quick 6)")
     parser.add_argument("--takeovers", type=int, help="repetitions of each signal (5; quick 1)")
@@ -942,7 +954,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
     quick = args.quick
-    for name, full, short in (("duration", 8.0, 4.0), ("rounds", 6, 2), ("changes", 20, 6),
+    for name, full, short in (("duration", 5.0, 4.0), ("rounds", 12, 2), ("changes", 20, 6),
                               ("takeovers", 5, 1), ("window", 20.0, 8.0),
                               ("quorum_seconds", 8.0, 3.0)):
         if getattr(args, name) is None:
