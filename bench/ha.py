@@ -124,7 +124,7 @@ def make_stack(label: str, overrides: dict[str, Any], balancers: int, supervisor
 
 
 @contextlib.contextmanager
-def running(stack: HaStack) -> Iterator[HaStack]:
+def running(stack: HaStack, keep_logs: bool = False) -> Iterator[HaStack]:
     try:
         say(f"starting {stack.settings.deployment}: etcd on "
             f"{stack.cluster.client_ports[0]}.., balancers on {stack.ports}")
@@ -137,6 +137,8 @@ def running(stack: HaStack) -> Iterator[HaStack]:
     finally:
         say(f"stopping {stack.settings.deployment}")
         stack.stop()
+        if not keep_logs:  # the replicas' logs (the local backend's folder, left by stop())
+            shutil.rmtree(os.path.dirname(stack.settings.registry_path), ignore_errors=True)
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -334,7 +336,7 @@ def file_balancer(stack: HaStack, path: str, logs: str) -> Iterator[tuple[str, s
 
 def throughput(args: argparse.Namespace, lua: str, logs: str) -> dict[str, Any]:
     stack = make_stack("tput", BENCH_SETTINGS, balancers=1, supervisors=1, logs=logs)
-    with running(stack):
+    with running(stack, args.keep_logs):
         state = read_state(stack)
         mirror = Mirror(stack, os.path.join(stack.folder, "file-registry.json"))
         try:
@@ -964,6 +966,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"bench-ha: {tool} is missing (wrk: bash bench/run.sh installs it; etcd: "
                      "apt-get install etcd-server)")
     parts = set(args.parts.split(","))
+    # Every process started here imports this tree's lb, whatever the venv has installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [ROOT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
     began = time.monotonic()
     work = tempfile.mkdtemp(prefix="lb-bench-ha-")
     lua = os.path.join(work, "ids.lua")
@@ -988,7 +993,7 @@ def main(argv: list[str] | None = None) -> None:
         if parts & {"convergence", "takeover", "faults"}:
             stack = make_stack("ha", HA_SETTINGS, balancers=3, supervisors=2,
                                logs=os.path.join(work, "b"))
-            with running(stack):
+            with running(stack, args.keep_logs):
                 wait_leader(stack)
                 if "convergence" in parts:
                     data["convergence"] = convergence(stack, args.changes)
