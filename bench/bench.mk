@@ -3,7 +3,7 @@
 PYTHON_BIN ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: bench bench-profile bench-micro bench-hotpath bench-worker
+.PHONY: bench bench-profile bench-micro bench-hotpath bench-worker bench-ha bench-ha-quick
 
 bench:  ## Balancer vs HAProxy vs nginx vs direct on the same 3 replicas (wrk); writes bench/results.md
 	bash bench/run.sh $(BENCH_ARGS)
@@ -19,3 +19,11 @@ bench-hotpath:  ## The async worker's Python per routed GET, in-process: warm an
 
 bench-worker:  ## The threads worker (lb/worker.py) vs plain gthread, side by side (wrk)
 	bash bench/worker_ab.sh
+
+bench-ha:  ## The HA stack (etcd): store throughput, convergence, takeover, faults; bench/results-ha.md
+	@command -v etcd >/dev/null || { echo "etcd is not installed: apt-get install etcd-server"; exit 1; }
+	@command -v wrk >/dev/null || { echo "wrk is not installed: bash bench/run.sh installs it"; exit 1; }
+	$(PYTHON_BIN) bench/ha.py $(BENCH_ARGS)
+
+bench-ha-quick:  ## The same in under ~3 minutes (fewer, shorter runs); prints, writes nothing
+	$(MAKE) -f bench/bench.mk bench-ha BENCH_ARGS="--quick --out= --json= $(BENCH_ARGS)"
