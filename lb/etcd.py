@@ -573,17 +573,24 @@ class EtcdView:
         while not self._closed.is_set():
             try:
                 value = self.registry.get()
-                self.apply(value)
+            except EtcdUnreachable as exc:  # nothing answers a read: stale until one does
+                self._stale(exc)
+                self._closed.wait(wait)
+                wait = min(2.0, wait * 2)
+                continue
+            self.apply(value)
+            wait = 0.1
+            try:
                 for change in self.registry.etcd.watch(self.registry.state_key,
                                                        value.revision + 1, WATCH_IDLE):
                     self.apply(change)
                     if self._closed.is_set():
                         return
-                wait = 0.1
             except EtcdUnreachable as exc:
-                self._stale(exc)
-                self._closed.wait(wait)
-                wait = min(2.0, wait * 2)
+                # The member it watched through went away: the next read finds another, and
+                # only if none answers is the view stale.
+                log.info("%s; reading afresh", exc)
+                self._closed.wait(0.05)
 
     def _stale(self, exc: RegistryError) -> None:
         if self.problem is None or type(exc) is not type(self.problem):

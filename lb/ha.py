@@ -276,6 +276,9 @@ class HaStack:
             log.info("stopped %d replicas", stopped)
         except BackendError as exc:
             log.error("could not stop the replicas: %s", exc)
+        # The local replicas' logs (lb.backends.local): this run's, like everything else.
+        shutil.rmtree(os.path.join(os.path.dirname(self.settings.registry_path), "logs"),
+                      ignore_errors=True)
         self.cluster.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         for fd in (self._lifeline_write, self.lifeline):

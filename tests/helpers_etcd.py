@@ -33,9 +33,11 @@ def _free(port: int) -> bool:
 
 
 def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (for a cluster's members)."""
+    """The first of ``count`` consecutive free loopback ports (for a cluster's members), below
+    the kernel's ephemeral range (32768 and up): a member restarted on a port a client
+    connection took meanwhile would not start."""
     for _ in range(200):
-        base = random.randrange(30000, 45000)
+        base = random.randrange(20000, 32000)
         if all(_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no run of free ports found")
