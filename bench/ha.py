@@ -66,7 +66,7 @@ sys.path.insert(0, ROOT)
 
 from bench.bench import WRK_LUA, measured
 from lb.etcd import EtcdUnreachable
-from lb.ha import HaStack
+from lb.ha import HaStack, free_port_run
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
 from lb.registry import READY, Registry, RegistryError, State
 from lb.settings import Settings
@@ -85,37 +85,11 @@ def say(text: str) -> None:
 
 
 # -- ports and the stack ----------------------------------------------------------------------
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_run(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports, below the kernel's ephemeral
-    range (32768-60999 here): a balancer or etcd member restarted on its port must not find
-    it held by some client's closed connection (TIME_WAIT of a socket without SO_REUSEADDR
-    blocks the bind for a minute; it did, in a run of this benchmark)."""
-    ephemeral = 32768
-    with contextlib.suppress(OSError, ValueError, IndexError), \
-            open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
-        ephemeral = int(fh.read().split()[0])
-    low = max(1024, ephemeral - 12000)
-    for _ in range(200):
-        base = random.randrange(low, max(low + 1, ephemeral - count))
-        if all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no run of free ports found")
-
-
 def make_stack(label: str, overrides: dict[str, Any], balancers: int, supervisors: int,
                logs: str) -> HaStack:
     deployment = f"bench-ha-{label}-{uuid.uuid4().hex[:8]}"
-    etcd_port = free_run(13)  # clients +0..2, peers +10..12
-    port = free_run(balancers)
+    etcd_port = free_port_run(13)  # clients +0..2, peers +10..12
+    port = free_port_run(balancers)
     settings = Settings.from_env({}, deployment=deployment, host="127.0.0.1", port=port,
                                  **overrides)
     os.makedirs(logs, exist_ok=True)
@@ -314,7 +288,7 @@ class Mirror:
 @contextlib.contextmanager
 def file_balancer(stack: HaStack, path: str, logs: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A balancer with the stack's settings on the registry file ``path``."""
-    port = free_run(1)
+    port = free_port_run(1)
     metrics = prepare_multiprocess_dir(os.path.join(stack.folder, "file-balancer", "r.json"))
     env = {**stack.env, "LB_REGISTRY": path, "LB_PORT": str(port), ENV_DIR: metrics}
     with open(os.path.join(logs, "file-balancer.log"), "ab") as out:

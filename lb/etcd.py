@@ -48,6 +48,7 @@ import requests
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from lb.registry import (
+    FailStatic,
     RegistryBusy,
     RegistryError,
     RegistryMissing,
@@ -464,7 +465,7 @@ class EtcdRegistry:
 
 
 # -- the balancers' view ----------------------------------------------------------------------------
-class EtcdView:
+class EtcdView(FailStatic):
     """A process's copy of the registry, kept current by a watch thread (``follow``).
 
     The same face as the file's ``RegistryView``: ``current()`` for routing (no I/O: the state
@@ -573,34 +574,28 @@ class EtcdView:
         while not self._closed.is_set():
             try:
                 value = self.registry.get()
-                self.apply(value)
+            except EtcdUnreachable as exc:  # nothing answers a read: stale until one does
+                self._stale(exc)
+                self._closed.wait(wait)
+                wait = min(2.0, wait * 2)
+                continue
+            self.apply(value)
+            wait = 0.1
+            try:
                 for change in self.registry.etcd.watch(self.registry.state_key,
                                                        value.revision + 1, WATCH_IDLE):
                     self.apply(change)
                     if self._closed.is_set():
                         return
-                wait = 0.1
             except EtcdUnreachable as exc:
-                self._stale(exc)
-                self._closed.wait(wait)
-                wait = min(2.0, wait * 2)
+                # The member it watched through went away: the next read finds another, and
+                # only if none answers is the view stale.
+                log.info("%s; reading afresh", exc)
+                self._closed.wait(0.05)
 
-    def _stale(self, exc: RegistryError) -> None:
-        if self.problem is None or type(exc) is not type(self.problem):
-            if self._state is None:
-                log.error("%s; nothing to route with until it can be read", exc)
-            else:
-                log.error("%s; routing goes on with the last good state (version %d, %d "
-                          "routable)", exc, self._state.version, len(self._state.routable()))
-            self.stale_since = self.stale_since or time.time()
-        self.problem = exc
-
-    def _fresh(self) -> None:
-        if self.problem is not None:
-            log.warning("registry %s is readable again (version %d) after %.1fs",
-                        self.registry.where, self._state.version if self._state else -1,
-                        time.time() - (self.stale_since or time.time()))
-        self.problem = self.stale_since = None
+    @property
+    def where(self) -> str:
+        return self.registry.where
 
 
 # -- one acting supervisor --------------------------------------------------------------------------

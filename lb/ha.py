@@ -16,8 +16,10 @@ import ctypes
 import dataclasses
 import logging
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,34 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the process that started it ends (etcd has no
     lifeline of its own). One system call, nothing allocated: safe beside threads."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports, below the kernel's ephemeral
+    range (32768-60999 by default): a member or balancer restarted on its port must not find it
+    held by some client's closed connection (TIME_WAIT of a socket without SO_REUSEADDR blocks
+    the bind for a minute)."""
+    ephemeral = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            ephemeral = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    low = max(1024, ephemeral - 12000)
+    for _ in range(200):
+        base = random.randrange(low, max(low + 1, ephemeral - count))
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no run of {count} free ports below {ephemeral}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class EtcdCluster:
@@ -276,6 +306,9 @@ class HaStack:
             log.info("stopped %d replicas", stopped)
         except BackendError as exc:
             log.error("could not stop the replicas: %s", exc)
+        # The local replicas' logs (lb.backends.local): this run's, like everything else.
+        shutil.rmtree(os.path.join(os.path.dirname(self.settings.registry_path), "logs"),
+                      ignore_errors=True)
         self.cluster.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         for fd in (self._lifeline_write, self.lifeline):

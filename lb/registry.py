@@ -504,7 +504,38 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-class RegistryView:
+class FailStatic:
+    """Fail static, said once: a view that keeps its last good state while its store cannot be
+    used logs one line when that starts (or its cause changes) and one when it ends, not one
+    per call. Both stores' views are one."""
+
+    _state: State | None
+    problem: RegistryError | None
+    stale_since: float | None
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def _stale(self, exc: RegistryError) -> None:
+        if self.problem is None or type(exc) is not type(self.problem):
+            if self._state is None:
+                log.error("%s; nothing to route with until it can be read", exc)
+            else:
+                log.error("%s; routing goes on with the last good state (version %d, %d "
+                          "routable)", exc, self._state.version, len(self._state.routable()))
+            self.stale_since = self.stale_since or time.time()
+        self.problem = exc
+
+    def _fresh(self) -> None:
+        if self.problem is not None:
+            log.warning("registry %s is readable again (version %d) after %.1fs", self.where,
+                        self._state.version if self._state else -1,
+                        time.time() - (self.stale_since or time.time()))
+        self.problem = self.stale_since = None
+
+
+class RegistryView(FailStatic):
     """A process's cached copy of the registry, re-read only when the file changed.
 
     A stat per call (``check``); the JSON is parsed only after a write. Like git's "racy clean" check, a
@@ -530,7 +561,7 @@ class RegistryView:
         self._state: State | None = None
         self._raw = b""  # the file's bytes that _state was parsed from
         self._good_mtime: float | None = None
-        self.problem: RegistryUnreadable | None = None  # set while serving the last good state
+        self.problem: RegistryError | None = None  # set while serving the last good state
         self.stale_since: float | None = None
         self._watched = False  # a watch will call changed() when the file may have changed
         self._trusted = False  # watched, and nothing changed since the last look
@@ -623,19 +654,6 @@ class RegistryView:
         """When the state ``current()`` returns was written (the file's mtime, Unix time)."""
         return self._good_mtime
 
-    def _stale(self, exc: RegistryUnreadable) -> None:
-        if self.problem is None or type(exc) is not type(self.problem):
-            if self._state is None:
-                log.error("%s; nothing to route with until it is restored", exc)
-            else:
-                log.error("%s; routing goes on with the last good state (version %d, %d "
-                          "routable)", exc, self._state.version, len(self._state.routable()))
-            self.stale_since = self.stale_since or time.time()
-        self.problem = exc
-
-    def _fresh(self) -> None:
-        if self.problem is not None:
-            log.warning("registry %s is readable again (version %d) after %.1fs",
-                        self.registry.path, self._state.version if self._state else -1,
-                        time.time() - (self.stale_since or time.time()))
-        self.problem = self.stale_since = None
+    @property
+    def where(self) -> str:
+        return self.registry.path

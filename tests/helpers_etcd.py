@@ -8,9 +8,7 @@ Import the fixtures into a test module: ``from tests.helpers_etcd import etcd_cl
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,33 +16,15 @@ from pathlib import Path
 import pytest
 
 from lb.etcd import EtcdRegistry
-from lb.ha import EtcdCluster
+from lb.ha import EtcdCluster, free_port_run
 from lb.settings import EtcdAddress
 from tests.conftest import unavailable
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (for a cluster's members)."""
-    for _ in range(200):
-        base = random.randrange(30000, 45000)
-        if all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no run of free ports found")
 
 
 def start_cluster(folder: Path, size: int = 3) -> EtcdCluster:
     if shutil.which("etcd") is None:
         unavailable("etcd is not installed (Debian: apt-get install etcd-server)")
-    base = free_ports(2 * size + 1)
+    base = free_port_run(2 * size + 1)
     cluster = EtcdCluster(str(folder), size=size, client_port=base, peer_port=base + size)
     try:
         cluster.start()

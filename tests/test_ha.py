@@ -31,7 +31,7 @@ import requests
 
 from lb.backends.local import ENV_DEPLOYMENT, ENV_HOSTNAME, ENV_TOKEN
 from lb.etcd import EtcdRegistry
-from lb.ha import HaStack
+from lb.ha import HaStack, free_port_run
 from lb.registry import READY, REMOVING, RegistryError, Replica, State
 from lb.routing import request_key
 from lb.settings import Settings
@@ -46,25 +46,6 @@ Check = Callable[[], "str | None"]
 
 
 # -- ports, processes --------------------------------------------------------------------------
-def free_run(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports, below Linux's ephemeral range
-    (32768+), so that no outgoing connection takes one before a member or balancer that was
-    killed binds it again."""
-    for _ in range(500):
-        base = random.randrange(20000, 32700 - count)
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports found")
-
-
 def stack_processes(deployment: str) -> list[psutil.Process]:
     """Every live process of the deployment: replicas (marked), balancers and supervisors (its
     settings in their environment), etcd members (its name in their data folder)."""
@@ -127,7 +108,7 @@ def ha_stack(folder: Path, **overrides: Any) -> Iterator[HaStack]:
     if shutil.which("etcd") is None:
         unavailable("etcd is not installed (Debian: apt-get install etcd-server)")
     deployment = f"tha{uuid.uuid4().hex[:10]}"
-    etcd_port = free_run(13)  # clients from etcd_port, peers from etcd_port + 10
+    etcd_port = free_port_run(13)  # clients from etcd_port, peers from etcd_port + 10
     port = etcd_port + 13
     values: dict[str, Any] = {
         "deployment": deployment, "port": port, "n": 3, "workers": 1, "leader_ttl": 2,
