@@ -222,7 +222,7 @@ def test_bounded_loads_cap_the_busiest_replica_of_a_lopsided_ring(tmp_path: Path
     router = _router(tmp_path, bounded_load=1.25)
     for k in KEYS[:300]:  # each request stays in flight: the worst case for the cap
         chosen = router.candidates(k)[0]
-        router._count(chosen.hostname, +1)
+        router.count(chosen.hostname, +1)
     loads = sorted(router.inflight.values())
     assert sum(loads) == 300
     assert max(loads) <= -(-125 * 300 // 300)  # ceil(1.25 * 300 / 3) = 125
