@@ -568,10 +568,6 @@ class Router:
         with self._lock:
             self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
 
-    def attempts(self, key: int, events: RouterEvents | None = None) -> Attempts:
-        """``key``'s way round the ring, reported to ``events`` (the router's by default)."""
-        return Attempts(self, self.table(), key, events or self.events)
-
     def walk(self, key: int, events: RouterEvents | None = None) -> RingWalk:
         """``key``'s way round the ring, reported to ``events`` (the router's by default)."""
         return RingWalk(self, self.table(), key, events or self.events)
@@ -763,92 +759,3 @@ class RingWalk:
         else:
             self.error = ApiError(502, f"No replica could serve the request (tried {tried})")
         return GIVE_UP
-
-
-class Attempts:
-    """One routed request's way round the ring: the I/O loop of either path reads
-
-    ``for replica in attempts: try it; attempts.failed(...) or return attempts.answered(...)``,
-    then ``raise attempts.exhausted()``: every rule about what a try means lives here.
-    ``first()`` is the loop's first step on its own, for a path that serves the usual request
-    without a loop; iterating afterwards goes on from there.
-    """
-
-    __slots__ = ("_began", "events", "key", "last_error", "router", "table", "tried")
-
-    def __init__(self, router: Router, table: RoutingTable, key: int,
-                 events: RouterEvents) -> None:
-        self.router = router
-        self.table = table
-        self.key = key
-        self.events = events
-        self.tried: list[str] = []
-        self.last_error: BaseException | None = None
-        self._began = 0.0
-
-    @property
-    def empty(self) -> bool:
-        """No replica is routable at all."""
-        return not self.table.by_id
-
-    def first(self) -> Replica | None:
-        """The key's own replica, when finding it takes no walk (the usual request: see
-        ``Router.first_choice``); None when the walk is needed."""
-        replica = self.router.first_choice(self.table, self.key)
-        return None if replica is None else self._trying(replica)
-
-    def __iter__(self) -> Iterator[Replica]:
-        if self.empty:
-            raise ApiError(503, "No replica available to serve the request")
-        if not self.tried:
-            first = self.first()
-            if first is not None:
-                yield first
-        # Further on only after a failure: the walk from the start, past what was tried
-        # (the replica that failed is a suspect by now, so the walk would put it last).
-        router = self.router
-        limit = 1 + router.settings.retries
-        for replica in router.choices(self.table, self.key):
-            if len(self.tried) >= limit:
-                return
-            if replica.hostname not in self.tried:
-                yield self._trying(replica)
-
-    def _trying(self, replica: Replica) -> Replica:
-        self.tried.append(replica.hostname)
-        if self.router.settings.bounded_load:  # in-flight counts only serve bounded loads
-            self.router.count(replica.hostname, +1)
-        self._began = time.perf_counter()
-        return replica
-
-    def failed(self, replica: Replica, error: BaseException) -> None:
-        """``replica`` could not be reached (refused, reset, timed out, garbled): the next one
-        clockwise gets the request, and this worker avoids ``replica`` for a moment."""
-        self.router.count(replica.hostname, -1)
-        self.router.suspect(replica)
-        self.events.unreachable(replica, error)
-        self.last_error = error
-
-    @staticmethod
-    def retryable(error: BaseException) -> bool:
-        """Whether the next replica may get the request after ``error``: not once an answer
-        began and then timed out or broke the protocol (a replica slow to answer would get
-        every request twice, a broken one would be asked again and again)."""
-        return not getattr(error, "began", False)
-
-    def answered(self, replica: Replica, status: int) -> None:
-        """``replica`` answered with ``status`` (passed back as it is, but 404: see
-        ``missing_endpoint``)."""
-        if self.router.settings.bounded_load:
-            self.router.count(replica.hostname, -1)
-        self.events.forwarded(replica, status, time.perf_counter() - self._began,
-                              len(self.tried) - 1)
-
-    def exhausted(self) -> ApiError:
-        """The request's answer once no further replica will be tried: 504 when the last one
-        tried timed out, 502 when it could not be reached or broke the protocol."""
-        self.events.exhausted(self.tried)
-        tried = ", ".join(self.tried)
-        if getattr(self.last_error, "timed_out", False):
-            return ApiError(504, f"No replica answered in time (tried {tried})")
-        return ApiError(502, f"No replica could serve the request (tried {tried})")
