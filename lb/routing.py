@@ -662,8 +662,8 @@ class RingWalk:
       failure was a deadline; 502 otherwise.
     """
 
-    __slots__ = ("_began", "_choices", "error", "events", "key", "last_error", "replica",
-                 "resent", "router", "table", "tried")
+    __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",
+                 "table", "tried")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
                  events: RouterEvents) -> None:
@@ -674,7 +674,6 @@ class RingWalk:
         self.tried: list[str] = []  # hostnames, in the order tried
         self.replica: Replica | None = None  # the one being tried
         self.resent = False  # ... sent once more on a new connection already
-        self.last_error: BaseException | None = None
         self.error: ApiError | None = None  # the answer, once GIVE_UP
         self._choices: Iterator[Replica] | None = None  # the walk, made at its first use
         self._began = 0.0
@@ -711,9 +710,11 @@ class RingWalk:
         replica = self.replica
         if replica is None:
             raise RuntimeError(f"told {outcome} with no replica being tried")
+        router = self.router
         if outcome is ANSWERED:
             self.replica = None
-            self.router.count(replica.hostname, -1)
+            if router.settings.bounded_load:  # (the counts' only use: no call without it)
+                router.count(replica.hostname, -1)
             self.events.forwarded(replica, status, time.perf_counter() - self._began,
                                   len(self.tried) - 1)
             return DONE
@@ -721,10 +722,10 @@ class RingWalk:
             self.resent = True
             return RESEND
         self.replica = None
-        self.router.count(replica.hostname, -1)
-        self.router.suspect(replica)
+        if router.settings.bounded_load:
+            router.count(replica.hostname, -1)
+        router.suspect(replica)
         self.events.unreachable(replica, error or ConnectionError(outcome.value))
-        self.last_error = error
         if outcome in FINAL_FAILURES:
             return self._exhausted(outcome)
         return self._next(outcome)
@@ -746,7 +747,8 @@ class RingWalk:
         self.replica = replica
         self.resent = False
         self.tried.append(replica.hostname)
-        self.router.count(replica.hostname, +1)
+        if self.router.settings.bounded_load:
+            self.router.count(replica.hostname, +1)
         self._began = time.perf_counter()
 
     def _exhausted(self, outcome: Outcome | None) -> Step:
