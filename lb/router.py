@@ -41,9 +41,13 @@ from urllib.parse import urlsplit
 
 from lb.registry import Replica
 from lb.routing import (
+    ANSWERED,
     REPLY_HEAD_MAX_BYTES,
     REPLY_HEAD_MAX_FIELDS,
+    RESEND,
     STARTING_POLL_SECONDS,
+    TRY,
+    Outcome,
     Router,
     UpstreamError,
     bodiless,
@@ -335,33 +339,38 @@ class Forwarder:
         the forwarded set) from the first replica that answers; ``path`` (decoded) names it
         in errors."""
         fields = list(headers)
-        attempts = self.router.attempts(key)
-        if attempts.empty and self.router.waiting_for_replicas():
+        walk = self.router.walk(key)
+        if walk.empty and self.router.waiting_for_replicas():
             deadline = time.monotonic() + self.settings.upstream_timeout
             while self.router.waiting_for_replicas() and time.monotonic() < deadline:
                 time.sleep(STARTING_POLL_SECONDS)
-            attempts = self.router.attempts(key)
-        for replica in attempts:
+            walk = self.router.walk(key)
+        step = walk.start()
+        while step is TRY or step is RESEND:
+            replica = walk.replica
+            assert replica is not None
+            conn = self._connection(replica.address or "", fresh=step is RESEND)
+            reused = conn.sock is not None  # kept alive from an earlier request
             try:
-                upstream = self._get(replica, method, target, fields)
+                upstream = self._exchange(conn, replica, method, target, fields)
             except UpstreamError as exc:
-                log.warning("replica %s: %s", replica.hostname, exc)
-                attempts.failed(replica, exc)
-                if not attempts.retryable(exc):
-                    break  # some of the answer came: never a second replica
+                step = walk.told(Outcome.of(exc, reused), exc)
+                if step is not RESEND:  # a kept-alive connection closed: not worth a word
+                    log.warning("replica %s: %s", replica.hostname, exc)
                 continue
-            attempts.answered(replica, upstream.status)
+            walk.told(ANSWERED, status=upstream.status)
             error = replica_error(upstream.status, header_value(upstream.headers, "Content-Type"),
                                   replica.hostname, path)
             if error is not None:
                 upstream.close()
                 raise error
             return upstream
-        raise attempts.exhausted()
+        assert walk.error is not None
+        raise walk.error
 
     def _connection(self, address: str, fresh: bool) -> ReplicaConnection:
-        """This thread's keep-alive connection to ``address``: a new one when ``fresh`` or
-        when the one it has may not carry another request."""
+        """This thread's keep-alive connection to ``address``: a new one when ``fresh`` (the
+        walk's RESEND) or when the one it has may not carry another request."""
         conns: dict[str, ReplicaConnection] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
@@ -375,21 +384,6 @@ class Forwarder:
                 parts.hostname or "", parts.port, self.settings.connect_timeout,
                 self.settings.upstream_timeout)
         return conn
-
-    def _get(self, replica: Replica, method: str, target: str,
-             headers: list[tuple[str, str]]) -> Upstream:
-        address = replica.address or ""  # routable: it has one
-        conn = self._connection(address, fresh=False)
-        reused = conn.sock is not None
-        try:
-            return self._exchange(conn, replica, method, target, headers)
-        except UpstreamError as exc:
-            if not (reused and exc.before_reply):
-                raise
-        # The replica closed a kept-alive connection between two requests (its keep-alive
-        # timeout): not a failure of the replica. Once more on a new connection.
-        return self._exchange(self._connection(address, fresh=True), replica, method, target,
-                              headers)
 
     def _exchange(self, conn: ReplicaConnection, replica: Replica, method: str, target: str,
                   headers: list[tuple[str, str]]) -> Upstream:

@@ -7,8 +7,9 @@ written once for both:
 - which requests are routed at all (``is_routed``) and the target forwarded (``origin_target``);
 - the request key (``request_key``), the hash map and strategies over the routable replicas,
   bounded loads, suspects (``Router.candidates``);
-- one request's way round the ring: retries clockwise, what is counted, 502 and 503
-  (``Attempts``), and what a replica's error reply becomes (``replica_error``);
+- one request's way round the ring: retries clockwise, the resend on a stale kept-alive
+  connection, what is counted, 502, 503 and 504
+  (``RingWalk``), and what a replica's error reply becomes (``replica_error``);
 - the header rules both ways (``forward_headers``, ``reply_headers``) and request codings
   (``transfer_coding_error``);
 - the error envelope's bytes and reason phrases (``error_body``, ``reason_phrase``), identical
@@ -21,6 +22,7 @@ request, none when watched: ``lb.watch``) or etcd's (the state its watch thread 
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
@@ -558,27 +560,110 @@ class Router:
     def suspect(self, replica: Replica) -> None:
         self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
 
-    def _count(self, hostname: str, delta: int) -> None:
+    def count(self, hostname: str, delta: int) -> None:
+        """``delta`` more requests of this worker in flight to ``hostname`` (bounded loads
+        alone need the counts: without them, nothing is counted)."""
         if not self.settings.bounded_load:
-            return  # in-flight counts only serve bounded loads
+            return
         with self._lock:
             self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
 
-    def attempts(self, key: int, events: RouterEvents | None = None) -> Attempts:
+    def walk(self, key: int, events: RouterEvents | None = None) -> RingWalk:
         """``key``'s way round the ring, reported to ``events`` (the router's by default)."""
-        return Attempts(self, self.table(), key, events or self.events)
+        return RingWalk(self, self.table(), key, events or self.events)
 
 
-class Attempts:
-    """One routed request's way round the ring: the I/O loop of either path reads
+class Outcome(enum.Enum):
+    """How one try at a replica ended, as a driver tells ``RingWalk.told``."""
 
-    ``for replica in attempts: try it; attempts.failed(...) or return attempts.answered(...)``,
-    then ``raise attempts.exhausted()``: every rule about what a try means lives here.
-    ``first()`` is the loop's first step on its own, for a path that serves the usual request
-    without a loop; iterating afterwards goes on from there.
+    ANSWERED = "answered"  # a complete answer's head came (any status): passed back
+    UNREACHABLE = "unreachable"  # no connection, a new one closed before any answer, or an
+    # answer cut by the replica's close (a crash) before any of it went to the client
+    STALE = "stale"  # a kept-alive (reused) connection closed before any byte of an answer
+    TIMED_OUT = "timed out"  # no byte of an answer within its deadline
+    STALLED = "stalled"  # an answer began, then no further byte of it within its deadline
+    BROKEN = "broken"  # an answer began, then broke the protocol or a bound
+
+    @staticmethod
+    def of(error: UpstreamError, reused: bool) -> Outcome:
+        """What ``error`` from one exchange means; ``reused``: the exchange went on a
+        kept-alive connection that had carried an earlier one."""
+        if error.began:
+            return STALLED if error.timed_out else BROKEN
+        if error.timed_out:
+            return TIMED_OUT
+        return STALE if error.before_reply and reused else UNREACHABLE
+
+
+# The members as module names: an enum member looked up on its class costs a descriptor call.
+ANSWERED, UNREACHABLE, STALE = Outcome.ANSWERED, Outcome.UNREACHABLE, Outcome.STALE
+TIMED_OUT, STALLED, BROKEN = Outcome.TIMED_OUT, Outcome.STALLED, Outcome.BROKEN
+# Failures after which no other replica gets the request: an answer had begun (a replica slow
+# to answer would get every request twice, a broken one would be asked again and again).
+FINAL_FAILURES = frozenset({STALLED, BROKEN})
+# Failures that make the request's answer a 504, when the walk ends on them (else a 502).
+LATE = frozenset({TIMED_OUT, STALLED})
+
+
+class Step(enum.Enum):
+    """What a driver of a ``RingWalk`` does next."""
+
+    TRY = "try"  # send to ``walk.replica``, on a kept-alive connection if one is idle
+    RESEND = "resend"  # send to ``walk.replica`` once more, on a new connection
+    GIVE_UP = "give up"  # the request's answer is ``walk.error`` (502, 503 or 504)
+    DONE = "done"  # answered: nothing more to do
+
+
+TRY, RESEND, GIVE_UP, DONE = Step.TRY, Step.RESEND, Step.GIVE_UP, Step.DONE
+
+
+class RingWalk:
+    """One routed request's way round the ring, written once for every driver (the threads
+    path's ``Forwarder``, the event-driven path's task and its fast path): told how each try
+    ended, it says what to do next. No I/O here, so every sequence of outcomes is tested
+    without sockets (``tests/test_ring_walk.py``). A driver reads::
+
+        step = walk.start()
+        while step is TRY or step is RESEND:
+            send to walk.replica (RESEND: on a new connection), then
+            step = walk.told(outcome, error or status)
+        step is DONE (answered), or GIVE_UP: walk.error is the answer
+
+    ``first()`` is ``start()``'s usual case on its own (the key's own replica, no walk), for the
+    fast path; ``told`` goes on from it the same way.
+
+    The states: nothing tried; trying ``replica`` (``resent`` once or not); DONE; GIVE_UP.
+
+    - ``start``: no routable replica at all, GIVE_UP with 503 (nothing is counted); else
+      TRY the key's own replica (``Router.first_choice``) or the first of ``Router.choices``.
+    - ``told(ANSWERED)``: DONE. ``told(STALE)`` the first time for this replica: RESEND (the
+      replica closed a kept-alive connection between two requests, its keep-alive timeout: not
+      its failure); any other failure, a STALE after a resend included, is the replica's: it
+      becomes a suspect and is reported, then GIVE_UP after ``FINAL_FAILURES`` (502, 504
+      when it stalled), else TRY the next replica of ``Router.choices`` not tried yet, or
+      GIVE_UP when ``1 + LB_RETRIES`` replicas were tried or none is left (504 when the last
+      failure was ``LATE``, else 502).
+
+    Why this is the walk the routing rules ask for:
+
+    - *No replica twice, but one resend each.* A replica is tried only if its hostname is not
+      in ``tried``, and is added to it as it is tried; RESEND is given at most once per
+      replica (``resent``), and only for STALE, which no answer had begun on.
+    - *At most 1 + retries replicas.* ``_next`` gives a replica only while ``len(tried)`` is
+      below the limit.
+    - *Suspects last.* ``Router.choices`` puts them after the others (and bounded loads' full
+      replicas with them); the walk is made lazily after the first failure, so that replica is
+      a suspect by then and comes last too, and ``tried`` skips it anyway.
+    - *In-flight counts back to zero.* A replica is counted once as it becomes the one tried,
+      and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
+      at DONE or GIVE_UP nothing of this request is counted. A driver that stops in between
+      (its client left) leaves its count, as every path always has.
+    - *Each end has its status.* 503 only when nothing is routable; 504 only when the last
+      failure was a deadline; 502 otherwise.
     """
 
-    __slots__ = ("_began", "events", "key", "last_error", "router", "table", "tried")
+    __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",
+                 "table", "tried")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
                  events: RouterEvents) -> None:
@@ -586,8 +671,11 @@ class Attempts:
         self.table = table
         self.key = key
         self.events = events
-        self.tried: list[str] = []
-        self.last_error: BaseException | None = None
+        self.tried: list[str] = []  # hostnames, in the order tried
+        self.replica: Replica | None = None  # the one being tried
+        self.resent = False  # ... sent once more on a new connection already
+        self.error: ApiError | None = None  # the answer, once GIVE_UP
+        self._choices: Iterator[Replica] | None = None  # the walk, made at its first use
         self._began = 0.0
 
     @property
@@ -597,62 +685,79 @@ class Attempts:
 
     def first(self) -> Replica | None:
         """The key's own replica, when finding it takes no walk (the usual request: see
-        ``Router.first_choice``); None when the walk is needed."""
+        ``Router.first_choice``), now the one tried; None when the walk is needed (then
+        ``start``)."""
         replica = self.router.first_choice(self.table, self.key)
-        return None if replica is None else self._trying(replica)
-
-    def __iter__(self) -> Iterator[Replica]:
-        if self.empty:
-            raise ApiError(503, "No replica available to serve the request")
-        if not self.tried:
-            first = self.first()
-            if first is not None:
-                yield first
-        # Further on only after a failure: the walk from the start, past what was tried
-        # (the replica that failed is a suspect by now, so the walk would put it last).
-        router = self.router
-        limit = 1 + router.settings.retries
-        for replica in router.choices(self.table, self.key):
-            if len(self.tried) >= limit:
-                return
-            if replica.hostname not in self.tried:
-                yield self._trying(replica)
-
-    def _trying(self, replica: Replica) -> Replica:
-        self.tried.append(replica.hostname)
-        if self.router.settings.bounded_load:  # in-flight counts only serve bounded loads
-            self.router._count(replica.hostname, +1)
-        self._began = time.perf_counter()
+        if replica is not None:
+            self._trying(replica)
         return replica
 
-    def failed(self, replica: Replica, error: BaseException) -> None:
-        """``replica`` could not be reached (refused, reset, timed out, garbled): the next one
-        clockwise gets the request, and this worker avoids ``replica`` for a moment."""
-        self.router._count(replica.hostname, -1)
-        self.router.suspect(replica)
-        self.events.unreachable(replica, error)
-        self.last_error = error
+    def start(self) -> Step:
+        """The first step: TRY ``replica``, or GIVE_UP (503: nothing routable)."""
+        if self.replica is not None or self.tried:
+            raise RuntimeError("the walk has started already")
+        if not self.table.by_id:
+            self.error = ApiError(503, "No replica available to serve the request")
+            return GIVE_UP
+        if self.first() is not None:
+            return TRY
+        return self._next()
 
-    @staticmethod
-    def retryable(error: BaseException) -> bool:
-        """Whether the next replica may get the request after ``error``: not once an answer
-        began and then timed out or broke the protocol (a replica slow to answer would get
-        every request twice, a broken one would be asked again and again)."""
-        return not getattr(error, "began", False)
+    def told(self, outcome: Outcome, error: BaseException | None = None,
+             status: int = 0) -> Step:
+        """How the try at ``replica`` ended (``status``: the answer's, ``error``: the failure
+        reported), and what to do next."""
+        replica = self.replica
+        if replica is None:
+            raise RuntimeError(f"told {outcome} with no replica being tried")
+        router = self.router
+        if outcome is ANSWERED:
+            self.replica = None
+            if router.settings.bounded_load:  # (the counts' only use: no call without it)
+                router.count(replica.hostname, -1)
+            self.events.forwarded(replica, status, time.perf_counter() - self._began,
+                                  len(self.tried) - 1)
+            return DONE
+        if outcome is STALE and not self.resent:
+            self.resent = True
+            return RESEND
+        self.replica = None
+        if router.settings.bounded_load:
+            router.count(replica.hostname, -1)
+        router.suspect(replica)
+        self.events.unreachable(replica, error or ConnectionError(outcome.value))
+        if outcome in FINAL_FAILURES:
+            return self._exhausted(outcome)
+        return self._next(outcome)
 
-    def answered(self, replica: Replica, status: int) -> None:
-        """``replica`` answered with ``status`` (passed back as it is, but 404: see
-        ``missing_endpoint``)."""
+    def _next(self, outcome: Outcome | None = None) -> Step:
+        """The next replica along the walk not tried yet, or GIVE_UP."""
+        if len(self.tried) < 1 + self.router.settings.retries:
+            choices = self._choices
+            if choices is None:
+                choices = self._choices = self.router.choices(self.table, self.key)
+            tried = self.tried
+            for replica in choices:
+                if replica.hostname not in tried:
+                    self._trying(replica)
+                    return TRY
+        return self._exhausted(outcome)
+
+    def _trying(self, replica: Replica) -> None:
+        self.replica = replica
+        self.resent = False
+        self.tried.append(replica.hostname)
         if self.router.settings.bounded_load:
-            self.router._count(replica.hostname, -1)
-        self.events.forwarded(replica, status, time.perf_counter() - self._began,
-                              len(self.tried) - 1)
+            self.router.count(replica.hostname, +1)
+        self._began = time.perf_counter()
 
-    def exhausted(self) -> ApiError:
-        """The request's answer once no further replica will be tried: 504 when the last one
-        tried timed out, 502 when it could not be reached or broke the protocol."""
+    def _exhausted(self, outcome: Outcome | None) -> Step:
+        """No further replica will be tried: 504 when the last one tried timed out, 502 when
+        it could not be reached or broke the protocol."""
         self.events.exhausted(self.tried)
         tried = ", ".join(self.tried)
-        if getattr(self.last_error, "timed_out", False):
-            return ApiError(504, f"No replica answered in time (tried {tried})")
-        return ApiError(502, f"No replica could serve the request (tried {tried})")
+        if outcome in LATE:
+            self.error = ApiError(504, f"No replica answered in time (tried {tried})")
+        else:
+            self.error = ApiError(502, f"No replica could serve the request (tried {tried})")
+        return GIVE_UP

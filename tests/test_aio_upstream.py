@@ -3,7 +3,7 @@ misbehave on purpose.
 
 ``AsyncForwarder.start`` serves the usual request (a first try on a warm pooled connection) in
 callbacks alone and hands anything else to a task running ``forward``'s loop; both must keep the
-rules of ``lb.routing.Attempts``: a kept-alive connection the replica had closed is not the
+rules of ``lb.routing.RingWalk``: a kept-alive connection the replica had closed is not the
 replica's failure (once more on a new connection, same replica), a broken or missing answer is
 (the next replica clockwise, and the first one becomes a suspect), and a connection that carried
 anything but one clean answer is never reused. Real sockets on loopback, a real ``Router`` over a
@@ -260,7 +260,7 @@ def test_each_exchange_times_out_at_its_own_deadline(two: Any) -> None:
         conns = {}
         for name, address in (("slow", first.address), ("quick", first.address),
                               ("answered", second.address)):
-            conns[name] = await pool._connect(address)
+            conns[name] = await pool.connect(address)
         finished = loop.create_future()
 
         def done(name: str) -> Callable[[Any, Any], None]:
@@ -307,7 +307,7 @@ def test_a_connection_lost_before_its_request_went_out_fails_that_exchange(two: 
 
     async def late(forwarder: AsyncForwarder) -> Any:
         pool = forwarder.pool
-        conn = await pool._connect(first.address)
+        conn = await pool.connect(first.address)
         for _ in range(200):
             if conn.closed:
                 break
@@ -315,7 +315,7 @@ def test_a_connection_lost_before_its_request_went_out_fails_that_exchange(two: 
         assert conn.closed, "the replica did not hang up"
         began = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamError) as caught:
-            await pool._exchange(first.address, conn, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await pool.exchange(first.address, conn, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         return caught.value, asyncio.get_running_loop().time() - began
 
     ((error, seconds),) = run(router, late)

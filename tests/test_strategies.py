@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from lb.bootstrap import initial_state
 from lb.hashring import HashRing
-from lb.registry import READY, Registry
-from lb.routing import Router
+from lb.registry import READY, Registry, Replica
+from lb.routing import Outcome, Router, Step
 from lb.settings import Settings, SettingsError
 from lb.strategies import (
     MAGLEV_TABLE_SIZE,
@@ -156,9 +156,25 @@ def test_router_candidates_follow_the_strategys_walk(tmp_path: Path, strategy: s
         assert max(served.values()) / 1000 < 1.2
 
 
+def _tries(router: Router, key: int, fail: bool = False) -> list[Replica]:
+    """The replicas ``key``'s walk tries, each answering (then only the first is tried) or,
+    with ``fail``, each unreachable."""
+    walk = router.walk(key)
+    tried = []
+    step = walk.start()
+    while step is Step.TRY:
+        assert walk.replica is not None
+        tried.append(walk.replica)
+        if not fail:
+            walk.told(Outcome.ANSWERED, status=200)
+            break
+        step = walk.told(Outcome.UNREACHABLE, OSError("refused"))  # a suspect from now on
+    return tried
+
+
 @pytest.mark.parametrize("strategy", ["ring", "ring160", "maglev"])
-def test_a_requests_attempts_are_its_candidates_in_order(tmp_path: Path, strategy: str) -> None:
-    """``Attempts`` takes the key's own replica without a walk when it can; whatever way it
+def test_a_requests_tries_are_its_candidates_in_order(tmp_path: Path, strategy: str) -> None:
+    """``RingWalk`` takes the key's own replica without a walk when it can; whatever way it
     goes, its tries are ``candidates()`` in order (suspects last), 1 + retries at most, and
     each replica that fails sends the request on along the same walk."""
     router = _router(tmp_path, strategy=strategy, n=4, retries=2)
@@ -166,21 +182,23 @@ def test_a_requests_attempts_are_its_candidates_in_order(tmp_path: Path, strateg
         router._suspects.clear()
         expected = router.candidates(key)
         assert len(expected) == 3
-        assert list(router.attempts(key)) == expected  # nothing failed: the same order
-        attempts = router.attempts(key)
-        tried = []
-        for replica in attempts:
-            tried.append(replica)
-            attempts.failed(replica, OSError("refused"))  # each one a suspect from now on
-        assert tried == expected
+        assert _tries(router, key) == expected[:1]  # nothing failed: the first one
+        assert _tries(router, key, fail=True) == expected
         router._suspects.clear()
         router.suspect(expected[1])
         with_suspect = router.candidates(key)
         assert with_suspect[0] == expected[0] and expected[1] not in with_suspect[:2]
-        assert list(router.attempts(key)) == with_suspect
+        assert _tries(router, key) == with_suspect[:1]
+        router._suspects.clear()
+        router.suspect(expected[1])
+        assert _tries(router, key, fail=True) == with_suspect
+        router._suspects.clear()
+        router.suspect(expected[1])
         router.suspect(expected[0])
-        assert list(router.attempts(key)) == router.candidates(key)
-        assert router.candidates(key)[0] not in expected[:2]
+        both = router.candidates(key)
+        assert both[0] not in expected[:2]
+        assert _tries(router, key) == both[:1]
+        assert _tries(router, key, fail=True) == both
 
 
 def test_built_from_ids_strategies_are_cached_across_registry_versions(tmp_path: Path) -> None:
@@ -222,7 +240,7 @@ def test_bounded_loads_cap_the_busiest_replica_of_a_lopsided_ring(tmp_path: Path
     router = _router(tmp_path, bounded_load=1.25)
     for k in KEYS[:300]:  # each request stays in flight: the worst case for the cap
         chosen = router.candidates(k)[0]
-        router._count(chosen.hostname, +1)
+        router.count(chosen.hostname, +1)
     loads = sorted(router.inflight.values())
     assert sum(loads) == 300
     assert max(loads) <= -(-125 * 300 // 300)  # ceil(1.25 * 300 / 3) = 125

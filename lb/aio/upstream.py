@@ -32,11 +32,17 @@ from lb.errors import ApiError
 from lb.events import RouterEvents
 from lb.registry import Replica
 from lb.routing import (
+    ANSWERED,
+    GIVE_UP,
     REPLY_HEAD_MAX_BYTES,
     REPLY_HEAD_MAX_FIELDS,
+    RESEND,
     STARTING_POLL_SECONDS,
-    Attempts,
+    TRY,
+    Outcome,
+    RingWalk,
     Router,
+    Step,
     UpstreamError,
     bodiless,
     replica_error,
@@ -163,7 +169,7 @@ class ReplicaConnection(asyncio.Protocol):
       this connection): the rest goes to the ``Sink`` given to ``follow``, which may
       ``pause`` and ``resume`` it (a client slower than the replica), so an answer of any size
       costs a bounded amount of memory;
-    - an ``UpstreamError``: how far the answer came decides a retry (``Attempts.retryable``).
+    - an ``UpstreamError``: how far the answer came decides a retry (``lb.routing.Outcome.of``).
 
     Interim answers (1xx but 101) are skipped: the final answer is the one delivered. A
     connection is reused only after an answer read completely by its framing, with nothing
@@ -583,19 +589,6 @@ class ReplicaPool:
                 return
         conn.close()
 
-    async def fetch(self, address: str, request: bytes, head_only: bool = False) -> Reply:
-        """``request`` sent to the replica at ``address`` and its answer."""
-        conn = self.take(address)
-        if conn is not None:
-            try:
-                return await self._exchange(address, conn, request, head_only)
-            except UpstreamError as exc:
-                if not exc.before_reply:
-                    raise
-                # The replica closed a kept-alive connection between two requests (its
-                # keep-alive timeout): not its failure. Once more on a new connection.
-        return await self._exchange(address, await self._connect(address), request, head_only)
-
     def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
@@ -621,7 +614,8 @@ class ReplicaPool:
     def _lost(self, conn: ReplicaConnection) -> None:
         self.open -= 1
 
-    async def _connect(self, address: str) -> ReplicaConnection:
+    async def connect(self, address: str) -> ReplicaConnection:
+        """A new connection to ``address`` (``UpstreamError`` when there is none)."""
         host, port, _ = self._host(address)
         if self.open >= self.connection_limit:
             self._make_room()
@@ -639,8 +633,10 @@ class ReplicaPool:
         self.open += 1
         return conn
 
-    async def _exchange(self, address: str, conn: ReplicaConnection,
-                        request: bytes, head_only: bool = False) -> Reply:
+    async def exchange(self, address: str, conn: ReplicaConnection,
+                       request: bytes, head_only: bool = False) -> Reply:
+        """``request`` sent on ``conn`` and its answer; ``conn`` goes back to the pool after a
+        complete answer, is closed after a failure."""
         answer: asyncio.Future[Reply] = self.loop.create_future()
 
         def done(reply: Reply | None, error: UpstreamError | None) -> None:
@@ -690,20 +686,23 @@ class AsyncForwarder:
 
         The usual request, a first try on a warm pooled connection, runs in callbacks alone:
         no task, no future. Anything else (a new connection, a retry, a wait for a starting
-        replica) goes on as a task running ``forward``'s own loop from where it stands.
+        replica) goes on as a task driving the same walk from where it stands.
         """
         try:
-            attempts = self.router.attempts(key, self.events)
-            if attempts.empty:  # nothing routable: wait for a starting replica, or say why
+            walk = self.router.walk(key, self.events)
+            if walk.empty:  # nothing routable: wait for a starting replica, or say why
                 self._go_on(self.forward(target, fields, key, path, method), answered)
                 return
-            replica = attempts.first()
-            conn = None if replica is None else self.pool.take(replica.address or "")
+            replica = walk.first()
+            if replica is None:  # the key's own replica is a suspect, or loads are bounded
+                step, conn = walk.start(), None
+            else:
+                step, conn = TRY, self.pool.take(replica.address or "")
         except Exception as exc:  # noqa: BLE001 - answered reports it (a bug with its trace)
             answered(None, None, exc)
             return
         if replica is None or conn is None:
-            self._go_on(self._walk(attempts, replica, target, fields, path, method), answered)
+            self._go_on(self._walk(walk, step, target, fields, path, method), answered)
             return
         chosen, warm, address = replica, conn, replica.address or ""
 
@@ -711,7 +710,7 @@ class AsyncForwarder:
             if reply is not None:
                 if reply.stream is None:
                     self.pool.release(address, warm)
-                attempts.answered(chosen, reply.status)
+                walk.told(ANSWERED, status=reply.status)
                 try:
                     passed = self._passed_back(chosen, reply, path)
                 except ApiError as exc:  # the replica's error, as the contract words it
@@ -721,16 +720,11 @@ class AsyncForwarder:
                 return
             warm.close()
             assert error is not None
-            if error.before_reply:  # a kept-alive connection the replica had closed: not
-                # its failure; once more through the pool (a new connection if need be)
-                self._go_on(self._walk(attempts, chosen, target, fields, path, method),
-                            answered)
+            step = walk.told(Outcome.of(error, reused=True), error)  # a pooled connection
+            if step is GIVE_UP:
+                answered(None, None, walk.error)
                 return
-            attempts.failed(chosen, error)
-            if not attempts.retryable(error):
-                answered(None, None, attempts.exhausted())
-                return
-            self._go_on(self._walk(attempts, None, target, fields, path, method), answered)
+            self._go_on(self._walk(walk, step, target, fields, path, method), answered)
 
         conn.exchange(self._request(method, address, target, fields), self.pool.read_timeout,
                       done, method == b"HEAD")
@@ -740,34 +734,38 @@ class AsyncForwarder:
         """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``fields`` the
         forwarded header lines (``header_lines``), ``path`` (decoded) names the request in
         errors. The replica that answered and its answer."""
-        attempts = self.router.attempts(key, self.events)
-        if attempts.empty and self.router.waiting_for_replicas():
+        walk = self.router.walk(key, self.events)
+        if walk.empty and self.router.waiting_for_replicas():
             deadline = self.loop_time() + self.settings.upstream_timeout
             while self.router.waiting_for_replicas() and self.loop_time() < deadline:
                 await asyncio.sleep(STARTING_POLL_SECONDS)
-            attempts = self.router.attempts(key, self.events)
-        return await self._walk(attempts, None, target, fields, path, method)
+            walk = self.router.walk(key, self.events)
+        return await self._walk(walk, walk.start(), target, fields, path, method)
 
-    async def _walk(self, attempts: Attempts, first: Replica | None, target: bytes,
-                    fields: bytes, path: str, method: bytes = b"GET") -> tuple[Replica, Reply]:
-        """The way round the ring from where it stands: ``first`` (when given), then the
-        rest of ``attempts``, each through the pool (a new connection when none is idle)."""
-        replicas = iter(attempts)
-        replica = first if first is not None else next(replicas, None)
-        while replica is not None:
+    async def _walk(self, walk: RingWalk, step: Step, target: bytes, fields: bytes, path: str,
+                    method: bytes = b"GET") -> tuple[Replica, Reply]:
+        """The way round the ring from ``step``: each try through the pool (a warm
+        connection if one is idle, else a new one; a RESEND always on a new one)."""
+        pool = self.pool
+        while step is TRY or step is RESEND:
+            replica = walk.replica
+            assert replica is not None
             address = replica.address or ""  # routable: it has one
+            conn = None if step is RESEND else pool.take(address)
+            reused = conn is not None
             try:
-                reply = await self.pool.fetch(
-                    address, self._request(method, address, target, fields), method == b"HEAD")
+                if conn is None:
+                    conn = await pool.connect(address)
+                reply = await pool.exchange(
+                    address, conn, self._request(method, address, target, fields),
+                    method == b"HEAD")
             except UpstreamError as exc:
-                attempts.failed(replica, exc)
-                if not attempts.retryable(exc):
-                    break
-                replica = next(replicas, None)
+                step = walk.told(Outcome.of(exc, reused), exc)
                 continue
-            attempts.answered(replica, reply.status)
+            walk.told(ANSWERED, status=reply.status)
             return self._passed_back(replica, reply, path)
-        raise attempts.exhausted()
+        assert walk.error is not None
+        raise walk.error
 
     def loop_time(self) -> float:
         return self.pool.loop.time()
