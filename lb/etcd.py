@@ -56,6 +56,7 @@ from lb.registry import (
     RegistryWriteUnknown,
     State,
     parse_state,
+    queued,
 )
 from lb.settings import ETCD_SCHEME as SCHEME
 from lb.settings import EtcdAddress
@@ -341,19 +342,16 @@ class EtcdRegistry:
     def locked(self) -> Iterator[None]:
         """The write lock: this process's threads queue on a plain lock, processes on the key."""
         began = time.monotonic()
-        if not self._thread_lock.acquire(timeout=self.lock_timeout):
-            raise RegistryBusy(f"registry {self.where} busy in this process for "
-                               f"{self.lock_timeout}s")
-        lease = None
-        try:
-            lease = self.etcd.grant(LOCK_TTL)
-            self._held = self._take_lock(lease, began + self.lock_timeout)
-            yield
-        finally:
-            self._held = None
-            if lease is not None:
-                self.etcd.revoke(lease)  # deletes the lock key with it
-            self._thread_lock.release()
+        with queued(self._thread_lock, self.lock_timeout, self.where):
+            lease = None
+            try:
+                lease = self.etcd.grant(LOCK_TTL)
+                self._held = self._take_lock(lease, began + self.lock_timeout)
+                yield
+            finally:
+                self._held = None
+                if lease is not None:
+                    self.etcd.revoke(lease)  # deletes the lock key with it
 
     def _take_lock(self, lease: int, end: float) -> int:
         """Create the lock key under ``lease``; its create revision. Waits while another

@@ -304,6 +304,19 @@ class State:
         return state
 
 
+@contextmanager
+def queued(lock: threading.Lock, timeout: float, where: str) -> Iterator[None]:
+    """A store's writers in this process queue on ``lock`` before the store's own lock (a
+    file lock or an etcd key, which do not tell this process's threads apart);
+    ``RegistryBusy`` after ``timeout`` seconds."""
+    if not lock.acquire(timeout=timeout):
+        raise RegistryBusy(f"registry {where} busy in this process for {timeout}s")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def parse_state(raw: bytes, where: str) -> State:
     """The state a registry document holds; ``RegistryCorrupt`` saying why it holds none
     (every store keeps the same document, so every store reads it alike)."""
@@ -376,10 +389,7 @@ class Registry:
     @contextmanager
     def locked(self) -> Iterator[None]:
         began = time.monotonic()
-        if not self._thread_lock.acquire(timeout=self.lock_timeout):
-            raise RegistryBusy(f"registry {self.path} busy in this process for "
-                               f"{self.lock_timeout}s")
-        try:
+        with queued(self._thread_lock, self.lock_timeout, self.path):
             try:
                 self._lock.acquire(timeout=max(0.0, self.lock_timeout - (time.monotonic() - began)))
             except filelock.Timeout as exc:
@@ -393,8 +403,6 @@ class Registry:
                 yield
             finally:
                 self._lock.release()
-        finally:
-            self._thread_lock.release()
 
     @contextmanager
     def update(self) -> Iterator[State]:
