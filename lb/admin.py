@@ -230,15 +230,15 @@ class Admin:
         now = time.time()
         with self.registry.update() as state:
             mine = [r for r in state.replicas if r.leased_to(holder) and r.state != REMOVING]
-            if expected is not None and len(mine) != expected:
-                for entry in mine:
+            taken_back = expected is not None and len(mine) != expected
+            for entry in mine:
+                if taken_back:
                     entry.state = REMOVING
                     entry.release()
-            else:
-                for entry in mine:
+                else:
                     entry.state, entry.lease = READY, None
                     entry.last_heartbeat, entry.failures = now, 0
-        if expected is not None and len(mine) != expected:
+        if taken_back:
             raise ApiError(503, "The new replicas were taken back before they could be "
                                 "added; nothing was added")
         log.info("added replicas; now %s", state.rep())
