@@ -17,7 +17,7 @@ bench-micro:  ## Only the micro-benchmark: hash lookup + registry check per requ
 bench-hotpath:  ## The async worker's Python per routed GET, in-process: warm and on cold caches
 	$(PYTHON_BIN) bench/hotpath.py
 
-bench-worker:  ## The threads worker (lb/worker.py) vs plain gthread, side by side (wrk)
+bench-worker:  ## The threads worker (lb/threads/worker.py) vs plain gthread, side by side (wrk)
 	bash bench/worker_ab.sh
 
 bench-ha:  ## The HA stack (etcd): store throughput, convergence, takeover, faults; bench/results-ha.md

@@ -60,11 +60,11 @@ def profile_app(registry: str, requests: int = 3000, top: int = 20,
 
     app_total = inclusive("flask/app.py", "wsgi_app")  # what gunicorn calls: all but HTTP I/O
     parts = [
-        ("forwarding to the replica: urllib3 + http.client (Router._get)",
-         inclusive("lb/router.py", "_get")),
+        ("forwarding to the replica: http.client (Forwarder.forward)",
+         inclusive("lb/threads/forward.py", "forward")),
         ("choosing the replica: registry check + lookup + walk (Router.candidates)",
-         inclusive("lb/router.py", "candidates")),
-        ("request id (request_key)", inclusive("lb/router.py", "request_key")),
+         inclusive("lb/routing.py", "candidates")),
+        ("request id (request_key)", inclusive("lb/routing.py", "request_key")),
         ("headers and target to forward (app._forward_headers, app._target)",
          inclusive("lb/app.py", "_forward_headers", "_target")),
         ("ops hooks: request ids, access log, metrics (lb/ops)",

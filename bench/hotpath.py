@@ -3,7 +3,7 @@
 The real ``lb.aio`` server, forwarder, pool, router and metrics (batched, as in a worker) on a
 uvloop loop, with in-memory transports: each request is fed to a ``ClientConnection`` as the
 bytes wrk sends, the replica's answer (gunicorn's bytes for ``/home``) to the pooled
-``ReplicaConnection`` it went out on, and the reply written back is checked. What is left out
+``ReplicaProtocol`` it went out on, and the reply written back is checked. What is left out
 is what the kernel and the loop add (system calls, wake-ups): this is the Python (and the
 parsers' C) a request costs on a warm cache.
 
@@ -35,137 +35,16 @@ import tempfile
 import time
 from typing import Any
 
-import uvloop
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from lb.aio.server import ClientConnection, Limits, Server
-from lb.aio.upstream import AsyncForwarder, ReplicaConnection, ReplicaPool
-from lb.bootstrap import initial_state
-from lb.ops.metrics import BalancerMetrics
-from lb.registry import READY, Registry, RegistryView
-from lb.routing import Router
-from lb.settings import Settings
-from lb.watch import RegistryWatch
-
-BODY = b'{"message":"Hello from Server: 1","status":"successful"}\n'
-ANSWER = (b"HTTP/1.1 200 OK\r\nServer: gunicorn\r\nDate: Fri, 04 Dec 2026 02:00:00 GMT\r\n"
-          b"Connection: keep-alive\r\nContent-Type: application/json\r\n"
-          b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
-
-
-class Transport:
-    """Enough of an asyncio transport for the server and the pool: writes are kept."""
-
-    def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": self.peer, "sockname": ("127.0.0.1", 5000)}.get(name, default)
-
-
-class Harness:
-    """One client connection, one warm pooled connection per replica."""
-
-    def __init__(self, folder: str) -> None:
-        settings = Settings.from_env({}, registry=os.path.join(folder, "registry.json"), n=3,
-                                     strategy="maglev", hash_key="query:id")
-        state = initial_state(settings)
-        for r in state.replicas:
-            r.state, r.address = READY, f"http://127.0.0.1:{40000 + r.server_id}"
-        registry = Registry(settings.registry_path)
-        registry.create(state, replace=True)
-        time.sleep(RegistryView.RACY_SECONDS * 2)  # past the racy-stamp window, as in a worker
-        self.loop = uvloop.new_event_loop()
-        metrics = BalancerMetrics()
-        self.counts = metrics.batched()
-        router = Router(settings, registry, metrics)
-        self.watch = RegistryWatch.attach(router.view, self.loop)  # as in a worker
-        self.pool = ReplicaPool(self.loop, settings.connect_timeout, settings.upstream_timeout)
-        self.replicas: dict[str, tuple[ReplicaConnection, Transport]] = {}
-        for r in state.replicas:
-            assert r.address is not None
-            self.connect(r.address)
-        server = Server(settings, Limits(4094, 100, 8190, settings.max_body),
-                        AsyncForwarder(settings, router, self.pool, self.counts),
-                        app=None, counts=self.counts,  # type: ignore[arg-type]
-                        keepalive=5, server_header="gunicorn")
-        self.client = ClientConnection(server, self.loop)
-        self.client_transport = Transport(("127.0.0.1", 40001))
-        self.client.connection_made(self.client_transport)  # type: ignore[arg-type]
-
-    def connect(self, address: str) -> None:
-        """A warm pooled connection to the replica at ``address``, as after a first request."""
-        conn = ReplicaConnection(self.loop, self.pool.deadlines, self.pool.heads)
-        transport = Transport(("127.0.0.1", int(address.rsplit(":", 1)[1])))
-        conn.connection_made(transport)  # type: ignore[arg-type]
-        conn.keep_alive = True
-        self.pool.release(address, conn)
-        self.replicas[address] = (conn, transport)
-
-    def reconnect(self, conn: ReplicaConnection) -> None:
-        """A fresh connection in place of ``conn`` (closed)."""
-        address = next(a for a, (c, _) in self.replicas.items() if c is conn)
-        self.connect(address)
-
-    def send(self, raw: bytes) -> tuple[ReplicaConnection, bytes]:
-        """``raw`` from the client; the connection it went out on and what was sent."""
-        self.client.data_received(raw)
-        for conn, transport in self.replicas.values():
-            if transport.written:
-                sent = b"".join(transport.written)
-                transport.written.clear()
-                return conn, sent
-        raise AssertionError(f"no replica was asked: {self.client_transport.written[-1:]!r}")
-
-    def request(self, raw: bytes, answer: bytes = ANSWER) -> None:
-        conn, _ = self.send(raw)
-        conn.data_received(answer)
-
-    def replies(self) -> bytes:
-        """What the client got since the last call."""
-        reply = b"".join(self.client_transport.written)
-        self.client_transport.written.clear()
-        return reply
-
-    def check(self) -> None:
-        reply = self.replies()
-        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(BODY), reply[:300]
-
-    def close(self) -> None:
-        """The registry watch (an inotify descriptor) and the loop."""
-        if self.watch is not None:
-            self.watch.close()
-        self.loop.close()
+from tests.helpers_aio import ANSWER, Harness  # after the path is set
 
 
 def requests(n: int, seed: int = 7) -> list[bytes]:
     rng = random.Random(seed)
-    return [b"GET /home?id=%d HTTP/1.1\r\nHost: 127.0.0.1:5000\r\n\r\n" % rng.randint(100000, 999999)
-            for _ in range(n)]
+    return [b"GET /home?id=%d HTTP/1.1\r\nHost: 127.0.0.1:5000\r\n\r\n"
+            % rng.randint(100000, 999999) for _ in range(n)]
 
 
 class CacheFlush:

@@ -52,7 +52,7 @@ def summarize(lines: list[str], top: int = 25) -> str:
 
 
 LAYERS = [  # first match wins, checked from the innermost frame outwards
-    ("lb/router.py (candidates", "router: choosing a replica (hash lookup, registry check)"),
+    ("lb/routing.py (candidates", "router: choosing a replica (hash lookup, registry check)"),
     ("urllib3/", "forwarding: urllib3 (HTTP to the replica)"),
     ("requests/", "forwarding: requests (session, prepare, adapters)"),
     ("http/client.py", "forwarding: http.client"),

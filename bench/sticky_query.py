@@ -7,7 +7,7 @@ KB) but of a single value, for what the length alone costs; the review's hostile
 
 - ``request_key`` alone: ``lb.routing.query_value`` as the async path calls it, and the former
   way (every name decoded until one matches) for comparison;
-- the whole routed GET on the event-driven path, in-process (``bench/hotpath.py``'s harness: the
+- the whole routed GET on the event-driven path, in-process (``tests/helpers_aio.py``'s harness: the
   real server, forwarder and pool, no sockets), with the query in its request line;
 - with ``--stack N``: the CPU the balancer's processes (gunicorn's master and its one async
   worker) spend per request on a real stack (``lb-run`` on loopback, 3 local replicas), over
@@ -36,8 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from analysis.stacks import LocalStack
-from bench.hotpath import Harness
 from lb.routing import query_value, request_key
+from tests.helpers_aio import Harness
 
 REQUEST_LINE_MAX = 4094  # gunicorn's limit_request_line, the harness's too
 KEY = "id=123456"

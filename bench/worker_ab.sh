@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the threads worker (lb/worker.py: JSON on gunicorn's errors, LB_CLIENT_TIMEOUT)
+# What the threads worker (lb/threads/worker.py: JSON on gunicorn's errors, LB_CLIENT_TIMEOUT)
 # costs next to plain gthread: one lb-run stack (N replicas, the balancer on PORT_A), a second
 # balancer with --worker-class gthread on PORT_B over the same registry and replicas, then wrk
 # against each in turn, ROUNDS times, alternating which goes first. Loopback only; bounded.
@@ -48,11 +48,11 @@ for round in $(seq "$ROUNDS"); do
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errors=$(grep -E "Non-2xx|Socket errors" <<<"$out" || true)
-        name=lb.worker
+        name=lb.threads.worker
         [ "$port" = "$PORT_B" ] && name=gthread
         echo "$round $name $rps $p99 $errors"
     done
 done | tee "$work/rounds.txt"
-awk '$2 == "lb.worker" {a += $3; n++} $2 == "gthread" {b += $3; m++}
-     END {printf "mean req/s: lb.worker %.0f, gthread %.0f, ratio %.3f\n", a / n, b / m, (a / n) / (b / m)}' \
+awk '$2 == "lb.threads.worker" {a += $3; n++} $2 == "gthread" {b += $3; m++}
+     END {printf "mean req/s: lb.threads.worker %.0f, gthread %.0f, ratio %.3f\n", a / n, b / m, (a / n) / (b / m)}' \
     "$work/rounds.txt"

@@ -27,7 +27,6 @@ from lb.logs import request_id
 from lb.ops.blueprint import init_ops
 from lb.ops.metrics import BalancerMetrics
 from lb.registry import RegistryBusy, RegistryError, RegistryUnreadable
-from lb.router import Forwarder, Upstream
 from lb.routing import (
     JSON_TYPE,
     Router,
@@ -42,6 +41,7 @@ from lb.routing import (
 )
 from lb.settings import Settings
 from lb.stores import open_registry
+from lb.threads.forward import Forwarder, Upstream
 
 log = logging.getLogger(__name__)
 ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
@@ -241,7 +241,7 @@ def _json_body(req: Request) -> Any:
         _close_after(req)
         raise ApiError(400, f"Bad Request: malformed chunked body ({exc})") from exc
     except (BlockingIOError, ClientDisconnected) as exc:
-        # SO_RCVTIMEO expired (lb.worker): the client went quiet. werkzeug reports it as a
+        # SO_RCVTIMEO expired (lb.threads.worker): the client went quiet. werkzeug reports it as a
         # disconnect, raised while handling the BlockingIOError.
         if isinstance(exc, BlockingIOError) or isinstance(exc.__context__, BlockingIOError):
             raise RequestTimeout("The request body did not arrive within LB_CLIENT_TIMEOUT") \

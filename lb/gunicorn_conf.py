@@ -19,9 +19,9 @@ wsgi_app = "lb.app:create_app()"
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
 # async: an event loop per worker, routed GETs never enter Flask (lb/aio/). threads: gthread +
-# Flask for everything, with JSON errors and LB_CLIENT_TIMEOUT (lb/worker.py), the reference.
+# Flask for everything, with JSON errors and LB_CLIENT_TIMEOUT (lb/threads/worker.py), the reference.
 worker_class = {"async": "lb.aio.worker.AsyncWorker",
-                "threads": "lb.worker.EnvelopeThreadWorker"}[_settings.worker]
+                "threads": "lb.threads.worker.EnvelopeThreadWorker"}[_settings.worker]
 threads = _settings.threads
 # Client connections a gthread worker holds at once (the async worker keeps its own cap): no
 # more than the descriptor limit leaves, so that replica connections, the registry and the

@@ -1,7 +1,7 @@
 """The routing core: which replicas a GET may go to, in which order, and the rules around it.
 
 Both data paths call this and differ only in their I/O: the threads path (the Flask view and
-``lb.router``, blocking sockets) and the event-driven path (``lb.aio``). What lives here is
+``lb.threads.forward``, blocking sockets) and the event-driven path (``lb.aio``). What lives here is
 written once for both:
 
 - which requests are routed at all (``is_routed``) and the target forwarded (``origin_target``);

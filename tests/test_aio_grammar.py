@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.hotpath import ANSWER, Harness
+from tests.helpers_aio import ANSWER, Harness
 
 GOOD = b"GET /home?id=123456 HTTP/1.1\r\nHost: a.test\r\n\r\n"
 

@@ -1,8 +1,9 @@
 """What the event-driven path works out once and then reuses, in-process (no sockets): what a
 request's header fields mean, once per distinct set on a connection (``RequestHead``), and what
-a replica's answer head means, once per distinct head (``Head``, and an answer taken whole
-without the parser). Neither may change a byte of what goes out. The harness is the benchmark's
-(``bench/hotpath.py``): the real server, forwarder, pool and router with in-memory transports.
+a replica's answer head means, once per distinct head (``AnswerHead``, and an answer taken whole
+without the parser). Neither may change a byte of what goes out. The harness
+(``tests/helpers_aio.py``) is the real server, forwarder, pool and router with in-memory
+transports.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.hotpath import ANSWER, BODY, Harness
-from lb.aio.upstream import read_head
+from lb.aio.upstream import read_answer_head
 from lb.routing import forward_headers
+from tests.helpers_aio import ANSWER, BODY, Harness
 
 
 def get(*fields: bytes, version: bytes = b"1.1") -> bytes:
@@ -200,7 +201,7 @@ def test_a_known_head_that_closes_the_connection_still_closes_it(harness: Harnes
 def test_what_a_head_says_about_its_body(fields: list[tuple[bytes, bytes]], status: int,
                                           length: int | None, framed: bool) -> None:
     """Only a head whose one Content-Length alone frames the body may be taken whole."""
-    head = read_head(status, fields, keep_alive=True)
+    head = read_answer_head(status, fields, keep_alive=True)
     assert (head.length, head.framed) == (length, framed)
 
 

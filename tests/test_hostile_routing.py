@@ -93,7 +93,7 @@ def test_an_absolute_form_target_is_routed_by_its_path_only(stack: RunningStack)
 def test_malformed_requests_are_refused_in_the_contract_envelope(
         stack: RunningStack, target: bytes, headers: tuple[bytes, ...], status: int) -> None:
     """gunicorn refuses these before the app sees them; its reply is still the JSON envelope
-    (lb.worker), its connection closed, and the balancer goes on serving."""
+    (lb.threads.worker), its connection closed, and the balancer goes on serving."""
     reply = send(stack, "malformed", target, *headers)
     assert reply.status == status, reply.body[:300]
     assert reply.header("Content-Type") == "application/json"

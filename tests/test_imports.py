@@ -22,8 +22,8 @@ PURE_CORES = {"lb.hashring", "lb.strategies", "lb.formulas"}
 HTTP_LIBRARIES = {"flask", "werkzeug"}
 # The balancer's HTTP side: what the supervisor must not reach (besides anything that imports
 # an HTTP library, found from the source below).
-HTTP_APP = {"lb.app", "lb.admin", "lb.routing", "lb.router", "lb.worker", "lb.ops.blueprint"}
-HTTP_APP_PACKAGES = ("lb.aio",)
+HTTP_APP = {"lb.app", "lb.admin", "lb.routing", "lb.ops.blueprint"}
+HTTP_APP_PACKAGES = ("lb.aio", "lb.threads")
 
 Graph = dict[str, set[str]]
 

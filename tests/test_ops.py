@@ -23,9 +23,9 @@ from lb.logs import JsonFormatter, logging_config
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
 from lb.ops.status import Counts, RateWindow, arcs, build_status
 from lb.registry import READY, Registry
-from lb.router import Upstream
 from lb.settings import Settings, SettingsError
 from lb.strategies import Maglev, well_mixed_ring
+from lb.threads.forward import Upstream
 from tests.helpers_stack import immutable
 
 HEX32 = re.compile(r"[0-9a-f]{32}\Z")

@@ -1,5 +1,5 @@
 """Slow clients against a real stack (gunicorn in front): LB_CLIENT_TIMEOUT bounds how long one
-may hold a balancer thread (lb.worker). The stack has 1 worker with 2 threads, so a few slow
+may hold a balancer thread (lb.threads.worker). The stack has 1 worker with 2 threads, so a few slow
 clients would take every thread the balancer has."""
 
 from __future__ import annotations

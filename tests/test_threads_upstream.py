@@ -1,4 +1,4 @@
-"""The threads path's way to the replicas (``lb.router``), rule by rule, against replicas that
+"""The threads path's way to the replicas (``lb.threads.forward``), rule by rule, against replicas that
 misbehave on purpose at the byte level (``tests.helpers_scripted``).
 
 An in-process balancer (``create_app``, Flask's test client): every request of a test runs on

@@ -1,4 +1,4 @@
-"""The threads worker's quick stop (lb.worker), in process: its signal handler must end the
+"""The threads worker's quick stop (lb.threads.worker), in process: its signal handler must end the
 worker wherever the signal lands in the main thread. End to end, the stop tests in
 tests/test_stack.py run it with real gunicorn."""
 
@@ -13,7 +13,7 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 
-from lb.worker import EnvelopeThreadWorker
+from lb.threads.worker import EnvelopeThreadWorker
 
 
 @pytest.fixture

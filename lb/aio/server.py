@@ -39,7 +39,7 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder, ReplicaConnection, Reply, header_lines, hold
+from lb.aio.upstream import AsyncForwarder, ReplicaProtocol, Reply, header_lines, hold
 from lb.errors import ApiError
 from lb.logs import access_logged, log_access, new_request_id
 from lb.ops.metrics import LoopCounts
@@ -850,7 +850,7 @@ class Relay:
     """A streamed answer on its way: what its end (or break) needs to finish the request."""
 
     request: Request
-    stream: ReplicaConnection
+    stream: ReplicaProtocol
     chunked: bool  # re-framed for the client as chunked (the replica's framing was its own)
     status: int
     rid: str

@@ -1,15 +1,15 @@
 """The event-driven path's way to the replicas: pooled keep-alive connections, httptools parsing.
 
-One ``ReplicaConnection`` carries one exchange at a time (a GET with no body, its complete
+One ``ReplicaProtocol`` carries one exchange at a time (a GET with no body, its complete
 answer); ``ReplicaPool`` keeps the idle ones per replica address, newest first, so a worker
 reuses warm connections and lets the rest expire at the replica. ``AsyncForwarder`` is the
-threads path's ``lb.router.Forwarder`` on the event loop: the usual request (a first try on a
-warm connection) in callbacks alone, anything else in a task; the rules come from
+threads path's ``lb.threads.forward.Forwarder`` on the event loop: the usual request (a first
+try on a warm connection) in callbacks alone, anything else in a task; the rules come from
 ``lb.routing``.
 
 A replica answers the same few heads over and over (they differ in ``Date`` once a second), so
 what a head means (status, framing, the header lines passed back) is worked out once per
-distinct head, from httptools' parse, and kept by the pool (``Head``). An answer whose first
+distinct head, from httptools' parse, and kept by the pool (``AnswerHead``). An answer whose first
 read holds a whole head seen before is taken without the parser: its body is the next
 ``Content-Length`` bytes, in that read or the ones after (gunicorn writes a head and its body
 apart, and a quarter of the answers at half load come in two reads): the same bytes the parser
@@ -60,8 +60,8 @@ NOTHING_PENDING = b"\0\0\0\0"  # FIONREAD's count of zero bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Head:
-    """What the head of a replica's answer means to the balancer (see ``read_head``)."""
+class AnswerHead:
+    """What the head of a replica's answer means to the balancer (see ``read_answer_head``)."""
 
     status: int
     keep_alive: bool
@@ -71,7 +71,8 @@ class Head:
     passed_back: bytes  # the header lines the client gets (reply_headers), each ending CRLF
 
 
-def read_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> Head:
+def read_answer_head(status: int, headers: list[tuple[bytes, bytes]],
+                     keep_alive: bool) -> AnswerHead:
     """A head as httptools parsed it: ``headers`` undecoded, in order."""
     content_type: str | None = None
     lengths: list[bytes] = []
@@ -87,8 +88,8 @@ def read_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool)
     no_body = bodiless(status)
     length = int(lengths[0]) if len(lengths) == 1 and not chunked and not no_body else None
     passed_back = b"".join([b"%s: %s\r\n" % pair for pair in reply_headers(headers)])
-    return Head(status, keep_alive, content_type, no_body or chunked or bool(lengths), length,
-                passed_back)
+    return AnswerHead(status, keep_alive, content_type, no_body or chunked or bool(lengths),
+                      length, passed_back)
 
 
 @dataclass(slots=True)
@@ -96,9 +97,9 @@ class Reply:
     """A replica's answer: complete, or its head and the body so far (``stream``)."""
 
     status: int  # the head's
-    head: Head
+    head: AnswerHead
     body: bytes
-    stream: ReplicaConnection | None = None  # the rest of the body follows (follow, pause)
+    stream: ReplicaProtocol | None = None  # the rest of the body follows (follow, pause)
 
 
 class Sink(Protocol):
@@ -124,17 +125,17 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._due: dict[ReplicaConnection, tuple[float, float]] = {}  # deadline, timeout
+        self._due: dict[ReplicaProtocol, tuple[float, float]] = {}  # deadline, timeout
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
 
-    def add(self, conn: ReplicaConnection, timeout: float) -> None:
+    def add(self, conn: ReplicaProtocol, timeout: float) -> None:
         deadline = self.loop.time() + timeout
         self._due[conn] = (deadline, timeout)
         if self._timer is None or deadline < self._armed_for:
             self._arm(deadline)
 
-    def discard(self, conn: ReplicaConnection) -> None:
+    def discard(self, conn: ReplicaProtocol) -> None:
         self._due.pop(conn, None)
 
     def _arm(self, when: float) -> None:
@@ -157,7 +158,7 @@ class Deadlines:
                 self._arm(first)
 
 
-class ReplicaConnection(asyncio.Protocol):
+class ReplicaProtocol(asyncio.Protocol):
     """One kept-alive connection to a replica, one exchange at a time.
 
     An exchange ends in one of three ways, given to its ``done`` callback once the parser has
@@ -177,7 +178,7 @@ class ReplicaConnection(asyncio.Protocol):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines,
-                 heads: dict[bytes, Head] | None = None, read_timeout: float = 5.0,
+                 heads: dict[bytes, AnswerHead] | None = None, read_timeout: float = 5.0,
                  max_reply: int = 0) -> None:
         self.loop = loop
         self.deadlines = deadlines
@@ -188,21 +189,21 @@ class ReplicaConnection(asyncio.Protocol):
         self.fd = -1
         self.closed = False
         self.keep_alive = False
-        self.on_free: Callable[[ReplicaConnection], None] | None = None  # a stream's end
-        self.on_lost: Callable[[ReplicaConnection], None] | None = None  # the pool's count
+        self.on_free: Callable[[ReplicaProtocol], None] | None = None  # a stream's end
+        self.on_lost: Callable[[ReplicaProtocol], None] | None = None  # the pool's count
         self._done: Done | None = None  # the exchange in progress
         self._outcome: tuple[Reply | None, UpstreamError | None] | None = None
         # One parser for the connection's whole life: llhttp starts the next message by itself.
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head: Head | None = None
+        self._head: AnswerHead | None = None
         self._body: list[bytes] = []
         self._size = 0  # body bytes of the current answer
         self._head_size = 0  # bytes read before its (final) head was complete
         self._field_bytes = 0  # the bytes of its header fields (and interim answers')
         self._got_bytes = False
         self._unread = True  # nothing of the current answer has come yet
-        self._known: Head | None = None  # a head seen before, its body still coming
+        self._known: AnswerHead | None = None  # a head seen before, its body still coming
         self._missing = 0  # ... that many bytes of it
         self._head_only = False  # the answer to a HEAD: no body, whatever its fields say
         self._sink: Sink | None = None  # where a streamed body goes (follow)
@@ -385,7 +386,7 @@ class ReplicaConnection(asyncio.Protocol):
         if status < 200:
             self._headers = []  # interim (100, 103, ...): the final answer follows
             return
-        head = self._head = read_head(status, self._headers, parser.should_keep_alive())
+        head = self._head = read_answer_head(status, self._headers, parser.should_keep_alive())
         if self._head_only:
             self.keep_alive = False
             self._outcome = (Reply(status, head, b""), None)
@@ -557,16 +558,16 @@ class ReplicaPool:
         # the clients a worker may hold, each of which uses one at a time).
         self.connection_limit = connection_limit
         self.open = 0
-        self._idle: dict[str, list[ReplicaConnection]] = {}
+        self._idle: dict[str, list[ReplicaProtocol]] = {}
         self.deadlines = Deadlines(loop)
-        self.heads: dict[bytes, Head] = {}  # answer heads read, shared by every connection
+        self.heads: dict[bytes, AnswerHead] = {}  # answer heads read, shared by every connection
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
 
     def host_header(self, address: str) -> bytes:
         known = self._hosts.get(address)
         return (known or self._host(address))[2]
 
-    def take(self, address: str) -> ReplicaConnection | None:
+    def take(self, address: str) -> ReplicaProtocol | None:
         """A warm idle connection to ``address``, if there is one (newest first); one with
         bytes waiting (an answer nobody asked for) is closed, never handed out."""
         idle = self._idle.get(address)
@@ -580,7 +581,7 @@ class ReplicaPool:
             return conn
         return None
 
-    def release(self, address: str, conn: ReplicaConnection) -> None:
+    def release(self, address: str, conn: ReplicaProtocol) -> None:
         """``conn`` after an exchange: kept for the next request when it can be, else closed."""
         if conn.keep_alive and not conn.closed and self.open <= self.connection_limit:
             idle = self._idle.setdefault(address, [])
@@ -611,10 +612,10 @@ class ReplicaPool:
             conn = idle.pop(0)
             conn.close()
 
-    def _lost(self, conn: ReplicaConnection) -> None:
+    def _lost(self, conn: ReplicaProtocol) -> None:
         self.open -= 1
 
-    async def connect(self, address: str) -> ReplicaConnection:
+    async def connect(self, address: str) -> ReplicaProtocol:
         """A new connection to ``address`` (``UpstreamError`` when there is none)."""
         host, port, _ = self._host(address)
         if self.open >= self.connection_limit:
@@ -622,7 +623,7 @@ class ReplicaPool:
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: ReplicaConnection(self.loop, self.deadlines, self.heads,
+                    lambda: ReplicaProtocol(self.loop, self.deadlines, self.heads,
                                               self.between_reads, self.max_reply),
                     host, port),
                 self.connect_timeout)
@@ -633,7 +634,7 @@ class ReplicaPool:
         self.open += 1
         return conn
 
-    async def exchange(self, address: str, conn: ReplicaConnection,
+    async def exchange(self, address: str, conn: ReplicaProtocol,
                        request: bytes, head_only: bool = False) -> Reply:
         """``request`` sent on ``conn`` and its answer; ``conn`` goes back to the pool after a
         complete answer, is closed after a failure."""
@@ -731,7 +732,7 @@ class AsyncForwarder:
 
     async def forward(self, target: bytes, fields: bytes, key: int,
                       path: str, method: bytes = b"GET") -> tuple[Replica, Reply]:
-        """Like ``lb.router.Forwarder.forward``: ``target`` as received, ``fields`` the
+        """Like ``lb.threads.forward.Forwarder.forward``: ``target`` as received, ``fields`` the
         forwarded header lines (``header_lines``), ``path`` (decoded) names the request in
         errors. The replica that answered and its answer."""
         walk = self.router.walk(key, self.events)

@@ -63,7 +63,6 @@ from gunicorn.http.errors import InvalidChunkSize, InvalidHTTPVersion, Unsupport
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
-from lb.router import ReplyCut
 from lb.routing import (
     KNOWN_METHODS,
     connection_options,
@@ -72,6 +71,7 @@ from lb.routing import (
     transfer_coding_error,
 )
 from lb.settings import Settings, graceful_drain
+from lb.threads.forward import ReplyCut
 
 STOP_HEADERS_GRACE = 2.0  # seconds for a request's headers once a graceful stop has begun
 

@@ -266,7 +266,7 @@ class ReplicaResponse(http.client.HTTPResponse):
         return data
 
 
-class ReplicaConnection(http.client.HTTPConnection):
+class ReplicaHTTPConnection(http.client.HTTPConnection):
     """One thread's keep-alive connection to one replica: connects within the connect
     timeout; the request line goes out byte for byte (``http.client`` would insist on ASCII)."""
 
@@ -368,10 +368,10 @@ class Forwarder:
         assert walk.error is not None
         raise walk.error
 
-    def _connection(self, address: str, fresh: bool) -> ReplicaConnection:
+    def _connection(self, address: str, fresh: bool) -> ReplicaHTTPConnection:
         """This thread's keep-alive connection to ``address``: a new one when ``fresh`` (the
         walk's RESEND) or when the one it has may not carry another request."""
-        conns: dict[str, ReplicaConnection] | None = getattr(self._local, "conns", None)
+        conns: dict[str, ReplicaHTTPConnection] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         conn = conns.get(address)
@@ -380,12 +380,12 @@ class Forwarder:
             conn = None
         if conn is None:
             parts = urlsplit(address)
-            conn = conns[address] = ReplicaConnection(
+            conn = conns[address] = ReplicaHTTPConnection(
                 parts.hostname or "", parts.port, self.settings.connect_timeout,
                 self.settings.upstream_timeout)
         return conn
 
-    def _exchange(self, conn: ReplicaConnection, replica: Replica, method: str, target: str,
+    def _exchange(self, conn: ReplicaHTTPConnection, replica: Replica, method: str, target: str,
                   headers: list[tuple[str, str]]) -> Upstream:
         """One request and its answer on ``conn``; every failure an ``UpstreamError`` that
         says how far the answer had come, and the connection closed."""
@@ -428,7 +428,7 @@ class Forwarder:
             drop(conn, reply)
             raise UpstreamError(f"answer from {name} cut short: {exc!r}") from exc
 
-    def _take(self, conn: ReplicaConnection, reply: ReplicaResponse,
+    def _take(self, conn: ReplicaHTTPConnection, reply: ReplicaResponse,
               replica: Replica) -> Upstream:
         """The answer whose head is in: its body whole when small, else a stream."""
         status = reply.status
@@ -463,7 +463,7 @@ class Forwarder:
                         stream=BodyStream(conn, reply, parts, replica.hostname, self.settings))
 
 
-def settle(conn: ReplicaConnection, reply: ReplicaResponse) -> None:
+def settle(conn: ReplicaHTTPConnection, reply: ReplicaResponse) -> None:
     """``reply`` is read to its end: its connection stays only if it is clean."""
     if reply.reusable and conn.sock is not None:
         conn.reusable = True
@@ -471,7 +471,7 @@ def settle(conn: ReplicaConnection, reply: ReplicaResponse) -> None:
         conn.close()
 
 
-def drop(conn: ReplicaConnection, reply: ReplicaResponse | None) -> None:
+def drop(conn: ReplicaHTTPConnection, reply: ReplicaResponse | None) -> None:
     """An answer not read to its end: its connection goes."""
     if reply is not None:
         reply.close()
@@ -486,7 +486,7 @@ class BodyStream:
     connection; read to its end, the connection is kept if it is clean.
     """
 
-    def __init__(self, conn: ReplicaConnection, reply: ReplicaResponse, parts: list[bytes],
+    def __init__(self, conn: ReplicaHTTPConnection, reply: ReplicaResponse, parts: list[bytes],
                  name: str, settings: Settings) -> None:
         self.conn = conn
         self.reply = reply
