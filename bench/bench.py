@@ -166,10 +166,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 @contextlib.contextmanager
 def _process(cmd: list[str], port: int, what: str, log: str, env: dict[str, str] | None = None,
-             timeout: float = 10) -> Iterator[psutil.Process]:
+             timeout: float = 10, cwd: str = ROOT) -> Iterator[psutil.Process]:
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
+                                env=env, cwd=cwd)
     try:
         _wait_port(port, proc, what, timeout)
         yield psutil.Process(proc.pid)
@@ -220,6 +220,27 @@ def threads_balancer(stack: LocalStack, folder: str) -> Iterator[tuple[str, psut
                   "the threads balancer", os.path.join(folder, "threads.log"), env,
                   timeout=60) as proc:
         yield f"http://127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def baseline_balancer(stack: LocalStack, folder: str,
+                      rev: str) -> Iterator[tuple[str, psutil.Process]]:
+    """The async worker of another commit (``rev``, checked out in ``folder``) on the stack's
+    registry and replicas: the code before a change, measured beside the code after it."""
+    tree = os.path.join(folder, "baseline")
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", tree, rev], cwd=ROOT,
+                   check=True)
+    port = free_port()
+    env = {**stack.env, "LB_WORKER": "async", "LB_PORT": str(port),
+           "LB_REGISTRY": stack.registry, "PYTHONPATH": tree}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own counters, not the stack's
+    try:
+        with _process([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"], port,
+                      f"the balancer at {rev}", os.path.join(folder, "baseline.log"), env,
+                      timeout=60, cwd=tree) as proc:
+            yield f"http://127.0.0.1:{port}", proc
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, check=False)
 
 
 def slow_clients(url: str, procs: list[psutil.Process], attackers: int,
@@ -416,15 +437,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lb_procs = balancer_processes(stack)
         with haproxy(addresses, work) as (hurl, hproc), \
                 nginx(addresses, work, args.nginx_workers) as (nurl, nproc), \
-                threads_balancer(stack, work) as (turl, tproc):
+                threads_balancer(stack, work) as (turl, tproc), \
+                (baseline_balancer(stack, work, args.baseline) if args.baseline
+                 else contextlib.nullcontext(("", None))) as (burl, bproc):
             targets: dict[str, dict[str, Any]] = {
                 "async": {"urls": [stack.url], "procs": lb_procs},
+                "baseline": {"urls": [burl], "procs": [bproc]},
                 "threads": {"urls": [turl], "procs": [tproc]},
                 "haproxy": {"urls": [hurl], "procs": [hproc]},
                 "nginx": {"urls": [nurl], "procs": [nproc]},
                 "direct": {"urls": addresses, "procs": []},
             }
-            targets = {k: v for k, v in targets.items() if k in args.targets.split(",")}
+            chosen = args.targets.split(",") + (["baseline"] if args.baseline else [])
+            targets = {k: v for k, v in targets.items() if k in chosen}
             for name, t in targets.items():  # warm up: connections, pools, caches
                 print(f"warming up {name} ...", file=sys.stderr)
                 wrk(t["urls"], args.connections, 2, lua)
@@ -493,6 +518,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "slow_clients": slow}
 
 
+def baseline_line(data: dict[str, Any]) -> str:
+    """This checkout's async worker against the baseline's, round by round (same targets,
+    interleaved: a burst of outside load hits both alike)."""
+    sat, rev = data["saturation"], data["meta"]["args"]["baseline"]
+    ratios = [a["rps"] / b["rps"] for a, b in zip(sat["async"], sat["baseline"], strict=True)]
+    cpu = _median(sat["async"], "proxy_cpu_us") / _median(sat["baseline"], "proxy_cpu_us")
+    return (f"this checkout / {rev}: requests/s {statistics.median(ratios):.3f} (median of "
+            f"rounds: {', '.join(f'{r:.3f}' for r in ratios)}); CPU per request {cpu:.3f}")
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for cmd, args in (("haproxy", ["-v"]), ("nginx", ["-v"]), ("wrk", ["-v"])):
@@ -513,8 +548,10 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 def render(data: dict[str, Any]) -> str:
     sat, half, meta = data["saturation"], data["half_load"], data["meta"]
-    names = [n for n in ("async", "threads", "haproxy", "nginx", "direct") if n in sat]
+    names = [n for n in ("async", "baseline", "threads", "haproxy", "nginx", "direct")
+             if n in sat]
     label = {"async": "(a) this balancer, LB_WORKER=async",
+             "baseline": f"(a') the same at {meta['args'].get('baseline')}, LB_WORKER=async",
              "threads": "(b) this balancer, LB_WORKER=threads",
              "haproxy": "(c) HAProxy, hash-type consistent",
              "nginx": "(d) nginx, hash $arg_id consistent", "direct": "(e) replicas directly"}
@@ -552,6 +589,8 @@ def render(data: dict[str, Any]) -> str:
             f"{_median(rows, 'replica_cpu_us'):.0f} µs | "
             f"{sum(r['errors'] + r['non2xx'] for r in rows)} | "
             f"{', '.join(str(round(r['rps'])) for r in rows)} |")
+    if "baseline" in sat:
+        lines += ["", baseline_line(data)]
     lines += [
         "",
         (f"## Half load: each worker at half its own saturation rate, wrk at that constant rate over "
@@ -674,6 +713,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default="async,threads,haproxy,nginx,direct")
     parser.add_argument("--slow-attackers", type=int, default=200)
     parser.add_argument("--slow-seconds", type=float, default=30)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure the async worker of git commit REV, interleaved "
+                             "with this checkout's (a change's before and after, in one run)")
     parser.add_argument("--quick", action="store_true",
                         help="saturation only (for tuning): no half load, no micro-benchmark")
     parser.add_argument("--out", default=os.path.join(HERE, "results.md"))
@@ -687,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, rows in data["saturation"].items():
             print(name, [(round(r["rps"]), round(r["p99_ms"], 1), round(r["proxy_cpu_us"]))
                          for r in rows])
+        if "baseline" in data["saturation"]:
+            print(baseline_line(data))
         if data["profile"]:
             print(data["profile"])
         return

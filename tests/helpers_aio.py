@@ -7,6 +7,7 @@ path's own work per request (``bench/hotpath.py``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -35,6 +36,8 @@ class Transport:
         self.peer = peer
         self.written: list[bytes] = []
         self.closed = False
+        self.aborted = False  # closed without sending what was buffered
+        self.paused = False  # reading paused
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -42,16 +45,17 @@ class Transport:
     def close(self) -> None:
         self.closed = True
 
-    abort = close
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -129,7 +133,13 @@ class Harness:
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(BODY), reply[:300]
 
     def close(self) -> None:
-        """The registry watch (an inotify descriptor) and the loop."""
+        """The registry watch (an inotify descriptor), tasks never run (a request for the app:
+        the harness has none), and the loop."""
         if self.watch is not None:
             self.watch.close()
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.wait(tasks))
         self.loop.close()

@@ -1,5 +1,5 @@
 """What the event-driven path works out once and then reuses, in-process (no sockets): what a
-request's header fields mean, once per distinct set on a connection (``RequestHead``), and what
+request's header fields mean, once per distinct set on a connection (``RequestFields``), and what
 a replica's answer head means, once per distinct head (``AnswerHead``, and an answer taken whole
 without the parser). Neither may change a byte of what goes out. The harness
 (``tests/helpers_aio.py``) is the real server, forwarder, pool and router with in-memory

@@ -11,10 +11,13 @@ ways:
   body): the Flask app, through a2wsgi in a thread pool, once its body is in.
 
 What a request's header fields mean (the lookup by name, the coding, the header lines for the
-replica) is worked out once per distinct set on a connection (``RequestHead``): a keep-alive
-client sends the same fields with every request. A ``GET`` that arrives whole in one read, with
-a plain request line and the very header bytes of one the parser read before on the connection,
-is taken without the parser (``KnownHead``): the parser would find what it found then.
+replica) is worked out once per distinct set on a connection (``lb.aio.messages.RequestFields``):
+a keep-alive client sends the same fields with every request. A ``GET`` that arrives whole in
+one read with the very header bytes of one the parser read before on the connection is taken
+without the parser (``lb.aio.shortcuts.KnownRequest``).
+
+The connection's states are in ``ClientConnection``'s docstring; its reading side is a
+``Phase``, whose every change is one of ``NEXT``.
 
 Limits are gunicorn's own settings (request line, header count and size, as on the threads
 path) plus ``LB_MAX_BODY`` for bodies; each is answered in the contract's envelope. Deadlines
@@ -27,8 +30,8 @@ within ``LB_CLIENT_TIMEOUT`` ends the connection.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,7 +42,18 @@ from typing import Any
 import httptools
 from werkzeug.exceptions import RequestTimeout
 
-from lb.aio.upstream import AsyncForwarder, ReplicaProtocol, Reply, header_lines, hold
+from lb.aio.messages import (
+    NO_FIELDS,
+    Limits,
+    Refused,
+    Request,
+    RequestFields,
+    aim,
+    check_request_line,
+    read_request_fields,
+)
+from lb.aio.shortcuts import KnownRequest
+from lb.aio.upstream import AsyncForwarder, ReplicaProtocol, Reply, hold
 from lb.errors import ApiError
 from lb.logs import access_logged, log_access, new_request_id
 from lb.ops.metrics import LoopCounts
@@ -50,15 +64,10 @@ from lb.routing import (
     bodiless,
     decode_path,
     error_body,
-    forwarded_fields,
-    forwarded_host,
-    is_routed,
-    origin_target,
     query_value,
     reason_phrase,
     registry_trouble,
     request_key,
-    transfer_coding_error,
 )
 from lb.settings import Settings
 
@@ -66,7 +75,6 @@ log = logging.getLogger("lb.aio")
 
 ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send): a2wsgi's WSGIMiddleware
 
-IDLE, HEAD, BODY = "idle", "head", "body"  # where the parser is: between requests, or in one
 PIPELINE_DEPTH = 8  # parsed requests waiting on one connection before it stops reading
 WRITE_HIGH_WATER = 256 * 1024  # reply bytes buffered for a slow reader before the clock runs
 SLOW_HEADERS = ("slow client %s: request headers not complete within %gs (LB_CLIENT_TIMEOUT), "
@@ -78,116 +86,38 @@ CANONICAL = {n.lower(): n for n in (
     "Content-Disposition", "Content-Encoding", "Accept-Ranges")}
 
 
+class Phase(enum.Enum):
+    """Where a client connection stands in reading requests (``ClientConnection.phase``)."""
+
+    BETWEEN = "between requests"  # the next byte begins a request
+    HEADERS = "in a head"  # a request line and header fields are coming
+    BODY = "in a body"  # the head is in; a body may be coming
+    LAST = "reading no more"  # the last request is in: what came whole is answered, then end
+    CLOSED = "closed"
+
+    __hash__ = object.__hash__  # by identity, in C: NEXT is looked up on every change
+
+
+BETWEEN, HEADERS, BODY, LAST, CLOSED = Phase
+READING = (BETWEEN, HEADERS, BODY)  # the connection takes further requests
+# Every change of phase there is, and why (ClientConnection._to refuses any other):
+NEXT: dict[Phase, tuple[Phase, ...]] = {
+    BETWEEN: (HEADERS,  # a request's first byte
+              LAST,  # the client shut its side, or asked for an upgrade; a refusal
+              CLOSED),
+    HEADERS: (BODY,  # the head is in (a request without a body too: it passes through)
+              LAST,  # refused: malformed, over a limit
+              CLOSED),
+    BODY: (BETWEEN,  # the request is in; the connection is kept alive
+           LAST,  # ... and it was the last (close, HTTP/1.0, over the body limit, too slow)
+           CLOSED),
+    LAST: (CLOSED,),
+    CLOSED: (CLOSED,),  # closed again (a refusal closes, then the transport says so)
+}
+
+
 class _Stop(Exception):
     """The connection takes no further request (it ends after the current reply)."""
-
-
-class Refused(Exception):
-    """A request the server answers itself, before any app: a limit, a malformed message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Limits:
-    request_line: int  # gunicorn's limit_request_line
-    fields: int  # limit_request_fields
-    field_size: int  # limit_request_field_size
-    body: int  # LB_MAX_BODY
-
-    @property
-    def head(self) -> int:
-        """The most bytes a request's head may take before its headers are complete."""
-        return self.request_line + self.fields * (self.field_size + 2) + 4
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """What a request's header fields mean (``read_request_head``)."""
-
-    fields: list[tuple[str, str]]  # as received but names with "_" (dropped, as gunicorn)
-    lookup: dict[str, str]  # lower-case name -> value (repeated ones joined, as in WSGI)
-    refusal: ApiError | None  # a coding refused once the body is in (501)
-    forwarded: bytes  # the header lines for a replica but X-Request-ID (forwarded_fields)
-    expects_body: bool  # chunked, or a Content-Length over 0
-    announced: int | None  # the Content-Length
-    continue_expected: bool  # Expect: 100-continue
-
-
-NO_HEAD = RequestHead([], {}, None, b"", False, None, False)
-
-# A request line the parser would take as it is: GET, an origin-form target of characters
-# llhttp accepts in any mode (RFC 3986's unreserved, sub-delims, ":@/?%"), HTTP/1.1.
-PLAIN_GET = re.compile(rb"GET (/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*) HTTP/1\.1")
-
-
-@dataclass(frozen=True, slots=True)
-class KnownHead:
-    """The header bytes of a whole ``GET`` the parser read on a connection, and what they
-    meant: a keep-alive request with no body (``ClientConnection._learn``)."""
-
-    fields: bytes  # everything after the request line, the blank line included
-    head: RequestHead
-
-
-def read_request_head(headers: list[tuple[bytes, bytes]], client: str,
-                      local: tuple[str, int] | None) -> RequestHead:
-    """``headers`` as parsed (undecoded, in order), on a connection from ``client`` to
-    ``local``. Raises ``Refused`` for a body that cannot be framed."""
-    fields: list[tuple[str, str]] = []
-    lookup: dict[str, str] = {}
-    refusal: ApiError | None = None
-    for name, value in headers:
-        if b"_" in name:  # as gunicorn: dropped, so X_Forwarded_For never poses as a dash
-            continue
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        lower = key.lower()
-        if lower == "transfer-encoding":
-            refusal = transfer_coding_error(text)
-            if refusal is not None and refusal.status == 400:  # the body cannot be framed
-                raise Refused(400, f"Bad Request: {refusal.message}")
-        if lower == "host" and "host" in lookup:
-            raise Refused(400, "Bad Request: more than one Host field (RFC 9112 section 3.2)")
-        fields.append((key, text))
-        known = lookup.get(lower)
-        lookup[lower] = text if known is None else f"{known},{text}"
-    length = lookup.get("content-length")
-    announced = None if length is None else int(length)  # llhttp let only digits through
-    host = forwarded_host(lookup.get("host"), local)
-    return RequestHead(fields, lookup, refusal,
-                       header_lines(forwarded_fields(fields, client, host)),
-                       "transfer-encoding" in lookup or bool(announced), announced,
-                       lookup.get("expect", "").lower() == "100-continue")
-
-
-class Request:
-    """One request as parsed, with the body as far as it is kept.
-
-    The class holds each field's value until the request has its own: a request sets few of
-    them, and every one set costs on the path every routed request takes.
-    """
-
-    url = b""
-    method = ""
-    version = "1.1"
-    head = NO_HEAD  # what the header fields mean, once they are all in
-    keep_alive = True
-    expects_body = False
-    body: bytes | bytearray = b""  # a bytearray of its own once some of the body came
-    body_too_large = False  # more than LB_MAX_BODY came (or was announced)
-    body_error: Exception | None = None  # the app is told this when it reads the body
-    target: str | None = None  # origin form, as received (None: not routable)
-    refusal: ApiError | None = None  # answered in its turn, the connection kept (501)
-    refused: tuple[int, str] | None = None  # a refusal in its turn: then the connection ends
-    path = ""  # decoded, as the Flask app matches it
-    routed = False  # a GET for the replicas: served without Flask
-
-    def __init__(self, began: float = 0.0) -> None:
-        self.began = began  # perf_counter at the first byte
-        self.headers: list[tuple[bytes, bytes]] = []  # as parsed
 
 
 class Server:
@@ -251,26 +181,24 @@ def new_parser(protocol: Any) -> httptools.HttpRequestParser:
     return parser
 
 
-def check_request_line(request: Request, version: str, seen: bytes) -> None:
-    """Refuse what llhttp lets through but RFC 9112 does not: a request line that is not
-    ``method SP target SP HTTP/x.y`` with single spaces (``seen``: the bytes read of the head),
-    a version other than 1.x, a fragment in the target, a method RFC 9110 does not define."""
-    url = request.url
-    method = request.method.encode("latin-1")
-    if version == "0.9":  # llhttp's word for "no version" and for "HTTP/0.9"
-        if b"%s %s HTTP/0.9\r\n" % (method, url) in seen:
-            raise Refused(505, "HTTP Version Not Supported: HTTP/0.9")
-        raise Refused(400, "Bad Request: Invalid Request Line: no HTTP version")
-    if b"%s %s HTTP/%s\r\n" % (method, url, version.encode()) not in seen:
-        raise Refused(400, "Bad Request: Invalid Request Line: not 'method target version' "
-                           "with single spaces")
-    if not version.startswith("1."):
-        raise Refused(505, f"HTTP Version Not Supported: HTTP/{version}")
-    if b"#" in url:
-        raise Refused(400, "Bad Request: Invalid Request Line: a fragment in the target")
-
-
 class ClientConnection(asyncio.Protocol):
+    """One client's connection: requests read in order, answered in order, one at a time.
+
+    Two sides, each in plain sight:
+
+    - **reading** (``phase``, a ``Phase``; every change goes through ``_to``, checked against
+      ``NEXT``): between requests, in a head, in a body, then ``LAST`` once no further request
+      will be read (the last one said so, the client shut its side, a request was refused or
+      over a limit), and ``CLOSED``;
+    - **answering** (``answering``): the request being answered, or None. Requests read while
+      one is answered wait in ``queue`` (at most ``PIPELINE_DEPTH``, then reading pauses), and
+      so does a refusal, which goes out in its turn and ends the connection.
+
+    Besides: ``reading`` mirrors the transport's own pause (a full pipeline, a refusal, the
+    last request), ``write_deadline`` runs while the client does not take what it was sent,
+    ``relay`` is an answer still streaming from its replica.
+    """
+
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.loop = loop
@@ -279,27 +207,28 @@ class ClientConnection(asyncio.Protocol):
         self.client = ""
         self.client_port = 0
         self.local: tuple[str, int] | None = None
-        self.phase = IDLE
+        self.phase = BETWEEN
         self.request_deadline = 0.0  # the request being received must be complete by then
         self.idle_deadline = 0.0  # with nothing to do, the connection ends then
         self.write_deadline: float | None = None  # set while the client does not read
-        self.request = Request()
+        self.request = Request()  # the one being read
         self.head_bytes = 0
-        self.queue: deque[Request] = deque()
-        self.handling = False
-        self.accepting = True  # False once a request says it is the last one
-        self.closed = False
+        self.queue: deque[Request] = deque()  # read, waiting for their turn
+        self.answering: Request | None = None
         self.reading = True
-        self.routing: tuple[Request, str] | None = None  # the routed GET in flight, its id
         # The last distinct header fields and what they mean (the next request likely repeats
-        # them): read_request_head depends on nothing else but the connection's two ends.
-        self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestHead] = (None, NO_HEAD)
-        self.known: KnownHead | None = None  # a plain GET's header bytes, as last parsed
-        self.head_data = b""  # the reads holding the request line being parsed
-        self.line_end = 0  # the line is within that many bytes of head_data (or is too long)
-        self.refusing = False  # a refusal is answered in its turn: nothing more is read
-        self.eof = False  # the client shut its side after a whole request: answer, then end
+        # them): read_request_fields depends on nothing else but the connection's two ends.
+        self.seen: tuple[list[tuple[bytes, bytes]] | None, RequestFields] = (None, NO_FIELDS)
+        self.known: KnownRequest | None = None  # a plain GET's header bytes, as last parsed
+        self.line_reads = b""  # the reads holding the request line being parsed
+        self.line_end = 0  # the line is within that many bytes of line_reads (or is too long)
         self.relay: Relay | None = None  # a streamed answer on its way to the client
+
+    def _to(self, phase: Phase) -> None:
+        if phase not in NEXT[self.phase]:
+            raise AssertionError(f"client connection: no way from {self.phase.name} to "
+                                 f"{phase.name}")
+        self.phase = phase
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -315,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_deadline = self.loop.time() + self.server.keepalive
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._to(CLOSED)
         self.server.connections.discard(self)
         self.server.lost()
         if self.relay is not None:  # gone mid-answer: the rest is never read
@@ -326,23 +255,28 @@ class ClientConnection(asyncio.Protocol):
         """The client shut its side. Requests it sent whole are still answered (RFC 9112
         section 9.6: a half-close is no cancellation), then the connection ends; half a
         request is dropped with it."""
-        if self.phase == IDLE and (self.handling or self.queue):
-            self.eof = True
-            self.accepting = False
+        if self.phase in (BETWEEN, LAST) and (self.answering or self.queue):
+            if self.phase is BETWEEN:
+                self._to(LAST)
             return True  # keep the way back open
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.refusing:
-            return
-        between = self.phase == IDLE  # the parser is between two requests
-        if self.phase != HEAD:
-            self.head_data = data  # a request line that begins in this read is in it
-        elif len(self.head_data) < self.line_end:  # the line began in an earlier read
-            self.head_data += data
-        if between and self.known is not None and self._take_known(data, self.known):
-            return
-        if self.phase != BODY:
+        phase = self.phase
+        if phase is HEADERS:
+            if len(self.line_reads) < self.line_end:  # the line began in an earlier read
+                self.line_reads += data
+        elif phase is BETWEEN or phase is BODY:
+            self.line_reads = data  # a request line that begins in this read is in it
+            known = self.known
+            if phase is BETWEEN and known is not None:
+                request = known.again(data, self.server.limits.request_line)
+                if request is not None:  # the known GET again (lb.aio.shortcuts)
+                    self._hand_over(request)
+                    return
+        else:
+            return  # LAST, CLOSED: nothing more is read
+        if phase is not BODY:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -350,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
             # "Connection: upgrade": the request itself is complete and served; nothing is
             # upgraded (Upgrade is hop-by-hop), so the connection ends after the reply.
             self.request.keep_alive = False
-            self._last()
+            self._read_no_more()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Stop):
@@ -365,39 +299,10 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.refuse(400, f"Bad Request: {exc}")
         else:
-            if self.phase == HEAD and self.head_bytes > self.server.limits.head:
+            if self.phase is HEADERS and self.head_bytes > self.server.limits.head:
                 self.refuse(431, "Request Header Fields Too Large: request head too large")
-            elif between and self.phase == IDLE and not self.closed:
-                self._learn(data)
-
-    # -- the known GET: a request the parser read before, again ---------------------------------
-    def _learn(self, data: bytes) -> None:
-        """``data`` was one whole request, just parsed: if it is a plain keep-alive ``GET``
-        with no body, its header bytes are what the next ones likely repeat."""
-        request = self.request
-        end = data.find(b"\r\n")
-        if (request.method != "GET" or request.version != "1.1" or not request.keep_alive
-                or request.expects_body or data.find(b"\r\n\r\n") != len(data) - 4):
-            return  # not one whole GET alone (pipelined, or a body follows)
-        line = PLAIN_GET.fullmatch(data, 0, end)
-        if line is not None and line.group(1) == request.url:
-            self.known = KnownHead(data[end + 2:], request.head)
-
-    def _take_known(self, data: bytes, known: KnownHead) -> bool:
-        """Serve ``data`` as the parser would, if it is a whole plain ``GET`` whose header
-        bytes are ``known``'s; False (nothing done) for anything else."""
-        end = data.find(b"\r\n")
-        if end < 0 or data[end + 2:] != known.fields or not self.accepting:
-            return False
-        line = PLAIN_GET.fullmatch(data, 0, end)
-        if line is None or end > self.server.limits.request_line:
-            return False  # the parser says what is wrong (or what it makes of the line)
-        request = self.request = Request(began=time.perf_counter())
-        request.url, request.method, request.head = line.group(1), "GET", known.head
-        _aim(request)
-        self.phase = BODY
-        self._complete()
-        return True
+            elif phase is BETWEEN and self.phase is BETWEEN:  # one whole request, or a few
+                self.known = KnownRequest.learn(data, self.request) or self.known
 
     def pause_writing(self) -> None:
         """The client has a high-water mark's worth to read: a streamed answer waits, and so
@@ -410,18 +315,18 @@ class ClientConnection(asyncio.Protocol):
         self.write_deadline = None
         if self.relay is not None:
             self.relay.stream.resume()
-        elif not self.handling and not self.closed:
+        elif self.answering is None and self.phase is not CLOSED:
             self._go_on()
 
     # -- httptools callbacks (request parsing) ---------------------------------------------------
     def on_message_begin(self) -> None:
-        if not self.accepting:
-            raise _Stop()
+        if self.phase is not BETWEEN:
+            raise _Stop()  # bytes after the last request: ignored
+        self._to(HEADERS)
         self.request = Request(began=time.perf_counter())
-        self.phase = HEAD
         # Kept for check_request_line: no more than the longest line past this read (a slow
         # client's head is not copied over and over).
-        self.line_end = len(self.head_data) + self.server.limits.request_line + 4
+        self.line_end = len(self.line_reads) + self.server.limits.request_line + 4
         self.request_deadline = self.loop.time() + self.server.settings.client_timeout
 
     def on_url(self, url: bytes) -> None:
@@ -447,7 +352,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         request.method = parser.get_method().decode("latin-1")
         version = parser.get_http_version()
-        check_request_line(request, version, self.head_data)
+        check_request_line(request, version, self.line_reads)
         request.version = "1.1" if version != "1.0" else version  # 1.x as 1.1 (RFC 9110 2.5)
         request.keep_alive = parser.should_keep_alive()
         if request.method not in KNOWN_METHODS:
@@ -458,25 +363,23 @@ class ClientConnection(asyncio.Protocol):
                                f"({line} > {self.server.limits.request_line})")
         if not request.url.isascii():
             raise Refused(400, "Bad Request: Invalid Request Line: non-ASCII request target")
-        seen, head = self.seen
+        seen, fields = self.seen
         if request.headers != seen:
-            head = read_request_head(request.headers, self.client, self.local)
-            self.seen = (list(request.headers), head)  # a copy: trailers append to it
-        request.head = head
-        request.expects_body = head.expects_body
-        _aim(request)
-        if not request.keep_alive:
-            self.accepting = False
-        self.phase = BODY
+            fields = read_request_fields(request.headers, self.client, self.local)
+            self.seen = (list(request.headers), fields)  # a copy: trailers append to it
+        request.fields = fields
+        request.expects_body = fields.expects_body
+        aim(request)
+        self._to(BODY)
         if request.expects_body:
-            if head.announced is not None and head.announced > self.server.limits.body:
+            if fields.announced is not None and fields.announced > self.server.limits.body:
                 # Announced too large: the app answers 413 without reading it, and the
                 # connection ends (what is left of the body would be read as a request).
                 request.body_too_large = True
                 request.keep_alive = False
-                self._last()
+                self._pause()
                 self._complete()
-            elif head.continue_expected:
+            elif fields.continue_expected:
                 assert self.transport is not None
                 self.transport.write(f"HTTP/{request.version} 100 Continue\r\n\r\n".encode())
 
@@ -492,42 +395,48 @@ class ClientConnection(asyncio.Protocol):
             del kept[self.server.limits.body + 1:]  # one byte more tells the app
             request.body_too_large = True
             request.keep_alive = False
-            self._last()
+            self._pause()
             self._complete()
 
     # -- requests in order -----------------------------------------------------------------------
     def _complete(self) -> None:
-        if self.phase != BODY:
+        """The request being read is all in (or as much of it as will be read)."""
+        if self.phase is not BODY:
             return  # already handed over (a body cut at the limit)
-        self.phase = IDLE
+        request = self.request
         self.head_bytes = 0
-        if not self.handling and not self.queue and self.write_deadline is None:
-            self._start(self.request)  # the usual case: nothing waits before it
-            return
-        self.queue.append(self.request)
-        if len(self.queue) >= PIPELINE_DEPTH:
-            self._pause()
-        if not self.handling and self.write_deadline is None:
-            self._next()
+        self._to(BETWEEN if request.keep_alive else LAST)
+        self._hand_over(request)
 
     on_message_complete = _complete
+
+    def _hand_over(self, request: Request) -> None:
+        """A complete request: answered now if nothing is before it, else in its turn."""
+        if self.answering is None and not self.queue and self.write_deadline is None:
+            self._start(request)  # the usual case: nothing waits before it
+            return
+        self.queue.append(request)
+        if len(self.queue) >= PIPELINE_DEPTH:
+            self._pause()
+        if self.answering is None and self.write_deadline is None:
+            self._next()
 
     def _next(self) -> None:
         if self.queue:
             self._start(self.queue.popleft())
 
     def _start(self, request: Request) -> None:
-        self.handling = True
+        self.answering = request
         if request.refused is not None:
             self._send_refusal(*request.refused)
-        elif request.routed and request.head.refusal is None and request.refusal is None:
+        elif request.routed and request.fields.refusal is None and request.refusal is None:
             self._route(request)  # callbacks, no task: the hot path
         else:
             hold(self.server.tasks, self.loop.create_task(self._handle(request)))
 
     async def _handle(self, request: Request) -> None:
         try:
-            refusal = request.refusal or request.head.refusal
+            refusal = request.refusal or request.fields.refusal
             if refusal is not None:
                 self._write_error(request, refusal.status, refusal.message, "none", None, None)
             else:
@@ -539,10 +448,10 @@ class ClientConnection(asyncio.Protocol):
             self._done(request)
 
     def _done(self, request: Request) -> None:
-        self.handling = False
-        if self.closed:
+        self.answering = None
+        if self.phase is CLOSED:
             return
-        if not request.keep_alive or self.server.closing or (self.eof and not self.queue):
+        if self._ends_after(request):
             assert self.transport is not None
             self.transport.close()  # after what is buffered has gone out
             return
@@ -555,34 +464,35 @@ class ClientConnection(asyncio.Protocol):
             self._next()
             return
         self.idle_deadline = self.loop.time() + self.server.keepalive
-        if not self.reading and self.accepting:
+        if not self.reading and self.phase in READING:
             self._resume()
 
+    # -- the routed GET --------------------------------------------------------------------------
     # -- the routed GET --------------------------------------------------------------------------
     def _route(self, request: Request) -> None:
         """Send ``request`` on its way to a replica; ``_routed`` writes the outcome."""
         target = request.target
         assert target is not None  # routed requests have one
         try:
-            head = request.head
-            lookup = head.lookup
-            rid = new_request_id(lookup.get("x-request-id"))
+            fields = request.fields
+            lookup = fields.lookup
+            rid = request.rid = new_request_id(lookup.get("x-request-id"))
             key = request_key(self.server.settings.hash_key, lambda n: lookup.get(n.lower()),
                               lambda n: query_value(target.partition("?")[2], n), self.client)
         except Exception:  # noqa: BLE001 - a bug: _failed logs it with its traceback
             self._failed(request)
             return
-        self.routing = (request, rid)
         self.server.forwarder.start(target.encode("latin-1"),
-                                    b"%sX-Request-ID: %s\r\n" % (head.forwarded, rid.encode()),
+                                    b"%sX-Request-ID: %s\r\n" % (fields.forwarded, rid.encode()),
                                     key, request.path, self._routed,
                                     b"GET" if request.method == "GET" else b"HEAD")
 
     def _routed(self, replica: Replica | None, reply: Reply | None,
                 error: BaseException | None) -> None:
         """The outcome of ``_route``: the replica's answer passed back, or the envelope."""
-        assert self.routing is not None
-        request, rid = self.routing
+        request = self.answering
+        assert request is not None
+        rid = request.rid
         target = request.target or ""
         try:
             if replica is None or reply is None:
@@ -636,7 +546,7 @@ class ClientConnection(asyncio.Protocol):
     # -- a streamed answer (lb.aio.upstream.Sink) ------------------------------------------------
     def body(self, data: bytes) -> None:
         relay = self.relay
-        if relay is None or self.closed or not data:
+        if relay is None or self.phase is CLOSED or not data:
             return
         assert self.transport is not None
         self.transport.write(_chunk(data) if relay.chunked else data)
@@ -645,7 +555,7 @@ class ClientConnection(asyncio.Protocol):
         relay, self.relay = self.relay, None
         if relay is None:
             return
-        if relay.chunked and not self.closed:
+        if relay.chunked and self.phase is not CLOSED:
             assert self.transport is not None
             self.transport.write(b"0\r\n\r\n")
         self._count(relay.request, "route", relay.status, relay.rid, relay.target,
@@ -662,8 +572,8 @@ class ClientConnection(asyncio.Protocol):
                     "is cut", relay.replica, relay.request.method, relay.target[:200], error)
         self._count(relay.request, "route", relay.status, relay.rid, relay.target,
                     relay.replica)
-        self.handling = False
-        if self.transport is not None and not self.closed:
+        self.answering = None
+        if self.transport is not None and self.phase is not CLOSED:
             self.transport.abort()
 
     def _failed(self, request: Request, exc: BaseException | None = None) -> None:
@@ -687,12 +597,12 @@ class ClientConnection(asyncio.Protocol):
             return
         raw_path, _, query = target.partition("?")
         headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                   for name, value in request.head.fields
+                   for name, value in request.fields.pairs
                    if name.lower() not in ("content-length", "transfer-encoding")]
         if request.expects_body:
             # The body is all here (or cut one byte past LB_MAX_BODY): the app reads exactly
             # that. An announced size over the limit is passed on for the app's 413.
-            announced = request.head.lookup.get("content-length")
+            announced = request.fields.lookup.get("content-length")
             size = str(len(request.body))
             if (request.body_too_large or request.body_error) and announced:
                 size = announced
@@ -741,11 +651,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------------------
     def _write(self, request: Request, status: int, head: bytes, body: bytes) -> None:
-        if self.closed:
+        if self.phase is CLOSED:
             return
         assert self.transport is not None
         server = self.server
-        close = not request.keep_alive or server.closing or (self.eof and not self.queue)
+        close = self._ends_after(request)
         self.transport.write(b"".join((
             server.reply_start(request.version, status),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
@@ -753,7 +663,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _write_error(self, request: Request, status: int, message: str, endpoint: str,
                      rid: str | None, target: str | None, extra: str = "") -> None:
-        rid = rid or new_request_id(request.head.lookup.get("x-request-id"))
+        rid = rid or new_request_id(request.fields.lookup.get("x-request-id"))
         body = error_body(message)
         head = (f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n{extra}"
                 f"X-Request-ID: {rid}\r\n\r\n").encode("latin-1")
@@ -774,10 +684,8 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request no app sees (malformed, over a limit) and end the connection:
         after the requests before it are answered, in their turn."""
         log.warning("Invalid request from ip=%s: %s", self.client, message)
-        self.refusing = True  # nothing more is read: the parser's state is unknown
-        self.accepting = False
-        self._pause()
-        if self.handling or self.queue:
+        self._read_no_more()  # the parser's state is unknown
+        if self.answering is not None or self.queue:
             refusal = Request()
             refusal.refused = (status, message)
             self.queue.append(refusal)
@@ -785,62 +693,68 @@ class ClientConnection(asyncio.Protocol):
         self._send_refusal(status, message)
 
     def _send_refusal(self, status: int, message: str) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.phase is not CLOSED:
             body = error_body(message)
             self.transport.write(
                 f"HTTP/1.1 {status} {reason_phrase(status)}\r\nConnection: close\r\n"
                 f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
                 .encode("latin-1") + body)
             self.transport.close()
-        self.closed = True
+        self._to(CLOSED)
 
     # -- deadlines and flow --------------------------------------------------------------------
     def check_deadline(self, now: float) -> None:
-        if self.closed or self.transport is None:
+        if self.phase is CLOSED or self.transport is None:
             return
         if self.write_deadline is not None and now > self.write_deadline:
             log.warning("slow client %s: reply not taken within %gs (LB_CLIENT_TIMEOUT), "
                         "connection dropped", self.client, self.server.settings.client_timeout)
             self.transport.abort()
             return
-        if self.phase == IDLE:
-            if not self.handling and not self.queue and now > self.idle_deadline:
+        if self.phase is BETWEEN or self.phase is LAST:
+            if self.answering is None and not self.queue and now > self.idle_deadline:
                 self.transport.close()  # the keep-alive time is over
         elif now <= self.request_deadline:
             return
-        elif self.phase == HEAD:
+        elif self.phase is HEADERS:
             log.warning(SLOW_HEADERS, self.client or "?", self.server.settings.client_timeout)
             self.transport.abort()
-        elif self.phase == BODY:
+        elif self.phase is BODY:
             # The headers came, the body did not: the app answers 408 as it would for a
             # blocking read that timed out, and the connection ends.
             request = self.request
             request.body_error = RequestTimeout(
                 "The request body did not arrive within LB_CLIENT_TIMEOUT")
             request.keep_alive = False
-            self._last()
+            self._pause()
             self._complete()
 
     def shut(self, graceful: bool) -> None:
-        if self.closed or self.transport is None:
+        if self.phase is CLOSED or self.transport is None:
             return
         if not graceful:
             self.transport.abort()
-        elif not self.handling and not self.queue:
+        elif self.answering is None and not self.queue:
             self.transport.close()
 
-    def _last(self) -> None:
-        """The current request is the connection's last: read no further."""
-        self.accepting = False
+    def _ends_after(self, request: Request) -> bool:
+        """Whether the connection ends once ``request`` is answered."""
+        return (not request.keep_alive or self.server.closing
+                or (self.phase is LAST and not self.queue))
+
+    def _read_no_more(self) -> None:
+        """No further request is read (what came whole is still answered)."""
+        if self.phase is not LAST:
+            self._to(LAST)
         self._pause()
 
     def _pause(self) -> None:
-        if self.reading and self.transport is not None and not self.closed:
+        if self.reading and self.transport is not None and self.phase is not CLOSED:
             self.transport.pause_reading()
             self.reading = False
 
     def _resume(self) -> None:
-        if not self.reading and self.transport is not None and not self.closed:
+        if not self.reading and self.transport is not None and self.phase is not CLOSED:
             self.transport.resume_reading()
             self.reading = True
 
@@ -860,15 +774,6 @@ class Relay:
 
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
-
-
-def _aim(request: Request) -> None:
-    """Where ``request`` goes, from its URL, method and whether a body comes: the target to
-    forward, the path the app matches, and whether the replicas answer it."""
-    request.target = target = origin_target(request.url.decode("latin-1"))
-    if target is not None:
-        request.path = decode_path(target.partition("?")[0])
-        request.routed = is_routed(request.method, request.path)  # a GET body is not forwarded
 
 
 def _log_path(target: str) -> str:

@@ -8,12 +8,12 @@ try on a warm connection) in callbacks alone, anything else in a task; the rules
 ``lb.routing``.
 
 A replica answers the same few heads over and over (they differ in ``Date`` once a second), so
-what a head means (status, framing, the header lines passed back) is worked out once per
-distinct head, from httptools' parse, and kept by the pool (``AnswerHead``). An answer whose first
-read holds a whole head seen before is taken without the parser: its body is the next
-``Content-Length`` bytes, in that read or the ones after (gunicorn writes a head and its body
-apart, and a quarter of the answers at half load come in two reads): the same bytes the parser
-already read once, the same outcome.
+what a head means (``lb.aio.messages.AnswerHead``: status, framing, the header lines passed
+back) is worked out once per distinct head and kept by the pool. An answer whose first read
+begins with a head seen before is taken without the parser (``lb.aio.shortcuts.AnswerHeads``,
+where the argument that nothing changes is): its body is the next ``Content-Length`` bytes, in
+that read or the ones after (gunicorn writes a head and its body apart, and a quarter of the
+answers at half load come in two reads).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import termios
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
+from lb.aio.messages import AnswerHead, read_answer_head
+from lb.aio.shortcuts import AnswerHeads
 from lb.errors import ApiError
 from lb.events import RouterEvents
 from lb.registry import Replica
@@ -44,9 +46,7 @@ from lb.routing import (
     Router,
     Step,
     UpstreamError,
-    bodiless,
     replica_error,
-    reply_headers,
 )
 from lb.settings import Settings
 
@@ -57,39 +57,6 @@ HEADS_KEPT = 256  # distinct answer heads a worker remembers (Date makes a new o
 # backpressure) instead of held whole: what one exchange can cost in memory.
 STREAM_AFTER = 64 * 1024
 NOTHING_PENDING = b"\0\0\0\0"  # FIONREAD's count of zero bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerHead:
-    """What the head of a replica's answer means to the balancer (see ``read_answer_head``)."""
-
-    status: int
-    keep_alive: bool
-    content_type: str | None
-    framed: bool  # Content-Length, chunked or a status without a body: ends without a close
-    length: int | None  # the body's size when one Content-Length alone frames it
-    passed_back: bytes  # the header lines the client gets (reply_headers), each ending CRLF
-
-
-def read_answer_head(status: int, headers: list[tuple[bytes, bytes]],
-                     keep_alive: bool) -> AnswerHead:
-    """A head as httptools parsed it: ``headers`` undecoded, in order."""
-    content_type: str | None = None
-    lengths: list[bytes] = []
-    chunked = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"content-length":
-            lengths.append(value)
-        elif lower == b"transfer-encoding" and b"chunked" in value:
-            chunked = True
-        elif lower == b"content-type":
-            content_type = value.decode("latin-1")
-    no_body = bodiless(status)
-    length = int(lengths[0]) if len(lengths) == 1 and not chunked and not no_body else None
-    passed_back = b"".join([b"%s: %s\r\n" % pair for pair in reply_headers(headers)])
-    return AnswerHead(status, keep_alive, content_type, no_body or chunked or bool(lengths),
-                      length, passed_back)
 
 
 @dataclass(slots=True)
@@ -178,11 +145,11 @@ class ReplicaProtocol(asyncio.Protocol):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines,
-                 heads: dict[bytes, AnswerHead] | None = None, read_timeout: float = 5.0,
+                 heads: AnswerHeads | None = None, read_timeout: float = 5.0,
                  max_reply: int = 0) -> None:
         self.loop = loop
         self.deadlines = deadlines
-        self.heads = {} if heads is None else heads  # the pool's: heads read, by their bytes
+        self.heads = AnswerHeads() if heads is None else heads  # the pool's memo
         self.read_timeout = read_timeout  # between two reads of an answer that has begun
         self.max_reply = max_reply  # largest body passed on (0: any)
         self.transport: asyncio.Transport | None = None
@@ -249,28 +216,23 @@ class ReplicaProtocol(asyncio.Protocol):
             else:
                 self.deadlines.add(self, self.read_timeout)
             return
-        raw = None
-        if self._unread:  # the answer starts with these bytes
-            self._unread = False
-            end = data.find(b"\r\n\r\n") + 4
-            if end > 4 and not self._head_only:
-                raw = data[:end]
-                head = self.heads.get(raw)
-                if head is not None and head.length is not None:
-                    # Its head read before: the parser's outcome is known once the body is in.
-                    body = data[end:]
-                    if len(body) == head.length:  # all of it in this read: the usual answer
-                        self.keep_alive = head.keep_alive
-                        self._outcome = (Reply(head.status, head, body), None)
-                        self._deliver()
-                        return
-                    if len(body) < head.length:  # the rest comes in the next reads
-                        self._known, self._missing = head, head.length - len(body)
-                        if body:
-                            self._body.append(body)
-                        self.deadlines.add(self, self.read_timeout)
-                        return
-                    # More than the body: the parser reads the rest as an unsolicited answer.
+        first = self._unread and not self._head_only  # the answer starts with these bytes
+        self._unread = False
+        if first:
+            known = self.heads.recall(data)
+            if known is not None:  # its head read before (lb.aio.shortcuts)
+                head, body = known
+                assert head.length is not None
+                if len(body) == head.length:  # all of it in this read: the usual answer
+                    self.keep_alive = head.keep_alive
+                    self._outcome = (Reply(head.status, head, body), None)
+                    self._deliver()
+                    return
+                self._known, self._missing = head, head.length - len(body)  # more to come
+                if body:
+                    self._body.append(body)
+                self.deadlines.add(self, self.read_timeout)
+                return
         in_head = self._head is None
         if in_head:
             self._head_size += len(data)
@@ -287,14 +249,8 @@ class ReplicaProtocol(asyncio.Protocol):
                 self.deadlines.add(self, self.read_timeout)  # the next read's deadline
             return
         reply = outcome[0]
-        if (raw is not None and reply is not None and reply.head.length is not None
-                and reply.head.length <= STREAM_AFTER
-                and len(raw) + reply.head.length == len(data) == len(raw) + len(reply.body)):
-            # The whole answer was these bytes, the head exactly ``raw``: remember it.
-            heads = self.heads
-            if len(heads) >= HEADS_KEPT:
-                heads.clear()
-            heads[raw] = reply.head
+        if first and reply is not None:
+            self.heads.learn(data, reply.head, reply.body)
         self._deliver()
 
     def _feed(self, data: bytes) -> None:
@@ -560,7 +516,8 @@ class ReplicaPool:
         self.open = 0
         self._idle: dict[str, list[ReplicaProtocol]] = {}
         self.deadlines = Deadlines(loop)
-        self.heads: dict[bytes, AnswerHead] = {}  # answer heads read, shared by every connection
+        # Answer heads read, shared by every connection (lb.aio.shortcuts).
+        self.heads = AnswerHeads(HEADS_KEPT, STREAM_AFTER)
         self._hosts: dict[str, tuple[str, int, bytes]] = {}  # address -> host, port, Host
 
     def host_header(self, address: str) -> bytes:
@@ -796,8 +753,3 @@ class AsyncForwarder:
                     reply.stream.abandon()  # its body is not passed on
                 raise error
         return replica, reply
-
-
-def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
-    """Header fields as lines, ready to follow a request line and Host."""
-    return "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
