@@ -30,9 +30,11 @@ NODE_IMAGE=${NODE_IMAGE:-hashlb-node:latest}
 LB_PUBLISH_PORT=${LB_PUBLISH_PORT:-5000}
 READY_SECONDS=${CLUSTER_READY_SECONDS:-60}
 LABEL="hashlb.cluster=$CLUSTER"
-# Who made it, e.g. a test run's "<pid>:<start time>": a later run removes a cluster whose
-# owner is gone even if its nodes still run (a run killed before its teardown).
+# Who made it, e.g. a test run's "<pid>:<start time>", on its nodes, network and volumes: a
+# later run removes a cluster whose owner is gone even if its nodes still run (a run killed
+# before its teardown), or if it had made only the network.
 CLUSTER_OWNER=${CLUSTER_OWNER:-}
+OWNER="hashlb.cluster.owner=$CLUSTER_OWNER"
 NETWORK="$CLUSTER-net"
 
 say() { echo "cluster $CLUSTER: $*"; }
@@ -58,9 +60,9 @@ start_node() {
     local node=$1 index=$2 name="$CLUSTER-$1"
     local publish=(--publish "127.0.0.1:$(host_port "$index"):$LB_PUBLISH_PORT")
     mkdir -p "$CLUSTER_DIR/$node"
-    docker volume create --label "$LABEL" "$name" >/dev/null
+    docker volume create --label "$LABEL" --label "$OWNER" "$name" >/dev/null
     docker run --detach --name "$name" --hostname "$name" --label "$LABEL" \
-        --label hashlb.role=node --label "hashlb.cluster.owner=$CLUSTER_OWNER" \
+        --label hashlb.role=node --label "$OWNER" \
         --network "$NETWORK" "${publish[@]}" \
         --cap-add=ALL --cap-drop=SYS_RESOURCE \
         --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
@@ -75,7 +77,7 @@ up() {
         echo "cluster $CLUSTER exists already: make cluster-down CLUSTER=$CLUSTER first" >&2
         exit 1
     fi
-    docker network create --label "$LABEL" "$NETWORK" >/dev/null
+    docker network create --label "$LABEL" --label "$OWNER" "$NETWORK" >/dev/null
     local index=0
     for node in $(nodes); do start_node "$node" "$index"; index=$((index + 1)); done
     for node in $(nodes); do wait_for "the engine of $node" node_docker "$node" info; done

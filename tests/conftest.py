@@ -231,11 +231,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def swarm_cluster() -> Iterator[Any]:
-    """One 3-node Docker Swarm of containers for the session (``tests/helpers_swarm.py``)."""
+def swarm_cluster_session() -> Iterator[Any]:
+    """One 3-node Docker Swarm of containers for the session (``tests/helpers_swarm.py``),
+    taken down by this fixture's teardown alone: at the session's end, or when it is
+    interrupted. Tests use ``swarm_cluster``."""
     from tests.helpers_swarm import running_cluster
 
     yield from running_cluster(free_port())
+
+
+@pytest.fixture
+def swarm_cluster(swarm_cluster_session: Any) -> Iterator[Any]:
+    """The session's Swarm cluster for one test. Afterwards it is put back as every test finds
+    it (``Cluster.restore``: nodes running and active, the stack whole, three replicas), and
+    what had to be put back fails the test: the next test, whichever it is, must not depend on
+    what ran before it."""
+    yield swarm_cluster_session
+    fixed = swarm_cluster_session.restore()
+    assert not fixed, f"the test left the shared cluster otherwise: {fixed} (put back)"
 
 
 @pytest.hookimpl(wrapper=True)
