@@ -4,11 +4,11 @@ Requests are parsed by httptools (llhttp, strict) as the bytes arrive, so a clie
 slowly costs a parser and a few objects, never a thread. Each complete request goes one of two
 ways:
 
-- **a routed GET** (``lb.routing.is_routed``, no body): straight to ``AsyncForwarder`` and back,
-  without Flask; the reply's metrics, access log line and envelope come from the same code the
-  Flask app uses;
-- **everything else** (``/rep``, ``/add``, ``/rm``, ``/_lb/...``, other methods, a GET with a
-  body): the Flask app, through a2wsgi in a thread pool, once its body is in.
+- **a routed GET or HEAD** (``lb.routing.is_routed``; a body, if one came, is not forwarded):
+  straight to ``AsyncForwarder`` and back, without Flask; the reply's metrics, access log line
+  and envelope come from the same code the Flask app uses;
+- **everything else** (``/rep``, ``/add``, ``/rm``, ``/_lb/...``, other methods): the Flask
+  app, through a2wsgi in a thread pool, once its body is in.
 
 What a request's header fields mean (the lookup by name, the coding, the header lines for the
 replica) is worked out once per distinct set on a connection (``lb.aio.messages.RequestFields``):

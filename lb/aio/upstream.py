@@ -172,7 +172,7 @@ class ReplicaProtocol(asyncio.Protocol):
         self._unread = True  # nothing of the current answer has come yet
         self._known: AnswerHead | None = None  # a head seen before, its body still coming
         self._missing = 0  # ... that many bytes of it
-        self._head_only = False  # the answer to a HEAD: no body, whatever its fields say
+        self._bodiless = False  # the answer to a HEAD request: no body, whatever its fields say
         self._sink: Sink | None = None  # where a streamed body goes (follow)
         self._streaming = False  # the answer was delivered before its body was all in
         self._ended = False  # ... and its end was read
@@ -216,7 +216,7 @@ class ReplicaProtocol(asyncio.Protocol):
             else:
                 self.deadlines.add(self, self.read_timeout)
             return
-        first = self._unread and not self._head_only  # the answer starts with these bytes
+        first = self._unread and not self._bodiless  # the answer starts with these bytes
         self._unread = False
         if first:
             known = self.heads.recall(data)
@@ -343,7 +343,7 @@ class ReplicaProtocol(asyncio.Protocol):
             self._headers = []  # interim (100, 103, ...): the final answer follows
             return
         head = self._head = read_answer_head(status, self._headers, parser.should_keep_alive())
-        if self._head_only:
+        if self._bodiless:
             self.keep_alive = False
             self._outcome = (Reply(status, head, b""), None)
             raise _HeadDone()
@@ -370,7 +370,7 @@ class ReplicaProtocol(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------------
     def exchange(self, request: bytes, timeout: float, done: Done,
-                 head_only: bool = False) -> None:
+                 bodiless: bool = False) -> None:
         """Send ``request`` (a complete GET or HEAD); ``done`` gets the answer, or the error.
         Its first byte must come within ``timeout`` seconds, each later read within the
         pool's ``read_timeout``."""
@@ -378,7 +378,7 @@ class ReplicaProtocol(asyncio.Protocol):
         self._headers, self._body, self._head = [], [], None
         self._size = self._head_size = self._field_bytes = 0
         self._got_bytes, self._unread, self._known = False, True, None
-        self._done, self._outcome, self._head_only = done, None, head_only
+        self._done, self._outcome, self._bodiless = done, None, bodiless
         self._streaming = self._ended = False
         if self.closed:
             # Lost before the request went out: a new connection the replica hung up on
@@ -592,7 +592,7 @@ class ReplicaPool:
         return conn
 
     async def exchange(self, address: str, conn: ReplicaProtocol,
-                       request: bytes, head_only: bool = False) -> Reply:
+                       request: bytes, bodiless: bool = False) -> Reply:
         """``request`` sent on ``conn`` and its answer; ``conn`` goes back to the pool after a
         complete answer, is closed after a failure."""
         answer: asyncio.Future[Reply] = self.loop.create_future()
@@ -606,7 +606,7 @@ class ReplicaPool:
             elif reply is not None and reply.stream is not None:
                 reply.stream.abandon()  # nobody waits for it any more
 
-        conn.exchange(request, self.read_timeout, done, head_only)
+        conn.exchange(request, self.read_timeout, done, bodiless)
         try:
             reply = await answer
         except BaseException:
