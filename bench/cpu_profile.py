@@ -29,10 +29,11 @@ def profile_app(registry: str, requests: int = 3000, top: int = 20,
     os.environ.update({k: v for k, v in (env or {}).items() if k.startswith("LB_")})
     os.environ.update(LB_REGISTRY=registry, LB_LOG_LEVEL="warning")
     from lb.app import create_app
+    from lb.balancer import Balancer
 
     app = create_app()
     client = app.test_client()
-    settings = app.config["SETTINGS"]
+    settings = Balancer.of(app).settings
     rng = random.Random(3)
     ids = [rng.randint(100000, 999999) for _ in range(requests + 300)]
     query = settings.hash_key.startswith("query:")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,17 +18,15 @@ from werkzeug.exceptions import (
     RequestTimeout,
 )
 
-from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, Admin, parse_scale_request
-from lb.backends import BackendError, create_backend
-from lb.bootstrap import ensure_registry
+from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, parse_scale_request
+from lb.backends import BackendError
+from lb.balancer import build_balancer
 from lb.errors import ApiError, envelope, success
 from lb.logs import request_id
 from lb.ops.blueprint import init_ops
-from lb.ops.metrics import BalancerMetrics
 from lb.registry import RegistryBusy, RegistryError, RegistryUnreadable
 from lb.routing import (
     JSON_TYPE,
-    Router,
     bodiless,
     error_body,
     forward_headers,
@@ -40,8 +37,7 @@ from lb.routing import (
     transfer_coding_error,
 )
 from lb.settings import Settings
-from lb.stores import open_registry
-from lb.threads.forward import Forwarder, Upstream
+from lb.threads.forward import Upstream
 
 log = logging.getLogger(__name__)
 ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
@@ -56,39 +52,21 @@ def allowed_methods(path: str) -> list[str]:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Defaults, then ``LB_*`` environment variables, then ``config`` (setting names as keys)."""
+    """Defaults, then ``LB_*`` environment variables, then ``config`` (setting names as keys).
+
+    The worker's parts are built by ``lb.balancer.build_balancer`` and registered on the app:
+    ``Balancer.of(app)`` returns them (the event-driven worker takes them from there)."""
     settings = Settings.from_env(**dict(config or {}))
     app = Flask("lb", static_folder=None)  # no /static/ route: every GET path but /_lb/ is routed
     # "//x" goes to the replicas as "//x": no redirect to "/x" built from the client's Host.
     app.url_map.merge_slashes = False
     app.wsgi_app = _empty_path_is_root(app.wsgi_app)  # type: ignore[method-assign]
-    app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS is a 405 too: see allowed_methods
-    registry = open_registry(settings)
-    try:
-        ensure_registry(settings, registry)
-    except RegistryError as exc:
-        # A worker (re)started while the file is unreadable serves 503s until the supervisor
-        # restores it, instead of failing to boot, which would make gunicorn stop them all.
-        log.error("starting without a registry: %s", exc)
-    # With the file store this balancer starts and stops the replicas of its own /add and
-    # /rm; with etcd, the leading supervisor alone acts on replicas (lb.admin).
-    admin = Admin(settings, registry, None if registry.kind == "etcd" else create_backend(settings))
-    metrics = BalancerMetrics()
-    router = Router(settings, registry, metrics)
-    forwarder = Forwarder(settings, router)
-    # Fail static needs a last good state: one from the start, kept recent.
-    try:
-        state = router.view.current()
-        log.info("balancer worker %d starts with registry version %d (%d routable)",
-                 os.getpid(), state.version, len(state.routable()))
-    except RegistryError:
-        pass  # the view has said why; it keeps trying
-    router.view.follow(settings.heartbeat_interval)
-    app.extensions["lb"] = {"registry": registry, "admin": admin, "router": router,
-                            "forwarder": forwarder}
-    init_ops(app, metrics)  # /_lb/ endpoints, request ids, access log, reply counts
+    balancer = build_balancer(settings)
+    balancer.register(app)  # every other reader: Balancer.of(app)
+    router, admin, forwarder = balancer.router, balancer.admin, balancer.forwarder
+    init_ops(app, balancer)  # /_lb/ endpoints, request ids, access log, reply counts
 
     @app.get("/rep")
     def rep() -> Response:

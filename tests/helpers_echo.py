@@ -222,14 +222,15 @@ def inprocess_balancer(folder: str, addresses: list[str], **config: Any) -> Any:
     ``len(addresses)`` replicas are READY at ``addresses``; its backend is a ``FakeBackend``
     behind ``addresses[0]``, so /add "starts" replicas without a process. The Flask app."""
     from lb.app import create_app  # here: importing the app pulls in Flask
+    from lb.balancer import Balancer
 
     settings = {"registry": os.path.join(folder, "registry.json"), "n": len(addresses),
                 "deployment": f"inproc{uuid.uuid4().hex[:8]}", "start_timeout": 5.0,
                 **config}
     app = create_app(settings)
-    lb = app.extensions["lb"]
-    lb["admin"].backend = FakeBackend.behind(addresses[0])
-    with lb["registry"].update() as state:
+    parts = Balancer.of(app)
+    parts.admin.backend = FakeBackend.behind(addresses[0])
+    with parts.registry.update() as state:
         for r, address in zip(state.replicas, addresses):
             r.state, r.address, r.handle = READY, address, f"fake/{r.hostname}"
     return app

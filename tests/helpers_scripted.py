@@ -125,12 +125,12 @@ def threads_balancer(folder: Path, addresses: list[str],
     """gunicorn with the threads worker (one worker) in front of ``addresses``, READY in a
     registry made here; no supervisor, so the registry stays as it is. Yields the base URL
     and the gunicorn (arbiter) process; stopped at the end."""
-    from lb.settings import Settings
+    from lb.balancer import Balancer
 
     config = {"port": free_port(), "workers": 1, "threads": 4, "worker": "threads",
               "deployment": f"thr{uuid.uuid4().hex[:8]}", **config}
     app = inprocess_balancer(str(folder), addresses, **config)
-    settings: Settings = app.config["SETTINGS"]
+    settings = Balancer.of(app).settings
     env = {**os.environ, **settings.to_env()}
     log = open(folder / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"],

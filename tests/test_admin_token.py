@@ -11,6 +11,8 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lb.balancer import Balancer
+from lb.registry import Registry
 from tests.conftest import RunningStack
 from tests.helpers_chaos import env_int, report
 from tests.helpers_echo import inprocess_balancer, serve_in_thread
@@ -28,7 +30,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
 
 
 def registry_bytes(app: Flask) -> bytes:
-    return Path(app.extensions["lb"]["registry"].path).read_bytes()
+    registry = Balancer.of(app).registry
+    assert isinstance(registry, Registry)
+    return Path(registry.path).read_bytes()
 
 
 def assert_refused(app: Flask, path: str, method: str, authorization: str | None,

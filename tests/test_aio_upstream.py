@@ -23,6 +23,7 @@ import pytest
 import uvloop
 
 from lb.aio.upstream import AsyncForwarder, ReplicaPool, Reply, UpstreamError
+from lb.balancer import Balancer
 from lb.errors import ApiError
 from lb.registry import Replica
 from tests.helpers_echo import inprocess_balancer
@@ -142,7 +143,7 @@ def two(tmp_path: Any) -> Iterator[tuple[Any, ScriptedReplica, ScriptedReplica]]
     a, b = ScriptedReplica(), ScriptedReplica()
     app = inprocess_balancer(str(tmp_path), [a.address, b.address], upstream_timeout=0.5,
                              strategy="maglev")
-    router = app.extensions["lb"]["router"]
+    router = Balancer.of(app).router
     order = [r.address for r in router.candidates(KEY)]
     first, second = (a, b) if order[0] == a.address else (b, a)
     try:
@@ -410,7 +411,7 @@ def test_a_silent_replica_is_a_504_when_nothing_else_may_be_tried(tmp_path: Any)
     app = inprocess_balancer(str(tmp_path), [replica.address], upstream_timeout=0.3,
                              retries=0)
     try:
-        (outcome,) = run(app.extensions["lb"]["router"], get)
+        (outcome,) = run(Balancer.of(app).router, get)
     finally:
         replica.close()
     _, reply, error = outcome

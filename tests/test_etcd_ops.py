@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.app import create_app
-from lb.etcd import EtcdRegistry, Leadership
+from lb.balancer import Balancer
+from lb.etcd import EtcdRegistry, EtcdView, Leadership
 from lb.ha import EtcdCluster
 from tests.helpers_etcd import etcd_cluster, etcd_prefix  # noqa: F401 - fixtures
 
@@ -29,8 +30,8 @@ def test_status_and_metrics_show_the_store_revision_and_leader(
     address = etcd_cluster.address(etcd_prefix)
     app = create_app({"registry": address, "deployment": "t-etcd-ops"})
     client = app.test_client()
-    router = app.extensions["lb"]["router"]
-    registry: EtcdRegistry = app.extensions["lb"]["registry"]
+    view, registry = Balancer.of(app).router.view, Balancer.of(app).registry
+    assert isinstance(view, EtcdView) and isinstance(registry, EtcdRegistry)
 
     first = _status(client)["registry"]
     assert first["store"] == "etcd" and first["leader"] is None  # no supervisor runs
@@ -42,7 +43,7 @@ def test_status_and_metrics_show_the_store_revision_and_leader(
         with registry.update() as state:  # a change, as the supervisor makes them
             state.replicas[0].failures = 1
         deadline = time.monotonic() + 5
-        while router.view.revision != registry.get().mod_revision:  # the watch applies it
+        while view.revision != registry.get().mod_revision:  # the watch applies it
             assert time.monotonic() < deadline, "the watch never applied the change"
             time.sleep(0.02)
         now = _status(client)["registry"]

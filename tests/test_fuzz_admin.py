@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lb.app import create_app
+from lb.balancer import Balancer as BalancerParts  # Balancer: this file's test harness
 from lb.registry import READY, Registry
 from tests.conftest import RunningStack
 from tests.helpers_backend import FakeBackend
@@ -85,10 +86,11 @@ def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
                           "deployment": f"fuzz{uuid.uuid4().hex[:8]}",
                           "max_replicas": MAX_REPLICAS, "max_body": MAX_BODY,
                           "start_timeout": 5.0})
-        lb = app.extensions["lb"]
+        parts = BalancerParts.of(app)
         backend = FakeBackend.behind(echo)
-        lb["admin"].backend = backend
-        registry: Registry = lb["registry"]
+        parts.admin.backend = backend
+        registry = parts.registry
+        assert isinstance(registry, Registry)
         with registry.update() as state:  # the bootstrap's three, up and running
             for r in state.replicas:
                 r.state, r.address, r.handle = READY, echo, f"fake/{r.hostname}"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from lb.balancer import Balancer
 from lb.registry import Registry
 from lb.settings import Settings, SettingsError
 from tests.helpers_chaos import report
@@ -20,7 +21,8 @@ from tests.helpers_echo import blackhole, inprocess_balancer, serve_in_thread
 
 
 def registry_of(app: Flask) -> Registry:
-    registry: Registry = app.extensions["lb"]["registry"]
+    registry = Balancer.of(app).registry
+    assert isinstance(registry, Registry)
     return registry
 
 

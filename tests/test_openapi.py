@@ -21,9 +21,10 @@ from referencing.jsonschema import DRAFT202012
 
 from lb.app import create_app
 from lb.backends import BackendError
+from lb.balancer import Balancer
 from lb.ops.metrics import ENV_DIR
 from lb.ops.openapi import openapi_document
-from lb.registry import READY
+from lb.registry import READY, Registry
 from tests.conftest import RunningStack
 from tests.helpers_stack import stalled_body
 
@@ -177,9 +178,9 @@ def local(app: Flask, checker: Checker, path: str, method: str, url: str | None 
 
 def test_fault_replies_match_the_document(app: Flask, checker: Checker,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    ext = app.extensions["lb"]
+    parts = Balancer.of(app)
     # Every replica "ready" at an address where nothing listens: routed GETs get 502.
-    with ext["registry"].update() as state:
+    with parts.registry.update() as state:
         for r in state.replicas:
             r.state, r.address, r.handle = READY, "http://127.0.0.1:9", "1/x"
     assert local(app, checker, "/home", "get").status == 502
@@ -188,16 +189,17 @@ def test_fault_replies_match_the_document(app: Flask, checker: Checker,
     def refuse(spec: Any) -> Any:
         raise BackendError(f"cannot start {spec.hostname}: refused for the test")
 
-    monkeypatch.setattr(ext["admin"].backend, "start", refuse)
+    monkeypatch.setattr(parts.admin.backend, "start", refuse)
     assert local(app, checker, "/add", "post", json={"n": 1}).status == 503
 
-    monkeypatch.setattr(ext["metrics"], "enabled", False)
+    monkeypatch.setattr(parts.metrics, "enabled", False)
     assert local(app, checker, "/_lb/metrics", "get").status == 503
 
     # A registry file that became unreadable: routing and readiness go on with the last good
     # state; replies about the registry itself refuse.
     assert local(app, checker, "/_lb/readyz", "get").status == 200
-    Path(ext["registry"].path).write_text("{garbage")
+    assert isinstance(parts.registry, Registry)
+    Path(parts.registry.path).write_text("{garbage")
     stale = local(app, checker, "/_lb/readyz", "get")
     assert stale.status == 200 and json.loads(stale.body)["message"]["stale"]
     assert local(app, checker, "/rep", "get").status == 503

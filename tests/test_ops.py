@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import balance
 from lb.app import create_app
+from lb.balancer import Balancer
 from lb.hashring import PRESETS
 from lb.logs import JsonFormatter, logging_config
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
@@ -56,10 +57,16 @@ def js(reply: Any) -> Any:
     return body
 
 
+def file_registry(app: Flask) -> Registry:
+    """The app's registry: the file (these tests use no etcd)."""
+    registry = Balancer.of(app).registry
+    assert isinstance(registry, Registry)
+    return registry
+
+
 def make_ready(app: Flask, address: str) -> None:
     """Mark every replica ready at ``address`` (nothing need answer there)."""
-    registry: Registry = app.extensions["lb"]["registry"]
-    with registry.update() as state:
+    with file_registry(app).update() as state:
         for r in state.replicas:
             r.state, r.address, r.handle, r.last_heartbeat = READY, address, "1/x", 1.0
 
@@ -89,7 +96,7 @@ def test_readyz_needs_a_routable_replica(app: Flask, client: FlaskClient) -> Non
     make_ready(app, f"http://127.0.0.1:{closed_port()}")
     reply = client.get("/_lb/readyz")
     assert reply.status_code == 200
-    version = app.extensions["lb"]["registry"].read().version
+    version = Balancer.of(app).registry.read().version
     assert reply.json == {"message": {"ready": True, "routable": 3, "registry_version": version,
                                       "stale": None}, "status": "successful"}
 
@@ -135,7 +142,7 @@ def test_paths_outside_the_prefix_are_still_routed(app: Flask, client: FlaskClie
 # -- request ids ----------------------------------------------------------------------------------
 def forwarded_ids(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the router answer 200 itself and remember the X-Request-ID it would forward."""
-    router = app.extensions["lb"]["router"]
+    router = Balancer.of(app).router
     seen: list[str] = []
     make_ready(app, "http://127.0.0.1:9")
 
@@ -144,7 +151,7 @@ def forwarded_ids(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         replica = router.candidates(key)[0]
         return Upstream(200, [("Content-Type", "text/plain")], b"ok", replica)
 
-    monkeypatch.setattr(app.extensions["lb"]["forwarder"], "forward", forward)
+    monkeypatch.setattr(Balancer.of(app).forwarder, "forward", forward)
     return seen
 
 
@@ -333,12 +340,13 @@ def test_rates_come_from_samples_at_least_a_second_apart() -> None:
 
 
 def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
-    registry: Registry = app.extensions["lb"]["registry"]
+    registry = file_registry(app)
     make_ready(app, "http://127.0.0.1:9")
     with registry.update() as state:
         state.replicas[0].state = "down"
     state = registry.read()
-    s = build_status(state, {"Server2": Counts(5, 1)}, {}, None, app.config["SETTINGS"], now=2.0)
+    s = build_status(state, {"Server2": Counts(5, 1)}, {}, None, Balancer.of(app).settings,
+                     now=2.0)
     down, up2, up3 = s["replicas"]
     assert (down["routable"], down["slots_owned"], down["share"]) == (False, 0, 0.0)
     assert up2["slots_owned"] + up3["slots_owned"] == 512
@@ -380,7 +388,7 @@ def test_no_reply_names_a_file(app: Flask, client: FlaskClient) -> None:
     replica that cannot start (its log file cannot be created), a registry file that became
     unreadable, a registry folder that cannot be written. None of them is a 500."""
     make_ready(app, f"http://127.0.0.1:{closed_port()}")
-    folder = Path(app.extensions["lb"]["registry"].path).parent
+    folder = Path(file_registry(app).path).parent
     logs = folder / "logs"
     logs.mkdir(exist_ok=True)
     replies = []
@@ -392,7 +400,7 @@ def test_no_reply_names_a_file(app: Flask, client: FlaskClient) -> None:
     assert client.get("/rep").status_code == 200  # a good state read: fail static from here on
     with immutable(folder):
         replies += [client.post("/add", json={"n": 1}), client.delete("/rm", json={"n": 1})]
-        Path(app.extensions["lb"]["registry"].path).write_text("{garbage")
+        Path(file_registry(app).path).write_text("{garbage")
         replies += [client.get("/rep"), client.post("/add", json={"n": 1}),
                     client.delete("/rm", json={"n": 1}), client.get("/_lb/status.json"),
                     client.get("/_lb/status"), client.get("/_lb/readyz")]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from lb.balancer import Balancer as BalancerParts  # Balancer: this file's test harness
 from lb.routing import SUSPECT_SECONDS
 from tests.helpers_echo import inprocess_balancer
 from tests.helpers_scripted import ScriptedReplica, Step, answer, chunked, ok
@@ -49,7 +50,7 @@ def balancer(tmp_path: Path) -> Iterator[Callable[..., Balancer]]:
         settings = {"strategy": "maglev", "hash_key": "query:k", "upstream_timeout": 1.0,
                     "read_timeout": 1.0, **config}
         app = inprocess_balancer(str(tmp_path), [a.address, b.address], **settings)
-        order = [r.address for r in app.extensions["lb"]["router"].candidates(KEY)]
+        order = [r.address for r in BalancerParts.of(app).router.candidates(KEY)]
         first, second = (a, b) if order[0] == a.address else (b, a)
         first.script = script
         return Balancer(app, first, second)

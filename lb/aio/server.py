@@ -129,7 +129,6 @@ class Server:
         self.settings = settings
         self.limits = limits
         self.forwarder = forwarder
-        self.router = forwarder.router
         self.app = app
         self.counts = counts  # the loop's: written ten times a second (LoopCounts.flush)
         self.keepalive = keepalive

@@ -29,6 +29,7 @@ from gunicorn.workers import base
 from lb.aio.accept import Acceptor, ConnectionTable, Share, client_cap, client_cap_source
 from lb.aio.server import ClientConnection, Limits, Server
 from lb.aio.upstream import AsyncForwarder, ReplicaPool
+from lb.balancer import Balancer
 from lb.registry import RegistryView
 from lb.settings import graceful_drain
 from lb.watch import RegistryWatch
@@ -119,8 +120,8 @@ class AsyncWorker(base.Worker):
         assert self.loop is not None and self._wake is not None
         loop = self.loop
         flask_app = self.wsgi
-        ext = flask_app.extensions["lb"]
-        settings = flask_app.config["SETTINGS"]
+        balancer = Balancer.of(flask_app)  # the parts create_app built: one router, one metrics
+        settings = balancer.settings
         # Client connections held at once: the rest of the descriptors stay for replica
         # connections, the registry and the logs (lb.aio.accept.client_cap).
         cap = client_cap(settings)
@@ -131,12 +132,12 @@ class AsyncWorker(base.Worker):
         bridge = WSGIMiddleware(flask_app, workers=settings.threads)
         limits = Limits(self.cfg.limit_request_line, self.cfg.limit_request_fields,
                         self.cfg.limit_request_field_size, settings.max_body)
-        counts = ext["metrics"].batched()  # the loop's, written every tenth of a second
-        server = Server(settings, limits, AsyncForwarder(settings, ext["router"], pool, counts),
+        counts = balancer.metrics.batched()  # the loop's, written every tenth of a second
+        server = Server(settings, limits, AsyncForwarder(settings, balancer.router, pool, counts),
                         bridge, counts, self.cfg.keepalive, SERVER)
         # Routing then looks at the registry file only after it changed, not on every request
         # (the etcd registry's view has a watch of its own).
-        view = ext["router"].view
+        view = balancer.router.view
         watch = RegistryWatch.attach(view, loop) if isinstance(view, RegistryView) else None
 
         def flush_metrics() -> None:
