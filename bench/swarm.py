@@ -39,21 +39,10 @@ import docker
 from bench.bench import WRK_LUA, wrk
 from tests.conftest import free_port
 from tests.helpers_chaos import Load
-from tests.helpers_swarm import Cluster, http_session, start_cluster
+from tests.helpers_swarm import Cluster, http_session, start_cluster, wait_until
 
 SETTINGS = {"LB_STRATEGY": "maglev", "LB_HASH_KEY": "query:id", "LB_START_TIMEOUT": "60",
             "LB_N": "3", "LB_LOG_LEVEL": "warning", "LB_MAX_REPLICAS": "32"}
-
-
-def wait_until(check: Any, timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not within {timeout}s")
-        time.sleep(interval)
 
 
 def all_seen(cluster: Cluster, names: set[str]) -> bool:
@@ -93,7 +82,7 @@ def add_twenty(cluster: Cluster) -> dict[str, Any]:
     if reply.status_code != 200:
         raise RuntimeError(f"/add 20: {reply.status_code} {reply.text}")
     new = set(reply.json()["message"]["replicas"]) - before
-    wait_until(lambda: all_seen(cluster, new), 120, 0)
+    wait_until("every balancer routes by the change", lambda: all_seen(cluster, new), 120, 0)
     serving = time.monotonic() - began
     where = cluster.placement()
     per_node = {node: sum(1 for h in new if where.get(h) == node) for node in sorted(
@@ -154,7 +143,7 @@ def throughput(cluster: Cluster, replicas: int, rounds: int, seconds: float,
 def node_stop(cluster: Cluster, node_hint: int) -> dict[str, Any]:
     session = http_session()
     scale(cluster, 6)
-    wait_until(lambda: len(cluster.placement()) == 6, 120)
+    wait_until("6 replicas placed", lambda: len(cluster.placement()) == 6, 120, 0.1)
     before = cluster.placement()
     workers = sorted({n for n in before.values() if n.startswith("worker")})
     node = max(workers, key=lambda w: (list(before.values()).count(w), w == f"worker{node_hint}"))

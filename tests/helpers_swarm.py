@@ -326,8 +326,9 @@ def answer(call: Callable[[], Any]) -> Any:
         return None
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = RECOVERY_TIMEOUT) -> Any:
-    """Poll ``check`` until it returns something true; that value."""
+def wait_until(what: str, check: Callable[[], Any], timeout: float = RECOVERY_TIMEOUT,
+               interval: float = 0.2) -> Any:
+    """Poll ``check`` every ``interval`` seconds until it returns something true; that value."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -335,7 +336,7 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = RECOVERY_TI
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def wait_whole(cluster: Cluster, timeout: float = WHOLE_TIMEOUT) -> float:
