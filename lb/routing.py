@@ -668,6 +668,9 @@ class RingWalk:
       when it stalled), else TRY the next replica of ``Router.choices`` not tried yet, or
       GIVE_UP when ``1 + LB_RETRIES`` replicas were tried or none is left (504 when the last
       failure was ``LATE``, else 502).
+    - Every outcome but a first STALE is also told to ``Router.ejections`` (``lb.ejections``):
+      a failure, or an answer with a 5xx status, counts towards the replica's ejection; any
+      other answer ends its streak. A 5xx answer is still DONE: passed back, never retried.
 
     Why this is the walk the routing rules ask for:
 
@@ -676,8 +679,9 @@ class RingWalk:
       replica (``resent``), and only for STALE, which no answer had begun on.
     - *At most 1 + retries replicas.* ``_next`` gives a replica only while ``len(tried)`` is
       below the limit.
-    - *Suspects last.* ``Router.choices`` puts them after the others (and bounded loads' full
-      replicas with them); the walk is made lazily after the first failure, so that replica is
+    - *Ejected replicas never, suspects last.* ``Router.choices`` skips ejected replicas (all of
+      them are given only when nothing else is routable) and puts suspects after the others
+      (and bounded loads' full replicas with them); the walk is made lazily after the first failure, so that replica is
       a suspect by then and comes last too, and ``tried`` skips it anyway.
     - *In-flight counts back to zero.* A replica is counted once as it becomes the one tried,
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So

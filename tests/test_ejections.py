@@ -141,7 +141,7 @@ def test_the_share_rounds_down_and_never_takes_the_last(routable: int, share: fl
 
 
 def test_zero_turns_ejection_off() -> None:
-    ejections, clock, seen = rule(after=0)
+    ejections, _, seen = rule(after=0)
     fail(ejections, "a", 100)
     ejections.answered("a", 500, 3)
     assert ejections.until == {} and ejections.streaks == {} and seen.seen == []
@@ -157,7 +157,7 @@ def test_failures_while_ejected_do_not_count() -> None:
 
 
 def test_replicas_that_leave_the_set_are_forgotten() -> None:
-    ejections, clock, seen = rule(after=2)
+    ejections, _, seen = rule(after=2)
     fail(ejections, "a", 2)
     fail(ejections, "b", 1)
     ejections.keep(["c"])
