@@ -9,7 +9,7 @@ The package at a glance, by concern:
   (inotify on the file), ``leases`` and ``owners`` (who holds an entry), ``bootstrap`` (the
   first state, a consistent hash map);
 - **the data paths**: ``routing`` (the rules both share: candidates, the one ring walk,
-  headers), ``aio/`` (the event-driven worker, the default) and ``threads/`` (the threads
+  headers), ``ejections`` (passive health: replicas failing in a row leave routing), ``aio/`` (the event-driven worker, the default) and ``threads/`` (the threads
   worker, the reference);
 - **the admin API**: ``app`` (the Flask app gunicorn serves), ``admin`` (``/add`` and ``/rm``),
   ``balancer`` (the parts one worker is built from, typed, handed to both paths), ``errors``

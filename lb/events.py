@@ -22,6 +22,12 @@ class RouterEvents:
     def exhausted(self, tried: list[str]) -> None:
         """No candidate could serve the request."""
 
+    def ejected(self, hostname: str, seconds: float) -> None:
+        """This worker ejected ``hostname`` from routing for ``seconds`` (``lb.ejections``)."""
+
+    def returned(self, hostname: str) -> None:
+        """An ejection of ``hostname`` ended (its time was up, or it left the replica set)."""
+
 
 class SupervisorEvents:
     """What the supervisor reports (metrics subscribe here); the default ignores it."""

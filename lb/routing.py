@@ -6,7 +6,8 @@ written once for both:
 
 - which requests are routed at all (``is_routed``) and the target forwarded (``origin_target``);
 - the request key (``request_key``), the hash map and strategies over the routable replicas,
-  bounded loads, suspects (``Router.candidates``);
+  bounded loads, suspects, ejected replicas (``Router.candidates``; the rule that ejects is
+  ``lb.ejections``, told by the walk);
 - one request's way round the ring: retries clockwise, the resend on a stale kept-alive
   connection, what is counted, 502, 503 and 504
   (``RingWalk``), and what a replica's error reply becomes (``replica_error``);
@@ -40,6 +41,7 @@ import xxhash
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.sansio.utils import get_host
 
+from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
 from lb.registry import (
@@ -473,6 +475,9 @@ class Router:
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
         self._suspects: dict[str, float] = {}  # hostname -> monotonic time until
+        # Passive health: replicas failing in a row are passed over for a while.
+        self.ejections = Ejections(settings.eject_after, settings.eject_seconds,
+                                   settings.eject_max_share, self.events)
 
     def table(self) -> RoutingTable:
         """The current table: the view's look at the registry, a rebuild only after it changed."""
@@ -490,10 +495,12 @@ class Router:
                 # Forget idle counters of replicas that left (hostnames churn with replacements).
                 names = {r.hostname for r in routable}
                 self.inflight = {h: c for h, c in self.inflight.items() if c or h in names}
+                self.ejections.keep(names)
             return self._table
 
     def candidates(self, key: int) -> list[Replica]:
-        """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last."""
+        """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last,
+        ejected replicas not at all (unless every one is: then they are all there is)."""
         return list(self.choices(self.table(), key))
 
     def choices(self, table: RoutingTable, key: int) -> Iterator[Replica]:
@@ -505,10 +512,13 @@ class Router:
             yield from self._bounded(table, key, limit, now)
             return
         suspects = self._suspects
+        ejections = self.ejections
         later: list[Replica] = []
         given = 0
         for server_id in table.ring.walk(key):
             replica = table.by_id[server_id]
+            if ejections.until and ejections.ejected(replica.hostname, now):
+                continue  # as if not routable: its keys go clockwise
             if suspects and suspects.get(replica.hostname, 0) > now:
                 later.append(replica)
                 continue
@@ -517,10 +527,12 @@ class Router:
             if given >= limit:
                 return
         yield from later[:limit - given]
+        if not given and not later:  # every routable replica is ejected: route anyway
+            yield from self._panic(table, key, limit)
 
     def first_choice(self, table: RoutingTable, key: int) -> Replica | None:
         """``choices``' first replica when finding it takes no walk: the key's own replica,
-        unless it is a suspect or loads are bounded (then None: ask ``choices``)."""
+        unless it is a suspect or ejected, or loads are bounded (then None: ask ``choices``)."""
         if self.settings.bounded_load:
             return None
         server_id = table.ring.lookup(key)  # a strategy's lookup is its walk's first step
@@ -530,7 +542,17 @@ class Router:
         suspects = self._suspects
         if suspects and suspects.get(replica.hostname, 0) > time.monotonic():
             return None
+        if self.ejections.until and self.ejections.ejected(replica.hostname, time.monotonic()):
+            return None
         return replica
+
+    def _panic(self, table: RoutingTable, key: int, limit: int) -> Iterator[Replica]:
+        """Clockwise from ``key`` whatever the ejections: when every routable replica is
+        ejected (the set shrank under them), routing to them beats answering 503."""
+        for given, server_id in enumerate(table.ring.walk(key)):
+            if given >= limit:
+                return
+            yield table.by_id[server_id]
 
     def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
@@ -546,11 +568,14 @@ class Router:
         cap = max(1, math.ceil(self.settings.bounded_load * total / n))
         ok: list[Replica] = []
         full: list[Replica] = []
+        ejections = self.ejections
         for server_id in table.ring.walk(key):
             replica = table.by_id[server_id]
+            if ejections.until and ejections.ejected(replica.hostname, now):
+                continue
             busy = self.inflight.get(replica.hostname, 0) + 1 > cap
             (full if busy or self._suspects.get(replica.hostname, 0) > now else ok).append(replica)
-        return (ok + full)[:limit]
+        return (ok + full)[:limit] or list(self._panic(table, key, limit))
 
     def waiting_for_replicas(self) -> bool:
         """No replica is routable yet, but some are starting: worth waiting a moment."""
@@ -643,6 +668,9 @@ class RingWalk:
       when it stalled), else TRY the next replica of ``Router.choices`` not tried yet, or
       GIVE_UP when ``1 + LB_RETRIES`` replicas were tried or none is left (504 when the last
       failure was ``LATE``, else 502).
+    - Every outcome but a first STALE is also told to ``Router.ejections`` (``lb.ejections``):
+      a failure, or an answer with a 5xx status, counts towards the replica's ejection; any
+      other answer ends its streak. A 5xx answer is still DONE: passed back, never retried.
 
     Why this is the walk the routing rules ask for:
 
@@ -651,8 +679,9 @@ class RingWalk:
       replica (``resent``), and only for STALE, which no answer had begun on.
     - *At most 1 + retries replicas.* ``_next`` gives a replica only while ``len(tried)`` is
       below the limit.
-    - *Suspects last.* ``Router.choices`` puts them after the others (and bounded loads' full
-      replicas with them); the walk is made lazily after the first failure, so that replica is
+    - *Ejected replicas never, suspects last.* ``Router.choices`` skips ejected replicas (all of
+      them are given only when nothing else is routable) and puts suspects after the others
+      (and bounded loads' full replicas with them); the walk is made lazily after the first failure, so that replica is
       a suspect by then and comes last too, and ``tried`` skips it anyway.
     - *In-flight counts back to zero.* A replica is counted once as it becomes the one tried,
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
@@ -715,6 +744,9 @@ class RingWalk:
             self.replica = None
             if router.settings.bounded_load:  # (the counts' only use: no call without it)
                 router.count(replica.hostname, -1)
+            ejections = router.ejections
+            if status >= 500 or ejections.streaks:  # (else nothing to count or to reset)
+                ejections.answered(replica.hostname, status, len(self.table.by_id))
             self.events.forwarded(replica, status, time.perf_counter() - self._began,
                                   len(self.tried) - 1)
             return DONE
@@ -725,6 +757,7 @@ class RingWalk:
         if router.settings.bounded_load:
             router.count(replica.hostname, -1)
         router.suspect(replica)
+        router.ejections.failed(replica.hostname, len(self.table.by_id))
         self.events.unreachable(replica, error or ConnectionError(outcome.value))
         if outcome in FINAL_FAILURES:
             return self._exhausted(outcome)

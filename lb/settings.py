@@ -85,6 +85,15 @@ class Settings:
            "keeping the rest for replica connections, the registry and logs. Past it, new "
            "connections wait in the listen backlog")
     retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
+    eject_after: int = _opt(
+        5, "Failures in a row (5xx answers, no answer) after which a balancer worker ejects a "
+           "replica from routing, its keys going clockwise meanwhile; 0 turns it off")
+    eject_seconds: float = _opt(
+        10.0, "Seconds of a replica's first ejection; each repeat lasts as much longer (at "
+              "most 300 s)")
+    eject_max_share: float = _opt(
+        0.5, "Most of the routable replicas ejected at once, as a share (never the last one); "
+             "past it, failing replicas stay in routing")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
@@ -205,12 +214,14 @@ class Settings:
             (self.n * self.virtual_per_server <= self.slots, "n * virtual must fit in slots"),
             (self.heartbeat_failures >= 1, "heartbeat_failures must be >= 1"),
             (self.retries >= 0, "retries must be >= 0"),
+            (self.eject_after >= 0, "eject_after must be >= 0"),
+            (0 <= self.eject_max_share <= 1, "eject_max_share must be 0..1"),
             (self.max_reply >= 0 and self.max_clients >= 0,
              "max_reply and max_clients must be >= 0"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
                  self.connect_timeout, self.upstream_timeout, self.read_timeout,
-                 self.lock_timeout,
+                 self.lock_timeout, self.eject_seconds,
                  self.client_timeout) > 0,
              "timeouts and intervals must be > 0"),
         ]

@@ -146,13 +146,18 @@ class OpsEndpoints:
         unreachable = sample_sums(families, "lb_upstream_unreachable_total", "replica")
         failed = sample_sums(families, "lb_routed_requests_total", "replica",
                              where=lambda labels: labels.get("code", "").startswith("5"))
+        ejections = sample_sums(families, "lb_replica_ejections_total", "replica")
         counts = {name: Counts(requests.get(name, 0.0),
-                               failed.get(name, 0.0) + unreachable.get(name, 0.0))
+                               failed.get(name, 0.0) + unreachable.get(name, 0.0),
+                               ejections.get(name, 0.0))
                   for name in (set(requests) | set(unreachable)
                                | {r.hostname for r in state.replicas})}
         span, rates = self.rates.rates(time.monotonic(), counts)
-        return build_status(state, counts, rates, span, self.parts.settings,
-                            registry=registry_facts(view, state))
+        now = time.time()
+        ejected = {hostname: now + left
+                   for hostname, left in self.parts.router.ejections.remaining().items()}
+        return build_status(state, counts, rates, span, self.parts.settings, now=now,
+                            registry=registry_facts(view, state), ejected=ejected)
 
     def status_json(self) -> Response:
         return _no_store(jsonify(success(self.status_document())))

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 try:
     import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.multiprocess import MultiProcessCollector
 except ImportError:  # pragma: no cover - the "ops" extra is not installed
@@ -113,6 +113,13 @@ class BalancerMetrics(RouterEvents):
                                 "clockwise after one could not be reached", registry=reg)
         self._exhausted = Counter("lb_exhausted", "Requests that no replica could serve (502)",
                                   registry=reg)
+        self._ejections = Counter("lb_replica_ejections", "Times a balancer worker ejected a "
+                                  "replica from routing after failures in a row (passive "
+                                  "health)", ["replica"], registry=reg)
+        # Per process, added up over the live ones: a dead worker's ejections are gone too.
+        self._ejected = Gauge("lb_replica_ejected", "Balancer workers that route around a "
+                              "replica now (ejected)", ["replica"], registry=reg,
+                              multiprocess_mode="livesum")
         self._responses = Counter("lb_responses", "Replies of the balancer, by endpoint (rep, "
                                   "add, rm, route, ops.*, none) and status code",
                                   ["endpoint", "code"], registry=reg)
@@ -140,6 +147,15 @@ class BalancerMetrics(RouterEvents):
         self._exhausted.inc()
         if len(tried) > 1:
             self._retries.inc(len(tried) - 1)
+
+    def ejected(self, hostname: str, seconds: float) -> None:
+        if self.enabled:  # rare, from any thread: written at once (the metrics lock)
+            self._ejections.labels(hostname).inc()
+            self._ejected.labels(hostname).set(1)
+
+    def returned(self, hostname: str) -> None:
+        if self.enabled:
+            self._ejected.labels(hostname).set(0)
 
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:

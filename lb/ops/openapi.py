@@ -110,7 +110,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["hostname", "server_id", "state", "routable", "address", "virtual_slots",
                      "slots_owned", "share", "last_heartbeat", "heartbeat_age", "failures",
-                     "restarts", "requests", "errors", "request_rate", "error_rate"],
+                     "restarts", "requests", "errors", "request_rate", "error_rate",
+                     "ejected_until", "ejections"],
         "additionalProperties": False,
         "properties": {
             "hostname": {"type": "string"},
@@ -142,6 +143,14 @@ SCHEMAS: dict[str, Any] = {
             "request_rate": {"type": ["number", "null"], "minimum": 0,
                              "description": "Per second over the last rate_window seconds"},
             "error_rate": {"type": ["number", "null"], "minimum": 0},
+            "ejected_until": {"type": ["number", "null"],
+                              "description": "Unix time until which the balancer worker that "
+                                             "answered routes around it after failures in a "
+                                             "row (passive ejection; each worker judges for "
+                                             "itself), or null"},
+            "ejections": {"type": "integer", "minimum": 0,
+                          "description": "Times a balancer worker ejected it since lb-run "
+                                         "started (lb_replica_ejections_total)"},
         },
     },
     "Status": {

@@ -31,6 +31,7 @@ class Counts:
 
     requests: float = 0.0
     errors: float = 0.0
+    ejections: float = 0.0
 
 
 class RateWindow:
@@ -80,14 +81,19 @@ def arcs(owner_by_slot: Iterable[int | None]) -> list[list[int]]:
 def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Counts],
                  span: float | None, settings: Settings,
                  now: float | None = None,
-                 registry: dict[str, Any] | None = None) -> dict[str, Any]:
+                 registry: dict[str, Any] | None = None,
+                 ejected: dict[str, float] | None = None) -> dict[str, Any]:
     """The status document (see the OpenAPI description's ``Status`` schema).
+
+    ``ejected``: the Unix time each replica this worker has ejected comes back
+    (``lb.ejections``).
 
     Shares and slot ownership come from the lookup of the strategy that routes (the same
     ``build_lookup`` the router uses), through the ``Lookup`` interface: a ring's slots, or
     Maglev's table entries.
     """
     now = time.time() if now is None else now
+    ejected = ejected or {}
     routable = state.routable()
     lookup = state.lookup(settings.strategy, routable)
     shares = lookup.shares()
@@ -118,6 +124,8 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
             "errors": int(c.errors),
             "request_rate": None if rate is None else rate.requests,
             "error_rate": None if rate is None else rate.errors,
+            "ejected_until": ejected.get(r.hostname),
+            "ejections": int(c.ejections),
         })
     members = state.members()
     return {

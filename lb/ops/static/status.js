@@ -61,6 +61,14 @@
       name.style.setProperty("--swatch", colour(r.server_id));
       const state = el("td");
       state.appendChild(el("span", {class: `state ${r.state}`}, r.state));
+      if (r.ejected_until !== null && r.ejected_until !== undefined) {
+        const left = Math.max(0, r.ejected_until - s.generated_at).toFixed(0);
+        state.appendChild(el("span", {
+          class: "state ejected",
+          title: `this balancer worker routes around it for ${left}s more (failures in a ` +
+                 `row); ejected ${r.ejections} times in all`,
+        }, "ejected"));
+      }
       tr.append(
         name, el("td", {}, r.server_id), state, el("td", {}, r.slots_owned),
         el("td", {}, `${(r.share * 100).toFixed(1)}%`),
