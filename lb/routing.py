@@ -134,8 +134,8 @@ def is_routed(method: str, path: str) -> bool:
 
     ``path`` is decoded (``/%72ep`` is ``/rep``), as the Flask app matches it.
     """
-    return ((method == "GET" or method == "HEAD") and path not in ADMIN_PATHS and path != RESERVED_PREFIX
-            and not path.startswith(RESERVED_PREFIX + "/"))
+    return ((method == "GET" or method == "HEAD") and path not in ADMIN_PATHS
+            and path != RESERVED_PREFIX and not path.startswith(RESERVED_PREFIX + "/"))
 
 
 def decode_path(raw_path: str) -> str:
@@ -681,8 +681,9 @@ class RingWalk:
       below the limit.
     - *Ejected replicas never, suspects last.* ``Router.choices`` skips ejected replicas (all of
       them are given only when nothing else is routable) and puts suspects after the others
-      (and bounded loads' full replicas with them); the walk is made lazily after the first failure, so that replica is
-      a suspect by then and comes last too, and ``tried`` skips it anyway.
+      (and bounded loads' full replicas with them); the walk is made lazily after the first
+      failure, so that replica is a suspect by then and comes last too, and ``tried`` skips it
+      anyway.
     - *In-flight counts back to zero.* A replica is counted once as it becomes the one tried,
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
       at DONE or GIVE_UP nothing of this request is counted. A driver that stops in between
