@@ -32,6 +32,7 @@ from tests.helpers_swarm import (
     REPLICAS,
     STACK_SETTINGS,
     Cluster,
+    answer,
     http_session,
     wait_until,
     wait_whole,
@@ -437,9 +438,12 @@ def test_a_cluster_left_broken_is_put_back_for_the_next_test(swarm_cluster: Clus
         host.containers.get(f"{cluster.name}-worker2").stop(timeout=0)
     finally:
         host.close()
+    def seen_down() -> bool:  # (the managers' raft may time out while it loses a member)
+        node = answer(lambda: cluster.client().api.inspect_node(node_id))
+        return node is not None and node["Status"]["State"] == "down"
+
     # As a test that left it stopped would: seen down by the swarm before the next test.
-    wait_until("worker2 down for the managers",
-               lambda: cluster.client().api.inspect_node(node_id)["Status"]["State"] == "down")
+    wait_until("worker2 down for the managers", seen_down)
     began = time.monotonic()
     fixed = cluster.restore()
     report("swarm-restore", put_back_s=time.monotonic() - began, fixed=len(fixed))
