@@ -84,7 +84,9 @@ class Settings:
            "worker_connections); 0 derives it from the descriptor limit (RLIMIT_NOFILE), "
            "keeping the rest for replica connections, the registry and logs. Past it, new "
            "connections wait in the listen backlog")
-    retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
+    retries: int = _opt(
+        2, "Further replicas tried (clockwise, other failure domains first) when one cannot be "
+           "reached")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
