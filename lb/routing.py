@@ -526,7 +526,8 @@ class Router:
             return self._table
 
     def candidates(self, key: int) -> list[Replica]:
-        """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last."""
+        """Up to 1 + retries distinct replicas clockwise from ``key``, other failure domains
+        first after the first one; suspects go last."""
         return list(self.choices(self.table(), key))
 
     def choices(self, table: RoutingTable, key: int,
