@@ -114,13 +114,19 @@ def show_status(s: dict[str, Any]) -> str:
             f"errors={s['totals']['errors']}\n"
             f"hash map: {h['preset']}, M={h['slots']}, K={h['virtual']}, {h['probing']}, "
             f"strategy {h['strategy']}, key {h['hash_key']}")
-    rows = [(r["hostname"], r["server_id"], r["state"], r["slots_owned"],
-             f"{r['share'] * 100:.1f}%", _rate(r["request_rate"]), _rate(r["error_rate"]),
-             r["requests"], r["errors"], _age(r["heartbeat_age"]), r["failures"])
-            for r in s["replicas"]]
-    body = table(["REPLICA", "ID", "STATE", "SLOTS", "SHARE", "REQ/S", "ERR/S", "REQUESTS",
-                  "ERRORS", "HEARTBEAT", "MISSED"], rows,
-                 [False, True, False, True, True, True, True, True, True, True, True])
+    rows: list[tuple[Any, ...]] = [
+        (r["hostname"], r["server_id"], r["state"], r["slots_owned"], f"{r['share'] * 100:.1f}%",
+         _rate(r["request_rate"]), _rate(r["error_rate"]), r["requests"], r["errors"],
+         _age(r["heartbeat_age"]), r["failures"])
+        for r in s["replicas"]]
+    heads = ["REPLICA", "ID", "STATE", "SLOTS", "SHARE", "REQ/S", "ERR/S", "REQUESTS", "ERRORS",
+             "HEARTBEAT", "MISSED"]
+    right = [False, True, False, True, True, True, True, True, True, True, True]
+    # Failure domains (Swarm nodes), when known; a balancer older than them has no such key.
+    if any(r.get("domain") for r in s["replicas"]):
+        rows = [(*row, r.get("domain") or "-") for row, r in zip(rows, s["replicas"], strict=True)]
+        heads, right = [*heads, "DOMAIN"], [*right, False]
+    body = table(heads, rows, right)
     return f"{head}\n\n{body}"
 
 

@@ -121,6 +121,10 @@ class Replica:
     state: ReplicaState = STARTING
     address: str | None = None  # base URL, e.g. http://127.0.0.1:41234
     handle: str | None = None  # backend's own id: "pid/token", a container or service id
+    # The failure domain its replica runs in (a Swarm node's hostname); None when unknown or
+    # when every replica shares one host (local processes, one Docker engine). Written to the
+    # document only when set, so documents without domains read and write as before.
+    domain: str | None = None
     last_heartbeat: float | None = None
     failures: int = 0  # consecutive missed heartbeats
     restarts: int = 0  # consecutive starts that never became ready
@@ -144,11 +148,13 @@ class Replica:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as the registry file has it: every field in order, the lease as its
-        ``owner`` and ``deadline`` fields."""
+        ``owner`` and ``deadline`` fields, ``domain`` only when known."""
         data: dict[str, Any] = {}
         for f in dataclass_fields(self):
             if f.name == "lease":
                 data["owner"], data["deadline"] = leases.to_fields(self.lease)
+            elif f.name == "domain" and self.domain is None:
+                continue
             else:
                 data[f.name] = getattr(self, f.name)
         data["state"] = str(self.state)
@@ -166,7 +172,7 @@ class Replica:
             ("created", _is_number(self.created)),
         ]
         fields += [(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
-                   for name in ("address", "handle")]
+                   for name in ("address", "handle", "domain")]
         fields += [("last_heartbeat", self.last_heartbeat is None
                     or _is_number(self.last_heartbeat))]
         for name, ok in fields:

@@ -8,9 +8,10 @@ written once for both:
 - the request key (``request_key``), the hash map and strategies over the routable replicas,
   bounded loads, suspects, ejected replicas (``Router.candidates``; the rule that ejects is
   ``lb.ejections``, told by the walk);
-- one request's way round the ring: retries clockwise, the resend on a stale kept-alive
-  connection, what is counted, 502, 503 and 504
-  (``RingWalk``), and what a replica's error reply becomes (``replica_error``);
+- one request's way round the ring: retries clockwise, other failure domains (Swarm nodes)
+  first (``spread_over_domains``), the resend on a stale kept-alive connection, what is
+  counted, 502, 503 and 504 (``RingWalk``), and what a replica's error reply becomes
+  (``replica_error``);
 - the header rules both ways (``forward_headers``, ``reply_headers``) and request codings
   (``transfer_coding_error``);
 - the error envelope's bytes and reason phrases (``error_body``, ``reason_phrase``), identical
@@ -31,7 +32,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AnyStr
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlsplit
@@ -462,6 +463,38 @@ class RoutingTable:
     by_id: dict[int, Replica]
     starting: bool  # some wanted replica is still starting (a fresh stack, an /add)
 
+    @functools.cached_property
+    def domains(self) -> dict[str, str]:
+        """Hostname -> failure domain of the replicas whose domain is known (Swarm's nodes);
+        empty when none is (local processes, one Docker engine): retries then keep the ring's
+        order. Made at its first use, by a retry, never on a request's first try."""
+        return {r.hostname: r.domain for r in self.by_id.values() if r.domain is not None}
+
+
+def spread_over_domains(domains: Mapping[str, str], tiers: Iterable[list[Replica]],
+                        tried: Sequence[str], limit: int) -> Iterator[Replica]:
+    """The replicas of ``tiers`` (each in clockwise order; suspects' tier last), up to
+    ``limit``, other failure domains first: each next one is the first of its tier, not tried,
+    whose domain is none of the replicas tried (``tried``: hostnames, a walk's list as it
+    grows) or given before it; else the tier's first not tried. A replica of unknown domain
+    (None) shares it with none: with no domain known at all, this is the tiers' own order.
+
+    A node that stops takes all its replicas at once: a request's retries then land on replicas
+    it did not take, while the ring's order alone may give all 1 + retries from that node.
+    """
+    given: list[str] = []
+    for tier in tiers:
+        left = list(tier)
+        while len(given) < limit:
+            left = [r for r in left if r.hostname not in tried]  # (tried since, by the walk)
+            if not left:
+                break
+            used = {domains.get(h) for h in (*tried, *given)}
+            pick = next((r for r in left if r.domain is None or r.domain not in used), left[0])
+            left.remove(pick)
+            given.append(pick.hostname)
+            yield pick
+
 
 class Router:
     """Chooses replicas for request keys: one per worker process, shared by its threads."""
@@ -499,20 +532,30 @@ class Router:
             return self._table
 
     def candidates(self, key: int) -> list[Replica]:
-        """Up to 1 + retries distinct replicas clockwise from ``key``; suspects go last,
-        ejected replicas not at all (unless every one is: then they are all there is)."""
+        """Up to 1 + retries distinct replicas clockwise from ``key``, other failure domains
+        first after the first one; suspects go last, ejected replicas not at all (unless every
+        one is: then they are all there is)."""
         return list(self.choices(self.table(), key))
 
-    def choices(self, table: RoutingTable, key: int) -> Iterator[Replica]:
+    def choices(self, table: RoutingTable, key: int,
+                tried: Sequence[str] = ()) -> Iterator[Replica]:
         """``candidates`` one at a time: the walk round the ring goes only as far as the
-        request needs (usually its first replica answers)."""
+        request needs (usually its first replica answers).
+
+        When replicas have failure domains (``RoutingTable.domains``), the order within the
+        others and within the suspects puts domains not yet tried first
+        (``spread_over_domains``); ``tried``: the hostnames a walk tried (the list it keeps
+        adding to), so that a retry avoids the domain of a first try made without this walk.
+        """
         limit = 1 + self.settings.retries
         now = time.monotonic()
         if self.settings.bounded_load:
-            yield from self._bounded(table, key, limit, now)
+            yield from self._bounded(table, key, limit, now, tried)
             return
         suspects = self._suspects
         ejections = self.ejections
+        spread = table.domains
+        ready: list[Replica] = []  # with domains: the others, all of them, to spread
         later: list[Replica] = []
         given = 0
         for server_id in table.ring.walk(key):
@@ -522,13 +565,19 @@ class Router:
             if suspects and suspects.get(replica.hostname, 0) > now:
                 later.append(replica)
                 continue
+            if spread:
+                ready.append(replica)
+                continue
             yield replica
             given += 1
             if given >= limit:
                 return
-        yield from later[:limit - given]
-        if not given and not later:  # every routable replica is ejected: route anyway
-            yield from self._panic(table, key, limit)
+        if not given and not ready and not later:  # every routable replica is ejected
+            yield from self._panic(table, key, limit)  # route anyway
+        elif spread:
+            yield from spread_over_domains(spread, (ready, later), tried, limit)
+        else:
+            yield from later[:limit - given]
 
     def first_choice(self, table: RoutingTable, key: int) -> Replica | None:
         """``choices``' first replica when finding it takes no walk: the key's own replica,
@@ -554,11 +603,14 @@ class Router:
                 return
             yield table.by_id[server_id]
 
-    def _bounded(self, table: RoutingTable, key: int, limit: int, now: float) -> list[Replica]:
+    def _bounded(self, table: RoutingTable, key: int, limit: int, now: float,
+                 tried: Sequence[str] = ()) -> Iterable[Replica]:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
 
         A replica already holding ``ceil(c * mean)`` of this worker's in-flight requests
         (counting this one) is passed over for the next one clockwise; overflow only walks.
+        Full replicas go with the suspects, and failure domains spread both tiers as in
+        ``choices``.
         """
         n = len(table.by_id)
         if n == 0:
@@ -575,7 +627,11 @@ class Router:
                 continue
             busy = self.inflight.get(replica.hostname, 0) + 1 > cap
             (full if busy or self._suspects.get(replica.hostname, 0) > now else ok).append(replica)
-        return (ok + full)[:limit] or list(self._panic(table, key, limit))
+        if not ok and not full:  # every routable replica is ejected: route anyway
+            return list(self._panic(table, key, limit))
+        if table.domains:
+            return spread_over_domains(table.domains, (ok, full), tried, limit)
+        return (ok + full)[:limit]
 
     def waiting_for_replicas(self) -> bool:
         """No replica is routable yet, but some are starting: worth waiting a moment."""
@@ -684,6 +740,10 @@ class RingWalk:
       (and bounded loads' full replicas with them); the walk is made lazily after the first
       failure, so that replica is a suspect by then and comes last too, and ``tried`` skips it
       anyway.
+    - *Other failure domains first.* ``Router.choices`` is given ``tried`` (the list itself,
+      as it grows), so each retry goes, among the others and then among the suspects, to the
+      first replica whose domain no replica tried is in (``spread_over_domains``), the first
+      try's included; with no domain known the order is the ring's, as it was.
     - *In-flight counts back to zero.* A replica is counted once as it becomes the one tried,
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
       at DONE or GIVE_UP nothing of this request is counted. A driver that stops in between
@@ -768,9 +828,9 @@ class RingWalk:
         """The next replica along the walk not tried yet, or GIVE_UP."""
         if len(self.tried) < 1 + self.router.settings.retries:
             choices = self._choices
-            if choices is None:
-                choices = self._choices = self.router.choices(self.table, self.key)
             tried = self.tried
+            if choices is None:
+                choices = self._choices = self.router.choices(self.table, self.key, tried)
             for replica in choices:
                 if replica.hostname not in tried:
                     self._trying(replica)

@@ -84,7 +84,9 @@ class Settings:
            "worker_connections); 0 derives it from the descriptor limit (RLIMIT_NOFILE), "
            "keeping the rest for replica connections, the registry and logs. Past it, new "
            "connections wait in the listen backlog")
-    retries: int = _opt(2, "Further replicas tried (clockwise) when one cannot be reached")
+    retries: int = _opt(
+        2, "Further replicas tried (clockwise, other failure domains first) when one cannot be "
+           "reached")
     eject_after: int = _opt(
         5, "Failures in a row (5xx answers, no answer) after which a balancer worker ejects a "
            "replica from routing, its keys going clockwise meanwhile; 0 turns it off")

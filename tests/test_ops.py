@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from analysis import balance
 from lb.app import create_app
 from lb.balancer import Balancer
+from lb.ctl import show_status
 from lb.hashring import PRESETS
 from lb.logs import JsonFormatter, logging_config
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
@@ -353,6 +354,27 @@ def test_build_status_counts_down_replicas_out_of_the_ring(app: Flask) -> None:
     assert (up2["requests"], up2["errors"], up2["request_rate"]) == (5, 1, None)
     assert up2["heartbeat_age"] == 1.0
     assert {sid for _, _, sid in s["ring"]["arcs"]} == {2, 3}
+
+
+def test_status_shows_each_replicas_failure_domain_when_known(app: Flask,
+                                                             client: FlaskClient) -> None:
+    """Additive: a ``domain`` on every replica, null where none is known (local processes);
+    the page and ``lbctl status`` show it only where it is known."""
+    registry = file_registry(app)
+    make_ready(app, "http://127.0.0.1:9")
+    s = js(client.get("/_lb/status.json"))["message"]
+    assert [r["domain"] for r in s["replicas"]] == [None, None, None]
+    assert "DOMAIN" not in show_status(s) and "failure domain" not in client.get(
+        "/_lb/status").get_data(as_text=True)
+    with registry.update() as state:
+        state.replicas[0].domain = state.replicas[1].domain = "worker1"
+    s = js(client.get("/_lb/status.json"))["message"]
+    assert [r["domain"] for r in s["replicas"]] == ["worker1", "worker1", None]
+    shown = show_status(s).splitlines()
+    assert shown[3].split()[-1] == "DOMAIN"
+    assert [line.split()[-1] for line in shown[4:]] == ["worker1", "worker1", "-"]
+    html = client.get("/_lb/status").get_data(as_text=True)
+    assert html.count("on worker1</span>") == 2
 
 
 def test_batched_counts_give_the_same_figures_as_direct_ones(

@@ -28,6 +28,7 @@ from lb.registry import (
     RegistryUnwritable,
     RegistryView,
     Replica,
+    parse_state,
 )
 from lb.settings import Settings
 from tests.helpers_stack import immutable
@@ -320,6 +321,7 @@ def test_an_owner_tag_tells_a_live_owner_from_a_dead_one() -> None:
     (lambda s: s["replicas"][2].update(state="zombie"), "replica 2: bad state"),
     (lambda s: s["replicas"][0].update(address=5), "replica 0: bad address"),
     (lambda s: s["replicas"][0].update(hostname=""), "replica 0: bad hostname"),
+    (lambda s: s["replicas"][1].update(domain=5), "replica 1: bad domain"),
     (lambda s: s["replicas"][0].update(extra=1), "a field has the wrong type"),
     (lambda s: s["replicas"][1].update(owner="nobody:1", deadline=5.0), "replica 1: bad owner"),
     (lambda s: s["replicas"][1].update(owner=7, deadline=5.0), "replica 1: bad owner"),
@@ -343,3 +345,24 @@ def test_a_file_that_parses_but_is_not_a_registry_is_corrupt(
     assert caught.value.reason.startswith(
         "the replica registry file is corrupt (valid JSON, but not a registry: ")
     assert detail in caught.value.reason
+
+
+def test_a_failure_domain_is_kept_and_an_entry_without_one_reads_and_writes_as_before(
+        registry: Registry) -> None:
+    """Only the Swarm backend knows domains: every other document stays as it was, so a
+    document written before domains existed reads (domain None), and a balancer that does not
+    know the field reads what one that does wrote, as long as no domain is set."""
+    raw = Path(registry.path).read_bytes()
+    document = json.loads(raw)
+    assert not any("domain" in r for r in document["replicas"])
+    state = parse_state(raw, "test")
+    assert [r.domain for r in state.replicas] == [None, None, None]
+
+    with registry.update() as state:
+        state.replicas[0].domain = "worker1"
+    written = json.loads(Path(registry.path).read_text())
+    assert written["replicas"][0]["domain"] == "worker1"
+    assert not any("domain" in r for r in written["replicas"][1:])
+    again = registry.read()
+    assert [r.domain for r in again.replicas] == ["worker1", None, None]
+    assert again.to_dict() == written

@@ -1,10 +1,11 @@
 """``lb.routing.RingWalk`` driven without sockets, over every sequence of outcomes.
 
-Small rings (0 to 4 replicas), 0 to 2 retries, every set of suspects, loads bounded or not:
-for each, every sequence of ``Outcome`` values a driver may tell the walk, until it says DONE
-or GIVE_UP. Each sequence is checked against the rules the walk's docstring argues for, and
-against a model of the order written here from the rules alone (non-suspects clockwise from
-the key, then suspects and full replicas clockwise, 1 + retries at most).
+Small rings (0 to 4 replicas), 0 to 2 retries, every set of suspects, loads bounded or not,
+failure domains known or not: for each, every sequence of ``Outcome`` values a driver may tell
+the walk, until it says DONE or GIVE_UP. Each sequence is checked against the rules the walk's
+docstring argues for, and against a model of the order written here from the rules alone
+(non-suspects clockwise from the key, then suspects and full replicas clockwise, within each
+of the two a domain no earlier replica had first, 1 + retries at most).
 """
 
 from __future__ import annotations
@@ -86,12 +87,19 @@ class Recorder(RouterEvents):
         self.seen.append(("exhausted", list(tried)))
 
 
-def replicas(n: int) -> list[Replica]:
-    return [Replica(f"r{i}", i, [], READY, f"http://127.0.0.1:{40000 + i}") for i in range(n)]
+# Failure domains of r0, r1, ...: none known (local processes), or nodes as Swarm's, one of
+# them unknown (an entry written before domains were recorded). From the key (r1): A, A, None, B.
+NO_DOMAINS: tuple[str | None, ...] = ()
+NODES: tuple[str | None, ...] = ("B", "A", "A", None)
 
 
-def expected_order(n: int, retries: int, suspects: set[str],
-                   bounded: bool) -> tuple[list[str], set[str]]:
+def replicas(n: int, domains: tuple[str | None, ...] = NO_DOMAINS) -> list[Replica]:
+    return [Replica(f"r{i}", i, [], READY, f"http://127.0.0.1:{40000 + i}",
+                    domain=domains[i] if domains else None) for i in range(n)]
+
+
+def expected_order(n: int, retries: int, suspects: set[str], bounded: bool,
+                   domains: tuple[str | None, ...] = NO_DOMAINS) -> tuple[list[str], set[str]]:
     """The replicas a walk whose every try fails goes to, from the rules alone, and those that
     go last (suspects, and with bounded loads those at their cap)."""
     ring = [f"r{(KEY + i) % n}" for i in range(n)]
@@ -99,23 +107,31 @@ def expected_order(n: int, retries: int, suspects: set[str],
     if bounded and n:
         cap = max(1, math.ceil(BOUND * (sum(PRESET.values()) + 1) / n))
         late |= {h for h in ring if PRESET.get(h, 0) + 1 > cap}
-    order = [h for h in ring if h not in late] + [h for h in ring if h in late]
+    domain = {f"r{i}": domains[i] if domains else None for i in range(n)}
+    order: list[str] = []
+    for tier in ([h for h in ring if h not in late], [h for h in ring if h in late]):
+        while tier:  # the first whose domain is known and new, else the first
+            seen = {domain[h] for h in order}
+            pick = next((h for h in tier if domain[h] is None or domain[h] not in seen), tier[0])
+            order.append(pick)
+            tier.remove(pick)
     return order[:1 + retries], late
 
 
 class Case:
     """One ring, its settings and its suspects; ``run`` replays a sequence of outcomes."""
 
-    def __init__(self, n: int, retries: int, suspects: set[str], bounded: bool) -> None:
+    def __init__(self, n: int, retries: int, suspects: set[str], bounded: bool,
+                 domains: tuple[str | None, ...] = NO_DOMAINS) -> None:
         self.n, self.retries, self.suspects, self.bounded = n, retries, suspects, bounded
         # Sequences replayed on one router would add up to ejections (tests/test_ejections.py
         # holds the walk to that rule): off here, each sequence meets the same router.
         settings = Settings.from_env({}, retries=retries, bounded_load=BOUND if bounded else 0,
                                      eject_after=0)
         self.router = Router(settings, Store())  # type: ignore[arg-type]
-        members = replicas(n)
+        members = replicas(n, domains)
         self.table = RoutingTable(1, Clockwise(n), {r.server_id: r for r in members}, False)
-        self.order, self.late = expected_order(n, retries, suspects, bounded)
+        self.order, self.late = expected_order(n, retries, suspects, bounded, domains)
 
     def run(self, outcomes: list[Outcome]) -> tuple[RingWalk, Recorder, list[tuple[Step, str]],
                                                     Step]:
@@ -194,17 +210,18 @@ class Case:
             assert len(tries) == min(1 + self.retries, self.n), where
 
 
-CASES = [(n, retries, frozenset(suspects), bounded)
+CASES = [(n, retries, frozenset(suspects), bounded, domains)
          for n in range(5) for retries in range(3) for bounded in (False, True)
+         for domains in (NO_DOMAINS, NODES)
          for k in range(n + 1) for suspects in itertools.combinations(
              [f"r{i}" for i in range(n)], k)]
 
 
-@pytest.mark.parametrize(("n", "retries", "suspects", "bounded"), CASES)
+@pytest.mark.parametrize(("n", "retries", "suspects", "bounded", "domains"), CASES)
 def test_every_sequence_of_outcomes_keeps_the_rules(n: int, retries: int,
-                                                    suspects: frozenset[str],
-                                                    bounded: bool) -> None:
-    case = Case(n, retries, set(suspects), bounded)
+                                                    suspects: frozenset[str], bounded: bool,
+                                                    domains: tuple[str | None, ...]) -> None:
+    case = Case(n, retries, set(suspects), bounded, domains)
     count = 0
     for outcomes in case.sequences():
         case.check(outcomes)
@@ -249,3 +266,53 @@ def test_the_fast_paths_first_try_is_the_walks_first_step() -> None:
     walk = RingWalk(case.router, case.table, KEY, RouterEvents())
     assert walk.first() is None and walk.start() is TRY
     assert walk.replica is not None and walk.replica.hostname == "r2"
+
+
+def failing_walk(case: Case, suspects: frozenset[str] = frozenset()) -> tuple[RingWalk, Step]:
+    """A walk every try of which finds its replica unreachable, through the fast path's first
+    step as the workers take it."""
+    case.router._suspects = {h: math.inf for h in suspects}
+    walk = RingWalk(case.router, case.table, KEY, RouterEvents())
+    step = TRY if walk.first() is not None else walk.start()
+    while step is TRY:
+        step = walk.told(UNREACHABLE, ERRORS[UNREACHABLE])
+    return walk, step
+
+
+def test_a_retry_goes_to_another_node_not_the_first_ones_other_replica() -> None:
+    """r1 and r2 on node A, r0 on B, one retry: r1 unreachable (its node stopped), the retry
+    goes to B's r0, not to r2 after it on the ring."""
+    case = Case(3, 1, set(), False, ("B", "A", "A"))
+    walk, step = failing_walk(case)
+    assert walk.tried == ["r1", "r0"] and step is GIVE_UP  # 1 + retries, no more
+    assert walk.error is not None and walk.error.status == 502
+    case.router._suspects.clear()  # the order as ``candidates`` gives it, before any failure
+    assert [r.hostname for r in case.router.choices(case.table, KEY)] == ["r1", "r0"]
+    bounded = Case(3, 1, set(), True, ("B", "A", "A"))
+    assert failing_walk(bounded)[0].tried == ["r1", "r0"]  # no replica at its cap here
+
+
+def test_each_retry_goes_to_a_node_not_tried_yet_then_back_in_ring_order() -> None:
+    case = Case(6, 5, set(), False, ("C", "A", "A", "B", "B", "C"))
+    assert failing_walk(case)[0].tried == ["r1", "r3", "r5", "r2", "r4", "r0"]
+
+
+def test_without_domains_the_order_is_the_rings() -> None:
+    """Local processes and one Docker engine record no domain: the walk is the one it was."""
+    case = Case(4, 3, set(), False)
+    assert failing_walk(case)[0].tried == ["r1", "r2", "r3", "r0"]
+    assert case.table.domains == {}
+    one_node = Case(4, 3, set(), False, ("A", "A", "A", "A"))  # a one-node swarm: the same
+    assert failing_walk(one_node)[0].tried == ["r1", "r2", "r3", "r0"]
+
+
+def test_suspects_stay_last_whatever_their_node() -> None:
+    """r0, the only replica on another node, is a suspect: the replicas of the first one's
+    node that are not come before it."""
+    case = Case(4, 3, set(), False, ("B", "A", "A", "A"))
+    walk, _ = failing_walk(case, frozenset({"r0"}))
+    assert walk.tried == ["r1", "r2", "r3", "r0"]
+    # Among the suspects, too, another node first.
+    case = Case(4, 2, set(), False, ("B", "A", "A", "A"))
+    walk, _ = failing_walk(case, frozenset({"r0", "r2", "r3"}))
+    assert walk.tried == ["r1", "r0", "r2"]

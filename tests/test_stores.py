@@ -157,6 +157,13 @@ def test_create_writes_version_one_then_keeps_what_is_there(store: Store) -> Non
     assert store.read().to_dict() == first.to_dict()
 
 
+def test_a_replicas_failure_domain_is_stored_and_read_back(store: Store) -> None:
+    store.create(seed())
+    with store.update() as state:
+        state.replicas[0].domain = "worker1"
+    assert [r.domain for r in store.read().replicas] == ["worker1", None]
+
+
 def test_create_with_replace_moves_the_version_past_the_old_one(store: Store) -> None:
     """Readers rebuild their tables when the version changes: a reset must never hand out a
     version they already saw."""

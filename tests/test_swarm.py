@@ -169,6 +169,11 @@ def test_add_and_rm_ten_across_nodes(swarm_cluster: Cluster) -> None:
         assert set(cluster.replica_services()) == set(added["replicas"])  # service ls agrees
         where = wait_until("13 replica services running", settled(cluster, 13))
         assert set(where.values()) == {"manager", "worker1", "worker2"}, where
+        # Each entry's failure domain is its task's node (the node's hostname): what the
+        # balancers' retries spread over.
+        status = session.get(cluster.url + "/_lb/status.json", timeout=10).json()["message"]
+        domains = {r["hostname"]: r["domain"] for r in status["replicas"]}
+        assert domains == {h: f"{cluster.name}-{node}" for h, node in where.items()}, domains
         assert cluster.serving(session, 300) == set(added["replicas"])  # every one answers
 
         reply = session.delete(cluster.url + "/rm", json={"n": 10, "hostnames": names[:5]},

@@ -31,6 +31,9 @@ class Instance:
     handle: str  # the backend's own id for it (pid/token, container or service id)
     address: str  # base URL the balancer and the supervisor use, e.g. http://127.0.0.1:41234
     server_id: int | None = None
+    # The failure domain it runs in, stable for its life: the Swarm node's hostname. None
+    # where every replica shares one host (local processes, one Docker engine).
+    domain: str | None = None
 
 
 class Backend(abc.ABC):

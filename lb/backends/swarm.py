@@ -17,6 +17,9 @@ failed, a task on a node that went down (the manager then wants it shut down) an
 node being drained all stop counting, and the supervisor replaces the replica wherever Swarm
 can place the new service.
 
+Each replica's failure domain is its task's node (the node's hostname): a task never moves, so
+it holds for the replica's life, and the balancer's retries go to other nodes first.
+
 A node that stops outright keeps looking ready to the manager until it misses a few heartbeats
 (seconds), and the scheduler likes it then: its tasks are gone, so it runs the fewest. So a
 node on which a stopped replica's task did not end within the stop's timeout is *suspect* for
@@ -72,6 +75,9 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 10.0  # seconds Swarm gives a replica between SIGTERM and SIGKILL
 POLL = 0.1  # seconds between looks at a task's state while waiting for it
 SUSPECT_SECONDS = 30.0  # no new replica on a node whose replica's task would not end
+# How long a start waits for Swarm to put the task on a node, to learn its failure domain, when
+# nothing else makes it wait (name addresses); the scheduler usually takes well under a second.
+PLACEMENT_WAIT = 5.0
 # Task states before and at running (https://docs.docker.com/engine/swarm/how-swarm-mode-works/
 # swarm-task-states/); every other state (complete, shutdown, failed, rejected, orphaned,
 # remove) means the task has ended or will not run.
@@ -113,6 +119,7 @@ class SwarmBackend(Backend):
         self._told: set[str] = set()  # handles whose failed task was logged already
         self._lock = threading.Lock()
         self._suspects: dict[str, float] = {}  # node id -> until when (time.monotonic())
+        self._domains: dict[str, str] = {}  # node id -> its failure domain (its hostname)
 
     @property
     def api(self) -> docker.APIClient:
@@ -143,15 +150,15 @@ class SwarmBackend(Backend):
                         LABEL_SERVER_ID: str(spec.server_id)},
             )["ID"]
             try:
-                address = self._address(name, service_id)
+                address, domain = self._address(name, service_id)
             except BaseException:
                 self._remove_service(service_id)
                 raise
         except FAILURES as exc:
             raise BackendError(f"cannot start replica {spec.hostname}: {exc}") from exc
-        log.info("started replica %s (server id %d) as service %s at %s",
-                 spec.hostname, spec.server_id, service_id[:12], address)
-        return Instance(spec.hostname, service_id, address, spec.server_id)
+        log.info("started replica %s (server id %d) as service %s at %s on node %s",
+                 spec.hostname, spec.server_id, service_id[:12], address, domain or "unknown")
+        return Instance(spec.hostname, service_id, address, spec.server_id, domain)
 
     def _task_template(self, spec: ReplicaSpec) -> TaskTemplate:
         container = ContainerSpec(
@@ -214,9 +221,10 @@ class SwarmBackend(Backend):
         self._stop_service(info["ID"], timeout=2.0)
 
     # -- addresses -------------------------------------------------------------------------------
-    def _address(self, name: str, service_id: str) -> str:
+    def _address(self, name: str, service_id: str) -> tuple[str, str | None]:
+        """The new replica's address and failure domain (its task's node)."""
         if self.address_mode == "name":
-            return f"http://{name}:{REPLICA_PORT}"
+            return f"http://{name}:{REPLICA_PORT}", self._placed(name, service_id)
         # published: known once the task runs on a node with its port bound.
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -224,7 +232,7 @@ class SwarmBackend(Backend):
             for task in tasks:
                 address = self._published_address(task)
                 if address:
-                    return address
+                    return address, self._node_domain(task["NodeID"])
             ended = [t for t in tasks if not is_live(t)]
             if ended and len(ended) == len(tasks):
                 raise BackendError(f"replica service {name} ended before running: "
@@ -233,6 +241,36 @@ class SwarmBackend(Backend):
                 raise BackendError(f"replica service {name} did not get a published port "
                                    f"within {self.start_timeout:g}s")
             time.sleep(POLL)
+
+    def _placed(self, name: str, service_id: str) -> str | None:
+        """The failure domain of the node Swarm put the service's task on, once it has; None
+        when it has not within ``PLACEMENT_WAIT`` (no eligible node yet: the replica's
+        heartbeat decides as always) or the task ended (``is_running`` tells the supervisor)."""
+        deadline = time.monotonic() + min(self.start_timeout, PLACEMENT_WAIT)
+        while True:
+            tasks = self.api.tasks(filters={"service": service_id})
+            node = next((t["NodeID"] for t in tasks if is_live(t) and t.get("NodeID")), None)
+            if node:
+                return self._node_domain(node)
+            if time.monotonic() > deadline or (tasks and not any(is_live(t) for t in tasks)):
+                log.info("replica service %s is on no node yet: its failure domain is unknown",
+                         name)
+                return None
+            time.sleep(POLL)
+
+    def _node_domain(self, node_id: str) -> str | None:
+        """A node's failure domain (``domain_of_node``), looked up once per node; None when
+        the node cannot be inspected (an unknown domain only costs the retries' spread)."""
+        domain = self._domains.get(node_id)
+        if domain is None:
+            try:
+                domain = domain_of_node(self.api.inspect_node(node_id))
+            except FAILURES as exc:
+                log.warning("cannot inspect node %s for its replicas' failure domain: %s",
+                            node_id[:12], exc)
+                return None
+            self._domains[node_id] = domain
+        return domain
 
     def _published_address(self, task: dict[str, Any],
                            nodes: dict[str, str | None] | None = None) -> str | None:
@@ -332,8 +370,10 @@ class SwarmBackend(Backend):
                 address = f"http://{spec.get('Name')}:{REPLICA_PORT}"
             else:
                 address = self._published_address(task, nodes) or ""
+            node = task.get("NodeID")
             instances.append(Instance(hostname, service["ID"], address,
-                                      int(server_id) if server_id.isdigit() else None))
+                                      int(server_id) if server_id.isdigit() else None,
+                                      self._node_domain(node) if node else None))
         return instances
 
     def is_running(self, handle: str) -> bool:
@@ -383,6 +423,12 @@ def _state(task: dict[str, Any]) -> str | None:
 def _task_error(task: dict[str, Any]) -> str:
     status = task.get("Status") or {}
     return status.get("Err") or status.get("Message") or "no reason given"
+
+
+def domain_of_node(node: dict[str, Any]) -> str:
+    """A node's failure domain: its hostname (what ``docker node ls`` shows), else its id."""
+    hostname = (node.get("Description") or {}).get("Hostname")
+    return str(hostname) if hostname else str(node["ID"])
 
 
 def _address_of_node(node: dict[str, Any]) -> str | None:

@@ -108,9 +108,9 @@ SCHEMAS: dict[str, Any] = {
     }),
     "ReplicaStatus": {
         "type": "object",
-        "required": ["hostname", "server_id", "state", "routable", "address", "virtual_slots",
-                     "slots_owned", "share", "last_heartbeat", "heartbeat_age", "failures",
-                     "restarts", "requests", "errors", "request_rate", "error_rate",
+        "required": ["hostname", "server_id", "state", "routable", "address", "domain",
+                     "virtual_slots", "slots_owned", "share", "last_heartbeat", "heartbeat_age",
+                     "failures", "restarts", "requests", "errors", "request_rate", "error_rate",
                      "ejected_until", "ejections"],
         "additionalProperties": False,
         "properties": {
@@ -120,6 +120,10 @@ SCHEMAS: dict[str, Any] = {
             "routable": {"type": "boolean", "description": "Ready and has an address: requests "
                                                            "go to it"},
             "address": {"type": ["string", "null"]},
+            "domain": {"type": ["string", "null"],
+                       "description": "Its failure domain (the Swarm node it runs on); null "
+                                      "when unknown or when all replicas share one host. A "
+                                      "failed try is retried in another domain first"},
             "virtual_slots": {"type": "array", "items": {"type": "integer", "minimum": 0},
                               "description": "Where its K virtual servers sit on the map"},
             "slots_owned": {"type": "integer", "minimum": 0,

@@ -113,6 +113,7 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
             "state": r.state,
             "routable": routes,
             "address": r.address,
+            "domain": r.domain,
             "virtual_slots": sorted(r.slots),
             "slots_owned": owned[r.server_id] if routes else 0,
             "share": shares.get(r.server_id, 0.0) if routes else 0.0,

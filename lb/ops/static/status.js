@@ -58,6 +58,11 @@
     const rows = s.replicas.map((r) => {
       const tr = el("tr", {"data-hostname": r.hostname, "data-state": r.state});
       const name = el("td", {class: "name", title: r.address || "no address yet"}, r.hostname);
+      if (r.domain) {  // the failure domain (a Swarm node): retries go to another one first
+        name.append(" ", el("span", {class: "domain muted small",
+                                     title: "failure domain: retries go to another one first"},
+                            `on ${r.domain}`));
+      }
       name.style.setProperty("--swatch", colour(r.server_id));
       const state = el("td");
       state.appendChild(el("span", {class: `state ${r.state}`}, r.state));
