@@ -185,8 +185,7 @@ class Admin:
                 for inst in started:
                     entry = state.find(inst.hostname)
                     if entry is not None and entry.leased_to(holder):
-                        entry.handle, entry.address = inst.handle, inst.address
-                        entry.domain = inst.domain
+                        entry.runs_as(inst)
             ready = wait_ready([i.address for i in started], self.settings.start_timeout)
             if len(ready) == len(started):
                 return self._commit_add(holder)

@@ -126,7 +126,7 @@ def recovered_state(settings: Settings, last_good: State | None,
         entry = by_name.get(inst.hostname)
         if entry is not None:
             if entry.state != REMOVING and entry.server_id == inst.server_id:
-                entry.handle, entry.address, entry.domain = inst.handle, inst.address, inst.domain
+                entry.runs_as(inst)
                 if entry.state == DOWN:  # its heartbeat decides
                     entry.state = STARTING
                     entry.lease = Lease.take(Purpose.SUPERVISOR, settings.start_timeout, now)
@@ -138,8 +138,8 @@ def recovered_state(settings: Settings, last_good: State | None,
         except RingFull:
             continue
         adopted = Replica(inst.hostname, inst.server_id, list(slots), state=READY,
-                          address=inst.address, handle=inst.handle, domain=inst.domain,
                           last_heartbeat=now)
+        adopted.runs_as(inst)
         state.replicas.append(adopted)
         by_name[adopted.hostname] = adopted
     if last_good is None and not state.replicas:

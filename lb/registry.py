@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import filelock
 
@@ -104,6 +104,17 @@ def _what(exc: Exception) -> str:
     if isinstance(exc, ValueError):
         return str(exc)[:80]
     return "a field has the wrong type"
+
+
+class Placement(Protocol):
+    """Where a started replica runs, as a backend tells it (``lb.backends.Instance``)."""
+
+    @property
+    def handle(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def domain(self) -> str | None: ...
 
 
 def _oserror_detail(exc: OSError) -> str:
@@ -207,6 +218,16 @@ class Replica:
         """End the lease now: the supervisor takes the entry over."""
         if self.lease is not None:
             self.lease = self.lease.released()
+
+    def runs_as(self, placement: Placement) -> None:
+        """Its replica was started, and runs where ``placement`` says: every field that says
+        where is taken from it, together."""
+        self.handle, self.address, self.domain = (placement.handle, placement.address,
+                                                  placement.domain)
+
+    def unplaced(self) -> None:
+        """No replica runs for it any more (it is to be started afresh): nothing says where."""
+        self.handle = self.address = self.domain = None
 
 
 def _is_int(value: object) -> bool:

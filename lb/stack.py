@@ -196,7 +196,8 @@ class Stack:
         with self.registry.update() as state:
             state.replicas = [r for r in state.replicas if r.state != REMOVING]
             for r in state.replicas:
-                r.state, r.handle, r.address, r.domain = STARTING, None, None, None
+                r.state = STARTING
+                r.unplaced()
                 r.lease = None
                 r.failures = r.restarts = 0
                 r.not_before = 0.0

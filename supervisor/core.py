@@ -194,7 +194,8 @@ class Supervisor:
                         r.hostname = random_hostname(taken)
                         taken.add(r.hostname)
                         self.events.replacing(r)
-                    r.state, r.handle, r.address, r.domain = STARTING, None, None, None
+                    r.state = STARTING
+                    r.unplaced()
                     r.lease = Lease.take(Purpose.SUPERVISOR, self.settings.start_timeout, now)
                     r.failures, r.created = 0, now
                     jobs.append(Job(r.hostname, r.server_id, old))
@@ -306,11 +307,11 @@ class Supervisor:
                     r.not_before = now + 0.5
                 return
             if wanted and r is not None:  # the /add commits it once it answers
-                r.handle, r.address, r.domain = result.handle, result.address, result.domain
+                r.runs_as(result)
                 log.info("started replica %s (server id %d) for an /add", r.hostname,
                          r.server_id)
             elif ours and r is not None:
-                r.handle, r.address, r.domain = result.handle, result.address, result.domain
+                r.runs_as(result)
                 # Its time to answer starts now.
                 r.lease = Lease.take(Purpose.SUPERVISOR, self.settings.start_timeout, now)
                 log.info("started replica %s (server id %d)", r.hostname, r.server_id)
