@@ -285,7 +285,13 @@ class SwarmBackend(Backend):
         return f"http://{host}:{port}" if host else None
 
     def _node_address(self, node_id: str) -> str | None:
-        return _address_of_node(self.api.inspect_node(node_id))
+        return self._learned(node_id, self.api.inspect_node(node_id))
+
+    def _learned(self, node_id: str, node: dict[str, Any]) -> str | None:
+        """The address ``node``'s published ports are reached at; its failure domain is kept on
+        the way, so ``_node_domain`` need not ask the manager for the same node again."""
+        self._domains[node_id] = domain_of_node(node)
+        return _address_of_node(node)
 
     # -- stop ------------------------------------------------------------------------------------
     def stop(self, handle: str, timeout: float = STOP_TIMEOUT) -> None:
@@ -349,7 +355,7 @@ class SwarmBackend(Backend):
             return []
         try:
             tasks = self.api.tasks(filters={"desired-state": "running"})
-            nodes = {n["ID"]: _address_of_node(n) for n in self.api.nodes()} \
+            nodes = {n["ID"]: self._learned(n["ID"], n) for n in self.api.nodes()} \
                 if self.address_mode == "published" else {}
         except FAILURES as exc:
             raise BackendError(f"cannot list replica tasks: {exc}") from exc
