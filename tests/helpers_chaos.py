@@ -118,9 +118,12 @@ class Load:
         for attempt in range(1 + self.client_retries):
             try:
                 reply = session.get(self.url + self.path, timeout=30)
-            except requests.ConnectionError as exc:
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                # Only a connection-level failure is retried by the client: refused, reset, or
+                # broken after the head, before the whole body (requests calls any body cut
+                # short a ChunkedEncodingError, Content-Length or not).
                 outcome = f"connection error: {type(exc).__name__}: {str(exc)[:200]}"
-                continue  # only a connection-level failure is retried by the client
+                continue
             except requests.RequestException as exc:
                 return f"{type(exc).__name__}: {str(exc)[:200]}", "", False
             if reply.status_code != 200:
