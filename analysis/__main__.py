@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 
 from analysis import balance, experiments
-from analysis.client import AnalysisError
+from analysis.client import AnalysisError, trust
 from analysis.explain import explain
 from analysis.stacks import LocalStack
 
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     parser.add_argument("--admin-token", default="", help="bearer token for /add and /rm")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="CA certificate(s), PEM, for an https --url (default: the system's)")
     parser.add_argument("--registry", help="registry file of a local-backend balancer (A-3 kill)")
     parser.add_argument("--kill-cmd",
                         help="command that kills a replica, e.g. 'docker kill {hostname}' "
@@ -104,6 +106,7 @@ def _target(args: argparse.Namespace, ctx: experiments.Context) -> Iterator[expe
 
 
 def run(args: argparse.Namespace) -> None:
+    trust(args.cacert)
     if args.experiment == "balance" and args.hash:
         balance.run_hash(args.hash, args.out, args.chart, args.slots, args.virtual,
                          args.probing, args.requests, args.seed, args.n_min, args.n_max,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,21 @@ class Result:
         return self.end - self.start
 
 
+# CA certificate(s) an https balancer's certificate is checked against (lb-analyze --cacert);
+# None: the system's.
+CA_FILE: str | None = None
+
+
+def trust(cafile: str | None) -> None:
+    """Check https balancers' certificates against ``cafile`` (PEM) from now on."""
+    global CA_FILE
+    CA_FILE = cafile
+
+
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=CA_FILE)
+
+
 def parse_server_id(body: str) -> int | None:
     match = SERVER_RE.search(body)
     return int(match.group(1)) if match else None
@@ -71,7 +87,8 @@ async def load(url: str, count: int | None = None, duration: float | None = None
     deadline = t0 + (duration if duration is not None else 3600.0)
     remaining = [count if count is not None else 10**12]
     results: list[Result] = []
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False,
+                                     ssl=_tls_context() if url.startswith("https:") else True)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
@@ -108,6 +125,8 @@ class Admin:
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.trust_env = False  # loopback only: no proxies from the environment
+        if CA_FILE:
+            self.session.verify = CA_FILE
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout

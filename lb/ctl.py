@@ -41,11 +41,14 @@ class CtlError(Exception):
 class Client:
     """The balancer's HTTP API, replies checked for the contract's envelope."""
 
-    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float,
+                 cacert: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False  # the balancer is where --url says, never via a proxy
+        if cacert:  # an https URL whose certificate this file vouches for (else the system's)
+            self.session.verify = cacert
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -206,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
                         help="print the balancer's JSON reply instead of a table")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                         help="seconds to wait for a reply (default 60: add waits for replicas)")
+    common.add_argument("--cacert", metavar="FILE", default=argparse.SUPPRESS,
+                        help="CA certificate(s), PEM, to check an https balancer's against")
 
     main = argparse.ArgumentParser(
         prog="lbctl", description="Drive and inspect the hashlb load balancer.",
@@ -219,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--json", action="store_true", help="print the balancer's JSON reply")
     main.add_argument("--timeout", type=float, default=60.0,
                       help="seconds to wait for a reply (default 60)")
+    main.add_argument("--cacert", metavar="FILE", default=os.environ.get("LB_CACERT") or None,
+                      help="CA certificate(s), PEM, to check an https balancer's against "
+                           "(default: $LB_CACERT, else the system's)")
     sub = main.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("rep", parents=[common], help="list the replicas (GET /rep)",
@@ -274,7 +282,7 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
     out = out or sys.stdout
     err = err or sys.stderr
     args = parser().parse_args(argv)
-    client = Client(args.url, args.token, args.timeout)
+    client = Client(args.url, args.token, args.timeout, args.cacert)
     try:
         code: int = args.run(client, args, out)
         return code

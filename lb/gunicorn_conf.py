@@ -12,11 +12,15 @@ from lb.aio.accept import ConnectionTable, client_cap
 from lb.logs import logging_config
 from lb.ops.metrics import mark_process_dead
 from lb.settings import Settings
+from lb.tls import binds, server_context
 
 _settings = Settings.from_env()
 
 wsgi_app = "lb.app:create_app()"
-bind = [f"{_settings.host}:{_settings.port}"]
+# LB_PORT, and LB_TLS_PORT with a certificate (lb.tls); the certificate and key are checked
+# here too, in the master, for a gunicorn started without lb-run: a bad one stops it at once.
+bind = binds(_settings)
+server_context(_settings)
 workers = _settings.workers
 # async: an event loop per worker, routed GETs never enter Flask (lb/aio/). threads: gthread +
 # Flask for everything, with JSON errors and LB_CLIENT_TIMEOUT (lb/threads/worker.py), the reference.

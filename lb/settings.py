@@ -101,6 +101,12 @@ class Settings:
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
               "(headers, body) or for it to take the reply; then the connection is dropped")
     admin_token: str = _opt("", "When set, /add and /rm need 'Authorization: Bearer <token>'")
+    tls_cert: str = _opt(
+        "", "PEM certificate chain for HTTPS (docs/tls.md); empty: plain HTTP only")
+    tls_key: str = _opt("", "PEM private key of LB_TLS_CERT; empty: it is in LB_TLS_CERT's file")
+    tls_port: int = _opt(
+        0, "With LB_TLS_CERT: 0 serves HTTPS only, on LB_PORT; another port serves HTTPS there "
+           "and plain HTTP stays on LB_PORT")
     # -- the supervisor -----------------------------------------------------------------------
     heartbeat_interval: float = _opt(0.5, "Seconds between heartbeat rounds")
     heartbeat_timeout: float = _opt(0.5, "Seconds a heartbeat may take")
@@ -199,6 +205,10 @@ class Settings:
 
         checks = [
             (1 <= self.port <= 65535, "port must be 1..65535"),
+            (0 <= self.tls_port <= 65535 and self.tls_port != self.port,
+             "tls_port must be 0..65535 and not port"),
+            (bool(self.tls_cert) or not (self.tls_key or self.tls_port),
+             "tls_key and tls_port need tls_cert"),
             (self.workers >= 1 and self.threads >= 1, "workers and threads must be >= 1"),
             (self.worker in ("async", "threads"), "worker must be async or threads"),
             (self.n >= 0, "n must be >= 0"),

@@ -44,6 +44,7 @@ from lb.registry import (
 from lb.settings import Settings, SettingsError, settings_table
 from lb.stores import open_registry
 from lb.strategies import expected_shares
+from lb.tls import served_urls, server_context
 
 log = logging.getLogger("lb-run")
 
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     try:
         settings = Settings.from_env()
+        server_context(settings)  # the certificate and key, checked before anything starts
     except SettingsError as exc:
         sys.exit(f"lb-run: {exc}")
     configure_logging(settings)
@@ -330,9 +332,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
             if stack.balancer is None:
                 log.info("supervising  N=%d %s  (Ctrl-C stops it)", rep["N"], rep["replicas"])
             else:
-                log.info("ready: http://%s:%d  N=%d %s  (Ctrl-C stops %s)", settings.host,
-                         settings.port, rep["N"], rep["replicas"],
-                         "this run" if stack.shared else "everything")
+                log.info("ready: %s  N=%d %s  (Ctrl-C stops %s)", served_urls(settings),
+                         rep["N"], rep["replicas"], "this run" if stack.shared else "everything")
             code = stack.run()
         elif not stack.signalled:
             log.error("replicas were not ready within %.0fs", args.ready_timeout)

@@ -138,7 +138,12 @@ class StackFactory:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "lb", *args], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
-        stack = RunningStack(f"http://127.0.0.1:{settings.port}", settings, proc, log_path)
+        https_only = bool(settings.tls_cert) and not settings.tls_port
+        stack = RunningStack(f"{'https' if https_only else 'http'}://127.0.0.1:{settings.port}",
+                             settings, proc, log_path)
+        if https_only:
+            stack.session.verify = settings.tls_cert  # a test's self-signed certificate
+            stack.session.trust_env = False  # else REQUESTS_CA_BUNDLE wins over verify
         self.started.append(stack)
         deadline = time.monotonic() + 60
         while True:

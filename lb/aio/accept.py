@@ -29,9 +29,11 @@ import mmap
 import resource
 import select
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 
 from lb.settings import Settings
+from lb.tls import PEEK_BYTES, opens_plain_http, refuse_plain_http
 
 log = logging.getLogger("lb.aio")
 
@@ -163,11 +165,16 @@ class Acceptor:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 factory: Callable[[], asyncio.Protocol], share: Share) -> None:
+                 factory: Callable[[], asyncio.Protocol], share: Share,
+                 tls: ssl.SSLContext | None = None, tls_timeout: float = 30.0) -> None:
         self.loop = loop
         self.sock = sock
         self.factory = factory
         self.share = share
+        # The HTTPS listener's: its connections are TLS, after a look at their first bytes
+        # (lb.tls), which must come, and the handshake end, within tls_timeout seconds.
+        self.tls = tls
+        self.tls_timeout = tls_timeout
         self.opening: set[asyncio.Task[object]] = set()  # accepted, still being set up
         self._since: float | None = None  # when this worker first deferred the waiting one
         self._timer: asyncio.TimerHandle | None = None
@@ -236,10 +243,34 @@ class Acceptor:
 
     async def _open(self, conn: socket.socket) -> object:
         try:
-            return await self.loop.connect_accepted_socket(self.factory, conn)
-        except OSError:
+            if self.tls is None:
+                return await self.loop.connect_accepted_socket(self.factory, conn)
+            if opens_plain_http(await self._first_bytes(conn)):
+                refuse_plain_http(conn)
+                return None
+            return await self.loop.connect_accepted_socket(
+                self.factory, conn, ssl=self.tls, ssl_handshake_timeout=self.tls_timeout)
+        except OSError as exc:  # TimeoutError and ssl.SSLError among them
+            if self.tls is not None:
+                log.info("TLS connection not set up: %s", exc or type(exc).__name__)
             conn.close()  # the client left before its connection was set up
             return None
+
+    async def _first_bytes(self, conn: socket.socket) -> bytes:
+        """The connection's first bytes, left unread (TimeoutError if none come in time)."""
+        readable: asyncio.Future[None] = self.loop.create_future()
+        fd = conn.fileno()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        self.loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(readable, self.tls_timeout)
+        finally:
+            self.loop.remove_reader(fd)
+        return conn.recv(PEEK_BYTES, socket.MSG_PEEK)
 
     def _opened(self, task: asyncio.Task[object]) -> None:
         self.opening.discard(task)

@@ -32,6 +32,7 @@ from lb.aio.upstream import AsyncForwarder, ReplicaPool
 from lb.balancer import Balancer
 from lb.registry import RegistryView
 from lb.settings import graceful_drain
+from lb.tls import is_tls_listener, server_context
 from lb.watch import RegistryWatch
 
 NOTIFY_SECONDS = 1.0  # how often the worker tells the arbiter it is alive, and sweeps deadlines
@@ -151,8 +152,12 @@ class AsyncWorker(base.Worker):
             self.connection_table, self.connection_slot,
             lambda: len(server.connections) + sum(len(a.opening) for a in self.acceptors), cap)
         server.lost = share.publish
-        self.acceptors = [Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop),
-                                   share) for listener in self.sockets]
+        tls = server_context(settings)  # for the HTTPS listener, if there is one (lb.tls)
+        self.acceptors = [
+            Acceptor(loop, listener.sock, lambda: ClientConnection(server, loop), share,
+                     tls if is_tls_listener(settings, listener.sock.getsockname()) else None,
+                     settings.client_timeout)
+            for listener in self.sockets]
         if self.alive:  # not stopped while loading
             for acceptor in self.acceptors:
                 acceptor.start()

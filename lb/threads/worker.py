@@ -49,8 +49,10 @@ chunked not being the final coding). ``request_refusal`` and ``refusal_of`` hold
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -61,7 +63,7 @@ from gunicorn import util
 from gunicorn.http.body import ChunkedReader
 from gunicorn.http.errors import InvalidChunkSize, InvalidHTTPVersion, UnsupportedTransferCoding
 from gunicorn.workers.base import Worker
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from lb.routing import (
     KNOWN_METHODS,
@@ -72,6 +74,7 @@ from lb.routing import (
 )
 from lb.settings import Settings, graceful_drain
 from lb.threads.forward import ReplyCut
+from lb.tls import PEEK_BYTES, is_tls_listener, opens_plain_http, refuse_plain_http, server_context
 
 STOP_HEADERS_GRACE = 2.0  # seconds for a request's headers once a graceful stop has begun
 
@@ -206,6 +209,30 @@ class SlowClientLog(logging.Filter):
         return True
 
 
+class PlainHttpRefused(Exception):
+    """A plain HTTP request came to the HTTPS listener: answered already (lb.tls)."""
+
+
+class TlsConnection(TConn):
+    """A connection of the HTTPS listener (gunicorn's own TLS settings would make every
+    listener TLS): plain HTTP is refused (lb.tls), anything else goes through the TLS
+    handshake, then gthread serves the connection as any other."""
+
+    def __init__(self, cfg: Any, sock: socket.socket, client: Any, server: Any,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.sock: socket.socket = sock
+        self.context = context
+
+    def init(self) -> None:  # a pool thread, the first bytes in (gthread waited for them)
+        if not self.initialized:
+            if opens_plain_http(self.sock.recv(PEEK_BYTES, socket.MSG_PEEK)):
+                refuse_plain_http(self.sock)
+                raise PlainHttpRefused()
+            self.sock = self.context.wrap_socket(self.sock, server_side=True)
+        super().init()
+
+
 class EnvelopeThreadWorker(ThreadWorker):
     """``gthread`` whose own error replies are ``{"message": "<Error> ...", "status": "failure"}``
     and whose clients get ``LB_CLIENT_TIMEOUT`` seconds for their headers and for each read or
@@ -225,7 +252,11 @@ class EnvelopeThreadWorker(ThreadWorker):
         # In the worker only (after the fork): the arbiter's own copy of gunicorn stays as is.
         util.write_error = write_json_error
         ChunkedReader.read_into = strict_read_into  # type: ignore[method-assign]
-        self.client_timeout = Settings.from_env().client_timeout
+        settings = Settings.from_env()
+        self.client_timeout = settings.client_timeout
+        self.tls = server_context(settings)  # for the HTTPS listener, if there is one
+        self.tls_listeners = {id(listener) for listener in self.sockets
+                              if is_tls_listener(settings, listener.getsockname())}
         self.log.error_log.addFilter(SlowClientLog(self.client_timeout))
         self.log.error_log.addFilter(CutReplyLog())
         super().init_process()
@@ -253,7 +284,27 @@ class EnvelopeThreadWorker(ThreadWorker):
             req.must_close = True  # what gunicorn's Request.should_close() consults first
         return super().handle_request(req, conn)
 
+    def accept(self, listener: Any) -> None:  # gthread's, with TLS for the HTTPS listener
+        if self.tls is None or id(listener) not in self.tls_listeners:
+            super().accept(listener)
+            return
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        client_sock.setblocking(True)
+        self.enqueue_req(TlsConnection(self.cfg, client_sock, client_addr,
+                                       listener.getsockname(), self.tls))
+
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        if isinstance(exc, PlainHttpRefused):
+            return  # answered and closed
+        if isinstance(exc, ssl.SSLError):  # a failed handshake: nothing to answer it with
+            self.log.info("TLS connection not set up: %s", exc)
+            return
         refusal = refusal_of(exc)
         if refusal is None:
             super().handle_error(req, client, addr, exc)
