@@ -189,7 +189,7 @@ def test_https_only(make_stack: Callable[..., RunningStack], certs: dict[str, Pa
     old.maximum_version = ssl.TLSVersion.TLSv1_1
     with pytest.raises((ssl.SSLError, OSError)):
         old.set_ciphers("ALL:@SECLEVEL=0")
-        with socket.create_connection(("127.0.0.1", stack.settings.port), timeout=10) as raw:
-            with old.wrap_socket(raw) as tls:
-                tls.sendall(b"GET /rep HTTP/1.0\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", stack.settings.port), timeout=10) as raw, \
+                old.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /rep HTTP/1.0\r\n\r\n")
     assert stack.get("/home").status_code == 200  # and it still serves
