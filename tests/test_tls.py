@@ -118,6 +118,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_certificate_stops_lb_run_at_once(case: str, certs: dict[str, Path],
                                               tmp_path: Path) -> None:
@@ -136,6 +137,7 @@ def test_bad_certificate_stops_lb_run_at_once(case: str, certs: dict[str, Path],
 
 
 # -- real stacks over HTTPS ------------------------------------------------------------------------
+@pytest.mark.system
 def test_http_and_https_on_two_ports(make_stack: Callable[..., RunningStack],
                                      certs: dict[str, Path]) -> None:
     tls_port = free_port()
@@ -174,6 +176,7 @@ def test_http_and_https_on_two_ports(make_stack: Callable[..., RunningStack],
     assert "certificate" in err.getvalue().lower()
 
 
+@pytest.mark.system
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 def test_https_only(make_stack: Callable[..., RunningStack], certs: dict[str, Path]) -> None:
     stack = make_stack(tls_cert=str(certs["both"]))  # key and certificate in one file
