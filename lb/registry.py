@@ -364,7 +364,7 @@ class Registry:
     """The JSON file at ``path`` and its lock at ``path + '.lock'``: the embedded store.
 
     The etcd store (``lb.etcd.EtcdRegistry``) has the same face: ``read``, ``update``,
-    ``create``, ``restore``, ``view``, ``where``."""
+    ``create``, ``restore``, ``view``, ``where``, and the answer counts (``lb.evidence``)."""
 
     kind = "file"
 
