@@ -95,6 +95,7 @@ class Supervisor:
         self.last_good: State | None = None  # the last state read: what a restore starts from
         self._unwritten: set[tuple[str, str]] = set()  # said, not yet recorded (see _first_time)
         self.evidence = Evidence()  # which replicas balancer workers got answers from
+        self._answers_unread = False  # their counts could not be read last tick (said once)
 
     def start_up(self) -> None:
         """Before the first tick: a registry file that is missing or unreadable is restored,
@@ -142,11 +143,15 @@ class Supervisor:
         if self.settings.late_heartbeats != "forgive":
             return set()
         try:
-            return self.evidence.serving(self.registry.read_answers())
+            serving = self.evidence.serving(self.registry.read_answers())
         except Exception as exc:  # noqa: BLE001 - no evidence this tick: late counts as missed
-            log.warning("cannot read the balancers' answer counts: %s", exc)
+            if not self._answers_unread:  # said once while it lasts
+                log.warning("cannot read the balancers' answer counts: %s", exc)
+            self._answers_unread = True
             self.evidence.forget()
             return set()
+        self._answers_unread = False
+        return serving
 
     def _read(self) -> State:
         try:

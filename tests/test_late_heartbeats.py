@@ -7,10 +7,12 @@ are published through the real file store, as balancer workers do."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import pytest
 
 from lb.evidence import Evidence
+from lb.heartbeat import FAILED, LATE, probe
 from lb.registry import READY, Replica
 from tests.test_reconcile import Recorder, World, world  # noqa: F401 - the fixture
 
@@ -143,3 +145,16 @@ def test_evidence_is_a_change_of_some_sources_counter_since_the_last_look() -> N
     assert evidence.serving({"a": {"x": 1}, "b": {}}) == {"x"}
     evidence.forget()  # a round that could not look: the next one starts afresh
     assert evidence.serving({"a": {"x": 9}}) == set()
+
+
+def test_probe_tells_a_late_heartbeat_from_a_failed_one() -> None:
+    """A listening socket that never answers (a replica busy, or SIGSTOPped) is late; a port
+    nobody listens on is a failure, at once."""
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        late_address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        refused_address = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        assert probe(late_address, 0.2) is LATE
+        assert probe(refused_address, 0.2) is FAILED
