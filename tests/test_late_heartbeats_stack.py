@@ -8,6 +8,7 @@ or hung one is still found (``lb.evidence``, ``supervisor.core``). Each runs onc
 - 64 keep-alive clients as fast as they can: no replica replaced, no request failed; then one
   replica SIGKILLed under the same load is replaced within the usual bound.
 - A SIGSTOPped replica under load is declared down and replaced (figures printed).
+- Over etcd, 3 balancers' answers together keep the replica with a late heartbeat (once).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,8 +25,9 @@ import requests
 
 from lb.registry import READY, State
 from tests.conftest import RunningStack
-from tests.helpers_chaos import Load, report
+from tests.helpers_chaos import Load, report, wait_for
 from tests.helpers_misbehave import start_misbehaving_replica
+from tests.test_ha import ha_stack, registry_of, settled
 from tests.test_metrics_stack import scrape, total
 
 pytestmark = pytest.mark.system
@@ -140,3 +143,31 @@ def test_a_hung_replica_under_load_is_still_declared_down(make_stack: StackMaker
     report("hung replica under load", worker=settings.worker, stop_to_down_s=round(took, 2),
            rounds_without_evidence_s=round(before_bound, 2), failed=len(load.failures))
     assert load.failures == [], load.failures[:5]
+
+
+def test_over_etcd_the_answers_of_several_balancers_forgive_together(tmp_path: Path) -> None:
+    """3 balancers (one worker each) and 2 supervisors over etcd: each balancer routes a third
+    of the load and publishes its own counts under its own lease; the leading supervisor reads
+    them all. The replica with a late heartbeat stays while they route, goes after."""
+    with ha_stack(tmp_path) as ha:
+        wait_for(settled(ha), 90, interval=0.2)
+        registry = registry_of(ha, 5.0)
+        slow = start_misbehaving_replica(registry, ha.settings.deployment,  # type: ignore[arg-type]
+                                         "slowbeat")
+        assert slow.address is not None
+        requests.get(slow.address + "/_heartbeat-delay?seconds=1.5", timeout=5)
+        before = entries(registry.read())
+        loads = [Load(url, total=700, seconds=8.0, threads=2, limit=20).start()
+                 for url in ha.urls]
+        for load in loads:
+            load.wait()
+        assert all(load.failures == [] for load in loads), [ld.failures[:3] for ld in loads]
+        served = [load.served_by["slowbeat"] for load in loads]
+        assert all(n > 20 for n in served), served  # each balancer routed some of its share
+        assert entries(registry.read()) == before
+        published = registry.read_answers()
+        assert len(published) == len(ha.urls)  # one key per balancer worker
+        gone = wait_until(lambda: registry.read().find("slowbeat") is None, 30,
+                          "slowbeat replaced once no request is routed to it")
+        report("late heartbeat over etcd, 3 balancers", served_by_slowbeat=served,
+               replaced_after_load_s=round(gone, 2))
