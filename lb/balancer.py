@@ -1,7 +1,7 @@
 """The balancer worker's composition root: its parts, built once, typed, in one place.
 
 A worker process needs settings, the registry store, the admin (``/add``, ``/rm``), metrics,
-the router and the threads path's forwarder. ``build_balancer`` makes them from the settings.
+the router, the threads path's forwarder and the publisher of its answer counts. ``build_balancer`` makes them from the settings.
 ``lb.app.create_app`` (what gunicorn loads) builds one ``Balancer``, registers it on the Flask
 app and hands it to its views and to the ``/_lb/`` endpoints (``lb.ops.blueprint.init_ops``);
 the event-driven worker, whose routed GETs never reach Flask, takes the same one with
@@ -19,6 +19,7 @@ from flask import Flask
 from lb.admin import Admin
 from lb.backends import create_backend
 from lb.bootstrap import ensure_registry
+from lb.evidence import Publisher
 from lb.ops.metrics import BalancerMetrics
 from lb.registry import RegistryError
 from lb.routing import Router
@@ -41,6 +42,7 @@ class Balancer:
     metrics: BalancerMetrics
     router: Router
     forwarder: Forwarder  # the threads path's; the event-driven worker makes its own
+    evidence: Publisher  # the router's answer counts for the supervisor (lb.evidence)
 
     def register(self, app: Flask) -> None:
         """Make this the Balancer ``Balancer.of(app)`` returns."""
@@ -81,4 +83,6 @@ def build_balancer(settings: Settings) -> Balancer:
     except RegistryError:
         pass  # the view has said why; it keeps trying
     router.view.follow(settings.heartbeat_interval)
-    return Balancer(settings, registry, admin, metrics, router, forwarder)
+    # Started in the worker by lb.gunicorn_conf.post_worker_init, withdrawn at its exit.
+    evidence = Publisher(registry, lambda: router.answered, settings.heartbeat_interval / 2)
+    return Balancer(settings, registry, admin, metrics, router, forwarder, evidence)

@@ -38,7 +38,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ import etcd3gw
 import requests
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
+from lb.evidence import parse_counts
 from lb.registry import (
     FailStatic,
     RegistryBusy,
@@ -68,6 +69,10 @@ LOCK_TTL = 5  # seconds a dead writer can hold the write lock (blocks under it t
 # Seconds a quiet watch lasts before a fresh read re-makes it: a hung member's stream goes
 # quiet without breaking, so this bounds how long a balancer can follow one.
 WATCH_IDLE = 2.0
+# A balancer worker's answers key (lb.evidence) outlives the worker by at most this many seconds;
+# publishing and reading them gives up after ANSWERS_DEADLINE (a tick without evidence).
+ANSWERS_TTL = 15
+ANSWERS_DEADLINE = 1.0
 T = TypeVar("T")
 
 
@@ -179,6 +184,15 @@ class Etcd:
         kv = kvs[0]
         return Value(_unb64(kv.get("value", "")), int(kv["mod_revision"]),
                      int(kv["create_revision"]), revision)
+
+    def get_prefix(self, prefix: str, deadline: float | None = None) -> dict[str, bytes]:
+        """Every key that begins with ``prefix`` and its value (a linearizable read)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # etcd's range_end for "begins with"
+        body = {"key": _b64(prefix), "range_end": _b64(end)}
+        reply = self._call(lambda c: c.post(c.get_url("/kv/range"), json=body), "read",
+                           deadline)
+        return {_unb64(kv["key"]).decode(): _unb64(kv.get("value", ""))
+                for kv in reply.get("kvs") or []}
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
             failure: list[dict[str, Any]] | None = None,
@@ -304,8 +318,11 @@ class EtcdRegistry:
         self.state_key = address.prefix + "/state"
         self.lock_key = address.prefix + "/lock"
         self.leader_key = address.prefix + "/leader"
+        self.answers_prefix = address.prefix + "/answers/"  # evidence of life (lb.evidence)
         self._thread_lock = threading.Lock()
         self._held: int | None = None  # the create revision of our lock key while we hold it
+        # source -> the lease of its answers key, and when it was granted or refreshed last
+        self._answers_leases: dict[str, tuple[int, float]] = {}
 
     @property
     def where(self) -> str:
@@ -336,6 +353,43 @@ class EtcdRegistry:
 
     def view(self) -> EtcdView:
         return EtcdView(self)
+
+    # -- evidence of life (lb.evidence): a key per balancer worker, under its own lease -------
+    def publish_answers(self, source: str, counts: Mapping[str, int]) -> None:
+        """Put ``source``'s counters under a lease of ``ANSWERS_TTL`` seconds, refreshed here,
+        so a worker that died takes its key with it. Never under the write lock."""
+        now = time.monotonic()
+        try:
+            lease, kept = self._answers_leases.get(source, (0, now))
+            if not lease:
+                lease = self.etcd.grant(ANSWERS_TTL)
+            elif now - kept > ANSWERS_TTL / 3:
+                if self.etcd.keep_alive(lease, ANSWERS_DEADLINE) <= 0:
+                    lease = self.etcd.grant(ANSWERS_TTL)  # it ran out: a new one
+                kept = now
+            self._answers_leases[source] = (lease, kept)
+            self.etcd.txn([], [put(self.answers_prefix + source, json.dumps(counts).encode(),
+                                   lease)], deadline=ANSWERS_DEADLINE)
+        except RegistryError:
+            self._answers_leases.pop(source, None)  # maybe gone: the next try takes a new one
+            raise
+
+    def withdraw_answers(self, source: str) -> None:
+        lease, _ = self._answers_leases.pop(source, (0, 0.0))
+        if lease:
+            self.etcd.revoke(lease)  # deletes the key with it
+
+    def read_answers(self) -> dict[str, dict[str, int]]:
+        """Every live worker's counters (unreadable values ignored)."""
+        found: dict[str, dict[str, int]] = {}
+        for key, raw in self.etcd.get_prefix(self.answers_prefix, ANSWERS_DEADLINE).items():
+            try:
+                counts = parse_counts(json.loads(raw))
+            except ValueError:
+                continue
+            if counts is not None:
+                found[key[len(self.answers_prefix):]] = counts
+        return found
 
     # -- writing ------------------------------------------------------------------------------
     @contextmanager

@@ -35,6 +35,10 @@ class SupervisorEvents:
     def heartbeat_missed(self, replica: Replica) -> None:
         """``replica`` did not answer a heartbeat (or its process is gone)."""
 
+    def heartbeat_forgiven(self, replica: Replica) -> None:
+        """``replica``'s heartbeat was late, but balancer workers got answers from it since
+        the last round (``lb.evidence``): not a miss."""
+
     def marked_down(self, replica: Replica, reason: str) -> None:
         """``replica`` is down: ``process_gone``, ``missed_heartbeats`` or ``never_ready``."""
 

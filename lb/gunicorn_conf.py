@@ -69,6 +69,23 @@ def child_exit(server: Any, worker: Any) -> None:
     connections.release(getattr(worker, "connection_slot", None))
 
 
+def post_worker_init(worker: Any) -> None:
+    """Each worker, either kind, publishes the answers its router got (``lb.evidence``)."""
+    from lb.balancer import Balancer  # the app's module: loaded in the worker, not here
+
+    if _settings.late_heartbeats == "forgive":  # else the supervisor reads none
+        Balancer.of(worker.wsgi).evidence.start()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """... and withdraws them as it goes: no counters left that nothing will change."""
+    from lb.balancer import Balancer
+
+    wsgi = getattr(worker, "wsgi", None)
+    if wsgi is not None:
+        Balancer.of(wsgi).evidence.stop()
+
+
 def when_ready(server: Any) -> None:
     """The balancer's master stops (gracefully) when ``lb-run`` is gone (``lb.lifeline``)."""
     fd = lifeline.inherited()

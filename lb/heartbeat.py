@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Iterable
@@ -23,13 +24,29 @@ def _session() -> requests.Session:
     return session
 
 
-def probe(address: str, timeout: float) -> bool:
-    """True when ``address``'s ``/heartbeat`` answers 200 within ``timeout`` seconds."""
+class Heartbeat(enum.Enum):
+    """How one heartbeat went. The supervisor tells a late one from a failed one: a replica
+    whose heartbeat queues behind requests is late but may be serving; a refused or reset
+    connection, or an answer that is not 200, says it is not (``supervisor.core``)."""
+
+    ANSWERED = "answered"  # 200 within the timeout
+    LATE = "late"  # no connection or no answer within the timeout: busy, or hung
+    FAILED = "failed"  # refused, reset, or not 200: not serving
+
+
+ANSWERED, LATE, FAILED = Heartbeat.ANSWERED, Heartbeat.LATE, Heartbeat.FAILED
+
+
+def probe(address: str, timeout: float) -> Heartbeat:
+    """Whether ``address``'s ``/heartbeat`` answers 200 within ``timeout`` seconds, or is late,
+    or failed."""
     try:
         reply = _session().get(address + "/heartbeat", timeout=timeout)
-        return reply.status_code == 200
+    except requests.Timeout:  # connect or read: ConnectTimeout is a ConnectionError too
+        return LATE
     except requests.RequestException:
-        return False
+        return FAILED
+    return ANSWERED if reply.status_code == 200 else FAILED
 
 
 def wait_ready(addresses: Iterable[str], timeout: float, interval: float = 0.05) -> set[str]:
@@ -39,7 +56,7 @@ def wait_ready(addresses: Iterable[str], timeout: float, interval: float = 0.05)
     deadline = time.monotonic() + timeout
     while pending:
         for address in list(pending):
-            if probe(address, timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
+            if probe(address, min(1.0, max(0.05, deadline - time.monotonic()))) is ANSWERED:
                 pending.discard(address)
                 ready.add(address)
         if not pending or time.monotonic() >= deadline:

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import filelock
 
 from lb import leases
+from lb.evidence import STALE_SECONDS, parse_counts
 from lb.hashring import PROBING, HashRing, RingError, resolve_preset
 from lb.leases import Lease, Purpose
 from lb.strategies import Lookup, build_lookup
@@ -363,7 +364,7 @@ class Registry:
     """The JSON file at ``path`` and its lock at ``path + '.lock'``: the embedded store.
 
     The etcd store (``lb.etcd.EtcdRegistry``) has the same face: ``read``, ``update``,
-    ``create``, ``restore``, ``view``, ``where``."""
+    ``create``, ``restore``, ``view``, ``where``, and the answer counts (``lb.evidence``)."""
 
     kind = "file"
 
@@ -494,6 +495,54 @@ class Registry:
                 log.warning("kept the unreadable registry as %s", aside)
             self._write(state)
             return state
+
+    # -- evidence of life (lb.evidence): a file per balancer worker, never under the lock ----
+    @property
+    def answers_folder(self) -> str:
+        """Beside the registry file, a folder of its own: the inotify watch on the registry's
+        folder (``lb.watch``) sees none of these writes."""
+        return self.path + ".answers"
+
+    def publish_answers(self, source: str, counts: Mapping[str, int]) -> None:
+        """Replace ``source``'s file with ``counts`` (atomic replace; no fsync: a lost write
+        is only a tick without evidence)."""
+        folder = self.answers_folder
+        os.makedirs(folder, exist_ok=True)
+        final = os.path.join(folder, source + ".json")
+        tmp = os.path.join(folder, "." + source + ".tmp")  # one writer per source
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(counts, fh)
+        os.replace(tmp, final)
+
+    def withdraw_answers(self, source: str) -> None:
+        try:
+            os.unlink(os.path.join(self.answers_folder, source + ".json"))
+        except FileNotFoundError:
+            pass
+
+    def read_answers(self) -> dict[str, dict[str, int]]:
+        """Every source's counters; files not written for ``STALE_SECONDS`` (workers that
+        died without withdrawing) are removed, unreadable ones ignored."""
+        found: dict[str, dict[str, int]] = {}
+        try:
+            entries = list(os.scandir(self.answers_folder))
+        except FileNotFoundError:
+            return found
+        now = time.time()
+        for entry in entries:
+            try:
+                if now - entry.stat().st_mtime > STALE_SECONDS:
+                    os.unlink(entry.path)
+                    continue
+                if not entry.name.endswith(".json") or entry.name.startswith("."):
+                    continue
+                with open(entry.path, "rb") as fh:
+                    counts = parse_counts(json.loads(fh.read()))
+            except (OSError, ValueError):
+                continue  # gone since the listing, or half a file from a killed writer
+            if counts is not None:
+                found[entry.name[:-len(".json")]] = counts
+        return found
 
     def _write(self, state: State) -> None:
         try:

@@ -504,6 +504,8 @@ class Router:
         self.settings = settings
         self.events = events or RouterEvents()
         self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
+        # hostname -> answers below 500 this worker got: evidence of life (lb.evidence)
+        self.answered: dict[str, int] = {}
         self.view: View = registry.view()  # public: readiness and admin replies consult it
         self._table: RoutingTable | None = None
         self._lock = threading.Lock()
@@ -528,6 +530,7 @@ class Router:
                 # Forget idle counters of replicas that left (hostnames churn with replacements).
                 names = {r.hostname for r in routable}
                 self.inflight = {h: c for h, c in self.inflight.items() if c or h in names}
+                self.answered = {h: c for h, c in self.answered.items() if h in names}
                 self.ejections.keep(names)
             return self._table
 
@@ -805,6 +808,8 @@ class RingWalk:
             self.replica = None
             if router.settings.bounded_load:  # (the counts' only use: no call without it)
                 router.count(replica.hostname, -1)
+            if status < 500:  # the supervisor's evidence that it serves (lb.evidence)
+                router.answered[replica.hostname] = router.answered.get(replica.hostname, 0) + 1
             ejections = router.ejections
             if status >= 500 or ejections.streaks:  # (else nothing to count or to reset)
                 ejections.answered(replica.hostname, status, len(self.table.by_id))

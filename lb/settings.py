@@ -111,6 +111,10 @@ class Settings:
     heartbeat_interval: float = _opt(0.5, "Seconds between heartbeat rounds")
     heartbeat_timeout: float = _opt(0.5, "Seconds a heartbeat may take")
     heartbeat_failures: int = _opt(2, "Missed heartbeats before a replica is declared down")
+    late_heartbeats: str = _opt(
+        "forgive", "A ready replica's heartbeat that timed out: forgive (not a miss while "
+        "balancer workers get answers from it, counted through the registry) or count (a miss); "
+        "refused ones and processes gone always count")
     restart_backoff: float = _opt(30.0, "Longest wait between restarts of a replica that fails")
     # -- shared state -------------------------------------------------------------------------
     registry: str = _opt(
@@ -231,6 +235,8 @@ class Settings:
             (self.max_reply >= 0 and self.max_clients >= 0,
              "max_reply and max_clients must be >= 0"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
+            (self.late_heartbeats in ("forgive", "count"),
+             "late_heartbeats must be forgive or count"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
                  self.connect_timeout, self.upstream_timeout, self.read_timeout,
                  self.lock_timeout, self.eject_seconds,

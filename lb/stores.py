@@ -2,7 +2,9 @@
 etcd (``LB_REGISTRY=etcd://...``, for several balancers and supervisors on several hosts).
 
 Both have one face (``read``, ``update``, ``create``, ``restore``, ``view``, ``where``,
-``kind``) and hold the same document, so everything above them is written once.
+``kind``) and hold the same document, so everything above them is written once. Beside the
+document, each keeps the balancer workers' answer counts (``publish_answers``,
+``withdraw_answers``, ``read_answers``: ``lb.evidence``), never under the write lock.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ Each tick:
    or container still exists;
 2. **mark**: record the results; a replica whose process is gone, or that missed
    ``heartbeat_failures`` heartbeats in a row, is *down*; a new one that never became ready in
-   ``start_timeout`` is *down* too and counts towards the crash-loop guard;
+   ``start_timeout`` is *down* too and counts towards the crash-loop guard. A ready replica
+   whose heartbeat was only *late* (no answer in time: it queues behind requests under load)
+   is forgiven when balancer workers got answers from it since the last tick (``lb.evidence``);
+   a refused connection or a process gone never is, so a crash is found as fast as ever;
 3. **reconcile**: every wanted replica that is down or has no process gets one: a dead
    replica's replacement takes a new random hostname and keeps the server id and the slots, so
    no request key moves; removals that an ``/rm`` left half-done are finished; replicas of this
@@ -38,7 +41,8 @@ from dataclasses import dataclass
 from lb.backends import Backend, Instance, ReplicaSpec
 from lb.bootstrap import recovered_state
 from lb.events import SupervisorEvents
-from lb.heartbeat import probe
+from lb.evidence import Evidence
+from lb.heartbeat import ANSWERED, FAILED, LATE, Heartbeat, probe
 from lb.leases import SUPERVISOR_HOLDER, Lease, Purpose
 from lb.naming import random_hostname
 from lb.registry import (
@@ -90,6 +94,8 @@ class Supervisor:
         self._orphan_sightings: dict[str, int] = {}
         self.last_good: State | None = None  # the last state read: what a restore starts from
         self._unwritten: set[tuple[str, str]] = set()  # said, not yet recorded (see _first_time)
+        self.evidence = Evidence()  # which replicas balancer workers got answers from
+        self._answers_unread = False  # their counts could not be read last tick (said once)
 
     def start_up(self) -> None:
         """Before the first tick: a registry file that is missing or unreadable is restored,
@@ -119,14 +125,33 @@ class Supervisor:
         alive = {r.handle: self.backend.is_running(r.handle) for r in targets if r.handle}
         answers = dict(zip(
             [r.hostname for r in targets],
-            self.pool.map(lambda r: alive[r.handle] and probe(
-                r.address, self.settings.heartbeat_timeout), targets),
+            self.pool.map(lambda r: probe(r.address, self.settings.heartbeat_timeout)
+                          if alive[r.handle] else FAILED, targets),
         ))
-        jobs, removals = self._mark(answers, alive)
+        # Read after the probes: answers counted while a heartbeat was waiting are in.
+        serving = self._serving()
+        jobs, removals = self._mark(answers, alive, serving)
         self._finish_removals(removals)
         self._run(jobs)
         self._stop_orphans()
         self.events.ticked()
+
+    def _serving(self) -> set[str]:
+        """Hostnames balancer workers got answers from since the last tick (``lb.evidence``).
+        Read every tick (a few small files, or one etcd range read), so "since" is one
+        interval; a tick that cannot read them has none, and the next starts afresh."""
+        if self.settings.late_heartbeats != "forgive":
+            return set()
+        try:
+            serving = self.evidence.serving(self.registry.read_answers())
+        except Exception as exc:  # noqa: BLE001 - no evidence this tick: late counts as missed
+            if not self._answers_unread:  # said once while it lasts
+                log.warning("cannot read the balancers' answer counts: %s", exc)
+            self._answers_unread = True
+            self.evidence.forget()
+            return set()
+        self._answers_unread = False
+        return serving
 
     def _read(self) -> State:
         try:
@@ -158,8 +183,8 @@ class Supervisor:
                         else "the running replicas", written.version, written.rep())
         return written
 
-    def _mark(self, answers: dict[str, bool],
-              alive: dict[str, bool]) -> tuple[list[Job], list[Replica]]:
+    def _mark(self, answers: dict[str, Heartbeat], alive: dict[str, bool],
+              serving: set[str]) -> tuple[list[Job], list[Replica]]:
         now = time.time()
         jobs: list[Job] = []
         with self.registry.update() as state:
@@ -170,9 +195,9 @@ class Supervisor:
             heard = [(r, answers[r.hostname], alive[r.handle]) for r in state.replicas
                      if r.hostname in answers and r.handle is not None and r.handle in alive
                      and r.state != REMOVING]
-            for r, answered, running in heard:
-                self._record(r, answered, running, now)
-            self._stamp([r for r, answered, _ in heard if answered], now)
+            for r, heartbeat, running in heard:
+                self._record(r, heartbeat, running, r.hostname in serving, now)
+            self._stamp([r for r, heartbeat, _ in heard if heartbeat is ANSWERED], now)
             for r in state.replicas:
                 if r.wanted and not r.held and r.state != REMOVING:
                     log.warning("the /add that wanted replica %s did not commit it in time: "
@@ -213,8 +238,16 @@ class Supervisor:
                             r.lease.purpose, r.hostname, r.lease.holder)
                 r.release()
 
-    def _record(self, r: Replica, answered: bool, running: bool, now: float) -> None:
-        if answered:
+    def _record(self, r: Replica, heartbeat: Heartbeat, running: bool, serving: bool,
+                now: float) -> None:
+        if heartbeat is LATE and serving and running and r.state == READY:
+            # Late but serving: balancer workers got answers from it since the last tick, so
+            # its heartbeat queued behind requests. Not a miss, and the misses in a row end.
+            # A hang stops those answers at once: one tick later its misses count again.
+            r.failures = 0
+            self.events.heartbeat_forgiven(r)
+            return
+        if heartbeat is ANSWERED:
             if r.state != READY:
                 log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
                 self.events.became_ready(r)

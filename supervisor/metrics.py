@@ -34,6 +34,9 @@ class SupervisorMetrics(SupervisorEvents):
         self._missed = Counter("lb_heartbeat_failures", "Heartbeats a replica did not answer in "
                                "time, by replica and the state it was in", ["replica", "state"],
                                registry=reg)
+        self._forgiven = Counter("lb_heartbeats_late_but_serving", "Heartbeats a ready "
+                                 "replica answered late while balancer workers got answers "
+                                 "from it: not counted as missed", ["replica"], registry=reg)
         self._down = Counter("lb_replicas_marked_down", "Replicas the supervisor declared down, "
                              "by reason (process_gone, missed_heartbeats, never_ready)",
                              ["reason"], registry=reg)
@@ -51,6 +54,10 @@ class SupervisorMetrics(SupervisorEvents):
     def heartbeat_missed(self, replica: Replica) -> None:
         if self.enabled:
             self._missed.labels(replica.hostname, replica.state).inc()
+
+    def heartbeat_forgiven(self, replica: Replica) -> None:
+        if self.enabled:
+            self._forgiven.labels(replica.hostname).inc()
 
     def marked_down(self, replica: Replica, reason: str) -> None:
         if self.enabled:

@@ -13,6 +13,7 @@ The knobs a test turns:
 - ``start_error``: every start raises it (an image that is missing, an engine that refuses);
 - ``die(hostname)``: that replica's process is gone;
 - ``mute``: hostnames whose heartbeat never answers (a hung replica, or one that never comes up);
+- ``late``: hostnames whose heartbeat times out (a replica busy, or hung);
 - ``probe``: a stand-in for ``lb.heartbeat.probe`` (``monkeypatch.setattr(supervisor.core,
   "probe", backend.probe)``) answering for every running replica that is not mute: the
   supervisor's reconcile step runs without a process or a socket.
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from lb.backends import STOP_TIMEOUT, Backend, Instance, ReplicaSpec
+from lb.heartbeat import ANSWERED, FAILED, LATE, Heartbeat
 
 NOBODY = "http://127.0.0.1:9"  # the discard port: nothing answers a heartbeat there
 
@@ -41,6 +43,7 @@ class FakeBackend(Backend):
         self.address = address or (lambda spec: f"{NOBODY}/{spec.hostname}")
         self.start_error = start_error
         self.mute: set[str] = set()
+        self.late: set[str] = set()
         self.started: list[str] = []
         self.start_times: list[float] = []
         self.stopped: list[str] = []
@@ -82,7 +85,12 @@ class FakeBackend(Backend):
         del self.running[inst.handle]
         return inst
 
-    def probe(self, address: str, timeout: float) -> bool:
-        """``lb.heartbeat.probe`` for these replicas: a running one answers unless mute."""
-        return any(i.address == address and i.hostname not in self.mute
-                   for i in self.running.values())
+    def probe(self, address: str, timeout: float) -> Heartbeat:
+        """``lb.heartbeat.probe`` for these replicas: a running one answers unless mute (then
+        its heartbeat failed) or late (then it timed out)."""
+        found = [i for i in self.running.values() if i.address == address]
+        if any(i.hostname in self.late for i in found):
+            return LATE
+        if any(i.hostname not in self.mute for i in found):
+            return ANSWERED
+        return FAILED

@@ -26,6 +26,9 @@ Like gunicorn, it answers ``100 Continue`` to any request that says ``Expect: 10
 body or not: a balancer that forwards that field gets an interim answer to a GET. The forged
 answers all say ``X-Echo-Id: smuggled-<path>``: a victim that gets one got someone else's bytes.
 
+``GET /_heartbeat-delay?seconds=S`` (not counted) makes every later ``/heartbeat`` answer
+``S`` seconds late, the rest as quick as before: a replica serving fine whose heartbeat queues.
+
 Every request is counted by path (``GET /_counts`` on the replica itself, not counted: a JSON
 object path -> requests received, plus ``expect`` for those that asked for 100-continue).
 
@@ -94,6 +97,7 @@ class MisbehavingReplica:
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.heartbeat_delay = 0.0  # seconds each /heartbeat waits (GET /_heartbeat-delay)
 
     def serve_forever(self) -> None:
         while not self.stopped.is_set():
@@ -152,6 +156,10 @@ class MisbehavingReplica:
         """Answer one request; False: the connection is done."""
         path, _, query = target.partition("?")
         args = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if path == "/_heartbeat-delay":
+            self.heartbeat_delay = min(float(args.get("seconds", "0") or 0), 30.0)
+            conn.sendall(answer("200 OK", [], b"", 0))
+            return True
         if path == "/_counts":
             with self.lock:
                 body = json.dumps(dict(self.counts)).encode()
@@ -171,6 +179,7 @@ class MisbehavingReplica:
             conn.sendall(data)
 
         if path == "/heartbeat":
+            time.sleep(self.heartbeat_delay)
             conn.sendall(answer("200 OK", [], b"", 0))
         elif path == "/home":
             body = json.dumps({"message": f"Hello from Server: {self.server_id}",

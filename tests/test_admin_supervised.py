@@ -21,7 +21,7 @@ from lb.admin import Admin
 from lb.backends.local import LocalBackend
 from lb.bootstrap import ensure_registry
 from lb.errors import ApiError
-from lb.heartbeat import probe
+from lb.heartbeat import ANSWERED, probe
 from lb.registry import READY, REMOVING, Registry, RegistryError
 from lb.settings import Settings
 from supervisor.core import Supervisor
@@ -88,7 +88,7 @@ def test_an_add_returns_once_the_supervisor_started_its_replicas_and_they_answer
         entry = on_record.find(r.hostname)
         assert entry is not None
         assert (entry.state, entry.lease) == (READY, None)  # committed by the call
-        assert entry.address is not None and probe(entry.address, 2.0)
+        assert entry.address is not None and probe(entry.address, 2.0) is ANSWERED
     running = {i.hostname for i in deployment.backend.list()}
     assert {r.hostname for r in added} <= running  # the supervisor started them
 

@@ -21,6 +21,7 @@ import pytest
 import supervisor.core
 from lb.backends import Instance
 from lb.bootstrap import ensure_registry
+from lb.heartbeat import ANSWERED, Heartbeat
 from lb.leases import Lease
 from lb.owners import owner_tag
 from lb.registry import (
@@ -63,13 +64,13 @@ def test_rm_between_probe_and_mark_is_not_undone(world: World,
     registry, backend, sup = world
     owner = "rm:test"
 
-    def probe_then_rm(address: str, timeout: float) -> bool:
+    def probe_then_rm(address: str, timeout: float) -> Heartbeat:
         if address.endswith("/Server1"):  # the heartbeat answers; then an /rm takes Server1
             with registry.update() as state:
                 entry = state.find("Server1")
                 assert entry is not None
                 entry.state, entry.lease = REMOVING, Lease(owner, time.time() + 30)
-        return True
+        return ANSWERED
 
     monkeypatch.setattr(supervisor.core, "probe", probe_then_rm)
     try:

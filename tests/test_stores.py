@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import etcd3gw
 import pytest
 
+import lb.etcd
 from lb.bootstrap import HashMapMismatch, ensure_registry, initial_state
 from lb.etcd import EtcdRegistry, put
+from lb.evidence import STALE_SECONDS, Publisher
 from lb.registry import (
     READY,
     Registry,
@@ -310,3 +313,67 @@ def test_ensure_registry_refuses_a_registry_written_with_another_hash_map(
     with pytest.raises(HashMapMismatch, match="another|settings ask for"):
         ensure_registry(other, store)
     assert store.read().to_dict() == created.to_dict()  # refused: nothing changed
+
+
+# -- evidence of life: the answers balancer workers got (lb.evidence) -------------------------------
+def test_answer_counts_are_published_read_and_withdrawn_per_source(store: Store) -> None:
+    assert store.read_answers() == {}
+    store.publish_answers("lb-a-1", {"Server1": 3})
+    store.publish_answers("lb-b-2", {"Server1": 1, "Server2": 9})
+    store.publish_answers("lb-a-1", {"Server1": 4})  # replaced, not added to
+    assert store.read_answers() == {"lb-a-1": {"Server1": 4},
+                                    "lb-b-2": {"Server1": 1, "Server2": 9}}
+    store.withdraw_answers("lb-a-1")
+    store.withdraw_answers("lb-a-1")  # already gone: fine
+    assert store.read_answers() == {"lb-b-2": {"Server1": 1, "Server2": 9}}
+    assert not store.exists()  # beside the registry, not in it: no state was made
+
+
+def test_a_workers_publisher_follows_its_counts_and_withdraws_them_at_its_stop(
+        store: Store) -> None:
+    counts: dict[str, int] = {}
+    publisher = Publisher(store, lambda: counts, 0.05, source="lb-test-1")
+    publisher.start()
+    try:
+        counts["Server1"] = 1
+        eventually(lambda: store.read_answers() == {"lb-test-1": {"Server1": 1}},
+                   "the counts are published")
+        counts["Server1"] = 2
+        eventually(lambda: store.read_answers() == {"lb-test-1": {"Server1": 2}},
+                   "a change is published")
+    finally:
+        publisher.stop()
+    assert store.read_answers() == {}
+
+
+def test_answer_files_sit_in_a_folder_of_their_own_and_old_ones_go(tmp_path: Path) -> None:
+    """The registry's folder is watched (inotify, lb.watch): these writes must not wake every
+    balancer worker. A worker killed without withdrawing leaves a file that stops changing;
+    it goes once STALE_SECONDS old. Half a file (a writer killed) is ignored."""
+    registry = Registry(str(tmp_path / "registry.json"))
+    registry.publish_answers("lb-a-1", {"Server1": 1})
+    registry.publish_answers("lb-dead-2", {"Server1": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.json.answers"]
+    folder = Path(registry.answers_folder)
+    old = time.time() - STALE_SECONDS - 1
+    os.utime(folder / "lb-dead-2.json", (old, old))
+    (folder / "lb-half-3.json").write_text('{"Server1": ')
+    assert registry.read_answers() == {"lb-a-1": {"Server1": 1}}
+    assert sorted(p.name for p in folder.iterdir()) == ["lb-a-1.json", "lb-half-3.json"]
+
+
+def test_an_answers_key_goes_with_its_workers_lease(etcd_registry: EtcdRegistry,  # noqa: F811
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that dies without withdrawing (SIGKILL) stops refreshing its lease: its key
+    goes when the lease runs out, so no counter is left that nothing will change."""
+    monkeypatch.setattr(lb.etcd, "ANSWERS_TTL", 2)  # etcd's shortest lease
+    worker = EtcdRegistry(etcd_registry.address, lock_timeout=5.0)
+    worker.publish_answers("lb-dead-1", {"Server1": 1})
+    etcd_registry.publish_answers("lb-live-2", {"Server1": 5})
+    assert set(etcd_registry.read_answers()) == {"lb-dead-1", "lb-live-2"}
+    deadline = time.monotonic() + WAIT
+    while "lb-dead-1" in etcd_registry.read_answers():
+        etcd_registry.publish_answers("lb-live-2", {"Server1": 5})  # refreshes its own lease
+        assert time.monotonic() < deadline, "the dead worker's key is still there"
+        time.sleep(0.2)
+    assert etcd_registry.read_answers() == {"lb-live-2": {"Server1": 5}}
