@@ -1,0 +1,169 @@
+"""lb.limits by itself: slots, the FIFO queue, its bound, its timeout, a slot given back once.
+No sockets and no sleeping: the clock is a number the tests move."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lb.limits import GONE, GRANTED, WAITING, AtLimit, Limits, Waiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limits(maxconn: int = 1, queue_size: int = 2, timeout: float = 0.5) -> tuple[Limits, Clock]:
+    clock = Clock()
+    return Limits(maxconn, queue_size, timeout, clock=clock), clock
+
+
+def waiter(lim: Limits, woken: list[int], n: int, host: str = "S1") -> Waiter | None:
+    return lim.wait(host, lambda: woken.append(n))
+
+
+def test_no_limit_takes_always_and_counts_nothing() -> None:
+    lim, _ = limits(maxconn=0)
+    assert all(lim.take("S1") for _ in range(1000))
+    lim.release("S1")
+    assert lim.busy == {}
+
+
+@pytest.mark.parametrize("maxconn", [1, 2, 5])
+def test_slots_up_to_maxconn_per_replica(maxconn: int) -> None:
+    lim, _ = limits(maxconn=maxconn)
+    assert [lim.take("S1") for _ in range(maxconn + 1)] == [True] * maxconn + [False]
+    assert lim.take("S2")  # another replica has its own slots
+    lim.release("S1")
+    assert lim.take("S1") and not lim.take("S1")
+
+
+def test_queue_is_first_come_first_served() -> None:
+    lim, _ = limits(maxconn=1, queue_size=3)
+    assert lim.take("S1")
+    woken: list[int] = []
+    waiters = [waiter(lim, woken, n) for n in range(3)]
+    assert all(w is not None and w.state is WAITING for w in waiters)
+    for n in range(3):
+        lim.release("S1")  # the slot goes to the first waiter, never back to the pool
+        assert woken == list(range(n + 1))
+        assert not lim.take("S1")  # no barging while the slot is handed on
+    assert [w.state for w in waiters if w] == [GRANTED] * 3
+    lim.release("S1")
+    assert lim.busy == {} and lim.queues == {}
+
+
+def test_past_the_queue_size_none_and_a_503_with_retry_after() -> None:
+    lim, _ = limits(maxconn=1, queue_size=2, timeout=0.5)
+    lim.take("S1")
+    woken: list[int] = []
+    assert waiter(lim, woken, 1) and waiter(lim, woken, 2)
+    assert waiter(lim, woken, 3) is None
+    error = lim.full("S1")
+    assert isinstance(error, AtLimit) and error.status == 503
+    assert error.headers == (("Retry-After", "1"),)
+    assert "Replica S1 is at its limit" in error.message
+
+
+@pytest.mark.parametrize(("timeout", "retry_after"), [(0.1, "1"), (1.0, "1"), (2.5, "3")])
+def test_retry_after_is_whole_seconds(timeout: float, retry_after: str) -> None:
+    lim, _ = limits(timeout=timeout)
+    assert lim.timed_out("S1").headers == (("Retry-After", retry_after),)
+
+
+def test_queue_size_zero_refuses_at_once() -> None:
+    lim, _ = limits(maxconn=1, queue_size=0)
+    lim.take("S1")
+    assert lim.wait("S1", lambda: None) is None
+
+
+def test_a_slot_freed_since_take_is_granted_at_once() -> None:
+    lim, _ = limits(maxconn=1)
+    woken: list[int] = []
+    w = waiter(lim, woken, 1)
+    assert w is not None and w.state is GRANTED and woken == [1]
+    assert lim.leave(w) is True  # owns the slot
+    assert not lim.take("S1")
+
+
+def test_timed_out_waiters_are_skipped_and_woken() -> None:
+    lim, clock = limits(maxconn=1, queue_size=3, timeout=0.5)
+    lim.take("S1")
+    woken: list[int] = []
+    first = waiter(lim, woken, 1)
+    clock.now += 0.3
+    second = waiter(lim, woken, 2)
+    clock.now += 0.3  # the first is past its deadline, the second is not
+    lim.release("S1")
+    assert first is not None and second is not None
+    assert (first.state, second.state) == (GONE, GRANTED) and woken == [1, 2]
+    assert lim.leave(first) is False and lim.leave(second) is True
+
+
+def test_timed_out_waiters_leave_room_in_the_queue() -> None:
+    lim, clock = limits(maxconn=1, queue_size=1, timeout=0.5)
+    lim.take("S1")
+    assert waiter(lim, [], 1) is not None
+    assert waiter(lim, [], 2) is None
+    clock.now += 0.6
+    assert waiter(lim, [], 3) is not None
+
+
+def test_leave_while_waiting_frees_the_place_and_owns_nothing() -> None:
+    lim, _ = limits(maxconn=1, queue_size=1)
+    lim.take("S1")
+    woken: list[int] = []
+    w = waiter(lim, woken, 1)
+    assert w is not None and lim.leave(w) is False and w.state is GONE
+    assert lim.leave(w) is False  # twice: still nothing
+    assert waiter(lim, woken, 2) is not None  # its place is free
+    lim.release("S1")
+    assert woken == [2]
+
+
+def test_when_all_are_gone_the_slot_goes_back() -> None:
+    lim, clock = limits(maxconn=1, queue_size=2, timeout=0.5)
+    lim.take("S1")
+    w = waiter(lim, [], 1)
+    clock.now += 1
+    lim.release("S1")
+    assert w is not None and w.state is GONE
+    assert lim.busy == {} and lim.queues == {}
+    assert lim.take("S1")
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["release", "leave", "time"])))
+def test_every_order_of_release_leave_and_timeout_gives_the_slot_back_once(
+        order: tuple[str, ...]) -> None:
+    """Whatever happens first to a waiter, afterwards exactly the slots owned are counted:
+    once everyone who owns one releases it, the replica is idle again."""
+    lim, clock = limits(maxconn=1, queue_size=1, timeout=0.5)
+    assert lim.take("S1")
+    w = waiter(lim, [], 1)
+    assert w is not None
+    owners = 1  # the first taker
+    for event in order:
+        if event == "release" and owners:
+            lim.release("S1")
+            owners -= 1
+            if w.state is GRANTED:
+                owners += 1
+        elif event == "leave":
+            lim.leave(w)
+        elif event == "time":
+            clock.now += 1
+    for _ in range(owners):
+        lim.release("S1")
+    assert lim.busy == {} and lim.queues == {}
+
+
+def test_load_reports_in_flight_and_waiting() -> None:
+    lim, _ = limits(maxconn=2, queue_size=5)
+    lim.take("S1"), lim.take("S1"), lim.take("S2")
+    lim.wait("S1", lambda: None)
+    assert lim.load() == {"S1": (2, 1), "S2": (1, 0)}
