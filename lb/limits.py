@@ -2,7 +2,7 @@
 slot, and how long a request may wait in it (HAProxy's server ``maxconn``, ``maxqueue`` and
 ``timeout queue``).
 
-One ``Limits`` per balancer worker (``lb.routing.Router`` owns it; the ring walk takes and
+One ``ReplicaLimits`` per balancer worker (``lb.routing.Router`` owns it; the ring walk takes and
 gives back the slots): ``LB_REPLICA_MAXCONN`` requests in flight to each replica, then up to
 ``LB_QUEUE_SIZE`` waiting for one of them, first come first served, each at most
 ``LB_QUEUE_TIMEOUT`` seconds. A request that finds the queue full, or whose time runs out, is
@@ -70,7 +70,7 @@ class AtLimit(ApiError):
         self.headers = (("Retry-After", str(retry_after)),)
 
 
-class Limits:
+class ReplicaLimits:
     """Slots and queues of one balancer worker, per replica hostname (thread-safe)."""
 
     def __init__(self, maxconn: int, queue_size: int, timeout: float,
@@ -108,13 +108,17 @@ class Limits:
                 self.busy[hostname] = n + 1
                 waiter.state = GRANTED
             else:
-                queue = self.queues.setdefault(hostname, deque())
+                queue = self.queues.get(hostname) or deque()
                 while queue and queue[0].deadline <= now:  # timed out: their drivers answer
                     queue.popleft().state = GONE
                 if len(queue) >= self.queue_size:
                     waiter.state = GONE
                 else:
                     queue.append(waiter)
+                if queue:
+                    self.queues[hostname] = queue
+                else:
+                    self.queues.pop(hostname, None)
         if waiter.state is GRANTED:
             wake()
         elif waiter.state is GONE:
@@ -128,6 +132,15 @@ class Limits:
         """A slot at ``hostname`` given back: to the first waiter still in time, if any."""
         if not self.maxconn:
             return
+        if not self.queues:  # nobody waits anywhere (the usual case): count it down
+            with self._lock:
+                if not self.queues:
+                    n = self.busy[hostname] - 1
+                    if n:
+                        self.busy[hostname] = n
+                    else:
+                        del self.busy[hostname]
+                    return
         now = self.clock()
         late: list[Waiter] = []
         granted = None
@@ -142,14 +155,14 @@ class Limits:
                 waiter.state = GRANTED
                 granted = waiter
                 break
+            if queue is not None and not queue:
+                del self.queues[hostname]
             if granted is None:
-                n = self.busy.get(hostname, 0) - 1
-                if n > 0:
+                n = self.busy[hostname] - 1
+                if n:
                     self.busy[hostname] = n
                 else:
-                    self.busy.pop(hostname, None)
-                    if queue is not None and not queue:
-                        del self.queues[hostname]
+                    del self.busy[hostname]
         for waiter in late:  # outside the lock: a wake may take the driver's own lock
             waiter.wake()
         if granted is not None:
@@ -162,9 +175,10 @@ class Limits:
         with self._lock:
             if waiter.state is WAITING:
                 waiter.state = GONE
-                queue = self.queues.get(waiter.hostname)
-                if queue is not None:
-                    queue.remove(waiter)
+                queue = self.queues[waiter.hostname]
+                queue.remove(waiter)
+                if not queue:
+                    del self.queues[waiter.hostname]
         return waiter.state is GRANTED
 
     def left(self, waiter: Waiter) -> float:

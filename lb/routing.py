@@ -45,7 +45,7 @@ from werkzeug.sansio.utils import get_host
 from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
-from lb.limits import Limits, Waiter
+from lb.limits import ReplicaLimits, Waiter
 from lb.registry import (
     STARTING,
     RegistryError,
@@ -514,7 +514,7 @@ class Router:
                                    settings.eject_max_share, self.events)
         # Slots per replica and their queues (LB_REPLICA_MAXCONN), taken and given back by
         # the walk: the drivers only wait for one when told to (RingWalk.queue).
-        self.limits = Limits(settings.replica_maxconn, settings.queue_size,
+        self.limits = ReplicaLimits(settings.replica_maxconn, settings.queue_size,
                              settings.queue_timeout, self.events)
 
     def table(self) -> RoutingTable:
@@ -753,8 +753,13 @@ class RingWalk:
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
       at DONE or GIVE_UP nothing of this request is counted. A driver that stops in between
       (its client left) leaves its count, as every path always has.
-    - *Each end has its status.* 503 only when nothing is routable; 504 only when the last
-      failure was a deadline; 502 otherwise.
+    - *Each end has its status.* 503 only when nothing is routable or no slot came (below);
+      504 only when the last failure was a deadline; 502 otherwise.
+    - *A slot per try, given back once* (``lb.limits``, ``LB_REPLICA_MAXCONN``). The replica
+      tried takes a slot as it becomes the one tried (``slotted``); when none is free the driver
+      ``queue``s for one and is told by ``waited`` to TRY or GIVE_UP (503, ``Retry-After``:
+      not a failure of the replica, nothing suspected, no next replica). The slot goes back as
+      the walk leaves the replica (``told``, as the in-flight count) or in ``abandon``.
     """
 
     __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",

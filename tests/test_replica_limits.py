@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from lb.limits import GONE, GRANTED, WAITING, AtLimit, Limits, Waiter
+from lb.limits import GONE, GRANTED, WAITING, AtLimit, ReplicaLimits, Waiter
 
 
 class Clock:
@@ -18,12 +18,12 @@ class Clock:
         return self.now
 
 
-def limits(maxconn: int = 1, queue_size: int = 2, timeout: float = 0.5) -> tuple[Limits, Clock]:
+def limits(maxconn: int = 1, queue_size: int = 2, timeout: float = 0.5) -> tuple[ReplicaLimits, Clock]:
     clock = Clock()
-    return Limits(maxconn, queue_size, timeout, clock=clock), clock
+    return ReplicaLimits(maxconn, queue_size, timeout, clock=clock), clock
 
 
-def waiter(lim: Limits, woken: list[int], n: int, host: str = "S1") -> Waiter | None:
+def waiter(lim: ReplicaLimits, woken: list[int], n: int, host: str = "S1") -> Waiter | None:
     return lim.wait(host, lambda: woken.append(n))
 
 
@@ -167,3 +167,16 @@ def test_load_reports_in_flight_and_waiting() -> None:
     lim.take("S1"), lim.take("S1"), lim.take("S2")
     lim.wait("S1", lambda: None)
     assert lim.load() == {"S1": (2, 1), "S2": (1, 0)}
+
+
+def test_nobody_waiting_leaves_no_queue_behind() -> None:
+    """An empty queue left in place would send every release down the slow path."""
+    lim, _ = limits(maxconn=1, queue_size=0)
+    lim.take("S1")
+    assert lim.wait("S1", lambda: None) is None and lim.queues == {}
+    lim, _ = limits(maxconn=1, queue_size=2)
+    lim.take("S1")
+    w = lim.wait("S1", lambda: None)
+    assert w is not None and lim.leave(w) is False and lim.queues == {}
+    lim.release("S1")
+    assert lim.busy == {} and lim.queues == {}
