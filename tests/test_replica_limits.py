@@ -7,7 +7,26 @@ import itertools
 
 import pytest
 
+from lb.events import RouterEvents
 from lb.limits import GONE, GRANTED, WAITING, AtLimit, ReplicaLimits, Waiter
+from lb.routing import (
+    ANSWERED,
+    BROKEN,
+    DONE,
+    GIVE_UP,
+    RESEND,
+    STALE,
+    STALLED,
+    TIMED_OUT,
+    TRY,
+    UNREACHABLE,
+    Outcome,
+    RingWalk,
+    Router,
+    RoutingTable,
+)
+from lb.settings import Settings
+from tests.test_ring_walk import ERRORS, KEY, NO_DOMAINS, Clockwise, Store, replicas
 
 
 class Clock:
@@ -180,3 +199,90 @@ def test_nobody_waiting_leaves_no_queue_behind() -> None:
     assert w is not None and lim.leave(w) is False and lim.queues == {}
     lim.release("S1")
     assert lim.busy == {} and lim.queues == {}
+
+
+# -- the ring walk takes and gives back the slots (lb.routing.RingWalk) ------------------------
+def walk_router(maxconn: int = 1, queue_size: int = 1, retries: int = 2) -> tuple[Router, Clock]:
+    settings = Settings.from_env({}, retries=retries, eject_after=1, replica_maxconn=maxconn,
+                                 queue_size=queue_size, queue_timeout=0.5)
+    router = Router(settings, Store())  # type: ignore[arg-type]
+    members = replicas(3, NO_DOMAINS)
+    router._table = RoutingTable(1, Clockwise(3), {r.server_id: r for r in members}, False)
+    clock = Clock()
+    router.limits.clock = clock
+    return router, clock
+
+
+def new_walk(router: Router) -> RingWalk:
+    assert router._table is not None
+    return RingWalk(router, router._table, KEY, RouterEvents())
+
+
+OUTCOMES = [ANSWERED, UNREACHABLE, STALE, TIMED_OUT, STALLED, BROKEN]
+
+
+@pytest.mark.parametrize("outcomes", [list(o) for n in range(1, 4)
+                                      for o in itertools.product(OUTCOMES, repeat=n)])
+def test_every_walk_holds_one_slot_while_it_tries_and_none_at_its_end(
+        outcomes: list[Outcome]) -> None:
+    router, _ = walk_router(maxconn=1)
+    walk = new_walk(router)
+    step = walk.start()
+    for outcome in outcomes:
+        if step is not TRY and step is not RESEND:
+            break
+        assert walk.replica is not None and walk.slotted
+        assert router.limits.busy == {walk.replica.hostname: 1}
+        step = walk.told(outcome, ERRORS.get(outcome), status=200)
+    if step is DONE or step is GIVE_UP:
+        assert router.limits.busy == {}
+    walk.abandon()
+    walk.abandon()  # twice: nothing more
+    assert router.limits.busy == {}
+
+
+def test_at_the_limit_the_walk_queues_and_gets_the_slot_when_given_back() -> None:
+    router, _ = walk_router(maxconn=1, queue_size=1)
+    first, second = new_walk(router), new_walk(router)
+    assert first.start() is TRY and first.slotted
+    assert second.start() is TRY and not second.slotted  # same key: same replica, no slot
+    woken: list[bool] = []
+    assert second.queue(lambda: woken.append(True)) is not None
+    assert first.told(ANSWERED, status=200) is DONE
+    assert woken == [True]
+    assert second.waited() is TRY and second.slotted
+    assert second.told(ANSWERED, status=200) is DONE
+    assert router.limits.busy == {} and router.limits.queues == {}
+
+
+@pytest.mark.parametrize("why", ["full", "timeout"])
+def test_no_slot_is_a_503_and_no_failure_of_the_replica(why: str) -> None:
+    router, clock = walk_router(maxconn=1, queue_size=0 if why == "full" else 1)
+    holder, late = new_walk(router), new_walk(router)
+    holder.start()
+    assert late.start() is TRY and not late.slotted
+    replica = late.replica
+    assert replica is not None
+    waiter = late.queue(lambda: None)
+    if why == "full":
+        assert waiter is None
+    else:
+        assert waiter is not None
+        clock.now += 1
+        assert late.waited() is GIVE_UP
+    assert isinstance(late.error, AtLimit) and late.error.status == 503
+    assert late.tried == [replica.hostname]  # no other replica was given the overload
+    assert router._suspects == {} and not router.ejections.streaks  # (eject_after=1)
+    holder.told(ANSWERED, status=200)
+    assert router.limits.busy == {} and router.limits.queues == {}
+
+
+def test_abandon_while_queued_leaves_the_queue() -> None:
+    router, _ = walk_router(maxconn=1, queue_size=1)
+    holder, waiting = new_walk(router), new_walk(router)
+    holder.start(), waiting.start()
+    assert waiting.queue(lambda: None) is not None
+    waiting.abandon()  # its client left
+    assert router.limits.queues == {}
+    holder.told(ANSWERED, status=200)
+    assert router.limits.busy == {}

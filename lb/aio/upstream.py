@@ -646,6 +646,7 @@ class AsyncForwarder:
         no task, no future. Anything else (a new connection, a retry, a wait for a starting
         replica) goes on as a task driving the same walk from where it stands.
         """
+        walk = None
         try:
             walk = self.router.walk(key, self.events)
             if walk.empty:  # nothing routable: wait for a starting replica, or say why
@@ -659,6 +660,8 @@ class AsyncForwarder:
             else:  # at it: the task waits for a slot
                 step, conn = TRY, None
         except Exception as exc:  # noqa: BLE001 - answered reports it (a bug with its trace)
+            if walk is not None:
+                walk.abandon()  # a slot it took goes back
             answered(None, None, exc)
             return
         if replica is None or conn is None:
