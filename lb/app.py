@@ -134,6 +134,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         reply = Response(error_body(exc.message), mimetype=JSON_TYPE)  # the bytes lb.aio sends
         if exc.status == 401:
             reply.headers["WWW-Authenticate"] = "Bearer"
+        reply.headers.extend(exc.headers)
         return reply, exc.status
 
     @app.errorhandler(HTTPException)

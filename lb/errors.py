@@ -8,6 +8,8 @@ from typing import Any
 class ApiError(Exception):
     """An error reply: 4xx for the caller's mistakes, 5xx for the balancer's own trouble."""
 
+    headers: tuple[tuple[str, str], ...] = ()  # header fields of the reply (Retry-After)
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -28,6 +28,15 @@ class RouterEvents:
     def returned(self, hostname: str) -> None:
         """An ejection of ``hostname`` ended (its time was up, or it left the replica set)."""
 
+    def queued(self, hostname: str) -> None:
+        """A request waits for a slot at ``hostname`` (``lb.limits``: at LB_REPLICA_MAXCONN)."""
+
+    def waited(self, hostname: str, seconds: float) -> None:
+        """A request queued for ``hostname`` got its slot after ``seconds``."""
+
+    def refused(self, hostname: str, why: str) -> None:
+        """A request got no slot at ``hostname`` (``why``: full, timeout) and is answered 503."""
+
 
 class SupervisorEvents:
     """What the supervisor reports (metrics subscribe here); the default ignores it."""

@@ -45,6 +45,7 @@ from werkzeug.sansio.utils import get_host
 from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
+from lb.limits import ReplicaLimits, Waiter
 from lb.registry import (
     STARTING,
     RegistryError,
@@ -513,6 +514,10 @@ class Router:
         # Passive health: replicas failing in a row are passed over for a while.
         self.ejections = Ejections(settings.eject_after, settings.eject_seconds,
                                    settings.eject_max_share, self.events)
+        # Slots per replica and their queues (LB_REPLICA_MAXCONN), taken and given back by
+        # the walk: the drivers only wait for one when told to (RingWalk.queue).
+        self.limits = ReplicaLimits(settings.replica_maxconn, settings.queue_size,
+                             settings.queue_timeout, self.events)
 
     def table(self) -> RoutingTable:
         """The current table: the view's look at the registry, a rebuild only after it changed."""
@@ -751,12 +756,17 @@ class RingWalk:
       and uncounted once as the walk leaves it (answered or failed); a RESEND stays on it. So
       at DONE or GIVE_UP nothing of this request is counted. A driver that stops in between
       (its client left) leaves its count, as every path always has.
-    - *Each end has its status.* 503 only when nothing is routable; 504 only when the last
-      failure was a deadline; 502 otherwise.
+    - *Each end has its status.* 503 only when nothing is routable or no slot came (below);
+      504 only when the last failure was a deadline; 502 otherwise.
+    - *A slot per try, given back once* (``lb.limits``, ``LB_REPLICA_MAXCONN``). The replica
+      tried takes a slot as it becomes the one tried (``slotted``); when none is free the driver
+      ``queue``s for one and is told by ``waited`` to TRY or GIVE_UP (503, ``Retry-After``:
+      not a failure of the replica, nothing suspected, no next replica). The slot goes back as
+      the walk leaves the replica (``told``, as the in-flight count) or in ``abandon``.
     """
 
     __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",
-                 "table", "tried")
+                 "slotted", "table", "tried", "waiter")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
                  events: RouterEvents) -> None:
@@ -770,6 +780,8 @@ class RingWalk:
         self.error: ApiError | None = None  # the answer, once GIVE_UP
         self._choices: Iterator[Replica] | None = None  # the walk, made at its first use
         self._began = 0.0
+        self.slotted = False  # ``replica``'s slot is this request's (lb.limits)
+        self.waiter: Waiter | None = None  # ... queued for one
 
     @property
     def empty(self) -> bool:
@@ -806,6 +818,9 @@ class RingWalk:
         router = self.router
         if outcome is ANSWERED:
             self.replica = None
+            if self.slotted:
+                self.slotted = False
+                router.limits.release(replica.hostname)
             if router.settings.bounded_load:  # (the counts' only use: no call without it)
                 router.count(replica.hostname, -1)
             if status < 500:  # the supervisor's evidence that it serves (lb.evidence)
@@ -820,6 +835,9 @@ class RingWalk:
             self.resent = True
             return RESEND
         self.replica = None
+        if self.slotted:
+            self.slotted = False
+            router.limits.release(replica.hostname)
         if router.settings.bounded_load:
             router.count(replica.hostname, -1)
         router.suspect(replica)
@@ -845,10 +863,56 @@ class RingWalk:
     def _trying(self, replica: Replica) -> None:
         self.replica = replica
         self.resent = False
+        limits = self.router.limits
+        self.slotted = not limits.maxconn or limits.take(replica.hostname)
         self.tried.append(replica.hostname)
         if self.router.settings.bounded_load:
             self.router.count(replica.hostname, +1)
         self._began = time.perf_counter()
+
+    # -- a slot at the replica (lb.limits): only when ``slotted`` is False after TRY ------------
+    def queue(self, wake: Callable[[], object]) -> Waiter | None:
+        """``replica`` is at its limit: queue for a slot there, ``wake`` called when the wait
+        ends by another's hand. None when the queue is full: GIVE_UP, ``error`` the 503."""
+        replica = self.replica
+        assert replica is not None and not self.slotted
+        limits = self.router.limits
+        self.waiter = limits.wait(replica.hostname, wake)
+        if self.waiter is None:
+            self._refused(limits.full(replica.hostname))
+        return self.waiter
+
+    def waited(self) -> Step:
+        """The wait is over (woken, or its time ran out): TRY with the slot, or GIVE_UP with
+        the 503. Waiting for a slot is no failure of the replica: not suspected, not counted
+        towards ejection, and not a reason to move the overload to the next replica."""
+        waiter, self.waiter = self.waiter, None
+        assert waiter is not None and self.replica is not None
+        limits = self.router.limits
+        if limits.leave(waiter):
+            self.slotted = True
+            return TRY
+        return self._refused(limits.timed_out(self.replica.hostname))
+
+    def abandon(self) -> None:
+        """The driver stops before the walk's end (its client left, a bug, shutdown): its
+        slot, or its place in the queue, is given back. Harmless after DONE or GIVE_UP."""
+        replica, waiter, self.waiter = self.replica, self.waiter, None
+        limits = self.router.limits
+        if waiter is not None and limits.leave(waiter):
+            self.slotted = True
+        if self.slotted and replica is not None:
+            self.slotted = False
+            limits.release(replica.hostname)
+
+    def _refused(self, error: ApiError) -> Step:
+        replica = self.replica
+        assert replica is not None
+        self.replica = None
+        if self.router.settings.bounded_load:
+            self.router.count(replica.hostname, -1)
+        self.error = error
+        return GIVE_UP
 
     def _exhausted(self, outcome: Outcome | None) -> Step:
         """No further replica will be tried: 504 when the last one tried timed out, 502 when

@@ -96,6 +96,15 @@ class Settings:
     eject_max_share: float = _opt(
         0.5, "Most of the routable replicas ejected at once, as a share (never the last one); "
              "past it, failing replicas stay in routing")
+    replica_maxconn: int = _opt(
+        8, "Requests one balancer worker has in flight to one replica at most (HAProxy's "
+        "maxconn, per worker); more wait in its queue; 0: no limit")
+    queue_size: int = _opt(
+        128, "Requests one balancer worker queues per replica at its LB_REPLICA_MAXCONN, first "
+        "come first served; past it a 503 with Retry-After at once")
+    queue_timeout: float = _opt(
+        2.0, "Seconds a queued request may wait for a slot at its replica; then a 503 with "
+        "Retry-After")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
@@ -234,12 +243,14 @@ class Settings:
             (0 <= self.eject_max_share <= 1, "eject_max_share must be 0..1"),
             (self.max_reply >= 0 and self.max_clients >= 0,
              "max_reply and max_clients must be >= 0"),
+            (self.replica_maxconn >= 0 and self.queue_size >= 0,
+             "replica_maxconn and queue_size must be >= 0"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
             (self.late_heartbeats in ("forgive", "count"),
              "late_heartbeats must be forgive or count"),
             (min(self.heartbeat_interval, self.heartbeat_timeout, self.start_timeout,
                  self.connect_timeout, self.upstream_timeout, self.read_timeout,
-                 self.lock_timeout, self.eject_seconds,
+                 self.lock_timeout, self.eject_seconds, self.queue_timeout,
                  self.client_timeout) > 0,
              "timeouts and intervals must be > 0"),
         ]

@@ -83,7 +83,7 @@ SLOW_HEADERS = ("slow client %s: request headers not complete within %gs (LB_CLI
 CANONICAL = {n.lower(): n for n in (
     "Content-Type", "Content-Length", "X-Request-ID", "X-Served-By", "Allow",
     "WWW-Authenticate", "Cache-Control", "Location", "ETag", "Last-Modified", "Vary",
-    "Content-Disposition", "Content-Encoding", "Accept-Ranges")}
+    "Content-Disposition", "Content-Encoding", "Accept-Ranges", "Retry-After")}
 
 
 class Phase(enum.Enum):
@@ -497,7 +497,7 @@ class ClientConnection(asyncio.Protocol):
             if replica is None or reply is None:
                 if isinstance(error, ApiError):
                     self._write_error(request, error.status, error.message, "route", rid,
-                                      target)
+                                      target, "".join(f"{n}: {v}\r\n" for n, v in error.headers))
                 elif isinstance(error, RegistryError):  # no good state yet: as the app says
                     self._write_error(request, 503, registry_trouble(error), "route", rid,
                                       target)

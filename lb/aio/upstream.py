@@ -646,6 +646,7 @@ class AsyncForwarder:
         no task, no future. Anything else (a new connection, a retry, a wait for a starting
         replica) goes on as a task driving the same walk from where it stands.
         """
+        walk = None
         try:
             walk = self.router.walk(key, self.events)
             if walk.empty:  # nothing routable: wait for a starting replica, or say why
@@ -654,9 +655,13 @@ class AsyncForwarder:
             replica = walk.first()
             if replica is None:  # the key's own replica is a suspect, or loads are bounded
                 step, conn = walk.start(), None
-            else:
+            elif walk.slotted:  # under the replica's limit: the usual case
                 step, conn = TRY, self.pool.take(replica.address or "")
+            else:  # at it: the task waits for a slot
+                step, conn = TRY, None
         except Exception as exc:  # noqa: BLE001 - answered reports it (a bug with its trace)
+            if walk is not None:
+                walk.abandon()  # a slot it took goes back
             answered(None, None, exc)
             return
         if replica is None or conn is None:
@@ -704,8 +709,18 @@ class AsyncForwarder:
                     method: bytes = b"GET") -> tuple[Replica, Reply]:
         """The way round the ring from ``step``: each try through the pool (a warm
         connection if one is idle, else a new one; a RESEND always on a new one)."""
+        try:
+            return await self._tries(walk, step, target, fields, path, method)
+        finally:
+            walk.abandon()  # (cancelled, or a bug): its slot given back; no-op once ended
+
+    async def _tries(self, walk: RingWalk, step: Step, target: bytes, fields: bytes, path: str,
+                     method: bytes) -> tuple[Replica, Reply]:
         pool = self.pool
         while step is TRY or step is RESEND:
+            if not walk.slotted:
+                step = await self._slot(walk)
+                continue
             replica = walk.replica
             assert replica is not None
             address = replica.address or ""  # routable: it has one
@@ -724,6 +739,23 @@ class AsyncForwarder:
             return self._passed_back(replica, reply, path)
         assert walk.error is not None
         raise walk.error
+
+    async def _slot(self, walk: RingWalk) -> Step:
+        """Wait in ``walk.replica``'s queue for a slot (``lb.limits``): TRY or GIVE_UP."""
+        slot: asyncio.Future[None] = self.pool.loop.create_future()
+
+        def wake() -> None:
+            if not slot.done():  # (cancelled by wait_for at the deadline)
+                slot.set_result(None)
+
+        waiter = walk.queue(wake)
+        if waiter is None:
+            return GIVE_UP  # the queue is full
+        try:
+            await asyncio.wait_for(slot, self.router.limits.left(waiter))
+        except TimeoutError:
+            pass  # waited() tells which came first
+        return walk.waited()
 
     def loop_time(self) -> float:
         return self.pool.loop.time()

@@ -157,7 +157,8 @@ class OpsEndpoints:
         ejected = {hostname: now + left
                    for hostname, left in self.parts.router.ejections.remaining().items()}
         return build_status(state, counts, rates, span, self.parts.settings, now=now,
-                            registry=registry_facts(view, state), ejected=ejected)
+                            registry=registry_facts(view, state), ejected=ejected,
+                            load=self.parts.router.limits.load())
 
     def status_json(self) -> Response:
         return _no_store(jsonify(success(self.status_document())))

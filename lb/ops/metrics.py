@@ -120,6 +120,15 @@ class BalancerMetrics(RouterEvents):
         self._ejected = Gauge("lb_replica_ejected", "Balancer workers that route around a "
                               "replica now (ejected)", ["replica"], registry=reg,
                               multiprocess_mode="livesum")
+        # Per-replica limits (lb.limits): the slow path only, written at once.
+        self._queued = Counter("lb_queued_requests", "Requests that waited for a slot at a "
+                               "replica at its LB_REPLICA_MAXCONN", ["replica"], registry=reg)
+        self._queue_wait = Histogram("lb_queue_wait_seconds", "Time a queued request waited "
+                                     "for its slot (those that got one)", ["replica"],
+                                     buckets=LATENCY_BUCKETS, registry=reg)
+        self._refused = Counter("lb_limit_refusals", "Requests answered 503 for want of a slot: "
+                                "the queue was full, or LB_QUEUE_TIMEOUT ran out",
+                                ["replica", "reason"], registry=reg)
         self._responses = Counter("lb_responses", "Replies of the balancer, by endpoint (rep, "
                                   "add, rm, route, ops.*, none) and status code",
                                   ["endpoint", "code"], registry=reg)
@@ -156,6 +165,18 @@ class BalancerMetrics(RouterEvents):
     def returned(self, hostname: str) -> None:
         if self.enabled:
             self._ejected.labels(hostname).set(0)
+
+    def queued(self, hostname: str) -> None:
+        if self.enabled:
+            self._queued.labels(hostname).inc()
+
+    def waited(self, hostname: str, seconds: float) -> None:
+        if self.enabled:
+            self._queue_wait.labels(hostname).observe(seconds)
+
+    def refused(self, hostname: str, why: str) -> None:
+        if self.enabled:
+            self._refused.labels(hostname, why).inc()
 
     # -- the balancer's replies ----------------------------------------------------------------
     def response(self, endpoint: str, status: int) -> None:

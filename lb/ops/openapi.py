@@ -111,7 +111,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["hostname", "server_id", "state", "routable", "address", "domain",
                      "virtual_slots", "slots_owned", "share", "last_heartbeat", "heartbeat_age",
                      "failures", "restarts", "requests", "errors", "request_rate", "error_rate",
-                     "ejected_until", "ejections"],
+                     "ejected_until", "ejections", "in_flight", "queued"],
         "additionalProperties": False,
         "properties": {
             "hostname": {"type": "string"},
@@ -155,6 +155,12 @@ SCHEMAS: dict[str, Any] = {
             "ejections": {"type": "integer", "minimum": 0,
                           "description": "Times a balancer worker ejected it since lb-run "
                                          "started (lb_replica_ejections_total)"},
+            "in_flight": {"type": "integer", "minimum": 0,
+                          "description": "Requests the balancer worker that answered has in "
+                                         "flight to it, counted when LB_REPLICA_MAXCONN is set"},
+            "queued": {"type": "integer", "minimum": 0,
+                       "description": "Requests that worker has waiting for a slot at it "
+                                      "(LB_QUEUE_SIZE at most)"},
         },
     },
     "Status": {

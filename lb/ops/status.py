@@ -82,11 +82,13 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
                  span: float | None, settings: Settings,
                  now: float | None = None,
                  registry: dict[str, Any] | None = None,
-                 ejected: dict[str, float] | None = None) -> dict[str, Any]:
+                 ejected: dict[str, float] | None = None,
+                 load: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """The status document (see the OpenAPI description's ``Status`` schema).
 
     ``ejected``: the Unix time each replica this worker has ejected comes back
-    (``lb.ejections``).
+    (``lb.ejections``). ``load``: this worker's requests in flight and queued per replica
+    (``lb.limits``).
 
     Shares and slot ownership come from the lookup of the strategy that routes (the same
     ``build_lookup`` the router uses), through the ``Lookup`` interface: a ring's slots, or
@@ -94,6 +96,7 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
     """
     now = time.time() if now is None else now
     ejected = ejected or {}
+    load = load or {}
     routable = state.routable()
     lookup = state.lookup(settings.strategy, routable)
     shares = lookup.shares()
@@ -127,6 +130,8 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
             "error_rate": None if rate is None else rate.errors,
             "ejected_until": ejected.get(r.hostname),
             "ejections": int(c.ejections),
+            "in_flight": load.get(r.hostname, (0, 0))[0],
+            "queued": load.get(r.hostname, (0, 0))[1],
         })
     members = state.members()
     return {

@@ -42,13 +42,16 @@ from urllib.parse import urlsplit
 from lb.registry import Replica
 from lb.routing import (
     ANSWERED,
+    GIVE_UP,
     REPLY_HEAD_MAX_BYTES,
     REPLY_HEAD_MAX_FIELDS,
     RESEND,
     STARTING_POLL_SECONDS,
     TRY,
     Outcome,
+    RingWalk,
     Router,
+    Step,
     UpstreamError,
     bodiless,
     connection_options,
@@ -345,8 +348,23 @@ class Forwarder:
             while self.router.waiting_for_replicas() and time.monotonic() < deadline:
                 time.sleep(STARTING_POLL_SECONDS)
             walk = self.router.walk(key)
-        step = walk.start()
+        try:
+            return self._tries(walk, walk.start(), method, target, fields, path)
+        finally:
+            walk.abandon()  # (a bug, an exit): its slot given back; no-op once ended
+
+    def _tries(self, walk: RingWalk, step: Step, method: str, target: str,
+               fields: list[tuple[str, str]], path: str) -> Upstream:
         while step is TRY or step is RESEND:
+            if not walk.slotted:  # the replica is at its limit: wait for a slot (lb.limits)
+                woken = threading.Event()
+                waiter = walk.queue(woken.set)
+                if waiter is None:
+                    step = GIVE_UP  # the queue is full
+                else:
+                    woken.wait(self.router.limits.left(waiter))
+                    step = walk.waited()
+                continue
             replica = walk.replica
             assert replica is not None
             conn = self._connection(replica.address or "", fresh=step is RESEND)
