@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,7 +123,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                           request.remote_addr)
         headers = forward_headers(
             request.headers.items(), request.remote_addr or "", request.host,
-            request_id(request.environ, request.headers.get("X-Request-ID")))
+            request_id(request.environ, request.headers.get("X-Request-ID")),
+            _scheme(request.environ))
         if request.method == "HEAD":  # as HEAD: the replica's own answer head, no body
             upstream = forwarder.forward(target, headers, key, _path(request), method="HEAD")
         else:
@@ -256,6 +258,14 @@ def _close_after(req: Request) -> None:
     gunicorn_request = getattr(reader, "req", None)
     if gunicorn_request is not None:
         gunicorn_request.must_close = True
+
+
+def _scheme(environ: dict[str, Any]) -> str:
+    """https for a request on the TLS listener: the threads worker wraps that socket itself
+    (gunicorn's own TLS would make every listener TLS), so gunicorn's url_scheme says http."""
+    if isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket):
+        return "https"
+    return str(environ.get("wsgi.url_scheme") or "http")
 
 
 def _raw_target(environ: dict[str, Any]) -> str:

@@ -192,19 +192,20 @@ def request_key(spec: str, header: Callable[[str], str | None],
 
 # -- headers --------------------------------------------------------------------------------------
 def forward_headers(headers: Iterable[tuple[str, str]], client: str, host: str,
-                    request_id: str) -> list[tuple[str, str]]:
+                    request_id: str, scheme: str = "http") -> list[tuple[str, str]]:
     """End-to-end headers only, plus the ``X-Forwarded-*`` a replica needs to know its client,
     and last the request's ``X-Request-ID``.
 
     ``headers`` are the client's, in order (repeated names allowed); ``host`` is the host the
-    client asked for (``X-Forwarded-Host``). Names with ``_`` are dropped as gunicorn drops
+    client asked for (``X-Forwarded-Host``), ``scheme`` what it spoke to the balancer
+    (``X-Forwarded-Proto``: https on the TLS listener). Names with ``_`` are dropped as gunicorn drops
     them (``X_Forwarded_For`` would become ``X-Forwarded-For`` in the replica's WSGI environ).
     """
-    return [*forwarded_fields(headers, client, host), ("X-Request-ID", request_id)]
+    return [*forwarded_fields(headers, client, host, scheme), ("X-Request-ID", request_id)]
 
 
 def forwarded_fields(headers: Iterable[tuple[str, str]], client: str,
-                     host: str) -> list[tuple[str, str]]:
+                     host: str, scheme: str = "http") -> list[tuple[str, str]]:
     """``forward_headers`` but the request id: what depends on the client's headers alone
     (a caller may keep it for the next request with the same headers)."""
     out: list[tuple[str, str]] = []
@@ -225,7 +226,7 @@ def forwarded_fields(headers: Iterable[tuple[str, str]], client: str,
     forwarded_for = ",".join(prior)
     out.append(("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client))
     out.append(("X-Forwarded-Host", host))
-    out.append(("X-Forwarded-Proto", "http"))  # the balancer speaks plain HTTP
+    out.append(("X-Forwarded-Proto", scheme))  # the replicas themselves speak plain HTTP
     return out
 
 

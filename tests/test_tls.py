@@ -23,6 +23,7 @@ from lb.ctl import OK, UNREACHABLE, run
 from lb.settings import Settings
 from lb.tls import binds, opens_plain_http, plain_http_reply, server_context, validity_problem
 from tests.conftest import RunningStack, deployment_processes, free_port, unavailable
+from tests.helpers_echo import start_echo_replica
 
 TOKEN = "tls-token"
 PLAIN_HTTP = "<Error> Bad Request: The plain HTTP request was sent to HTTPS port"
@@ -174,6 +175,28 @@ def test_http_and_https_on_two_ports(make_stack: Callable[..., RunningStack],
     assert json.loads(out.getvalue())["message"]["N"] == 4
     assert run(["--url", https, "rep"], io.StringIO(), err) == UNREACHABLE  # not trusted
     assert "certificate" in err.getvalue().lower()
+
+
+@pytest.mark.system
+def test_replicas_are_told_which_scheme_the_client_spoke(
+        make_stack: Callable[..., RunningStack], certs: dict[str, Path]) -> None:
+    """X-Forwarded-Proto: https for a request that came over TLS, http for one that did not."""
+    tls_port = free_port()
+    stack = make_stack(n=1, tls_cert=str(certs["cert"]), tls_key=str(certs["key"]),
+                       tls_port=tls_port)
+    start_echo_replica(stack.registry, stack.settings.deployment, "tls-echo")
+    removed = stack.delete("/rm", json={"n": 1, "hostnames": ["Server1"]})
+    assert removed.status_code == 200, removed.text  # the echo replica answers every key now
+
+    def proto(base: str, verify: str | bool = True) -> str | None:
+        with requests.Session() as session:
+            session.trust_env = False
+            reply = session.get(f"{base}/echo", timeout=30, verify=verify)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json()["headers"]).get("X-Forwarded-Proto")
+
+    assert proto(f"https://127.0.0.1:{tls_port}", str(certs["cert"])) == "https"
+    assert proto(stack.url) == "http"
 
 
 @pytest.mark.system

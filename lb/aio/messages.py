@@ -66,9 +66,9 @@ NO_FIELDS = RequestFields([], {}, None, b"", False, None, False)
 
 
 def read_request_fields(headers: list[tuple[bytes, bytes]], client: str,
-                      local: tuple[str, int] | None) -> RequestFields:
+                      local: tuple[str, int] | None, scheme: str = "http") -> RequestFields:
     """``headers`` as parsed (undecoded, in order), on a connection from ``client`` to
-    ``local``. Raises ``Refused`` for a body that cannot be framed."""
+    ``local`` speaking ``scheme`` (http, or https on the TLS listener). Raises ``Refused`` for a body that cannot be framed."""
     fields: list[tuple[str, str]] = []
     lookup: dict[str, str] = {}
     refusal: ApiError | None = None
@@ -90,7 +90,7 @@ def read_request_fields(headers: list[tuple[bytes, bytes]], client: str,
     announced = None if length is None else int(length)  # llhttp let only digits through
     host = forwarded_host(lookup.get("host"), local)
     return RequestFields(fields, lookup, refusal,
-                         header_lines(forwarded_fields(fields, client, host)),
+                         header_lines(forwarded_fields(fields, client, host, scheme)),
                          "transfer-encoding" in lookup or bool(announced), announced,
                          lookup.get("expect", "").lower() == "100-continue")
 

@@ -206,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         self.client = ""
         self.client_port = 0
         self.local: tuple[str, int] | None = None
+        self.scheme = "http"  # https on the TLS listener: what X-Forwarded-Proto says
         self.phase = BETWEEN
         self.request_deadline = 0.0  # the request being received must be complete by then
         self.idle_deadline = 0.0  # with nothing to do, the connection ends then
@@ -239,6 +240,8 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local = (str(sock[0]), int(sock[1]))
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         self.server.connections.add(self)
         self.idle_deadline = self.loop.time() + self.server.keepalive
 
@@ -364,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
             raise Refused(400, "Bad Request: Invalid Request Line: non-ASCII request target")
         seen, fields = self.seen
         if request.headers != seen:
-            fields = read_request_fields(request.headers, self.client, self.local)
+            fields = read_request_fields(request.headers, self.client, self.local, self.scheme)
             self.seen = (list(request.headers), fields)  # a copy: trailers append to it
         request.fields = fields
         request.expects_body = fields.expects_body
@@ -610,7 +613,7 @@ class ClientConnection(asyncio.Protocol):
             headers.append((b"content-length", size.encode()))
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.version, "method": request.method, "scheme": "http",
+            "http_version": request.version, "method": request.method, "scheme": self.scheme,
             "path": decode_path(raw_path), "raw_path": raw_path.encode("latin-1"),
             "query_string": query.encode("latin-1"), "root_path": "", "headers": headers,
             "client": (self.client, self.client_port), "server": self.local,
