@@ -299,9 +299,11 @@ def test_node_stopped_under_load_no_failed_request(swarm_cluster: Cluster) -> No
     clients send GETs through the manager's balancer, whose node stays up. It runs at least
     1 + LB_RETRIES of the 6 replicas, so in ring order alone all the tries of some keys would
     land on it; retries go to other nodes first, so no request fails as long as a replica on
-    another node is alive. The slowest request is bounded by one upstream deadline (a request
-    sent on a kept-alive connection to the lost node waits for an answer that never comes) and
-    the tries after it. The lost replicas are replaced on the nodes left, the node comes back."""
+    another node is alive. A request sent on a kept-alive connection to the lost node is
+    retried once its host has not acknowledged it within LB_CONNECT_TIMEOUT (TCP_USER_TIMEOUT;
+    before, it waited LB_UPSTREAM_TIMEOUT, 5 s); one in flight as the node stopped still waits
+    that long, so no request may take longer than one upstream deadline and the tries after it.
+    The lost replicas are replaced on the nodes left, and the node comes back."""
     cluster, session = swarm_cluster, http_session()
     host = docker.from_env(timeout=60)
     node = "worker1"
@@ -353,9 +355,9 @@ def test_node_stopped_under_load_no_failed_request(swarm_cluster: Cluster) -> No
     assert used["exhausted"] == 0, used
     # Requests met the lost node (else the test showed nothing), and each was retried.
     assert used["unreachable"] >= 1 and used["retries"] >= 1, used
-    # The design's bound, with a generous margin: one LB_UPSTREAM_TIMEOUT (5 s) on a kept-alive
-    # connection to the lost node, then a connect (LB_CONNECT_TIMEOUT, 0.5 s) at most per
-    # further try, and the answer.
+    # The design's bound, with a generous margin: one LB_UPSTREAM_TIMEOUT (5 s) for a request
+    # in flight to the lost node as it stopped, then a connect (LB_CONNECT_TIMEOUT, 0.5 s) at
+    # most per further try, and the answer. (Measured: 0.5-1.0 s.)
     assert max(took for _, took in load.timings) < 15.0, slow
 
 
