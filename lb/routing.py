@@ -25,16 +25,18 @@ request, none when watched: ``lb.watch``) or etcd's (the state its watch thread 
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import json
 import math
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlsplit
 
 import werkzeug.urls  # noqa: F401 - registers the "werkzeug.url_quote" decoding error handler
@@ -127,6 +129,34 @@ class UpstreamError(ConnectionError):
         self.before_reply = before_reply
         self.began = began
         self.timed_out = timed_out
+
+
+# Linux acknowledges received data within its delayed-ACK bound (200 ms) however busy the
+# receiving process, and first retransmits after at least 200 ms: a bound below this would close
+# connections to live replicas.
+UNACKNOWLEDGED_FLOOR = 0.5
+
+
+def bound_unacknowledged(sock: Any, connect_timeout: float) -> None:
+    """Make a connection to a replica fail once bytes sent on it stay unacknowledged for
+    ``connect_timeout`` (at least ``UNACKNOWLEDGED_FLOOR``; TCP_USER_TIMEOUT, Linux; nothing
+    where the option is missing). A replica's host that vanished (its node stopped, a cable
+    pulled) sends no reset: a request written to a kept-alive connection to it would wait its
+    whole LB_UPSTREAM_TIMEOUT for an answer, while a live host's kernel acknowledges within a
+    round trip, the same round trip LB_CONNECT_TIMEOUT bounds at connect. ``host_gone`` tells
+    that failure; a slow replica on a live host is unaffected (its kernel still acknowledges)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is not None:
+        seconds = max(connect_timeout, UNACKNOWLEDGED_FLOOR)
+        sock.setsockopt(socket.IPPROTO_TCP, option, round(seconds * 1000))
+
+
+def host_gone(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is how a connection bounded by ``bound_unacknowledged`` fails when its
+    peer's host stopped acknowledging: the kernel's ETIMEDOUT (not a wait of Python's own, whose
+    ``TimeoutError`` has no errno). The replica is then unreachable: not a kept-alive connection
+    it closed (no resend on a new one), nor late (no 504)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT
 
 
 # -- which requests, which target -----------------------------------------------------------------

@@ -68,7 +68,9 @@ class Settings:
     start_timeout: float = _opt(20.0, "Seconds /add waits for new replicas' heartbeat")
     replica_threads: int = _opt(4, "Threads of each local replica's gunicorn worker")
     # -- routing ------------------------------------------------------------------------------
-    connect_timeout: float = _opt(0.5, "Seconds to connect to a replica before trying the next")
+    connect_timeout: float = _opt(0.5, "Seconds to connect to a replica before trying the next; "
+                                  "also how long its host may leave a request unacknowledged "
+                                  "(at least 0.5 s: a node gone answers nothing)")
     upstream_timeout: float = _opt(
         5.0, "Seconds to wait for the first byte of a replica's answer once the request is "
              "sent (then 504, or the next replica while nothing of the answer has come)")

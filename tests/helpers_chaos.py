@@ -74,6 +74,7 @@ class Load:
     retried: int = 0  # requests that needed a client-level retry and then succeeded
     failures: list[tuple[float, str]] = field(default_factory=list)
     served_by: Counter[str] = field(default_factory=Counter)
+    timings: list[tuple[float, float]] = field(default_factory=list)  # (began, seconds) each
     began: float = 0.0
     ended: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,8 +105,10 @@ class Load:
         with requests.Session() as session:
             session.trust_env = False
             while self._next():
+                began = time.monotonic()
                 outcome, replica, retried = self._one(session)
                 with self._lock:
+                    self.timings.append((began, time.monotonic() - began))
                     if outcome is None:
                         self.ok += 1
                         self.retried += retried
@@ -153,6 +156,11 @@ class Load:
     @property
     def duration(self) -> float:
         return (self.ended or time.monotonic()) - self.began
+
+    def slowest(self, since: float = 0.0) -> float:
+        """Seconds the slowest request begun at ``since`` (a monotonic time) or later took."""
+        with self._lock:
+            return max((took for began, took in self.timings if began >= since), default=0.0)
 
     def failures_between(self, t0: float, t1: float) -> int:
         return sum(1 for t, _ in self.failures if t0 <= t <= t1)

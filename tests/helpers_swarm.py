@@ -32,6 +32,7 @@ from typing import Any
 import docker
 import psutil
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_HOSTNAME, LABEL_ROLE
 from lb.backends.swarm import is_live
@@ -240,6 +241,14 @@ class Cluster:
         reply = session.get(self.url + "/rep", timeout=30)
         assert reply.status_code == 200, reply.text
         return reply.json()["message"]
+
+    def counter(self, node: str, name: str) -> float:
+        """The sum of counter ``name``'s samples (every label, every worker) in ``/_lb/metrics``
+        of ``node``'s balancer."""
+        reply = http_session().get(self.url_of(node) + "/_lb/metrics", timeout=10)
+        assert reply.status_code == 200, reply.text
+        return sum(sample.value for family in text_string_to_metric_families(reply.text)
+                   for sample in family.samples if sample.name == name)
 
     def serving(self, session: requests.Session, requests_: int = 60) -> set[str]:
         """The replicas seen answering through the balancer in ``requests_`` GETs."""

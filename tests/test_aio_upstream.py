@@ -13,6 +13,8 @@ real registry, uvloop as in the worker; only the replicas are scripted, at the b
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import threading
 import time
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from lb.aio.upstream import AsyncForwarder, ReplicaPool, Reply, UpstreamError
+from lb.aio.upstream import AsyncForwarder, ReplicaPool, ReplicaProtocol, Reply, UpstreamError
 from lb.balancer import Balancer
 from lb.errors import ApiError
 from lb.registry import Replica
@@ -461,3 +463,38 @@ def test_a_large_answer_is_streamed_and_its_connection_kept_after_its_end(
     assert how == "end" and size == BIG
     assert during_pause < BIG // 2  # paused: the replica's bytes stayed in the kernel
     assert outcomes[1] == 1
+
+
+def test_a_host_that_stops_acknowledging_is_unreachable_not_a_closed_connection(
+        two: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept-alive connection whose replica's host vanished (its node stopped: no reset, no
+    acknowledgement) fails with the kernel's ETIMEDOUT once the request stayed unacknowledged
+    (``bound_unacknowledged``, TCP_USER_TIMEOUT set on every upstream socket): the next replica
+    gets the request at once, not the same one again on a new connection (as after a close)
+    nor after LB_UPSTREAM_TIMEOUT. The kernel's part is played here by the test."""
+    router, first, second = two
+    bounds: list[int] = []
+    original = ReplicaProtocol.exchange
+
+    def exchange(self: ReplicaProtocol, *args: Any, **kw: Any) -> None:
+        sock = self.transport.get_extra_info("socket")
+        bounds.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+        original(self, *args, **kw)
+        if first.mode == "silent" and sock.getpeername()[1] == int(first.address.split(":")[-1]):
+            self.connection_lost(TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)))
+            self.transport.abort()
+
+    monkeypatch.setattr(ReplicaProtocol, "exchange", exchange)
+
+    def silence(forwarder: AsyncForwarder) -> Any:
+        first.mode = "silent"
+        return asyncio.sleep(0)
+
+    began = time.monotonic()
+    outcomes = run(router, get, silence, get, get)
+    served_by(outcomes[0], first)
+    served_by(outcomes[2], second)  # the first is a suspect now: the next goes on as well
+    served_by(outcomes[3], second)
+    assert time.monotonic() - began < router.settings.upstream_timeout
+    assert first.connections == 1 and first.requests == 2  # sent once more on no new connection
+    assert bounds and set(bounds) == {500}, bounds  # LB_CONNECT_TIMEOUT's 0.5 s

@@ -9,6 +9,9 @@ thread serving one client after another does. Two replicas: ``first`` is where t
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +22,7 @@ import pytest
 
 from lb.balancer import Balancer as BalancerParts  # Balancer: this file's test harness
 from lb.routing import SUSPECT_SECONDS
+from lb.threads.forward import ReplicaHTTPConnection
 from tests.helpers_echo import inprocess_balancer
 from tests.helpers_scripted import ScriptedReplica, Step, answer, chunked, ok
 
@@ -303,3 +307,32 @@ def test_head_goes_to_the_replica_as_head(balancer: Callable[..., Balancer]) -> 
     lb.first.script = ok
     assert lb.get().get_data() == b"answer 2"  # no body was waited for or left behind
     assert lb.first.connections == 1
+
+
+def test_a_host_that_stops_acknowledging_is_unreachable_not_a_closed_connection(
+        balancer: Callable[..., Balancer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the event-driven path (tests/test_aio_upstream.py): a kept-alive connection whose
+    replica's host vanished fails with the kernel's ETIMEDOUT (TCP_USER_TIMEOUT, set on every
+    upstream socket) and the next replica gets the request at once, not the same one again on a
+    new connection, nor a 504. The kernel's part is played here by the test."""
+    lb = balancer(lambda n, head: [answer(b"answer %d" % n)])
+    gone = threading.Event()
+    bounds: list[int] = []
+    original = ReplicaHTTPConnection.await_answer
+
+    def await_answer(self: ReplicaHTTPConnection, timeout: float) -> None:
+        bounds.append(self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+        if gone.is_set() and self.sock.getpeername()[1] == int(lb.first.address.split(":")[-1]):
+            raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+        original(self, timeout)
+
+    monkeypatch.setattr(ReplicaHTTPConnection, "await_answer", await_answer)
+    assert lb.get().get_data() == b"answer 1"
+    gone.set()
+    began = time.monotonic()
+    for _ in range(2):
+        reply = lb.get()
+        assert reply.status_code == 200 and lb.second.requests >= 1, reply.get_data()[:300]
+    assert time.monotonic() - began < 1.0  # upstream_timeout here
+    assert lb.first.connections == 1  # not sent once more on a new connection
+    assert bounds and set(bounds) == {500}, bounds  # LB_CONNECT_TIMEOUT's 0.5 s

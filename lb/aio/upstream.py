@@ -46,6 +46,8 @@ from lb.routing import (
     Router,
     Step,
     UpstreamError,
+    bound_unacknowledged,
+    host_gone,
     replica_error,
 )
 from lb.settings import Settings
@@ -146,8 +148,9 @@ class ReplicaProtocol(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: Deadlines,
                  heads: AnswerHeads | None = None, read_timeout: float = 5.0,
-                 max_reply: int = 0) -> None:
+                 max_reply: int = 0, connect_timeout: float | None = None) -> None:
         self.loop = loop
+        self.connect_timeout = connect_timeout  # bounds unacknowledged bytes, when given
         self.deadlines = deadlines
         self.heads = AnswerHeads() if heads is None else heads  # the pool's memo
         self.read_timeout = read_timeout  # between two reads of an answer that has begun
@@ -184,6 +187,8 @@ class ReplicaProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        if sock is not None and self.connect_timeout is not None:  # (open: just made)
+            bound_unacknowledged(sock, self.connect_timeout)
 
     def pending(self) -> bool:
         """Bytes the replica sent that the loop has not read yet (FIONREAD): on an idle
@@ -315,8 +320,9 @@ class ReplicaProtocol(asyncio.Protocol):
             else:
                 # Cut by the close (a replica that crashed): nothing of it went to the client,
                 # so the next replica may have the request (a GET: RFC 9110 section 9.2.2).
-                self._fail(UpstreamError("the replica closed the connection",
-                                         before_reply=not self._got_bytes))
+                self._fail(UpstreamError("the replica's host stopped acknowledging"
+                                         if host_gone(exc) else "the replica closed the connection",
+                                         before_reply=not self._got_bytes and not host_gone(exc)))
         self._deliver()
 
     # -- httptools callbacks ---------------------------------------------------------------------
@@ -581,7 +587,8 @@ class ReplicaPool:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
                     lambda: ReplicaProtocol(self.loop, self.deadlines, self.heads,
-                                              self.between_reads, self.max_reply),
+                                              self.between_reads, self.max_reply,
+                                              self.connect_timeout),
                     host, port),
                 self.connect_timeout)
         except (TimeoutError, OSError) as exc:

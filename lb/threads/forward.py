@@ -18,7 +18,9 @@ What ``http.client`` leaves to its caller, and this module does:
   request went out whole. Anything else and the connection is closed, so that no request can
   ever read the rest of another's answer;
 - **deadlines** (``Forwarder._exchange``): the connect within ``connect_timeout``, the answer's
-  first byte within ``upstream_timeout``, each further read within ``read_timeout``;
+  first byte within ``upstream_timeout``, each further read within ``read_timeout``; the
+  request acknowledged by the replica's host within ``connect_timeout`` (the kernel's, as on
+  the event-driven path: ``lb.routing.bound_unacknowledged``);
 - **bounded memory**: an answer over ``STREAM_ABOVE`` bytes, or of unknown length, is handed to
   the client a piece at a time (``Upstream.stream``); the client's own pace is the backpressure.
 """
@@ -54,8 +56,10 @@ from lb.routing import (
     Step,
     UpstreamError,
     bodiless,
+    bound_unacknowledged,
     connection_options,
     header_value,
+    host_gone,
     replica_error,
     reply_headers,
 )
@@ -278,12 +282,14 @@ class ReplicaHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int | None, connect_timeout: float,
                  send_timeout: float) -> None:
         super().__init__(host, port, timeout=connect_timeout)
+        self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
         self.reusable = False  # set once an answer ended cleanly on it
 
     def connect(self) -> None:
         super().connect()
         self.sock.settimeout(self.send_timeout)
+        bound_unacknowledged(self.sock, self.connect_timeout)
 
     def _encode_request(self, request: str) -> bytes:
         return request.encode("latin-1")  # the target as received (gunicorn decodes latin-1)
@@ -419,12 +425,13 @@ class Forwarder:
         try:
             conn.send_request(method, target, headers)
             conn.await_answer(settings.upstream_timeout)
-        except TimeoutError as exc:
-            conn.close()
-            raise UpstreamError(f"no answer within {settings.upstream_timeout:g}s "
-                                "(LB_UPSTREAM_TIMEOUT)", timed_out=True) from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            if host_gone(exc):  # before the TimeoutError of our own wait: it is one too
+                raise UpstreamError(f"the replica's host stopped acknowledging: {exc!r}") from exc
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(f"no answer within {settings.upstream_timeout:g}s "
+                                    "(LB_UPSTREAM_TIMEOUT)", timed_out=True) from exc
             raise UpstreamError(f"the connection closed before an answer: {exc!r}",
                                 before_reply=True) from exc
         conn.sock.settimeout(settings.read_timeout)
