@@ -45,6 +45,7 @@ from werkzeug.sansio.utils import get_host
 from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
+from lb.hedging import Hedging
 from lb.registry import (
     STARTING,
     RegistryError,
@@ -511,6 +512,9 @@ class Router:
         # Passive health: replicas failing in a row are passed over for a while.
         self.ejections = Ejections(settings.eject_after, settings.eject_seconds,
                                    settings.eject_max_share, self.events)
+        # Hedged GETs: the deadline a try is given before the next candidate gets it too.
+        self.hedging = Hedging(settings.hedge_after, settings.hedge_share,
+                               settings.upstream_timeout)
 
     def table(self) -> RoutingTable:
         """The current table: the view's look at the registry, a rebuild only after it changed."""
@@ -638,6 +642,12 @@ class Router:
         table = self.table()
         return not table.by_id and table.starting
 
+    def failing(self, hostname: str) -> bool:
+        """``hostname`` is a suspect or ejected now (the hedge budget's exemption)."""
+        now = time.monotonic()
+        return (self._suspects.get(hostname, 0) > now
+                or bool(self.ejections.until) and self.ejections.ejected(hostname, now))
+
     def suspect(self, replica: Replica) -> None:
         self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
 
@@ -693,9 +703,10 @@ class Step(enum.Enum):
     RESEND = "resend"  # send to ``walk.replica`` once more, on a new connection
     GIVE_UP = "give up"  # the request's answer is ``walk.error`` (502, 503 or 504)
     DONE = "done"  # answered: nothing more to do
+    WAIT = "wait"  # a hedged request's other try is still in flight: wait for its outcome
 
 
-TRY, RESEND, GIVE_UP, DONE = Step.TRY, Step.RESEND, Step.GIVE_UP, Step.DONE
+TRY, RESEND, GIVE_UP, DONE, WAIT = Step.TRY, Step.RESEND, Step.GIVE_UP, Step.DONE, Step.WAIT
 
 
 class RingWalk:
@@ -750,10 +761,21 @@ class RingWalk:
       (its client left) leaves its count, as every path always has.
     - *Each end has its status.* 503 only when nothing is routable; 504 only when the last
       failure was a deadline; 502 otherwise.
+
+    Hedging (``lb.hedging``): a driver whose try has had no answer within ``hedge_after()``
+    calls ``hedge()``: within the budget (no token needed when its replica has become a
+    suspect or ejected meanwhile) and the ``1 + LB_RETRIES`` limit, the next replica
+    along the same walk becomes ``replica`` (TRY it) while the first stays in flight as
+    ``pending``; at most one is pending. ``told`` then names the try it reports
+    (``replica=``): an answer from either is DONE. A pending try overtaken by a hedge that
+    took a token counts as a failure towards its replica's ejection, and ``SUSPECT_AFTER``
+    of them in a row (no answer from it between) make it a suspect (``Hedging.overtaken``);
+    a hedge that lost counts for nothing. A failure of one while the other is in flight is
+    the failed replica's as usual, and WAIT: the other's outcome decides.
     """
 
-    __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",
-                 "table", "tried")
+    __slots__ = ("_began", "_choices", "_hedgeable", "_paid", "_refused", "error", "events", "key", "pending",
+                 "replica", "resent", "router", "table", "tried")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
                  events: RouterEvents) -> None:
@@ -767,6 +789,10 @@ class RingWalk:
         self.error: ApiError | None = None  # the answer, once GIVE_UP
         self._choices: Iterator[Replica] | None = None  # the walk, made at its first use
         self._began = 0.0
+        self.pending: Replica | None = None  # a try overtaken by a hedge, still in flight
+        self._hedgeable = True  # no hedge refused for the try in flight
+        self._paid = False  # the hedge in flight took a token
+        self._refused = 0  # hedges the budget refused the try in flight
 
     @property
     def empty(self) -> bool:
@@ -794,9 +820,12 @@ class RingWalk:
         return self._next()
 
     def told(self, outcome: Outcome, error: BaseException | None = None,
-             status: int = 0) -> Step:
-        """How the try at ``replica`` ended (``status``: the answer's, ``error``: the failure
-        reported), and what to do next."""
+             status: int = 0, replica: Replica | None = None) -> Step:
+        """How the try at ``replica`` (by default the one in ``replica``; with a hedge in
+        flight, either) ended (``status``: the answer's, ``error``: the failure reported),
+        and what to do next."""
+        if self.pending is not None:
+            return self._told_hedged(outcome, error, status, replica)
         replica = self.replica
         if replica is None:
             raise RuntimeError(f"told {outcome} with no replica being tried")
@@ -808,21 +837,105 @@ class RingWalk:
             ejections = router.ejections
             if status >= 500 or ejections.streaks:  # (else nothing to count or to reset)
                 ejections.answered(replica.hostname, status, len(self.table.by_id))
-            self.events.forwarded(replica, status, time.perf_counter() - self._began,
-                                  len(self.tried) - 1)
+            seconds = time.perf_counter() - self._began
+            hedging = router.hedging
+            if hedging.share:
+                hedging.observe(seconds)
+                if hedging.losses:
+                    hedging.losses.pop(replica.hostname, None)
+            self.events.forwarded(replica, status, seconds, len(self.tried) - 1)
             return DONE
         if outcome is STALE and not self.resent:
             self.resent = True
             return RESEND
         self.replica = None
+        self._failed(replica, outcome, error)
+        if outcome in FINAL_FAILURES:
+            return self._exhausted(outcome)
+        return self._next(outcome)
+
+    def _failed(self, replica: Replica, outcome: Outcome, error: BaseException | None) -> None:
+        router = self.router
         if router.settings.bounded_load:
             router.count(replica.hostname, -1)
         router.suspect(replica)
         router.ejections.failed(replica.hostname, len(self.table.by_id))
         self.events.unreachable(replica, error or ConnectionError(outcome.value))
-        if outcome in FINAL_FAILURES:
-            return self._exhausted(outcome)
-        return self._next(outcome)
+
+    # -- hedging ---------------------------------------------------------------------------------
+    def hedge_after(self) -> float:
+        """Seconds after its send the try in flight may go unanswered before ``hedge()``
+        (one more deadline for each refusal by the budget: by then its replica may be known
+        failing); 0: no hedge for it (hedging off, a hedge in flight already, no replica left
+        to hedge to)."""
+        if (self.pending is not None or not self._hedgeable or self.replica is None
+                or len(self.tried) >= 1 + self.router.settings.retries):
+            return 0.0
+        return self.router.hedging.after * (1 + self._refused)
+
+    def hedge(self) -> Replica | None:
+        """The try in flight had no answer in time: the next replica along the walk, now
+        ``replica`` (send it the request too; the first stays in flight as ``pending``), or
+        None (the budget is spent or no replica is left: wait for the first)."""
+        first = self.replica
+        if not self.hedge_after() or first is None:
+            return None
+        router = self.router
+        hedging = router.hedging
+        # A try at a replica found failing since it was sent (a suspect, or ejected) moves
+        # off it without a token: that costs no replica work twice, and a hang's requests
+        # in flight outnumber any small burst.
+        free = router.failing(first.hostname)
+        self._paid = not free
+        if not free and not hedging.allow():
+            self.events.hedge_refused()
+            self._refused += 1  # asked again a deadline later
+            return None
+        self._hedgeable = False
+        choices = self._choices
+        if choices is None:
+            choices = self._choices = self.router.choices(self.table, self.key, self.tried)
+        for replica in choices:
+            if replica.hostname not in self.tried:
+                self.pending = first
+                self._trying(replica)
+                self.events.hedged(replica)
+                return replica
+        if not free:
+            hedging.tokens += 1.0  # not spent after all
+        return None
+
+    def _told_hedged(self, outcome: Outcome, error: BaseException | None, status: int,
+                     replica: Replica | None) -> Step:
+        """``told`` with two tries in flight: ``replica`` names the one that ended."""
+        hedge, first = self.replica, self.pending
+        assert hedge is not None and first is not None
+        if replica is None or replica.hostname not in (hedge.hostname, first.hostname):
+            raise RuntimeError(f"told {outcome} of a replica not in flight")
+        ended_first = replica.hostname == first.hostname
+        other = hedge if ended_first else first
+        self.pending = None
+        self.replica = replica
+        self.resent = True  # a try that raced is not sent once more
+        router = self.router
+        if outcome is ANSWERED:
+            if router.settings.bounded_load:
+                router.count(other.hostname, -1)
+            if not ended_first:  # the hedge won: the first had no answer within the deadline
+                self.events.hedge_won(replica)
+                if self._paid:  # (a free hedge's loser was known failing already)
+                    router.ejections.failed(first.hostname, len(self.table.by_id))
+                    if router.hedging.overtaken(first.hostname):
+                        router.suspect(first)
+            return self.told(ANSWERED, status=status)
+        if outcome is STALE:  # a kept-alive connection's close: not the replica's failure
+            if self.router.settings.bounded_load:
+                self.router.count(replica.hostname, -1)
+        else:
+            self._failed(replica, outcome, error)
+        self.replica = other  # the other try goes on alone
+        self._hedgeable = False
+        return WAIT
 
     def _next(self, outcome: Outcome | None = None) -> Step:
         """The next replica along the walk not tried yet, or GIVE_UP."""
@@ -840,6 +953,8 @@ class RingWalk:
     def _trying(self, replica: Replica) -> None:
         self.replica = replica
         self.resent = False
+        self._hedgeable = True
+        self._refused = 0
         self.tried.append(replica.hostname)
         if self.router.settings.bounded_load:
             self.router.count(replica.hostname, +1)

@@ -74,6 +74,8 @@ class Load:
     retried: int = 0  # requests that needed a client-level retry and then succeeded
     failures: list[tuple[float, str]] = field(default_factory=list)
     served_by: Counter[str] = field(default_factory=Counter)
+    # Every request's (time.monotonic() when it was sent, seconds it took).
+    latencies: list[tuple[float, float]] = field(default_factory=list)
     began: float = 0.0
     ended: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,8 +106,10 @@ class Load:
         with requests.Session() as session:
             session.trust_env = False
             while self._next():
+                began = time.monotonic()
                 outcome, replica, retried = self._one(session)
                 with self._lock:
+                    self.latencies.append((began, time.monotonic() - began))
                     if outcome is None:
                         self.ok += 1
                         self.retried += retried
