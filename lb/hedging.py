@@ -56,7 +56,7 @@ class Hedging:
         self._most = most  # the longest a derived deadline may be (LB_UPSTREAM_TIMEOUT)
         self.after = 0.0 if not share else after or min(COLD, most)  # 0: off
         self.tokens = BURST if share else 0.0
-        self._latencies: list[float] = []  # a ring of the last WINDOW
+        self._latencies = [0.0] * WINDOW  # a ring of the last WINDOW (_count of them filled)
         self._next = 0  # where the next one goes in it
         self._count = 0  # answers observed
         self.losses: dict[str, int] = {}  # hostname -> tries overtaken in a row
@@ -68,26 +68,22 @@ class Hedging:
     def observe(self, seconds: float) -> None:
         """A single try's answer head came after ``seconds``: one more request for the budget,
         one more latency for the deadline."""
+        # (on every request: no call that is not needed)
         tokens = self.tokens + self.share
-        self.tokens = min(BURST, tokens)
+        self.tokens = tokens if tokens < BURST else BURST  # noqa: FURB136
         if self._fixed:
             return
-        latencies = self._latencies
-        if len(latencies) < WINDOW:
-            latencies.append(seconds)
-        else:
-            latencies[self._next] = seconds
-            self._next = (self._next + 1) % WINDOW
-        self._count += 1
-        if self._count % EVERY == 0 or self._count == MIN_SAMPLES:
+        self._latencies[self._next] = seconds
+        self._next = (self._next + 1) % WINDOW
+        count = self._count = self._count + 1
+        if count % EVERY == 0 or count == MIN_SAMPLES:
             self.after = self.derived()
 
     def derived(self) -> float:
         """The deadline the latencies observed give (``COLD`` while there are too few)."""
-        latencies = self._latencies
-        if len(latencies) < MIN_SAMPLES:
+        if self._count < MIN_SAMPLES:
             return min(COLD, self._most)
-        ranked = sorted(latencies)
+        ranked = sorted(self._latencies[:min(self._count, WINDOW)])
         high = ranked[min(len(ranked) - 1, int(PERCENTILE * len(ranked)))]
         return min(max(FLOOR, high), self._most)
 

@@ -84,21 +84,12 @@ Done = Callable[[Reply | None, UpstreamError | None], None]
 
 
 class Expiring(Protocol):
-    """What ``Deadlines`` keeps: an exchange, or a hedge's deadline (``Due``)."""
+    """An exchange ``Deadlines`` keeps."""
 
     def timed_out(self, seconds: float) -> None: ...
 
 
-class Due:
-    """A deadline that calls ``call`` when it passes (the fast path's hedge)."""
-
-    __slots__ = ("call",)
-
-    def __init__(self, call: Callable[[], None]) -> None:
-        self.call = call
-
-    def timed_out(self, seconds: float) -> None:
-        self.call()
+Due = Callable[[], None]  # a hedge's deadline: called when it passes
 
 
 class Deadlines:
@@ -106,23 +97,23 @@ class Deadlines:
 
     Not a timer per exchange: arming and cancelling one cost about as much as the rest of
     an exchange's bookkeeping. The timer is armed for the earliest deadline; when it fires,
-    every exchange past its deadline times out and it is armed for the next. Hedge deadlines
-    (``Due``) are kept the same way.
+    every exchange past its deadline times out and it is armed for the next. A hedge's
+    deadline (``Due``, a function) is kept the same way: called when it passes.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._due: dict[Expiring, tuple[float, float]] = {}  # deadline, timeout
+        self._due: dict[Expiring | Due, tuple[float, float]] = {}  # deadline, timeout
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
 
-    def add(self, conn: Expiring, timeout: float) -> None:
+    def add(self, conn: Expiring | Due, timeout: float) -> None:
         deadline = self.loop.time() + timeout
         self._due[conn] = (deadline, timeout)
         if self._timer is None or deadline < self._armed_for:
             self._arm(deadline)
 
-    def discard(self, conn: Expiring) -> None:
+    def discard(self, conn: Expiring | Due) -> None:
         self._due.pop(conn, None)
 
     def _arm(self, when: float) -> None:
@@ -138,7 +129,10 @@ class Deadlines:
         for conn, _ in late:
             del self._due[conn]
         for conn, timeout in late:  # may start other exchanges: after the dict is settled
-            conn.timed_out(timeout)
+            if hasattr(conn, "timed_out"):
+                conn.timed_out(timeout)
+            else:
+                conn()
         if self._due:
             first = min(deadline for deadline, _ in self._due.values())
             if self._timer is None or first < self._armed_for:
@@ -654,10 +648,6 @@ class Tried:
     reused: bool  # on a pooled kept-alive connection
 
 
-def _settled() -> None:
-    """A hedge deadline whose try was answered in the meantime: nothing to do."""
-
-
 def hold(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
     """Keep ``task`` in ``tasks`` until it is done: the loop keeps only weak references."""
     tasks.add(task)
@@ -707,7 +697,6 @@ class AsyncForwarder:
         def done(reply: Reply | None, error: UpstreamError | None) -> None:
             if due is not None:
                 self.pool.deadlines.discard(due)
-                due.call = _settled
             if race:  # a hedge went out: the race (``_race``) decides
                 self._handed_over(race[0], address, warm, reply, error)
                 return
@@ -732,12 +721,12 @@ class AsyncForwarder:
 
         conn.exchange(self._request(method, address, target, fields), self.pool.read_timeout,
                       done, method == b"HEAD")
-        after = walk.hedge_after()
+        after = self.router.hedging.after if self.settings.retries else 0.0  # hedge_after()
         if after:
             def hedge() -> None:
                 """No answer within the hedge deadline: the next candidate gets it too."""
-                if warm.began:
-                    return
+                if warm.began or walk.replica is not chosen or walk.pending is not None:
+                    return  # answered meanwhile, or the walk went on without it
                 if walk.hedge() is None:
                     if walk.hedge_after() and due is not None:  # refused: ask again later
                         self.pool.deadlines.add(due, after)
@@ -748,8 +737,8 @@ class AsyncForwarder:
                 self._go_on(self._race(walk, TRY, target, fields, path, method,
                                        {first: chosen}), answered)
 
-            due = Due(hedge)
-            self.pool.deadlines.add(due, after)
+            due = hedge
+            self.pool.deadlines.add(hedge, after)
 
     def _handed_over(self, first: asyncio.Future[Tried], address: str, conn: ReplicaProtocol,
                      reply: Reply | None, error: UpstreamError | None) -> None:
