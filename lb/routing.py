@@ -774,7 +774,7 @@ class RingWalk:
     the failed replica's as usual, and WAIT: the other's outcome decides.
     """
 
-    __slots__ = ("_began", "_choices", "_hedgeable", "_paid", "_refused", "error", "events", "key", "pending",
+    __slots__ = ("_began", "_choices", "_hedgeable", "_hedges", "_paid", "_refused", "error", "events", "key", "pending",
                  "replica", "resent", "router", "table", "tried")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
@@ -793,6 +793,7 @@ class RingWalk:
         self._hedgeable = True  # no hedge refused for the try in flight
         self._paid = False  # the hedge in flight took a token
         self._refused = 0  # hedges the budget refused the try in flight
+        self._hedges = 0  # hedges sent for this request
 
     @property
     def empty(self) -> bool:
@@ -843,7 +844,8 @@ class RingWalk:
                 hedging.observe(seconds)
                 if hedging.losses:
                     hedging.losses.pop(replica.hostname, None)
-            self.events.forwarded(replica, status, seconds, len(self.tried) - 1)
+            # (a hedge is not a retry: counted apart, lb_hedges_total)
+            self.events.forwarded(replica, status, seconds, len(self.tried) - 1 - self._hedges)
             return DONE
         if outcome is STALE and not self.resent:
             self.resent = True
@@ -898,6 +900,7 @@ class RingWalk:
         for replica in choices:
             if replica.hostname not in self.tried:
                 self.pending = first
+                self._hedges += 1
                 self._trying(replica)
                 self.events.hedged(replica)
                 return replica

@@ -246,3 +246,12 @@ def test_a_try_at_a_replica_found_failing_is_hedged_without_a_token() -> None:
     router.suspect(w.replica)  # it lost another request's hedge meanwhile
     assert w.hedge() is not None and seen.seen == [("hedged", "r2")]
     assert router.hedging.tokens == 0.0
+
+
+def test_a_hedge_is_not_counted_as_a_retry() -> None:
+    w, seen, _ = walk()
+    attempts: list[int] = []
+    seen.forwarded = lambda replica, status, seconds, attempt: attempts.append(attempt)  # type: ignore[method-assign]
+    w.start()
+    w.told(ANSWERED, status=200, replica=w.hedge())
+    assert attempts == [0]
