@@ -767,10 +767,10 @@ class RingWalk:
     suspect or ejected meanwhile) and the ``1 + LB_RETRIES`` limit, the next replica
     along the same walk becomes ``replica`` (TRY it) while the first stays in flight as
     ``pending``; at most one is pending. ``told`` then names the try it reports
-    (``replica=``): an answer from either is DONE. A pending try overtaken by a hedge that
-    took a token counts as a failure towards its replica's ejection, and ``SUSPECT_AFTER``
-    of them in a row (no answer from it between) make it a suspect (``Hedging.overtaken``);
-    a hedge that lost counts for nothing. A failure of one while the other is in flight is
+    (``replica=``): an answer from either is DONE. ``SUSPECT_AFTER`` pending tries in a row
+    overtaken by hedges that took a token (no answer from the replica between) make their
+    replica a suspect (``Hedging.overtaken``); a lost try counts neither towards ejection
+    nor as a success, and a hedge that lost counts for nothing. A failure of one while the other is in flight is
     the failed replica's as usual, and WAIT: the other's outcome decides.
     """
 
@@ -926,10 +926,9 @@ class RingWalk:
                 router.count(other.hostname, -1)
             if not ended_first:  # the hedge won: the first had no answer within the deadline
                 self.events.hedge_won(replica)
-                if self._paid:  # (a free hedge's loser was known failing already)
-                    router.ejections.failed(first.hostname, len(self.table.by_id))
-                    if router.hedging.overtaken(first.hostname):
-                        router.suspect(first)
+                # (a free hedge's loser was known failing already)
+                if self._paid and router.hedging.overtaken(first.hostname):
+                    router.suspect(first)
             return self.told(ANSWERED, status=status)
         if outcome is STALE:  # a kept-alive connection's close: not the replica's failure
             if self.router.settings.bounded_load:

@@ -155,10 +155,13 @@ def test_a_replica_stopped_for_8s_under_32_clients_fails_and_delays_nothing(
            **counts)
     assert load.failures == [], load.failures[:5]
     assert load.ok == load.sent == 4800
-    # The only requests delayed past 1 s are ones whose answer had begun when the replica
-    # stopped (gunicorn writes a head and its body apart): an answer that began is never
-    # sent twice. They were sent before the stop, and are a few at most.
-    assert all(since < 0.05 for since, _ in late) and len(late) <= 4, late
+    # While the replica is stopped, no request sent is delayed past 1 s (the hedge deadline
+    # plus a replica's service time, with a generous margin; hedging off: 32 of them, ~1.4 s).
+    # The exceptions are a few in flight at the stop whose answer had begun (gunicorn writes
+    # a head and its body apart): an answer that began is never sent twice.
+    in_flight = [s for since, s in late if since < 0.05]
+    during = [(round(since, 2), round(s, 2)) for since, s in late if 0.05 <= since <= 8.0]
+    assert during == [] and len(in_flight) <= 4, (during, in_flight)
     # Routes come back by themselves: the replica (or its replacement) answers again.
     stack.wait_ready(3, timeout=30)
     served: set[str] = set()
