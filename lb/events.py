@@ -22,6 +22,15 @@ class RouterEvents:
     def exhausted(self, tried: list[str]) -> None:
         """No candidate could serve the request."""
 
+    def hedged(self, replica: Replica) -> None:
+        """A try had no answer in time: ``replica``, the next candidate, gets it too."""
+
+    def hedge_won(self, replica: Replica) -> None:
+        """``replica``'s hedged try answered before the try it hedged."""
+
+    def hedge_refused(self) -> None:
+        """A try had no answer in time, but the hedging budget was spent (LB_HEDGE_SHARE)."""
+
     def ejected(self, hostname: str, seconds: float) -> None:
         """This worker ejected ``hostname`` from routing for ``seconds`` (``lb.ejections``)."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import itertools
 import json
 import math
 import random
@@ -47,6 +48,7 @@ from werkzeug.sansio.utils import get_host
 from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
+from lb.hedging import Hedging
 from lb.limits import ReplicaLimits, Waiter
 from lb.registry import (
     STARTING,
@@ -549,6 +551,9 @@ class Router:
         # the walk: the drivers only wait for one when told to (RingWalk.queue).
         self.limits = ReplicaLimits(settings.replica_maxconn, settings.queue_size,
                              settings.queue_timeout, self.events)
+        # Hedged GETs: the deadline a try is given before the next candidate gets it too.
+        self.hedging = Hedging(settings.hedge_after, settings.hedge_share,
+                               settings.upstream_timeout)
 
     def table(self) -> RoutingTable:
         """The current table: the view's look at the registry, a rebuild only after it changed."""
@@ -677,6 +682,12 @@ class Router:
         table = self.table()
         return not table.by_id and table.starting
 
+    def failing(self, hostname: str) -> bool:
+        """``hostname`` is a suspect or ejected now (the hedge budget's exemption)."""
+        now = time.monotonic()
+        return (self._suspects.get(hostname, 0) > now
+                or bool(self.ejections.until) and self.ejections.ejected(hostname, now))
+
     def suspect(self, replica: Replica) -> None:
         self._suspects[replica.hostname] = time.monotonic() + SUSPECT_SECONDS
 
@@ -732,9 +743,10 @@ class Step(enum.Enum):
     RESEND = "resend"  # send to ``walk.replica`` once more, on a new connection
     GIVE_UP = "give up"  # the request's answer is ``walk.error`` (502, 503 or 504)
     DONE = "done"  # answered: nothing more to do
+    WAIT = "wait"  # a hedged request's other try is still in flight: wait for its outcome
 
 
-TRY, RESEND, GIVE_UP, DONE = Step.TRY, Step.RESEND, Step.GIVE_UP, Step.DONE
+TRY, RESEND, GIVE_UP, DONE, WAIT = Step.TRY, Step.RESEND, Step.GIVE_UP, Step.DONE, Step.WAIT
 
 
 class RingWalk:
@@ -794,9 +806,29 @@ class RingWalk:
       ``queue``s for one and is told by ``waited`` to TRY or GIVE_UP (503, ``Retry-After``:
       not a failure of the replica, nothing suspected, no next replica). The slot goes back as
       the walk leaves the replica (``told``, as the in-flight count) or in ``abandon``.
+
+    Hedging (``lb.hedging``): a driver whose try has had no answer within ``hedge_after()``
+    calls ``hedge()``: within the budget (no token needed when its replica has become a
+    suspect or ejected meanwhile) and the ``1 + LB_RETRIES`` limit, the next replica
+    along the same walk becomes ``replica`` (TRY it) while the first stays in flight as
+    ``pending``; at most one is pending. ``told`` then names the try it reports
+    (``replica=``): an answer from either is DONE. ``SUSPECT_AFTER`` pending tries in a row
+    overtaken by hedges that took a token (no answer from the replica between) make their
+    replica a suspect (``Hedging.overtaken``); a lost try counts neither towards ejection
+    nor as a success, and a hedge that lost counts for nothing. A failure of one while the
+    other is in flight is the failed replica's as usual, and WAIT: the other's outcome decides.
+
+    Hedges and slots: each try in flight holds its own slot (``slotted`` for ``replica``,
+    ``pending_slotted`` for ``pending``), given back once: when its outcome is told, when it
+    lost (at the winner's ``told(ANSWERED)``: the driver closes it), or in ``abandon``. A hedge
+    goes only to a next candidate with a slot free now, never into its queue (it exists to
+    save time): with none, no hedge, no token spent, and it is asked again a deadline later
+    (as after a refusal by the budget). A queue wait happens only with no try in flight (the
+    first try, or the next one after both failed), so the hedge deadline counts from a send.
     """
 
-    __slots__ = ("_began", "_choices", "error", "events", "key", "replica", "resent", "router",
+    __slots__ = ("_began", "_choices", "_hedgeable", "_hedges", "_paid", "_refusals", "error",
+                 "events", "key", "pending", "pending_slotted", "replica", "resent", "router",
                  "slotted", "table", "tried", "waiter")
 
     def __init__(self, router: Router, table: RoutingTable, key: int,
@@ -813,6 +845,12 @@ class RingWalk:
         self._began = 0.0
         self.slotted = False  # ``replica``'s slot is this request's (lb.limits)
         self.waiter: Waiter | None = None  # ... queued for one
+        self.pending: Replica | None = None  # a try overtaken by a hedge, still in flight
+        self.pending_slotted = False  # ... and ``pending``'s slot is this request's
+        self._hedgeable = True  # no hedge refused for the try in flight
+        self._paid = False  # the hedge in flight took a token
+        self._refusals = 0  # hedges refused (budget, no slot) for the try in flight
+        self._hedges = 0  # hedges sent for this request
 
     @property
     def empty(self) -> bool:
@@ -840,9 +878,12 @@ class RingWalk:
         return self._next()
 
     def told(self, outcome: Outcome, error: BaseException | None = None,
-             status: int = 0) -> Step:
-        """How the try at ``replica`` ended (``status``: the answer's, ``error``: the failure
-        reported), and what to do next."""
+             status: int = 0, replica: Replica | None = None) -> Step:
+        """How the try at ``replica`` (by default the one in ``replica``; with a hedge in
+        flight, either) ended (``status``: the answer's, ``error``: the failure reported),
+        and what to do next."""
+        if self.pending is not None:
+            return self._told_hedged(outcome, error, status, replica)
         replica = self.replica
         if replica is None:
             raise RuntimeError(f"told {outcome} with no replica being tried")
@@ -859,8 +900,14 @@ class RingWalk:
             ejections = router.ejections
             if status >= 500 or ejections.streaks:  # (else nothing to count or to reset)
                 ejections.answered(replica.hostname, status, len(self.table.by_id))
-            self.events.forwarded(replica, status, time.perf_counter() - self._began,
-                                  len(self.tried) - 1)
+            seconds = time.perf_counter() - self._began
+            hedging = router.hedging
+            if hedging.share:
+                hedging.observe(seconds)
+                if hedging.losses:
+                    hedging.losses.pop(replica.hostname, None)
+            # (a hedge is not a retry: counted apart, lb_hedges_total)
+            self.events.forwarded(replica, status, seconds, len(self.tried) - 1 - self._hedges)
             return DONE
         if outcome is STALE and not self.resent:
             self.resent = True
@@ -869,14 +916,113 @@ class RingWalk:
         if self.slotted:
             self.slotted = False
             router.limits.release(replica.hostname)
+        self._failed(replica, outcome, error)
+        if outcome in FINAL_FAILURES:
+            return self._exhausted(outcome)
+        return self._next(outcome)
+
+    def _failed(self, replica: Replica, outcome: Outcome, error: BaseException | None) -> None:
+        router = self.router
         if router.settings.bounded_load:
             router.count(replica.hostname, -1)
         router.suspect(replica)
         router.ejections.failed(replica.hostname, len(self.table.by_id))
         self.events.unreachable(replica, error or ConnectionError(outcome.value))
-        if outcome in FINAL_FAILURES:
-            return self._exhausted(outcome)
-        return self._next(outcome)
+
+    # -- hedging ---------------------------------------------------------------------------------
+    def hedge_after(self) -> float:
+        """Seconds after its send the try in flight may go unanswered before ``hedge()``
+        (one more deadline for each refusal by the budget: by then its replica may be known
+        failing); 0: no hedge for it (hedging off, a hedge in flight already, the try still
+        waiting for a slot, no replica left to hedge to)."""
+        if (self.pending is not None or not self._hedgeable or self.replica is None
+                or not self.slotted  # not in flight: it waits for a slot (lb.limits)
+                or len(self.tried) >= 1 + self.router.settings.retries):
+            return 0.0
+        return self.router.hedging.after * (1 + self._refusals)
+
+    def hedge(self) -> Replica | None:
+        """The try in flight had no answer in time: the next replica along the walk, now
+        ``replica`` (send it the request too; the first stays in flight as ``pending``), or
+        None (the budget is spent, the next candidate has no free slot, or no replica is left:
+        wait for the first)."""
+        first = self.replica
+        if not self.hedge_after() or first is None:
+            return None
+        router = self.router
+        hedging = router.hedging
+        # A try at a replica found failing since it was sent (a suspect, or ejected) moves
+        # off it without a token: that costs no replica work twice, and a hang's requests
+        # in flight outnumber any small burst.
+        free = router.failing(first.hostname)
+        self._paid = not free
+        if not free and not hedging.allow():
+            self.events.hedge_refused()
+            self._refusals += 1  # asked again a deadline later
+            return None
+        choices = self._choices
+        if choices is None:
+            choices = self._choices = self.router.choices(self.table, self.key, self.tried)
+        for replica in choices:
+            if replica.hostname in self.tried:
+                continue
+            limits = router.limits
+            if limits.maxconn and not limits.take(replica.hostname):
+                # No slot free there now: a hedge never queues (it exists to save time). The
+                # candidate stays next along the walk; asked again a deadline later.
+                self._choices = itertools.chain((replica,), choices)
+                self._refusals += 1
+                break
+            self.pending, self.pending_slotted = first, self.slotted
+            self._hedges += 1
+            self._trying(replica, taken=True)
+            self.events.hedged(replica)
+            return replica
+        else:
+            self._hedgeable = False  # no replica left to hedge to
+        if not free:
+            hedging.tokens += 1.0  # not spent after all
+        return None
+
+    def _told_hedged(self, outcome: Outcome, error: BaseException | None, status: int,
+                     replica: Replica | None) -> Step:
+        """``told`` with two tries in flight: ``replica`` names the one that ended."""
+        hedge, first = self.replica, self.pending
+        assert hedge is not None and first is not None
+        if replica is None or replica.hostname not in (hedge.hostname, first.hostname):
+            raise RuntimeError(f"told {outcome} of a replica not in flight")
+        ended_first = replica.hostname == first.hostname
+        other = hedge if ended_first else first
+        # Each try's own slot: the ended one's is ``slotted`` from here on, as ``told`` expects.
+        ended_slotted = self.pending_slotted if ended_first else self.slotted
+        other_slotted = self.slotted if ended_first else self.pending_slotted
+        self.pending, self.pending_slotted = None, False
+        self.replica, self.slotted = replica, ended_slotted
+        self.resent = True  # a try that raced is not sent once more
+        router = self.router
+        if outcome is ANSWERED:
+            # The loser is closed by the driver: its slot and count go back now, once.
+            if other_slotted:
+                router.limits.release(other.hostname)
+            if router.settings.bounded_load:
+                router.count(other.hostname, -1)
+            if not ended_first:  # the hedge won: the first had no answer within the deadline
+                self.events.hedge_won(replica)
+                # (a free hedge's loser was known failing already)
+                if self._paid and router.hedging.overtaken(first.hostname):
+                    router.suspect(first)
+            return self.told(ANSWERED, status=status)
+        if self.slotted:
+            self.slotted = False
+            router.limits.release(replica.hostname)
+        if outcome is STALE:  # a kept-alive connection's close: not the replica's failure
+            if router.settings.bounded_load:
+                router.count(replica.hostname, -1)
+        else:
+            self._failed(replica, outcome, error)
+        self.replica, self.slotted = other, other_slotted  # the other try goes on alone
+        self._hedgeable = False
+        return WAIT
 
     def _next(self, outcome: Outcome | None = None) -> Step:
         """The next replica along the walk not tried yet, or GIVE_UP."""
@@ -891,11 +1037,14 @@ class RingWalk:
                     return TRY
         return self._exhausted(outcome)
 
-    def _trying(self, replica: Replica) -> None:
+    def _trying(self, replica: Replica, taken: bool = False) -> None:
+        """``replica`` becomes the one tried (``taken``: its slot is taken already)."""
         self.replica = replica
         self.resent = False
         limits = self.router.limits
-        self.slotted = not limits.maxconn or limits.take(replica.hostname)
+        self.slotted = taken or not limits.maxconn or limits.take(replica.hostname)
+        self._hedgeable = True
+        self._refusals = 0
         self.tried.append(replica.hostname)
         if self.router.settings.bounded_load:
             self.router.count(replica.hostname, +1)
@@ -927,7 +1076,7 @@ class RingWalk:
 
     def abandon(self) -> None:
         """The driver stops before the walk's end (its client left, a bug, shutdown): its
-        slot, or its place in the queue, is given back. Harmless after DONE or GIVE_UP."""
+        slots (both tries' when hedged), or its place in the queue, are given back. Harmless after DONE or GIVE_UP."""
         replica, waiter, self.waiter = self.replica, self.waiter, None
         limits = self.router.limits
         if waiter is not None and limits.leave(waiter):
@@ -935,6 +1084,10 @@ class RingWalk:
         if self.slotted and replica is not None:
             self.slotted = False
             limits.release(replica.hostname)
+        pending = self.pending
+        if self.pending_slotted and pending is not None:  # a hedged try in flight too
+            self.pending_slotted = False
+            limits.release(pending.hostname)
 
     def _refused(self, error: ApiError) -> Step:
         replica = self.replica

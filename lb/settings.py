@@ -107,6 +107,13 @@ class Settings:
     queue_timeout: float = _opt(
         2.0, "Seconds a queued request may wait for a slot at its replica; then a 503 with "
         "Retry-After")
+    hedge_after: float = _opt(
+        0.0, "Seconds a routed GET or HEAD waits for a replica's answer before the next "
+             "candidate gets it too (the first answer wins); 0 derives it: the p99 of the "
+             "worker's recent answers, at least 0.05")
+    hedge_share: float = _opt(
+        0.05, "Most of the routed requests hedged, as a share (a token bucket, bursts of 10); "
+              "0 turns hedging off")
     max_body: int = _opt(65536, "Largest admin request body, in bytes")
     client_timeout: float = _opt(
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
@@ -243,6 +250,8 @@ class Settings:
             (self.retries >= 0, "retries must be >= 0"),
             (self.eject_after >= 0, "eject_after must be >= 0"),
             (0 <= self.eject_max_share <= 1, "eject_max_share must be 0..1"),
+            (self.hedge_after >= 0, "hedge_after must be >= 0"),
+            (0 <= self.hedge_share <= 1, "hedge_share must be 0..1"),
             (self.max_reply >= 0 and self.max_clients >= 0,
              "max_reply and max_clients must be >= 0"),
             (self.replica_maxconn >= 0 and self.queue_size >= 0,

@@ -9,6 +9,7 @@ import pytest
 
 from lb.events import RouterEvents
 from lb.limits import GONE, GRANTED, WAITING, AtLimit, ReplicaLimits, Waiter
+from lb.registry import Replica
 from lb.routing import (
     ANSWERED,
     BROKEN,
@@ -20,6 +21,7 @@ from lb.routing import (
     TIMED_OUT,
     TRY,
     UNREACHABLE,
+    WAIT,
     Outcome,
     RingWalk,
     Router,
@@ -286,3 +288,124 @@ def test_abandon_while_queued_leaves_the_queue() -> None:
     assert router.limits.queues == {}
     holder.told(ANSWERED, status=200)
     assert router.limits.busy == {}
+
+
+# -- hedges and slots: each try in flight holds its own -----------------------------------------
+def hedged_walk(maxconn: int = 2) -> tuple[Router, RingWalk, Replica, Replica]:
+    """A walk whose first try is in flight and hedged: its router, the walk, both replicas."""
+    router, _ = walk_router(maxconn=maxconn)
+    walk = new_walk(router)
+    assert walk.start() is TRY and walk.slotted
+    first = walk.replica
+    assert first is not None
+    hedge = walk.hedge()
+    assert hedge is not None and walk.pending is first and walk.replica is hedge
+    assert walk.slotted and walk.pending_slotted
+    assert router.limits.busy == {first.hostname: 1, hedge.hostname: 1}  # a slot each
+    return router, walk, first, hedge
+
+
+@pytest.mark.parametrize("winner", ["first", "hedge"])
+def test_the_winner_and_the_loser_each_give_their_slot_back_once(winner: str) -> None:
+    router, walk, first, hedge = hedged_walk(maxconn=1)
+    won = first if winner == "first" else hedge
+    assert walk.told(ANSWERED, status=200, replica=won) is DONE
+    assert router.limits.busy == {}  # the loser's too: the driver closes it
+    walk.abandon()
+    walk.abandon()  # (a second release of a slot at 0 would raise)
+    assert router.limits.busy == {}
+
+
+@pytest.mark.parametrize("failed", ["first", "hedge"])
+@pytest.mark.parametrize("outcome", [UNREACHABLE, STALE, TIMED_OUT])
+def test_a_try_that_fails_gives_its_slot_back_and_the_other_keeps_its_own(
+        failed: str, outcome: Outcome) -> None:
+    router, walk, first, hedge = hedged_walk(maxconn=1)
+    gone, other = (first, hedge) if failed == "first" else (hedge, first)
+    assert walk.told(outcome, ERRORS.get(outcome), replica=gone) is WAIT
+    assert router.limits.busy == {other.hostname: 1}
+    assert walk.replica is other and walk.slotted and walk.pending is None
+    assert walk.told(ANSWERED, status=200, replica=other) is DONE
+    assert router.limits.busy == {}
+    walk.abandon()
+    assert router.limits.busy == {}
+
+
+def test_both_tries_failing_give_both_slots_back_and_the_walk_goes_on() -> None:
+    router, walk, first, hedge = hedged_walk(maxconn=1)
+    assert walk.told(UNREACHABLE, ERRORS[UNREACHABLE], replica=first) is WAIT
+    assert walk.told(UNREACHABLE, ERRORS[UNREACHABLE], replica=hedge) is TRY
+    third = walk.replica
+    assert third is not None and third.hostname not in (first.hostname, hedge.hostname)
+    assert router.limits.busy == {third.hostname: 1} and walk.slotted
+    assert walk.told(ANSWERED, status=200) is DONE
+    assert router.limits.busy == {}
+
+
+def test_no_hedge_to_a_replica_without_a_free_slot_and_no_token_spent() -> None:
+    router, _ = walk_router(maxconn=1, queue_size=4)
+    walk = new_walk(router)
+    assert walk.start() is TRY
+    first = walk.replica
+    assert first is not None
+    # The next candidate (the one a hedge would go to) is at its limit, with a request queued.
+    nxt = next(r for r in router.choices(walk.table, KEY, [first.hostname])
+               if r.hostname != first.hostname)
+    assert router.limits.take(nxt.hostname)
+    queued = router.limits.wait(nxt.hostname, lambda: None)
+    assert queued is not None
+    tokens, after = router.hedging.tokens, walk.hedge_after()
+    assert walk.hedge() is None  # a hedge never queues
+    assert walk.pending is None and walk.replica is first and walk.tried == [first.hostname]
+    assert router.hedging.tokens == tokens  # no budget spent
+    assert router.limits.busy == {first.hostname: 1, nxt.hostname: 1}
+    assert list(router.limits.queues[nxt.hostname]) == [queued]  # nobody joined the queue
+    assert walk.hedge_after() == 2 * after  # asked again a deadline later
+    # Once a slot is free there, the same candidate gets the hedge (it was not skipped).
+    assert router.limits.leave(queued) is False
+    router.limits.release(nxt.hostname)
+    hedge = walk.hedge()
+    assert hedge is not None and hedge.hostname == nxt.hostname
+    assert walk.told(ANSWERED, status=200, replica=first) is DONE
+    assert router.limits.busy == {}
+
+
+def test_a_refused_hedge_leaves_its_candidate_next_for_a_retry() -> None:
+    router, _ = walk_router(maxconn=1)
+    walk = new_walk(router)
+    walk.start()
+    first = walk.replica
+    assert first is not None
+    nxt = next(r for r in router.choices(walk.table, KEY, [first.hostname])
+               if r.hostname != first.hostname)
+    assert router.limits.take(nxt.hostname)
+    assert walk.hedge() is None
+    router.limits.release(nxt.hostname)
+    assert walk.told(UNREACHABLE, ERRORS[UNREACHABLE]) is TRY
+    assert walk.replica is not None and walk.replica.hostname == nxt.hostname and walk.slotted
+    walk.told(ANSWERED, status=200)
+    assert router.limits.busy == {}
+
+
+def test_a_try_waiting_for_a_slot_is_not_hedged() -> None:
+    router, _ = walk_router(maxconn=1, queue_size=1)
+    holder, late = new_walk(router), new_walk(router)
+    holder.start()
+    assert late.start() is TRY and not late.slotted
+    assert late.hedge_after() == 0.0 and late.hedge() is None  # not in flight yet
+    assert late.queue(lambda: None) is not None
+    holder.told(ANSWERED, status=200)
+    assert late.waited() is TRY and late.slotted
+    assert late.hedge_after() > 0  # in flight now: its deadline counts from here
+    late.abandon()
+    assert router.limits.busy == {}
+
+
+def test_abandon_with_a_hedge_in_flight_gives_back_both_slots() -> None:
+    router, walk, first, hedge = hedged_walk(maxconn=1)
+    walk.abandon()  # the client left while both tries were in flight
+    assert router.limits.busy == {}
+    walk.abandon()
+    assert router.limits.busy == {}
+    # Both replicas have their one slot free for the next request.
+    assert router.limits.take(first.hostname) and router.limits.take(hedge.hostname)

@@ -318,15 +318,15 @@ def test_a_host_that_stops_acknowledging_is_unreachable_not_a_closed_connection(
     lb = balancer(lambda n, head: [answer(b"answer %d" % n)])
     gone = threading.Event()
     bounds: list[int] = []
-    original = ReplicaHTTPConnection.await_answer
+    original = ReplicaHTTPConnection.answer_began
 
-    def await_answer(self: ReplicaHTTPConnection, timeout: float) -> None:
+    def answer_began(self: ReplicaHTTPConnection) -> bool:
         bounds.append(self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
         if gone.is_set() and self.sock.getpeername()[1] == int(lb.first.address.split(":")[-1]):
             raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
-        original(self, timeout)
+        return original(self)
 
-    monkeypatch.setattr(ReplicaHTTPConnection, "await_answer", await_answer)
+    monkeypatch.setattr(ReplicaHTTPConnection, "answer_began", answer_began)
     assert lb.get().get_data() == b"answer 1"
     gone.set()
     began = time.monotonic()

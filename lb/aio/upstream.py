@@ -41,6 +41,7 @@ from lb.routing import (
     RESEND,
     STARTING_POLL_SECONDS,
     TRY,
+    WAIT,
     Outcome,
     RingWalk,
     Router,
@@ -84,27 +85,37 @@ class Sink(Protocol):
 Done = Callable[[Reply | None, UpstreamError | None], None]
 
 
+class Expiring(Protocol):
+    """An exchange ``Deadlines`` keeps."""
+
+    def timed_out(self, seconds: float) -> None: ...
+
+
+Due = Callable[[], None]  # a hedge's deadline: called when it passes
+
+
 class Deadlines:
     """When each exchange in flight must be answered by, kept by one timer per event loop.
 
     Not a timer per exchange: arming and cancelling one cost about as much as the rest of
     an exchange's bookkeeping. The timer is armed for the earliest deadline; when it fires,
-    every exchange past its deadline times out and it is armed for the next.
+    every exchange past its deadline times out and it is armed for the next. A hedge's
+    deadline (``Due``, a function) is kept the same way: called when it passes.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._due: dict[ReplicaProtocol, tuple[float, float]] = {}  # deadline, timeout
+        self._due: dict[Expiring | Due, tuple[float, float]] = {}  # deadline, timeout
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
 
-    def add(self, conn: ReplicaProtocol, timeout: float) -> None:
+    def add(self, conn: Expiring | Due, timeout: float) -> None:
         deadline = self.loop.time() + timeout
         self._due[conn] = (deadline, timeout)
         if self._timer is None or deadline < self._armed_for:
             self._arm(deadline)
 
-    def discard(self, conn: ReplicaProtocol) -> None:
+    def discard(self, conn: Expiring | Due) -> None:
         self._due.pop(conn, None)
 
     def _arm(self, when: float) -> None:
@@ -120,7 +131,10 @@ class Deadlines:
         for conn, _ in late:
             del self._due[conn]
         for conn, timeout in late:  # may start other exchanges: after the dict is settled
-            conn.timed_out(timeout)
+            if hasattr(conn, "timed_out"):
+                conn.timed_out(timeout)
+            else:
+                conn()
         if self._due:
             first = min(deadline for deadline, _ in self._due.values())
             if self._timer is None or first < self._armed_for:
@@ -189,6 +203,11 @@ class ReplicaProtocol(asyncio.Protocol):
         self.fd = sock.fileno() if sock is not None else -1
         if sock is not None and self.connect_timeout is not None:  # (open: just made)
             bound_unacknowledged(sock, self.connect_timeout)
+
+    @property
+    def began(self) -> bool:
+        """A byte of the current exchange's answer has come (no hedge for it then)."""
+        return self._got_bytes
 
     def pending(self) -> bool:
         """Bytes the replica sent that the loop has not read yet (FIONREAD): on an idle
@@ -627,6 +646,15 @@ class ReplicaPool:
 Answered = Callable[[Replica | None, Reply | None, BaseException | None], None]
 
 
+@dataclass(slots=True)
+class Tried:
+    """How one try of a hedged request ended: its answer, or its failure."""
+
+    reply: Reply | None
+    error: UpstreamError | None
+    reused: bool  # on a pooled kept-alive connection
+
+
 def hold(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
     """Keep ``task`` in ``tasks`` until it is done: the loop keeps only weak references."""
     tasks.add(task)
@@ -675,8 +703,15 @@ class AsyncForwarder:
             self._go_on(self._walk(walk, step, target, fields, path, method), answered)
             return
         chosen, warm, address = replica, conn, replica.address or ""
+        race: list[asyncio.Future[Tried]] = []  # the first try's, once a hedge went out
+        due: Due | None = None
 
         def done(reply: Reply | None, error: UpstreamError | None) -> None:
+            if due is not None:
+                self.pool.deadlines.discard(due)
+            if race:  # a hedge went out: the race (``_race``) decides
+                self._handed_over(race[0], address, warm, reply, error)
+                return
             if reply is not None:
                 if reply.stream is None:
                     self.pool.release(address, warm)
@@ -698,6 +733,36 @@ class AsyncForwarder:
 
         conn.exchange(self._request(method, address, target, fields), self.pool.read_timeout,
                       done, method == b"HEAD")
+        after = self.router.hedging.after if self.settings.retries else 0.0  # hedge_after()
+        if after:
+            def hedge() -> None:
+                """No answer within the hedge deadline: the next candidate gets it too."""
+                if warm.began or walk.replica is not chosen or walk.pending is not None:
+                    return  # answered meanwhile, or the walk went on without it
+                if walk.hedge() is None:
+                    if walk.hedge_after() and due is not None:  # refused: ask again later
+                        self.pool.deadlines.add(due, after)
+                    return
+                first: asyncio.Future[Tried] = self.pool.loop.create_future()
+                first.add_done_callback(lambda f: warm.close() if f.cancelled() else None)
+                race.append(first)
+                self._go_on(self._race(walk, TRY, target, fields, path, method,
+                                       {first: chosen}), answered)
+
+            due = hedge
+            self.pool.deadlines.add(hedge, after)
+
+    def _handed_over(self, first: asyncio.Future[Tried], address: str, conn: ReplicaProtocol,
+                     reply: Reply | None, error: UpstreamError | None) -> None:
+        """The fast path's first try ended after a hedge went out: its outcome to the race."""
+        if reply is None:
+            conn.close()
+        elif reply.stream is None:
+            self.pool.release(address, conn)
+        if not first.done():
+            first.set_result(Tried(reply, error, True))
+        elif reply is not None and reply.stream is not None:
+            reply.stream.abandon()  # the race is over: nobody takes it
 
     async def forward(self, target: bytes, fields: bytes, key: int,
                       path: str, method: bytes = b"GET") -> tuple[Replica, Reply]:
@@ -717,9 +782,11 @@ class AsyncForwarder:
         """The way round the ring from ``step``: each try through the pool (a warm
         connection if one is idle, else a new one; a RESEND always on a new one)."""
         try:
+            if self.router.hedging.share:
+                return await self._race(walk, step, target, fields, path, method, {})
             return await self._tries(walk, step, target, fields, path, method)
         finally:
-            walk.abandon()  # (cancelled, or a bug): its slot given back; no-op once ended
+            walk.abandon()  # (cancelled, or a bug): its slots given back; no-op once ended
 
     async def _tries(self, walk: RingWalk, step: Step, target: bytes, fields: bytes, path: str,
                      method: bytes) -> tuple[Replica, Reply]:
@@ -763,6 +830,78 @@ class AsyncForwarder:
         except TimeoutError:
             pass  # waited() tells which came first
         return walk.waited()
+
+    async def _race(self, walk: RingWalk, step: Step, target: bytes, fields: bytes, path: str,
+                    method: bytes, flight: dict[asyncio.Future[Tried], Replica]
+                    ) -> tuple[Replica, Reply]:
+        """``_walk`` with hedging: each try a task; a try with no answer within the walk's
+        hedge deadline is sent to the next candidate too (``RingWalk.hedge``: only when it has
+        a free slot), the first answer wins and the other try is cancelled (its connection
+        closed; the walk gave its slot back). A try at a replica at its limit waits for a slot
+        first (``_slot``), with no other try in flight: its hedge deadline counts from its
+        send."""
+        conns: dict[asyncio.Future[Tried], list[ReplicaProtocol]] = {}  # each try's, once made
+        try:
+            while step is TRY or step is RESEND or step is WAIT:
+                if step is not WAIT and not walk.slotted:  # at its limit: wait for a slot
+                    assert not flight  # (a queue wait comes before any try is in flight)
+                    step = await self._slot(walk)
+                    continue
+                if step is not WAIT:
+                    replica = walk.replica
+                    assert replica is not None
+                    made: list[ReplicaProtocol] = []
+                    attempt = self._try(replica, step is RESEND, method, target, fields, made)
+                    flight[attempt], conns[attempt] = replica, made
+                after = walk.hedge_after() if len(flight) == 1 else 0.0
+                done, _ = await asyncio.wait(flight, timeout=after or None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # no answer within the hedge deadline: the next one too
+                    began = any(c.began for made in conns.values() for c in made)
+                    step = TRY if not began and walk.hedge() is not None else WAIT
+                    continue
+                ended = next((f for f in done if f.result().reply is not None), next(iter(done)))
+                replica = flight.pop(ended)
+                conns.pop(ended, None)
+                tried = ended.result()
+                if tried.reply is not None:
+                    walk.told(ANSWERED, status=tried.reply.status, replica=replica)
+                    return self._passed_back(replica, tried.reply, path)
+                assert tried.error is not None
+                step = walk.told(Outcome.of(tried.error, tried.reused), tried.error,
+                                 replica=replica)
+        finally:
+            for loser in flight:
+                if not loser.done():
+                    loser.cancel()  # its connection is closed, never pooled
+                elif (not loser.cancelled() and (lost := loser.result().reply) is not None
+                      and lost.stream is not None):
+                    lost.stream.abandon()  # answered too, but late: its body is not read
+            walk.abandon()  # (cancelled, or a bug): both tries' slots; no-op once ended
+        assert walk.error is not None
+        raise walk.error
+
+    def _try(self, replica: Replica, fresh: bool, method: bytes, target: bytes,
+             fields: bytes, made: list[ReplicaProtocol]) -> asyncio.Future[Tried]:
+        """One try at ``replica`` as a task (a pooled connection unless ``fresh``); its
+        connection goes into ``made`` once there is one."""
+        pool = self.pool
+        address = replica.address or ""  # routable: it has one
+        request = self._request(method, address, target, fields)
+
+        async def run() -> Tried:
+            conn = None if fresh else pool.take(address)
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = await pool.connect(address)
+                made.append(conn)
+                return Tried(await pool.exchange(address, conn, request, method == b"HEAD"),
+                             None, reused)
+            except UpstreamError as exc:
+                return Tried(None, exc, reused)
+
+        return pool.loop.create_task(run())
 
     def loop_time(self) -> float:
         return self.pool.loop.time()

@@ -116,6 +116,12 @@ class BalancerMetrics(RouterEvents):
         self._ejections = Counter("lb_replica_ejections", "Times a balancer worker ejected a "
                                   "replica from routing after failures in a row (passive "
                                   "health)", ["replica"], registry=reg)
+        self._hedges = Counter("lb_hedges", "Routed requests sent to a further replica too "
+                               "after no answer within the hedge deadline", registry=reg)
+        self._hedges_won = Counter("lb_hedges_won", "Hedged requests the further replica "
+                                   "answered first", registry=reg)
+        self._hedges_refused = Counter("lb_hedges_refused", "Hedges not sent: the budget "
+                                       "(LB_HEDGE_SHARE) was spent", registry=reg)
         # Per process, added up over the live ones: a dead worker's ejections are gone too.
         self._ejected = Gauge("lb_replica_ejected", "Balancer workers that route around a "
                               "replica now (ejected)", ["replica"], registry=reg,
@@ -156,6 +162,18 @@ class BalancerMetrics(RouterEvents):
         self._exhausted.inc()
         if len(tried) > 1:
             self._retries.inc(len(tried) - 1)
+
+    def hedged(self, replica: Replica) -> None:
+        if self.enabled:  # a few per cent of requests at most (the budget): written at once
+            self._hedges.inc()
+
+    def hedge_won(self, replica: Replica) -> None:
+        if self.enabled:
+            self._hedges_won.inc()
+
+    def hedge_refused(self) -> None:
+        if self.enabled:
+            self._hedges_refused.inc()
 
     def ejected(self, hostname: str, seconds: float) -> None:
         if self.enabled:  # rare, from any thread: written at once (the metrics lock)
@@ -251,6 +269,18 @@ class LoopCounts(RouterEvents):
     def exhausted(self, tried: list[str]) -> None:
         if self.metrics is not None:
             self.metrics.exhausted(tried)
+
+    def hedged(self, replica: Replica) -> None:
+        if self.metrics is not None:  # bounded by LB_HEDGE_SHARE: written at once
+            self.metrics.hedged(replica)
+
+    def hedge_won(self, replica: Replica) -> None:
+        if self.metrics is not None:
+            self.metrics.hedge_won(replica)
+
+    def hedge_refused(self) -> None:
+        if self.metrics is not None:
+            self.metrics.hedge_refused()
 
     def response(self, endpoint: str, status: int) -> None:
         if self.metrics is None:

@@ -17,10 +17,15 @@ What ``http.client`` leaves to its caller, and this module does:
   again just before the next request goes out), the replica did not ask to close, and the
   request went out whole. Anything else and the connection is closed, so that no request can
   ever read the rest of another's answer;
-- **deadlines** (``Forwarder._exchange``): the connect within ``connect_timeout``, the answer's
-  first byte within ``upstream_timeout``, each further read within ``read_timeout``; the
-  request acknowledged by the replica's host within ``connect_timeout`` (the kernel's, as on
-  the event-driven path: ``lb.routing.bound_unacknowledged``);
+- **deadlines** (``Forwarder._send``, ``_first_answer``, ``_answer``): the connect within
+  ``connect_timeout``, the answer's first byte within ``upstream_timeout``, each further read
+  within ``read_timeout``; the request acknowledged by the replica's host within
+  ``connect_timeout`` (the kernel's, as on the event-driven path:
+  ``lb.routing.bound_unacknowledged``);
+- **hedging** (``lb.hedging``): while the first byte is awaited, a try with none within the
+  walk's hedge deadline is sent to the next candidate too (only when it has a free slot:
+  ``lb.limits``); both sockets are polled, the first to answer wins and the other's
+  connection is closed;
 - **bounded memory**: an answer over ``STREAM_ABOVE`` bytes, or of unknown length, is handed to
   the client a piece at a time (``Upstream.stream``); the client's own pace is the backpressure.
 """
@@ -50,6 +55,7 @@ from lb.routing import (
     RESEND,
     STARTING_POLL_SECONDS,
     TRY,
+    WAIT,
     Outcome,
     RingWalk,
     Router,
@@ -305,15 +311,19 @@ class ReplicaHTTPConnection(http.client.HTTPConnection):
             self.putheader(name, value)
         self.endheaders()
 
-    def await_answer(self, timeout: float) -> None:
-        """Until the answer's first byte is there (``TimeoutError`` after ``timeout``); a
-        connection closed before it raises ``ConnectionResetError``."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        if not poller.poll(math.ceil(timeout * 1000)):
-            raise TimeoutError(f"no answer within {timeout:g}s")
-        if not self.sock.recv(1, socket.MSG_PEEK):
-            raise ConnectionResetError("the replica closed the connection")
+    def answer_began(self) -> bool:
+        """Once the socket is readable: the answer's first byte is there (False: the replica
+        closed the connection before any; an ``OSError`` when the connection failed)."""
+        return bool(self.sock.recv(1, socket.MSG_PEEK))
+
+
+@dataclass(slots=True)
+class Try:
+    """A request sent to a replica, its answer awaited."""
+
+    replica: Replica
+    reused: bool  # on a connection kept alive from an earlier request
+    sent: float  # time.monotonic()
 
 
 @dataclass
@@ -354,15 +364,20 @@ class Forwarder:
             while self.router.waiting_for_replicas() and time.monotonic() < deadline:
                 time.sleep(STARTING_POLL_SECONDS)
             walk = self.router.walk(key)
+        flight: dict[ReplicaHTTPConnection, Try] = {}  # two at once when hedged
         try:
-            return self._tries(walk, walk.start(), method, target, fields, path)
+            return self._tries(walk, walk.start(), method, target, fields, path, flight)
         finally:
-            walk.abandon()  # (a bug, an exit): its slot given back; no-op once ended
+            for conn in flight:  # a hedge's loser, or a try left by an exception: closed
+                conn.close()
+            walk.abandon()  # (a bug, an exit): its slots given back; no-op once ended
 
     def _tries(self, walk: RingWalk, step: Step, method: str, target: str,
-               fields: list[tuple[str, str]], path: str) -> Upstream:
-        while step is TRY or step is RESEND:
-            if not walk.slotted:  # the replica is at its limit: wait for a slot (lb.limits)
+               fields: list[tuple[str, str]], path: str,
+               flight: dict[ReplicaHTTPConnection, Try]) -> Upstream:
+        while step is TRY or step is RESEND or step is WAIT:
+            if step is not WAIT and not walk.slotted:  # at its limit: wait for a slot
+                assert not flight  # (a queue wait comes before any try is in flight)
                 woken = threading.Event()
                 waiter = walk.queue(woken.set)
                 if waiter is None:
@@ -373,24 +388,93 @@ class Forwarder:
                 continue
             replica = walk.replica
             assert replica is not None
-            conn = self._connection(replica.address or "", fresh=step is RESEND)
-            reused = conn.sock is not None  # kept alive from an earlier request
-            try:
-                upstream = self._exchange(conn, replica, method, target, fields)
-            except UpstreamError as exc:
-                step = walk.told(Outcome.of(exc, reused), exc)
-                if step is not RESEND:  # a kept-alive connection closed: not worth a word
-                    log.warning("replica %s: %s", replica.hostname, exc)
+            if step is not WAIT:
+                conn = self._connection(replica.address or "", fresh=step is RESEND)
+                reused = conn.sock is not None  # kept alive from an earlier request
+                try:
+                    self._send(conn, method, target, fields)
+                except UpstreamError as exc:
+                    step = self._failed(walk, replica, exc, reused)
+                    continue
+                flight[conn] = Try(replica, reused, time.monotonic())
+            first = self._first_answer(walk, flight)
+            if first is None:  # no answer within the hedge deadline: the next one too
+                step = TRY if walk.hedge() is not None else WAIT
                 continue
-            walk.told(ANSWERED, status=upstream.status)
-            error = replica_error(upstream.status, header_value(upstream.headers, "Content-Type"),
-                                  replica.hostname, path)
+            if isinstance(first, Step):  # a try failed: the walk said what next
+                step = first
+                continue
+            tried = flight.pop(first)
+            try:
+                upstream = self._answer(first, tried.replica)
+            except UpstreamError as exc:
+                step = self._failed(walk, tried.replica, exc, tried.reused)
+                continue
+            walk.told(ANSWERED, status=upstream.status, replica=tried.replica)
+            error = replica_error(upstream.status,
+                                  header_value(upstream.headers, "Content-Type"),
+                                  tried.replica.hostname, path)
             if error is not None:
                 upstream.close()
                 raise error
             return upstream
         assert walk.error is not None
         raise walk.error
+
+    @staticmethod
+    def _failed(walk: RingWalk, replica: Replica, exc: UpstreamError, reused: bool) -> Step:
+        step = walk.told(Outcome.of(exc, reused), exc, replica=replica)
+        if step is not RESEND:  # a kept-alive connection closed: not worth a word
+            log.warning("replica %s: %s", replica.hostname, exc)
+        return step
+
+    def _first_answer(self, walk: RingWalk, flight: dict[ReplicaHTTPConnection, Try]
+                      ) -> ReplicaHTTPConnection | Step | None:
+        """Waits on the tries in ``flight`` (one, or two when hedged) for the first byte of an
+        answer: that connection; or None when the one try in flight had none within the
+        walk's hedge deadline; or, when a try got no answer (``LB_UPSTREAM_TIMEOUT``, a close
+        before any byte: told to the walk and dropped), the walk's next step."""
+        timeout = self.settings.upstream_timeout
+        while True:
+            after = walk.hedge_after() if len(flight) == 1 else 0.0
+            due = min(t.sent + timeout for t in flight.values())
+            hedge_at = next(iter(flight.values())).sent + after if after else math.inf
+            poller = select.poll()
+            by_fd = {}
+            for conn in flight:
+                poller.register(conn.sock, select.POLLIN)
+                by_fd[conn.sock.fileno()] = conn
+            wait = max(0.0, min(due, hedge_at) - time.monotonic())
+            ready = [by_fd[fd] for fd, _ in poller.poll(math.ceil(wait * 1000))]
+            now = time.monotonic()
+            for conn, tried in flight.items():
+                error = None
+                if conn in ready:
+                    try:
+                        if conn.answer_began():
+                            return conn
+                        error = UpstreamError("the connection closed before an answer",
+                                              before_reply=True)
+                    except OSError as exc:
+                        if host_gone(exc):  # unreachable: no resend on a new connection
+                            error = UpstreamError("the replica's host stopped acknowledging: "
+                                                  f"{exc!r}")
+                        else:
+                            error = UpstreamError("the connection closed before an answer: "
+                                                  f"{exc!r}", before_reply=True)
+                elif tried.sent + timeout <= now:
+                    error = UpstreamError(f"no answer within {timeout:g}s "
+                                          "(LB_UPSTREAM_TIMEOUT)", timed_out=True)
+                if error is not None:
+                    del flight[conn]
+                    conn.close()
+                    step = self._failed(walk, tried.replica, error, tried.reused)
+                    if step is not WAIT:
+                        return step
+                    break  # the other goes on: wait for it
+            else:
+                if after and now >= hedge_at:
+                    return None
 
     def _connection(self, address: str, fresh: bool) -> ReplicaHTTPConnection:
         """This thread's keep-alive connection to ``address``: a new one when ``fresh`` (the
@@ -409,13 +493,11 @@ class Forwarder:
                 self.settings.upstream_timeout)
         return conn
 
-    def _exchange(self, conn: ReplicaHTTPConnection, replica: Replica, method: str, target: str,
-                  headers: list[tuple[str, str]]) -> Upstream:
-        """One request and its answer on ``conn``; every failure an ``UpstreamError`` that
-        says how far the answer had come, and the connection closed."""
-        settings = self.settings
+    def _send(self, conn: ReplicaHTTPConnection, method: str, target: str,
+              headers: list[tuple[str, str]]) -> None:
+        """The request out on ``conn`` (connected first if it is not); every failure an
+        ``UpstreamError`` and the connection closed."""
         conn.reusable = False
-        name = replica.hostname
         try:
             if conn.sock is None:
                 conn.connect()
@@ -424,16 +506,21 @@ class Forwarder:
             raise UpstreamError(f"cannot connect: {exc}") from exc
         try:
             conn.send_request(method, target, headers)
-            conn.await_answer(settings.upstream_timeout)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if host_gone(exc):  # before the TimeoutError of our own wait: it is one too
                 raise UpstreamError(f"the replica's host stopped acknowledging: {exc!r}") from exc
-            if isinstance(exc, TimeoutError):
-                raise UpstreamError(f"no answer within {settings.upstream_timeout:g}s "
+            if isinstance(exc, TimeoutError):  # the send itself stalled (send_timeout)
+                raise UpstreamError(f"no answer within {self.settings.upstream_timeout:g}s "
                                     "(LB_UPSTREAM_TIMEOUT)", timed_out=True) from exc
             raise UpstreamError(f"the connection closed before an answer: {exc!r}",
                                 before_reply=True) from exc
+
+    def _answer(self, conn: ReplicaHTTPConnection, replica: Replica) -> Upstream:
+        """The answer on ``conn``, whose first byte is there; every failure an
+        ``UpstreamError`` that says how far the answer had come, and the connection closed."""
+        settings = self.settings
+        name = replica.hostname
         conn.sock.settimeout(settings.read_timeout)
         reply: ReplicaResponse | None = None
         try:
