@@ -3,12 +3,15 @@
 PYTHON_BIN ?= .venv/bin/python
 BENCH_ARGS ?=
 
-.PHONY: bench bench-ab bench-profile bench-micro bench-hotpath bench-worker bench-ha bench-ha-quick
+.PHONY: bench bench-pressure bench-ab bench-profile bench-micro bench-hotpath bench-worker bench-ha bench-ha-quick
 
 bench:  ## Balancer vs HAProxy vs nginx vs direct on the same 3 replicas (wrk); writes bench/results.md
 	bash bench/run.sh $(BENCH_ARGS)
 
 BASE ?= HEAD~1
+bench-pressure:  ## Saturation, a hung replica, 2x/4x overload: this checkout, commit BASE, HAProxy
+	$(PYTHON_BIN) bench/pressure.py --base $(BASE) $(BENCH_ARGS)
+
 bench-ab:  ## This checkout's async worker beside commit BASE's (default HEAD~1), HAProxy as yardstick
 	bash bench/run.sh --baseline $(BASE) --targets async,haproxy --quick --rounds 4 $(BENCH_ARGS)
 
