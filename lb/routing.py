@@ -29,7 +29,6 @@ import errno
 import functools
 import itertools
 import json
-import math
 import random
 import re
 import socket
@@ -45,6 +44,7 @@ import xxhash
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.sansio.utils import get_host
 
+from lb.bounded import RecentLoad
 from lb.ejections import Ejections
 from lb.errors import ApiError, envelope, sentence
 from lb.events import RouterEvents
@@ -538,6 +538,8 @@ class Router:
         self.settings = settings
         self.events = events or RouterEvents()
         self.inflight: dict[str, int] = {}  # hostname -> requests this worker has in flight
+        # Bounded loads' window of this worker's recent requests (None: loads not bounded).
+        self.recent = RecentLoad(settings.bounded_load) if settings.bounded_load else None
         # hostname -> answers below 500 this worker got: evidence of life (lb.evidence)
         self.answered: dict[str, int] = {}
         self.view: View = registry.view()  # public: readiness and admin replies consult it
@@ -649,32 +651,41 @@ class Router:
 
     def _bounded(self, table: RoutingTable, key: int, limit: int, now: float,
                  tried: Sequence[str] = ()) -> Iterable[Replica]:
-        """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
+        """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018), judged
+        over this worker's recent requests (``lb.bounded``: the rules and the bound).
 
-        A replica already holding ``ceil(c * mean)`` of this worker's in-flight requests
-        (counting this one) is passed over for the next one clockwise; overflow only walks.
-        Full replicas go with the suspects, and failure domains spread both tiers as in
+        The key's own replica (the walk's first that is not ejected) while it holds fewer than
+        ``ceil(c * mean)`` of the window; else the next one clockwise holding at most the mean.
+        Replicas without room go with the suspects, and failure domains spread both tiers as in
         ``choices``.
         """
         n = len(table.by_id)
-        if n == 0:
+        recent = self.recent
+        if n == 0 or recent is None:
             return []
-        with self._lock:
-            total = sum(self.inflight.values()) + 1
-        cap = max(1, math.ceil(self.settings.bounded_load * total / n))
+        caps = recent.caps(n)
         ok: list[Replica] = []
         full: list[Replica] = []
         ejections = self.ejections
+        suspects = self._suspects
+        home = True
+        spread = table.domains
         for server_id in table.ring.walk(key):
             replica = table.by_id[server_id]
             if ejections.until and ejections.ejected(replica.hostname, now):
                 continue
-            busy = self.inflight.get(replica.hostname, 0) + 1 > cap
-            (full if busy or self._suspects.get(replica.hostname, 0) > now else ok).append(replica)
+            room = recent.room(replica.hostname, home, caps)
+            home = False
+            if room and suspects.get(replica.hostname, 0) <= now:
+                ok.append(replica)
+                if len(ok) >= limit and not spread:
+                    break  # the rest of the walk could only come after these
+            else:
+                full.append(replica)
         if not ok and not full:  # every routable replica is ejected: route anyway
             return list(self._panic(table, key, limit))
-        if table.domains:
-            return spread_over_domains(table.domains, (ok, full), tried, limit)
+        if spread:
+            return spread_over_domains(spread, (ok, full), tried, limit)
         return (ok + full)[:limit]
 
     def waiting_for_replicas(self) -> bool:
@@ -698,6 +709,8 @@ class Router:
             return
         with self._lock:
             self.inflight[hostname] = self.inflight.get(hostname, 0) + delta
+            if delta > 0 and self.recent is not None:
+                self.recent.given(hostname)
 
     def walk(self, key: int, events: RouterEvents | None = None) -> RingWalk:
         """``key``'s way round the ring, reported to ``events`` (the router's by default)."""

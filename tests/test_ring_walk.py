@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from lb.bounded import WINDOW, RecentLoad
 from lb.events import RouterEvents
 from lb.registry import READY, Replica
 from lb.routing import (
@@ -42,6 +43,7 @@ from lb.settings import Settings
 KEY = 1  # the key's own replica is replica 1 % n
 BOUND = 1.25
 PRESET = {"r0": 2}  # requests of other clients in flight, with bounded loads
+RECENT = {"r0": 600}  # ... and r0's share of the worker's recent requests (lb.bounded)
 ERRORS = {
     UNREACHABLE: UpstreamError("refused"),
     STALE: UpstreamError("closed before an answer", before_reply=True),
@@ -105,8 +107,9 @@ def expected_order(n: int, retries: int, suspects: set[str], bounded: bool,
     ring = [f"r{(KEY + i) % n}" for i in range(n)]
     late = set(suspects)
     if bounded and n:
-        cap = max(1, math.ceil(BOUND * (sum(PRESET.values()) + 1) / n))
-        late |= {h for h in ring if PRESET.get(h, 0) + 1 > cap}
+        own, guest = math.ceil(BOUND * WINDOW / n), WINDOW // n  # home / the others
+        late |= {h for i, h in enumerate(ring)
+                 if RECENT.get(h, 0) >= (own if i == 0 else guest + 1)}
     domain = {f"r{i}": domains[i] if domains else None for i in range(n)}
     order: list[str] = []
     for tier in ([h for h in ring if h not in late], [h for h in ring if h in late]):
@@ -138,6 +141,11 @@ class Case:
         router = self.router
         router._suspects = {h: math.inf for h in self.suspects}
         router.inflight = dict(PRESET) if self.bounded else {}
+        if self.bounded:
+            router.recent = RecentLoad(BOUND)
+            for hostname, count in RECENT.items():
+                for _ in range(count):
+                    router.recent.given(hostname)
         events = Recorder()
         walk = RingWalk(router, self.table, KEY, events)
         trace: list[tuple[Step, str]] = []

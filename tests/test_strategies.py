@@ -1,5 +1,5 @@
 """Lookup strategies by themselves: Maglev, the well-mixed ring (ring160), the router's use of
-them, and bounded loads with in-flight counts. Pure: no process is started."""
+them, and bounded loads over a window of recent requests. Pure: no process is started."""
 
 from __future__ import annotations
 
@@ -213,38 +213,48 @@ def test_built_from_ids_strategies_are_cached_across_registry_versions(tmp_path:
     assert second.version != 0 and second.ring is first
 
 
-# -- bounded loads (the router's, with in-flight counts) -----------------------------------------
+# -- bounded loads (the router's, over its window of recent requests: lb.bounded) -------------
+def _given(router: Router, counts: dict[str, int]) -> None:
+    assert router.recent is not None
+    for hostname, count in counts.items():
+        for _ in range(count):
+            router.recent.given(hostname)
+
+
 def test_bounded_loads_pass_over_a_replica_at_its_cap(tmp_path: Path) -> None:
     router = _router(tmp_path, strategy="maglev", bounded_load=1.25)
     key = KEYS[0]
-    first, second = (r.hostname for r in router.candidates(key)[:2])
-    router.inflight = {first: 1}
-    # 2 in flight with this one: cap = ceil(1.25 * 2 / 3) = 1, and `first` would hold 2
+    first, second, third = (r.hostname for r in router.candidates(key)[:3])
+    # N=3, window 1024: own cap ceil(1.25 * 1024 / 3) = 427, guests while at most 341
+    _given(router, {first: 426})
+    assert router.candidates(key)[0].hostname == first  # one below its cap: home
+    _given(router, {first: 1})
     order = [r.hostname for r in router.candidates(key)]
-    assert order[0] == second and order[-1] == first
-    router.inflight = {first: 3, second: 2}
-    # 6 in flight: cap = ceil(1.25 * 6 / 3) = 3; `first` would hold 4, `second` 3: fine
+    assert order[0] == second and order[-1] == first  # at its cap: the next clockwise
+    _given(router, {second: 342})
     order = [r.hostname for r in router.candidates(key)]
-    assert order[0] == second and order[-1] == first
+    assert order == [third, first, second]  # past the mean: no room for guests (then clockwise)
 
 
 def test_bounded_loads_never_refuse_when_everyone_is_full(tmp_path: Path) -> None:
     router = _router(tmp_path, strategy="ring160", bounded_load=1.1)
     names = [r.hostname for r in router.candidates(KEYS[1])]
-    router.inflight = dict.fromkeys(names, 50)
+    _given(router, dict.fromkeys(names, 1000))
     assert len(router.candidates(KEYS[1])) == 3
 
 
 def test_bounded_loads_cap_the_busiest_replica_of_a_lopsided_ring(tmp_path: Path) -> None:
-    """The seed ring sends ~97% to one replica; with c = 1.25 and requests held in flight,
-    no replica holds more than ceil(1.25 x mean) of them."""
+    """The seed ring sends ~97% to one replica; with c = 1.25 no replica gets more than
+    ceil(1.25 x mean) of any window of recent requests."""
     router = _router(tmp_path, bounded_load=1.25)
-    for k in KEYS[:300]:  # each request stays in flight: the worst case for the cap
-        chosen = router.candidates(k)[0]
-        router.count(chosen.hostname, +1)
-    loads = sorted(router.inflight.values())
-    assert sum(loads) == 300
-    assert max(loads) <= -(-125 * 300 // 300)  # ceil(1.25 * 300 / 3) = 125
+    chosen = []
+    for k in KEYS[:3000]:
+        hostname = router.candidates(k)[0].hostname
+        router.count(hostname, +1)
+        router.count(hostname, -1)
+        chosen.append(hostname)
+    for end in range(1024, 3001, 97):
+        assert max(Counter(chosen[end - 1024:end]).values()) <= 427  # ceil(1.25 * 1024 / 3)
     unbounded = _router(tmp_path / "u")
-    lopsided = Counter(unbounded.candidates(k)[0].hostname for k in KEYS[:300])
-    assert max(lopsided.values()) > 250
+    lopsided = Counter(unbounded.candidates(k)[0].hostname for k in KEYS[:3000])
+    assert max(lopsided.values()) > 2500
