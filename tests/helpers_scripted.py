@@ -53,6 +53,20 @@ def ok(n: int, head: bytes) -> Iterable[Step]:
     return [answer(b"answer %d" % n)]
 
 
+def good(n: int, head: bytes) -> Iterable[Step]:
+    """A replica's script: the contract's 200 JSON answer to every request."""
+    return [answer(b'{"message": "ok", "status": "successful"}', "200 OK",
+                   "Content-Type: application/json")]
+
+
+def closed_at_the_end() -> Iterator[list[ScriptedReplica]]:
+    """A fixture's body: the list a test puts its scripted replicas in, each closed after it."""
+    made: list[ScriptedReplica] = []
+    yield made
+    for replica in made:
+        replica.close()
+
+
 class ScriptedReplica:
     def __init__(self, script: Script = ok) -> None:
         self.script = script

@@ -174,9 +174,10 @@ def test_keep_alive_connections_are_spread_evenly_over_the_workers(
             if burst:
                 assert _get(conn).startswith(b"HTTP/1.1 200")
         # One by one, each lands on the worker with fewer. At once, a worker that waited
-        # PATIENCE_SECONDS for a busy one takes it itself. Without the rule a burst lands
-        # mostly on the first worker awake (8 and 0).
-        spread = 1 if not burst else 2
+        # PATIENCE_SECONDS for a busy one takes it itself, and so does it one by one when the
+        # other is slower than that to wake (a loaded machine: CI saw 3 and 5). Without the
+        # rule a burst lands mostly on the first worker awake (8 and 0).
+        spread = 2
         deadline = time.monotonic() + 5
         while (held := _held_by(workers, port))[1] - held[0] > spread \
                 or sum(held) < len(conns):

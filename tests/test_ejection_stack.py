@@ -12,13 +12,20 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.helpers_scripted import ScriptedReplica, Step, answer, threads_balancer
+from tests.helpers_scripted import (
+    ScriptedReplica,
+    Step,
+    answer,
+    closed_at_the_end,
+    good,
+    threads_balancer,
+)
 
 WORKERS = ["async", "threads"]
 SETTINGS = {"hash": "xxhash", "hash_key": "query:id", "eject_after": 3, "eject_seconds": 1.5}
@@ -31,17 +38,7 @@ def bad_deploy(n: int, head: bytes) -> Iterable[Step]:
                    "Content-Type: application/json")]
 
 
-def good(n: int, head: bytes) -> Iterable[Step]:
-    return [answer(b'{"message": "ok", "status": "successful"}', "200 OK",
-                   "Content-Type: application/json")]
-
-
-@pytest.fixture
-def replicas() -> Iterator[list[ScriptedReplica]]:
-    made: list[ScriptedReplica] = []
-    yield made
-    for replica in made:
-        replica.close()
+replicas = pytest.fixture(name="replicas")(closed_at_the_end)
 
 
 def metric(url: str, name: str, replica: str) -> float:

@@ -114,6 +114,9 @@ def ha_stack(folder: Path, **overrides: Any) -> Iterator[HaStack]:
         "deployment": deployment, "port": port, "n": 3, "workers": 1, "leader_ttl": 2,
         "hash_key": HASH_KEY, "hash": "xxhash",  # keys spread over the replicas
         "backend": "local", "log_level": "info",  # the failover test reads the INFO lines
+        # Who answers is what these tests read: a hedged GET may be answered by the next
+        # replica (docs/robustness.md), which they would take for balancers that disagree.
+        "hedge_share": 0,
     }
     values.update(overrides)
     for p in range(port, port + 3):

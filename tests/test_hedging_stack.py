@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,13 @@ import requests
 from tests.conftest import RunningStack
 from tests.helpers_chaos import Load, report, wait_for
 from tests.helpers_echo import processes_of
-from tests.helpers_scripted import ScriptedReplica, Step, answer, threads_balancer
+from tests.helpers_scripted import (
+    ScriptedReplica,
+    Step,
+    closed_at_the_end,
+    good,
+    threads_balancer,
+)
 from tests.test_faults import busiest, signal_all
 
 WORKERS = ["async", "threads"]
@@ -31,17 +37,7 @@ SETTINGS = {"hash": "xxhash", "hash_key": "query:id", "upstream_timeout": 2.0,
             "hedge_after": HEDGE_AFTER}
 
 
-def good(n: int, head: bytes) -> Iterable[Step]:
-    return [answer(b'{"message": "ok", "status": "successful"}', "200 OK",
-                   "Content-Type: application/json")]
-
-
-@pytest.fixture
-def replicas() -> Iterator[list[ScriptedReplica]]:
-    made: list[ScriptedReplica] = []
-    yield made
-    for replica in made:
-        replica.close()
+replicas = pytest.fixture(name="replicas")(closed_at_the_end)
 
 
 def hung_replica(release: threading.Event) -> ScriptedReplica:
