@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import Any, Protocol, Self
 import psutil
 
 from analysis.client import Admin, AnalysisError
+from lb.ha import free_port_run
 
 ENV_TOKEN = "HASHLB_INSTANCE"  # what the local backend puts in each replica's environment
 
@@ -86,9 +86,9 @@ class CommandKiller:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range, where no replica's bind(0) can
+    take it before ``lb-run`` binds it."""
+    return free_port_run(1)
 
 
 class LocalStack:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import requests
 
 from lb.backends.local import ENV_DEPLOYMENT
+from lb.ha import free_port_run
 from lb.registry import READY, Registry, State
 from lb.settings import Settings
 
@@ -41,9 +41,10 @@ def trouble(lines: list[str]) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range: one from bind(0) may be handed
+    to the next bind(0) (a replica starting) before the balancer meant to use it binds it
+    (CI saw a stack's replica take its balancer's port)."""
+    return free_port_run(1)
 
 
 def deployment_processes(deployment: str) -> list[psutil.Process]:
