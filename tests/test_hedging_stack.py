@@ -3,7 +3,7 @@
 A replica that hangs (accepts, answers nothing) costs a request the hedge deadline, not
 ``LB_UPSTREAM_TIMEOUT`` or the supervisor's ~1.3 s: the next candidate gets the request too and
 answers; the hung try's connection is closed. With ``LB_HEDGE_SHARE=0`` the old behaviour holds.
-Then the issue's hang test: one of 3 real replicas SIGSTOP'd for 8 s under 32 keep-alive
+Then a hang under load: one of 3 real replicas SIGSTOP'd for 8 s under 32 keep-alive
 clients.
 """
 
@@ -186,7 +186,7 @@ def test_with_small_limits_hedges_of_a_hung_replica_leak_no_slot(
 @pytest.mark.system
 def test_a_replica_stopped_for_8s_under_32_clients_fails_and_delays_nothing(
         make_stack: Callable[..., RunningStack]) -> None:
-    """The issue's hang test: SIGSTOP the busiest of 3 replicas for 8 s under 32 keep-alive
+    """A hang under load: SIGSTOP the busiest of 3 replicas for 8 s under 32 keep-alive
     clients, hedging on (defaults): no request fails, none is delayed past 1 s (the hedge
     deadline plus a replica's service time, with a generous margin; without hedging the ones
     sent to it wait for the supervisor, ~1.3 s and more), and it serves again afterwards."""
