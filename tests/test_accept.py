@@ -144,17 +144,17 @@ def _get(conn: socket.socket) -> bytes:
 def test_keep_alive_connections_are_spread_evenly_over_the_workers(
         tmp_path: Path, burst: bool) -> None:
     factory = StackFactory(tmp_path, "async")  # the threads worker accepts as gthread does
-    stack = factory(workers=2)
-    stack.session.close()  # its connection from the start-up checks would count too
-    # lb-run is ready once one worker answers: the second may still be forking (CI saw it).
-    deadline = time.monotonic() + 30
-    while len(workers := balancer_workers_of(stack.proc.pid)) < 2:
-        assert time.monotonic() < deadline, f"balancer workers: {workers}"
-        time.sleep(0.1)
-    assert len(workers) == 2
-    port = stack.settings.port
     conns: list[socket.socket] = []
-    try:
+    try:  # from here on, whatever fails: the stack is stopped (a failed check once left it)
+        stack = factory(workers=2)
+        stack.session.close()  # its connection from the start-up checks would count too
+        # lb-run is ready once one worker answers: the second may still be forking.
+        deadline = time.monotonic() + 30
+        while len(workers := balancer_workers_of(stack.proc.pid)) < 2:
+            assert time.monotonic() < deadline, f"balancer workers: {workers}"
+            time.sleep(0.1)
+        assert len(workers) == 2
+        port = stack.settings.port
         # Until both workers accept (the second may still be loading the app), and again
         # until they hold none of the test's.
         deadline = time.monotonic() + 30
