@@ -28,13 +28,14 @@ from typing import Any, TypeVar
 
 from lb.backends import Backend, BackendError, Instance, ReplicaSpec
 from lb.errors import ApiError, sentence
-from lb.hashring import RingFull
+from lb.hashring import HashRing, RingFull
 from lb.heartbeat import wait_ready
 from lb.leases import Lease, Purpose
 from lb.naming import MAX_HOSTNAME, random_hostname, valid_hostname
 from lb.registry import READY, REMOVING, RegistryError, RegistryWriteUnknown, Replica, State
 from lb.settings import Settings
 from lb.stores import Store
+from lb.strategies import MAX_WEIGHT, room
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def parse_scale_request(body: Any, too_many: str) -> tuple[int, list[str]]:
-    """``{"n": int >= 1, "hostnames": [names]}`` -> (n, hostnames), or an ``ApiError(400)``."""
+def parse_scale_request(body: Any, too_many: str, weighted: bool = False) -> tuple[int, list[str]]:
+    """``{"n": int >= 1, "hostnames": [names]}`` -> (n, hostnames), or an ``ApiError(400)``;
+    ``weighted``: a ``weight`` field may be there too (``parse_weight`` reads it)."""
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object like {\"n\": 1, \"hostnames\": []}")
-    unknown = sorted(set(body) - {"n", "hostnames"})
+    fields = ("n", "hostnames", "weight") if weighted else ("n", "hostnames")
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise ApiError(400, f"Unknown field '{unknown[0]}' (expected 'n' and 'hostnames')")
+        expected = ", ".join(f"'{f}'" for f in fields[:-1]) + f" and '{fields[-1]}'"
+        raise ApiError(400, f"Unknown field '{unknown[0]}' (expected {expected})")
     if "n" not in body:
         raise ApiError(400, "Field 'n' is required")
     n = body["n"]
@@ -77,10 +81,48 @@ def parse_scale_request(body: Any, too_many: str) -> tuple[int, list[str]]:
     return n, hostnames
 
 
+def parse_weight(value: Any, what: str, drain: bool) -> int:
+    """A replica's weight: an integer 1..MAX_WEIGHT, or 0 too where ``drain``; else 400."""
+    least = 0 if drain else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_WEIGHT:
+        raise ApiError(400, f"{what} must be an integer from {least} to {MAX_WEIGHT}"
+                            + (" (0 drains the replica)" if drain else ""))
+    return value
+
+
+def parse_weights_request(body: Any) -> dict[str, int]:
+    """``{"weights": {hostname: int 0..MAX_WEIGHT}}`` -> those weights, or an ``ApiError(400)``.
+    An empty object changes nothing (the reply then lists the weights as they are)."""
+    example = 'like {"weights": {"Server1": 2}}'
+    if not isinstance(body, dict) or set(body) != {"weights"}:
+        raise ApiError(400, f"Request body must be a JSON object with one field, 'weights', {example}")
+    weights = body["weights"]
+    if not isinstance(weights, dict):
+        raise ApiError(400, f"Field 'weights' must be an object of hostnames and weights, {example}")
+    return {name: parse_weight(w, f"The weight of {_show(name)}", drain=True)
+            for name, w in weights.items()}
+
+
+def weights_message(state: State, strategy: str) -> dict[str, Any]:
+    """``/weight``'s reply: ``/rep``'s message, each replica's weight, and the share of the key
+    space (ring slots or Maglev table entries) the strategy gives it at those weights (0 for a
+    drained replica or one that is not ready)."""
+    shares = state.lookup(strategy, state.routable()).shares()
+    members = state.members()
+    return {**state.rep(), "weights": {r.hostname: r.weight for r in members},
+            "shares": {r.hostname: round(shares.get(r.server_id, 0.0), 6) for r in members}}
+
+
 def _show(name: str) -> str:
     """A name for an error message: quoted, escaped, and not absurdly long."""
     shown = name if len(name) <= 40 else name[:40] + "..."
     return "'" + shown.encode("ascii", "backslashreplace").decode("ascii").replace("'", "\\'") + "'"
+
+
+def _unplaceable(exc: ValueError) -> str:
+    return (f"The hash map cannot place more virtual servers: {exc} (LB_HASH formulas are "
+            "checked for K virtual servers per replica; weights above 1 on LB_STRATEGY=ring "
+            "need a preset hash)")
 
 
 def public_reason(exc: BaseException) -> str:
@@ -113,11 +155,11 @@ class Admin:
         self.backend = backend  # None: the leading supervisor acts on replicas (etcd)
 
     # -- /add --------------------------------------------------------------------------------
-    def add(self, n: int, hostnames: list[str]) -> State:
+    def add(self, n: int, hostnames: list[str], weight: int = 1) -> State:
         purpose = Purpose.ADD if self.backend is not None else Purpose.WANT
         lease = Lease.take(purpose, self.settings.start_timeout)
         with self.registry.update() as state:  # a registry error here has changed nothing
-            entries = self._reserve(state, n, hostnames, lease)
+            entries = self._reserve(state, n, hostnames, lease, weight)
         try:
             if self.backend is None:
                 return self._await_supervisor(lease.holder, entries)
@@ -199,7 +241,7 @@ class Admin:
         raise ApiError(503, reason + "; nothing was added")
 
     def _reserve(self, state: State, n: int, hostnames: list[str],
-                 lease: Lease) -> list[Replica]:
+                 lease: Lease, weight: int = 1) -> list[Replica]:
         taken = {r.hostname for r in state.replicas}
         for name in hostnames:
             if name in taken:
@@ -211,17 +253,74 @@ class Admin:
         names = list(hostnames)
         for _ in range(n - len(hostnames)):
             names.append(random_hostname(taken | set(names)))
+        self._check_room(state, [weight] * n)
         ring = state.hash_ring()
+        count = self._virtual_servers(ring, weight)
         entries = []
         try:
             for name, server_id in zip(names, islice(state.free_server_ids(), n)):
-                slots = ring.add(server_id)
-                entries.append(Replica(name, server_id, list(slots), lease=lease))
+                slots = ring.add(server_id, count=count)
+                entries.append(Replica(name, server_id, list(slots), weight=weight, lease=lease))
         except RingFull as exc:
             raise ApiError(409, f"The hash map has no room for {n} more replicas "
-                                f"({ring.slots} slots, {ring.virtual_per_server} each)") from exc
+                                f"({ring.slots} slots, {count} each)") from exc
+        except ValueError as exc:  # formulas checked for j < K: a weight needs more
+            raise ApiError(409, _unplaceable(exc)) from exc
         state.replicas.extend(entries)
         return entries
+
+    def _virtual_servers(self, ring: HashRing, weight: int) -> int:
+        """The virtual servers a replica of ``weight`` gets in the spec map: w x K when that
+        map routes (``LB_STRATEGY=ring``), else K (the other strategies weigh by themselves);
+        a drained replica keeps what it had."""
+        if self.settings.strategy != "ring" or weight == 0:
+            return ring.virtual_per_server
+        return ring.virtual_per_server * weight
+
+    def _check_room(self, state: State, more: list[int],
+                    changed: dict[str, int] | None = None) -> None:
+        """409 unless the routable weights, with ``changed`` and ``more`` new replicas, fit
+        the strategy's map."""
+        changed = changed or {}
+        weights = [changed.get(r.hostname, r.weight) for r in state.members()] + more
+        why = room(self.settings.strategy, [w for w in weights if w])
+        if why is not None:
+            raise ApiError(409, f"The hash map has no room for these weights: {why}")
+
+    # -- /weight -----------------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, int]) -> State:
+        """Each named replica's weight changed at once, or none (409). On the spec map a
+        replica's virtual servers grow or shrink to w x K, nobody else's moving; a weight of 0
+        leaves them in place, so that the replica's own keys come back with its weight."""
+        with self.registry.update() as state:
+            members = {r.hostname: r for r in state.members()}
+            for name in weights:
+                if name not in members:
+                    raise ApiError(409, f"Replica {_show(name)} does not exist")
+                if members[name].adding:
+                    raise ApiError(409, f"Replica '{name}' is still being added; try again "
+                                        "shortly")
+            changed = {h: w for h, w in weights.items() if members[h].weight != w}
+            self._check_room(state, [], changed)
+            ring = state.hash_ring()
+            # Shrinking first frees slots for the growing ones.
+            for name in sorted(changed, key=lambda h: changed[h] - members[h].weight):
+                entry = members[name]
+                count = self._virtual_servers(ring, changed[name])
+                if changed[name] and count != len(entry.slots):
+                    try:
+                        entry.slots = list(ring.resize(entry.server_id, count))
+                    except RingFull as exc:
+                        raise ApiError(409, f"The hash map has no room for a weight of "
+                                            f"{changed[name]} for '{name}' ({ring.slots} "
+                                            f"slots, {ring.virtual_per_server} per unit of "
+                                            "weight)") from exc
+                    except ValueError as exc:
+                        raise ApiError(409, _unplaceable(exc)) from exc
+                entry.weight = changed[name]
+        if changed:
+            log.info("weights changed: %s", changed)
+        return state
 
     def _commit_add(self, holder: str, expected: int | None = None) -> State:
         """The call's entries made ready and its lease ended; with ``expected``, only if all
@@ -237,7 +336,7 @@ class Admin:
                     entry.release()
                 else:
                     entry.state, entry.lease = READY, None
-                    entry.last_heartbeat, entry.failures = now, 0
+                    entry.last_heartbeat, entry.failures, entry.ready_since = now, 0, now
         if taken_back:
             raise ApiError(503, "The new replicas were taken back before they could be "
                                 "added; nothing was added")

@@ -19,7 +19,14 @@ from werkzeug.exceptions import (
     RequestTimeout,
 )
 
-from lb.admin import ADD_TOO_MANY, RM_TOO_MANY, parse_scale_request
+from lb.admin import (
+    ADD_TOO_MANY,
+    RM_TOO_MANY,
+    parse_scale_request,
+    parse_weight,
+    parse_weights_request,
+    weights_message,
+)
 from lb.backends import BackendError
 from lb.balancer import build_balancer
 from lb.errors import ApiError, envelope, success
@@ -41,15 +48,21 @@ from lb.settings import Settings
 from lb.threads.forward import Upstream
 
 log = logging.getLogger(__name__)
-ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"]}
+# The methods that act, per path: they need the admin token when one is set.
+ADMIN_METHODS = {"/add": ["POST"], "/rm": ["DELETE"], "/weight": ["POST"]}
 READ_METHODS = ["GET", "HEAD"]  # every other path: /rep, routed GETs, /_lb/ endpoints
+# A GET of /weight is routed like any path but the contract's: only its POST is the balancer's.
+ROUTED_TOO = frozenset({"/weight"})
 
 
 def allowed_methods(path: str) -> list[str]:
     """The methods ``path`` takes: one answer per path, whatever method was refused. OPTIONS
     is not among them: the balancer has no CORS or other options to describe, so it is a 405
     like any method a path does not take."""
-    return ADMIN_METHODS.get(path, READ_METHODS)
+    acting = ADMIN_METHODS.get(path)
+    if acting is None:
+        return READ_METHODS
+    return READ_METHODS + acting if path in ROUTED_TOO else acting
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -103,8 +116,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.post("/add")
     def add() -> Response:
-        n, hostnames = parse_scale_request(_json_body(request), ADD_TOO_MANY)
-        return jsonify(success(admin.add(n, hostnames).rep()))
+        body = _json_body(request)
+        n, hostnames = parse_scale_request(body, ADD_TOO_MANY, weighted=True)
+        weight = parse_weight(body.get("weight", 1), "Field 'weight'", drain=False)
+        return jsonify(success(admin.add(n, hostnames, weight).rep()))
+
+    @app.post("/weight")
+    def weight() -> Response:
+        state = admin.set_weights(parse_weights_request(_json_body(request)))
+        return jsonify(success(weights_message(state, settings.strategy)))
 
     @app.delete("/rm")
     def rm() -> Response:
@@ -114,7 +134,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/", defaults={"path": ""})
     @app.get("/<path:path>")
     def route(path: str) -> Response:
-        if request.path in ADMIN_METHODS and not _slashed(request):  # GET /add: a mistake
+        if (request.path in ADMIN_METHODS and request.path not in ROUTED_TOO
+                and not _slashed(request)):  # GET /add: a mistake
             raise MethodNotAllowed(valid_methods=ADMIN_METHODS[request.path])
         target = origin_target(_raw_target(request.environ))
         if target is None:

@@ -186,11 +186,14 @@ class HashRing:
             ring.add(server_id, slots)
         return ring
 
-    def place(self, server_id: int) -> tuple[int, ...]:
-        """The slots ``server_id`` would get now, without adding it."""
+    def place(self, server_id: int, count: int | None = None, first: int = 0) -> tuple[int, ...]:
+        """The slots ``server_id``'s virtual servers ``first`` .. ``count`` - 1 (default: K of
+        them, a weight of 1) would get now, without adding them. A weight w gives w x K virtual
+        servers, numbered on from K: Phi(i, j) for j = 0 .. wK - 1."""
+        count = self.virtual_per_server if count is None else count
         taken = {s for s, owner in enumerate(self._owner) if owner is not None}
         chosen: list[int] = []
-        for j in range(self.virtual_per_server):
+        for j in range(first, count):
             slot = self._probe(self.preset.virtual(server_id, j) % self.slots, taken)
             taken.add(slot)
             chosen.append(slot)
@@ -211,11 +214,13 @@ class HashRing:
                 return slot
         raise RingFull(f"all {self.slots} slots are taken")  # pragma: no cover
 
-    def add(self, server_id: int, slots: Sequence[int] | None = None) -> tuple[int, ...]:
-        """Place ``server_id``; with ``slots``, at exactly those (a persisted placement)."""
+    def add(self, server_id: int, slots: Sequence[int] | None = None,
+            count: int | None = None) -> tuple[int, ...]:
+        """Place ``server_id``: with ``slots``, at exactly those (a persisted placement), else
+        with ``count`` virtual servers (default K)."""
         if server_id in self._placement:
             raise RingError(f"server id {server_id} is already in the ring")
-        chosen = tuple(slots) if slots is not None else self.place(server_id)
+        chosen = tuple(slots) if slots is not None else self.place(server_id, count)
         for slot in chosen:
             if not 0 <= slot < self.slots:
                 raise RingError(f"slot {slot} is outside 0..{self.slots - 1}")
@@ -226,6 +231,25 @@ class HashRing:
         self._placement[server_id] = chosen
         self._table = self._occupied = None
         return chosen
+
+    def resize(self, server_id: int, count: int) -> tuple[int, ...]:
+        """``server_id`` with ``count`` virtual servers: its last ones freed, or more placed
+        after its own (j numbered on). Nobody else's virtual servers move, so only keys between
+        this server and others change hands: a weight change moves only the keys it must."""
+        if count < 1:
+            raise RingError("a server keeps at least one virtual server")
+        have = self._placement[server_id]
+        if count <= len(have):
+            kept, freed = have[:count], have[count:]
+            for slot in freed:
+                self._owner[slot] = None
+        else:
+            kept = have + self.place(server_id, count, first=len(have))
+            for slot in kept[len(have):]:
+                self._owner[slot] = server_id
+        self._placement[server_id] = kept
+        self._table = self._occupied = None
+        return kept
 
     def remove(self, server_id: int) -> tuple[int, ...]:
         """Free ``server_id``'s slots; nobody else's virtual servers move."""

@@ -31,7 +31,7 @@ from lb import leases
 from lb.evidence import STALE_SECONDS, parse_counts
 from lb.hashring import PROBING, HashRing, RingError, resolve_preset
 from lb.leases import Lease, Purpose
-from lb.strategies import Lookup, build_lookup
+from lb.strategies import MAX_WEIGHT, Lookup, build_lookup
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,12 @@ class Replica:
     # when every replica shares one host (local processes, one Docker engine). Written to the
     # document only when set, so documents without domains read and write as before.
     domain: str | None = None
+    # Its share of the keys relative to the others' (lb.strategies); 0 drains it: routed
+    # nothing new while it answers what it has. Written only when not 1.
+    weight: int = 1
+    # Wall-clock time it last became ready (an /add, a replacement, a recovery): slow start
+    # ramps its share from then (lb.slowstart). Written only when known.
+    ready_since: float | None = None
     last_heartbeat: float | None = None
     failures: int = 0  # consecutive missed heartbeats
     restarts: int = 0  # consecutive starts that never became ready
@@ -160,12 +166,13 @@ class Replica:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as the registry file has it: every field in order, the lease as its
-        ``owner`` and ``deadline`` fields, ``domain`` only when known."""
+        ``owner`` and ``deadline`` fields; ``domain``, ``weight`` and ``ready_since`` only when
+        not their default (documents without them read and write as before)."""
         data: dict[str, Any] = {}
         for f in dataclass_fields(self):
             if f.name == "lease":
                 data["owner"], data["deadline"] = leases.to_fields(self.lease)
-            elif f.name == "domain" and self.domain is None:
+            elif f.name in _OMITTED_AT_DEFAULT and getattr(self, f.name) == f.default:
                 continue
             else:
                 data[f.name] = getattr(self, f.name)
@@ -178,6 +185,7 @@ class Replica:
             ("hostname", isinstance(self.hostname, str) and bool(self.hostname)),
             ("server_id", _is_int(self.server_id) and self.server_id >= 1),
             ("slots", isinstance(self.slots, list) and all(_is_int(s) for s in self.slots)),
+            ("weight", _is_int(self.weight) and 0 <= self.weight <= MAX_WEIGHT),
             ("failures", _is_int(self.failures) and self.failures >= 0),
             ("restarts", _is_int(self.restarts) and self.restarts >= 0),
             ("not_before", _is_number(self.not_before)),
@@ -185,8 +193,8 @@ class Replica:
         ]
         fields += [(name, getattr(self, name) is None or isinstance(getattr(self, name), str))
                    for name in ("address", "handle", "domain")]
-        fields += [("last_heartbeat", self.last_heartbeat is None
-                    or _is_number(self.last_heartbeat))]
+        fields += [(name, getattr(self, name) is None or _is_number(getattr(self, name)))
+                   for name in ("last_heartbeat", "ready_since")]
         for name, ok in fields:
             if not ok:
                 raise ValueError(f"bad {name}")
@@ -231,6 +239,9 @@ class Replica:
         self.handle = self.address = self.domain = None
 
 
+_OMITTED_AT_DEFAULT = frozenset({"domain", "weight", "ready_since"})
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -273,12 +284,17 @@ class State:
         return [r for r in self.replicas if r.state != REMOVING]
 
     def routable(self) -> list[Replica]:
+        """The replicas that answer: ready, with an address (weight 0 too: it still answers
+        what it has, though the lookup gives it nothing new)."""
         return [r for r in self.replicas if r.state == READY and r.address]
 
     def lookup(self, strategy: str, replicas: list[Replica]) -> Lookup:
-        """``strategy``'s lookup over ``replicas`` (``lb.strategies``)."""
-        return build_lookup(strategy, lambda: self.hash_ring(replicas),
-                            [r.server_id for r in replicas])
+        """``strategy``'s lookup over those of ``replicas`` whose weight is not 0, by their
+        weights (``lb.strategies``)."""
+        weighted = [r for r in replicas if r.weight]
+        return build_lookup(strategy, lambda: self.hash_ring(weighted),
+                            [r.server_id for r in weighted],
+                            {r.server_id: r.weight for r in weighted})
 
     def hash_ring(self, replicas: list[Replica] | None = None) -> HashRing:
         """The map of ``replicas`` (default: every entry) at their persisted slots."""

@@ -56,8 +56,10 @@ from lb.registry import (
     RegistryUnreadable,
     RegistryWriteUnknown,
     Replica,
+    State,
 )
 from lb.settings import Settings
+from lb.slowstart import Ramped, ramping
 from lb.strategies import Lookup
 
 if TYPE_CHECKING:
@@ -567,7 +569,7 @@ class Router:
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
                 self._table = RoutingTable(
-                    state.version, state.lookup(self.settings.strategy, routable),
+                    state.version, self._lookup(state, routable),
                     {r.server_id: r for r in routable},
                     any(r.state == STARTING for r in state.members()))
                 # Forget idle counters of replicas that left (hostnames churn with replacements).
@@ -576,6 +578,20 @@ class Router:
                 self.answered = {h: c for h, c in self.answered.items() if h in names}
                 self.ejections.keep(names)
             return self._table
+
+    def _lookup(self, state: State, routable: list[Replica]) -> Lookup:
+        """The strategy's lookup over the routable replicas at their weights; while some ramp
+        up (``LB_SLOW_START``), one that gives them their keys gradually (``lb.slowstart``)."""
+        lookup = state.lookup(self.settings.strategy, routable)
+        period = self.settings.slow_start
+        if not period:
+            return lookup
+        ramps = ramping({r.server_id: r.ready_since for r in routable if r.weight}, period,
+                        time.time())
+        base = [r for r in routable if r.server_id not in ramps and r.weight]
+        if not ramps or not base:  # nothing ramps, or nothing else takes its keys meanwhile
+            return lookup
+        return Ramped(lookup, state.lookup(self.settings.strategy, base), ramps, period)
 
     def candidates(self, key: int) -> list[Replica]:
         """Up to 1 + retries distinct replicas clockwise from ``key``, other failure domains

@@ -55,6 +55,9 @@ class Settings:
         0.0, "Bounded loads: no replica gets more than c x the mean of a worker's last 1024 "
              "requests; the overflow goes clockwise to replicas below the mean (c > 1, e.g. "
              "1.25); 0 turns it off")
+    slow_start: float = _opt(
+        0.0, "Seconds over which a replica that joins (an /add, a replacement) takes its share: "
+             "its keys move to it gradually, each once; 0 turns it off")
     hash_key: str = _opt(
         "random",
         "What is hashed: random (6-digit id per request), client (client address), "
@@ -119,7 +122,7 @@ class Settings:
     client_timeout: float = _opt(
         30.0, "Seconds a client may leave the balancer waiting for the rest of its request "
               "(headers, body) or for it to take the reply; then the connection is dropped")
-    admin_token: str = _opt("", "When set, /add and /rm need 'Authorization: Bearer <token>'")
+    admin_token: str = _opt("", "When set, /add, /rm and POST /weight need 'Authorization: Bearer <token>'")
     tls_cert: str = _opt(
         "", "PEM certificate chain for HTTPS (docs/tls.md); empty: plain HTTP only")
     tls_key: str = _opt("", "PEM private key of LB_TLS_CERT; empty: it is in LB_TLS_CERT's file")
@@ -253,6 +256,7 @@ class Settings:
             (0 <= self.eject_max_share <= 1, "eject_max_share must be 0..1"),
             (self.hedge_after >= 0, "hedge_after must be >= 0"),
             (0 <= self.hedge_share <= 1, "hedge_share must be 0..1"),
+            (self.slow_start >= 0, "slow_start must be >= 0"),
             (self.max_reply >= 0 and self.max_clients >= 0,
              "max_reply and max_clients must be >= 0"),
             (self.replica_maxconn >= 0 and self.queue_size >= 0,

@@ -16,6 +16,10 @@ that routes. Pure: no I/O.
 - ``maglev``: Maglev hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size 65,537
   that every replica fills in turn along its own permutation, so each owns M/N entries +- 1.
 
+Weights (a positive integer per replica, 1 unless set) scale a replica's part: on a ring, its
+virtual servers (w x K); in Maglev's table, how often it claims an entry (w / W of them). With
+every weight 1 each map is exactly the unweighted one. ``room`` says whether weights fit.
+
 The router rebuilds its lookup whenever the registry's version changes, which happens on every
 heartbeat round; the two built-from-ids strategies are therefore cached by their inputs and only
 built again when the set of routable server ids changes.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import xxhash
@@ -35,6 +39,10 @@ from lb.hashring import HashRing, u64
 MAGLEV_TABLE_SIZE = 65537  # prime; the paper's default, >> 100 x the largest N we allow
 RING160_SLOTS = 65536
 RING160_VIRTUAL = 160
+MAX_WEIGHT = 256  # per replica, as HAProxy's servers
+# Maglev's table gives each unit of weight at least this many entries, so that a share is
+# within about 1 % of its weight's part.
+MAGLEV_ENTRIES_PER_WEIGHT = 100
 
 
 # The keys of the specification's requests: every 6-digit request id.
@@ -128,7 +136,8 @@ class Maglev:
 
     layout = "table"  # entries scattered over the table: no arcs
 
-    def __init__(self, server_ids: Iterable[int], table_size: int = MAGLEV_TABLE_SIZE) -> None:
+    def __init__(self, server_ids: Iterable[int], table_size: int = MAGLEV_TABLE_SIZE,
+                 weights: Mapping[int, int] | None = None) -> None:
         if not _is_prime(table_size):
             raise ValueError(f"the Maglev table size must be prime, not {table_size}")
         ids = sorted(set(server_ids))
@@ -136,21 +145,34 @@ class Maglev:
             raise ValueError("server ids must be >= 0")
         if len(ids) > table_size:
             raise ValueError(f"{len(ids)} servers do not fit a table of {table_size}")
+        shares = [1 if weights is None else weights.get(i, 1) for i in ids]
+        if any(w < 1 for w in shares) or sum(shares) > table_size:
+            raise ValueError("weights must be positive and fit the table")
         self.table_size = table_size
         self.servers = ids
         self._ids = frozenset(ids)
-        self.table: list[int] = self._populate(ids, table_size) if ids else []
+        self.table: list[int] = self._populate(ids, shares, table_size) if ids else []
         self._shares: dict[int, float] | None = None
 
     @staticmethod
-    def _populate(ids: list[int], m: int) -> list[int]:
+    def _populate(ids: list[int], weights: list[int], m: int) -> list[int]:
+        """Rounds of turns: in round t a server of weight w claims its next entry while it has
+        claimed fewer than t x w / heaviest (as Envoy's weighted Maglev), so the heaviest claims
+        in every round and equal weights take every turn, as in the paper."""
         offsets = [xxhash.xxh64_intdigest(u64(i), seed=0x0FF5E7) % m for i in ids]
         skips = [xxhash.xxh64_intdigest(u64(i), seed=0x5C1F) % (m - 1) + 1 for i in ids]
         position = list(offsets)  # each server's current entry along its permutation
+        heaviest = max(weights)
+        due = [0] * len(ids)  # heaviest x the entries each server has claimed
         table = [-1] * m
         filled = 0
+        rounds = 0
         while True:
+            rounds += 1
             for n, server_id in enumerate(ids):
+                if rounds * weights[n] < due[n]:
+                    continue  # a lighter server: not its turn this round
+                due[n] += heaviest
                 c, skip = position[n], skips[n]
                 while table[c] >= 0:
                     c += skip
@@ -209,47 +231,69 @@ class Maglev:
 
 
 def well_mixed_ring(server_ids: Iterable[int], slots: int = RING160_SLOTS,
-                    virtual: int = RING160_VIRTUAL) -> HashRing:
-    """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers,
-    ids placed in ascending order (the same set of ids always gives the same map)."""
+                    virtual: int = RING160_VIRTUAL,
+                    weights: Mapping[int, int] | None = None) -> HashRing:
+    """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers
+    (``virtual`` x weight each), ids placed in ascending order (the same ids and weights always
+    give the same map)."""
     ring = HashRing(slots, virtual, "xxhash", "linear")
     for server_id in sorted(set(server_ids)):
-        ring.add(server_id)
+        ring.add(server_id, count=virtual * (1 if weights is None else weights.get(server_id, 1)))
     ring.lookup(0)  # build the slot table now, not under the first request
     return ring
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_maglev(server_ids: tuple[int, ...]) -> Maglev:
-    return Maglev(server_ids)
+# Servers as (server id, weight) pairs in ascending id order: a cache key.
+Servers = tuple[tuple[int, int], ...]
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_ring160(server_ids: tuple[int, ...]) -> HashRing:
-    return well_mixed_ring(server_ids)
+def _cached_maglev(servers: Servers) -> Maglev:
+    return Maglev([i for i, _ in servers], weights=dict(servers))
 
 
-def _ring(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
-    return spec_map()
+@functools.lru_cache(maxsize=8)
+def _cached_ring160(servers: Servers) -> HashRing:
+    return well_mixed_ring([i for i, _ in servers], weights=dict(servers))
 
 
-def _ring160(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
-    return _cached_ring160(server_ids)
+def _ring(spec_map: Callable[[], HashRing], servers: Servers) -> Lookup:
+    return spec_map()  # the weights are in its persisted slots: w x K of them
 
 
-def _maglev(spec_map: Callable[[], HashRing], server_ids: tuple[int, ...]) -> Lookup:
-    return _cached_maglev(server_ids)
+def _ring160(spec_map: Callable[[], HashRing], servers: Servers) -> Lookup:
+    return _cached_ring160(servers)
+
+
+def _maglev(spec_map: Callable[[], HashRing], servers: Servers) -> Lookup:
+    return _cached_maglev(servers)
 
 
 # A strategy's lookup from the spec map (built on demand: only ``ring`` uses it) and the
-# sorted routable server ids.
-Builder = Callable[[Callable[[], HashRing], tuple[int, ...]], Lookup]
+# routable servers with their weights.
+Builder = Callable[[Callable[[], HashRing], Servers], Lookup]
 
 STRATEGIES: dict[str, Builder] = {"ring": _ring, "ring160": _ring160, "maglev": _maglev}
 
 
-def build_lookup(strategy: str, spec_map: Callable[[], HashRing],
-                 server_ids: Iterable[int]) -> Lookup:
-    """The lookup of ``strategy`` over ``server_ids``; ``spec_map`` gives the specification's
-    map of the same servers (at their persisted slots) when the strategy is ``ring``."""
-    return STRATEGIES[strategy](spec_map, tuple(sorted(set(server_ids))))
+def build_lookup(strategy: str, spec_map: Callable[[], HashRing], server_ids: Iterable[int],
+                 weights: Mapping[int, int] | None = None) -> Lookup:
+    """The lookup of ``strategy`` over ``server_ids`` (with ``weights``: 1 for an id it does not
+    name); ``spec_map`` gives the specification's map of the same servers (at their persisted
+    slots, which hold their weights) when the strategy is ``ring``."""
+    weight = (lambda i: 1) if weights is None else (lambda i: weights.get(i, 1))
+    return STRATEGIES[strategy](spec_map, tuple((i, weight(i)) for i in sorted(set(server_ids))))
+
+
+def room(strategy: str, weights: Iterable[int]) -> str | None:
+    """Why ``weights`` (every routable replica's, each 1..MAX_WEIGHT) do not fit the strategy's
+    map, or None. The spec map (``ring``) is judged by placing its virtual servers: its slots
+    run out (``RingFull``) while probing."""
+    total = sum(weights)
+    if strategy == "ring160" and total * RING160_VIRTUAL > RING160_SLOTS:
+        return (f"ring160 has room for weights adding up to {RING160_SLOTS // RING160_VIRTUAL} "
+                f"({RING160_VIRTUAL} virtual servers each in {RING160_SLOTS} slots), not {total}")
+    most = MAGLEV_TABLE_SIZE // MAGLEV_ENTRIES_PER_WEIGHT
+    if strategy == "maglev" and total > most:
+        return f"maglev has room for weights adding up to {most}, not {total}"
+    return None
