@@ -19,7 +19,8 @@ Why a window and two caps (the rules, written once; ``Router._bounded`` walks wi
 
 The bound: while the replica set is unchanged and nothing is ejected or suspect, over any
 ``WINDOW`` consecutive requests of one worker no replica gets more than ``ceil(c x mean)``
-(a guest lands at ``<= floor(mean) + 1``, which is at most that). Retries count as requests
+(a guest lands at ``<= floor(mean) + 1``, which is at most that); with weights, ``mean`` is
+each replica's part of the window, ``WINDOW x w / W``. Retries count as requests
 (a failed try and the next one both count), and a replica that left keeps its share until it
 slides out; that, and ejected or suspect replicas taking no share, is the slack.
 Each worker bounds its own requests; the balancer's whole load is then bounded too.
@@ -49,10 +50,12 @@ class RecentLoad:
         self.counts: dict[str, int] = {}  # hostname -> requests in the window (none: absent)
         self._recent: deque[str] = deque()
 
-    def caps(self, n: int) -> tuple[int, int]:
-        """(own, guest) for ``n`` replicas: a replica takes its own keys while it holds fewer
-        than ``own`` of the window, others' overflow while it holds at most ``guest``."""
-        mean = self.size / n
+    def caps(self, share: float) -> tuple[int, int]:
+        """(own, guest) for a replica whose weight gives it ``share`` of the keys (1/n of n
+        equal ones): it takes its own keys while it holds fewer than ``own`` of the window,
+        others' overflow while it holds at most ``guest``. (Weighted, the mean is its part of
+        the window; the shares add up to 1, so one replica still always has guest room.)"""
+        mean = self.size * share
         return max(1, math.ceil(self.c * mean)), int(mean)
 
     def room(self, hostname: str, home: bool, caps: tuple[int, int]) -> bool:

@@ -500,6 +500,11 @@ class RoutingTable:
     starting: bool  # some wanted replica is still starting (a fresh stack, an /add)
 
     @functools.cached_property
+    def total_weight(self) -> int:
+        """The routable replicas' weights added up: each one's part of the keys is w / this."""
+        return sum(r.weight for r in self.by_id.values())
+
+    @functools.cached_property
     def domains(self) -> dict[str, str]:
         """Hostname -> failure domain of the replicas whose domain is known (Swarm's nodes);
         empty when none is (local processes, one Docker engine): retries then keep the ring's
@@ -671,15 +676,15 @@ class Router:
         over this worker's recent requests (``lb.bounded``: the rules and the bound).
 
         The key's own replica (the walk's first that is not ejected) while it holds fewer than
-        ``ceil(c * mean)`` of the window; else the next one clockwise holding at most the mean.
+        ``ceil(c * mean)`` of the window; else the next one clockwise holding at most the mean
+        (a replica's mean: its weight's part of the window).
         Replicas without room go with the suspects, and failure domains spread both tiers as in
         ``choices``.
         """
-        n = len(table.by_id)
+        total = table.total_weight
         recent = self.recent
-        if n == 0 or recent is None:
+        if total == 0 or recent is None:
             return []
-        caps = recent.caps(n)
         ok: list[Replica] = []
         full: list[Replica] = []
         ejections = self.ejections
@@ -690,7 +695,7 @@ class Router:
             replica = table.by_id[server_id]
             if ejections.until and ejections.ejected(replica.hostname, now):
                 continue
-            room = recent.room(replica.hostname, home, caps)
+            room = recent.room(replica.hostname, home, recent.caps(replica.weight / total))
             home = False
             if room and suspects.get(replica.hostname, 0) <= now:
                 ok.append(replica)

@@ -234,11 +234,29 @@ def well_mixed_ring(server_ids: Iterable[int], slots: int = RING160_SLOTS,
                     virtual: int = RING160_VIRTUAL,
                     weights: Mapping[int, int] | None = None) -> HashRing:
     """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers
-    (``virtual`` x weight each), ids placed in ascending order (the same ids and weights always
-    give the same map)."""
+    (``virtual`` x weight each, less the few whose slot is taken), ids placed in ascending order
+    (the same ids and weights always give the same map)."""
+    ids = sorted(set(server_ids))
     ring = HashRing(slots, virtual, "xxhash", "linear")
-    for server_id in sorted(set(server_ids)):
-        ring.add(server_id, count=virtual * (1 if weights is None else weights.get(server_id, 1)))
+    for server_id in ids:
+        ring.add(server_id)
+    # The virtual servers past the first K of a weight above 1 come after every server's first
+    # K, in a fixed order, each at its own hash's slot or nowhere (no probing: a probe would
+    # shift the next server's one, and with it keys between two servers whose weight did not
+    # change). A weight change then moves keys only to or from its replica.
+    counts = {i: virtual * (1 if weights is None else weights.get(i, 1)) for i in ids}
+    more: dict[int, list[int]] = {i: [] for i in ids}
+    taken = {slot for placed in ring.placement().values() for slot in placed}
+    for j in range(virtual, max(counts.values(), default=0)):
+        for server_id in ids:
+            if j < counts[server_id]:
+                slot = ring.preset.virtual(server_id, j) % slots
+                if slot not in taken:
+                    taken.add(slot)
+                    more[server_id].append(slot)
+    for server_id, extra in more.items():
+        if extra:
+            ring.add(server_id, ring.remove(server_id) + tuple(extra))
     ring.lookup(0)  # build the slot table now, not under the first request
     return ring
 

@@ -23,7 +23,7 @@ from lb.settings import Settings
 
 def route(load: RecentLoad, walk: list[str], n: int) -> str:
     """``Router._bounded``'s choice with nothing ejected or suspect: the first with room."""
-    caps = load.caps(n)
+    caps = load.caps(1 / n)
     for i, hostname in enumerate(walk):
         if load.room(hostname, i == 0, caps):
             return hostname
@@ -59,7 +59,7 @@ def test_a_sliding_window_forgets_the_oldest() -> None:
     for hostname in ("a", "a", "b", "c"):
         load.given(hostname)
     assert load.counts == {"a": 1, "b": 1, "c": 1}
-    assert load.caps(2) == (3, 1)  # own: ceil(1.5 x 1.5); guests: at most the mean, floored
+    assert load.caps(1 / 2) == (3, 1)  # own: ceil(1.5 x 1.5); guests: at most the mean, floored
     assert load.room("a", True, (3, 1)) and not load.room("a", False, (0, 0))
 
 
