@@ -227,18 +227,28 @@ def baseline_balancer(stack: LocalStack, folder: str,
                       rev: str) -> Iterator[tuple[str, psutil.Process]]:
     """The async worker of another commit (``rev``, checked out in ``folder``) on the stack's
     registry and replicas: the code before a change, measured beside the code after it."""
-    tree = os.path.join(folder, "baseline")
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", tree, rev], cwd=ROOT,
-                   check=True)
     port = free_port()
-    env = {**stack.env, "LB_WORKER": "async", "LB_PORT": str(port),
-           "LB_REGISTRY": stack.registry, "PYTHONPATH": tree}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own counters, not the stack's
-    try:
+    with tree_of(rev, folder) as tree:
+        env = {**stack.env, "LB_WORKER": "async", "LB_PORT": str(port),
+               "LB_REGISTRY": stack.registry, "PYTHONPATH": tree}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own counters, not the stack's
         with _process([sys.executable, "-m", "gunicorn", "-c", "python:lb.gunicorn_conf"], port,
                       f"the balancer at {rev}", os.path.join(folder, "baseline.log"), env,
                       timeout=60, cwd=tree) as proc:
             yield f"http://127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def tree_of(rev: str | None, folder: str) -> Iterator[str]:
+    """A checkout of ``rev`` (a temporary git worktree in ``folder``), or this one for None."""
+    if rev is None:
+        yield ROOT
+        return
+    tree = os.path.join(folder, f"tree-{rev[:12]}")
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", tree, rev], cwd=ROOT,
+                   check=True)
+    try:
+        yield tree
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, check=False)
 

@@ -46,7 +46,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from analysis.stacks import LocalStack, free_port
-from bench.bench import HAPROXY_CFG, _process
+from bench.bench import HAPROXY_CFG, _process, tree_of
 from tests.helpers_chaos import Load
 from tests.helpers_overload import Shots, closed_loop, echo_replicas, open_loop
 from tests.helpers_scripted import threads_balancer
@@ -58,21 +58,6 @@ OVERLOAD_THREADS, OVERLOAD_MAXCONN, OVERLOAD_QUEUE_TIMEOUT = 4, 2, 1.0
 
 
 # -- stacks of either commit --------------------------------------------------------------------
-@contextlib.contextmanager
-def tree_of(rev: str | None, folder: str) -> Iterator[str]:
-    """A checkout of ``rev`` (a temporary git worktree), or this one for None."""
-    if rev is None:
-        yield ROOT
-        return
-    tree = os.path.join(folder, f"tree-{rev[:12]}")
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", tree, rev], cwd=ROOT,
-                   check=True)
-    try:
-        yield tree
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, check=False)
-
-
 class TreeStack(LocalStack):
     """``lb-run`` of the code in ``tree``: balancer, supervisor and replicas all from it."""
 

@@ -20,7 +20,6 @@ tasks and nodes, a node's own for the containers it runs.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -36,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lb.backends.docker import LABEL_DEPLOYMENT, LABEL_HOSTNAME, LABEL_ROLE
 from lb.backends.swarm import is_live
+from lb.ha import free_port_run
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IMAGE = "hashlb-node:latest"  # swarm.mk's NODE_IMAGE, which the tests keep
@@ -72,9 +72,7 @@ def other_free_ports(first: int, count: int) -> list[int]:
     """``first`` and ``count - 1`` more free loopback ports, all different."""
     ports = [first]
     while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port_run(1)  # below the ephemeral range: no client's socket takes it
         if port not in ports:
             ports.append(port)
     return ports
