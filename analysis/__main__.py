@@ -10,7 +10,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from analysis import balance, experiments
+from analysis import balance, experiments, weighted
 from analysis.client import AnalysisError, trust
 from analysis.explain import explain
 from analysis.stacks import LocalStack
@@ -25,7 +25,8 @@ experiments:
   all      explain + balance + a1 + a2 + a3 + a4
   balance  offline: max/mean and key movement of every strategy for N = 2..10 (no balancer);
            with --hash SPEC: one hash on the ring (a preset, 'H=...; Phi=...' or module:name),
-           the slots H reaches, where the virtual servers land, the shares (--chart: a PNG)
+           the slots H reaches, where the virtual servers land, the shares (--chart: a PNG);
+           with --weights 1,2,3: each strategy's share per replica against w / W
   explain  offline: why the spec's hash functions send ~97% / ~84% to one replica
 
 examples:
@@ -34,6 +35,7 @@ examples:
   lb-analyze a3 --url http://127.0.0.1:5000 --kill-cmd 'docker kill {hostname}'
   lb-analyze a4 --spawn
   lb-analyze balance --hash 'H=3*i**2+7*i+11; Phi=i**2+j**2+2*j+25' --chart
+  lb-analyze balance --weights 1,2,3
   lb-analyze a4 --target seed=http://127.0.0.1:5001 --target cs60002=http://127.0.0.1:5002 \\
                 --target xxhash=http://127.0.0.1:5003
   lb-analyze all --spawn --variants seed,cs60002,xxhash,ring160,maglev
@@ -73,13 +75,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     balance_group = parser.add_argument_group("balance")
     balance_group.add_argument("--seed", type=int, default=1)
     balance_group.add_argument("--repeats", type=int, default=20)
-    balance_group.add_argument("--n-min", type=int, default=2)
-    balance_group.add_argument("--n-max", type=int, default=10)
+    balance_group.add_argument("--n-min", type=int, help="fewest replicas (2)")
+    balance_group.add_argument("--n-max", type=int, help="most replicas (10)")
     balance_group.add_argument("--only", action="append", metavar="STRATEGY")
+    balance.add_weights_argument(balance_group)
     balance.add_hash_arguments(balance_group)
     args = parser.parse_args(argv)
     if args.hash and args.experiment != "balance":
         parser.error("--hash goes with the balance experiment: lb-analyze balance --hash SPEC")
+    if args.weights is not None and args.experiment != "balance":
+        parser.error("--weights goes with the balance experiment: lb-analyze balance "
+                     "--weights 1,2,3")
+    try:
+        weighted.settle(args)
+    except AnalysisError as exc:
+        parser.exit(2, f"lb-analyze: {exc}\n")  # a usage error, on one line
     return args
 
 
@@ -107,6 +117,9 @@ def _target(args: argparse.Namespace, ctx: experiments.Context) -> Iterator[expe
 
 def run(args: argparse.Namespace) -> None:
     trust(args.cacert)
+    if args.experiment == "balance" and args.weights:
+        weighted.run(args.weights, args.out, args.requests, args.seed, args.only)
+        return
     if args.experiment == "balance" and args.hash:
         balance.run_hash(args.hash, args.out, args.chart, args.slots, args.virtual,
                          args.probing, args.requests, args.seed, args.n_min, args.n_max,

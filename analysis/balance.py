@@ -15,7 +15,8 @@ as in the router. Bounded loads are simulated in the model of Mirrokni et al.: r
 a request passes over a replica that already holds ceil(c x mean) of them.
 
 ``python -m analysis.balance`` or ``lb-analyze balance`` prints the tables and writes
-``balance.md``, ``balance.json`` and ``balance.png`` into the results folder.
+``balance.md``, ``balance.json`` and ``balance.png`` into the results folder; with ``--weights
+1,2,3``, each strategy's share per replica at those weights instead (``analysis.weighted``).
 """
 
 from __future__ import annotations
@@ -30,21 +31,20 @@ import re
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from analysis.client import AnalysisError
 from lb.hashring import HashRing, resolve_preset
-from lb.strategies import (
-    REQUEST_IDS,
-    Lookup,
-    Maglev,
-    shares_by_weight,
-    slot_weights,
-    well_mixed_ring,
-)
+from lb.strategies import REQUEST_IDS, Lookup, build_lookup, shares_by_weight, slot_weights
 
 Ids = Sequence[int]
+Weights = Mapping[int, int]  # server id -> weight (1 for an id it does not name)
+
+
+class Build(Protocol):
+    def __call__(self, ids: Ids, weights: Weights | None = None) -> Lookup: ...
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,11 @@ class Variant:
 
     name: str
     description: str
-    build: Callable[[Ids], Lookup]
+    build: Build  # the lookup over ids, with weights as the balancer would use them
     grow: Callable[[Lookup, Ids, int], Lookup]  # (lookup over ids, ids, new id) -> lookup
     shrink: Callable[[Lookup, Ids, int], Lookup]  # (lookup over ids, ids, leaving id) -> lookup
     bounded: float = 0.0  # bounded loads route by load too: no key-space figures then
+    strategy: str = "ring"  # its LB_STRATEGY: whose room (lb.strategies.room) weights need
 
 
 def _ring_variant(name: str, preset: str, slots: int = 512, virtual: int = 9,
@@ -68,10 +69,12 @@ def _ring_variant(name: str, preset: str, slots: int = 512, virtual: int = 9,
     params = {"slots": slots, "virtual_per_server": virtual, "preset": preset,
               "probing": probing}
 
-    def build(ids: Ids) -> Lookup:
+    def build(ids: Ids, weights: Weights | None = None) -> Lookup:
         ring = HashRing(**params)  # type: ignore[arg-type]
         for i in ids:
-            ring.add(i)
+            # w x K virtual servers, as the admin places a replica of weight w on LB_STRATEGY=ring
+            # (RingFull when the slots run out)
+            ring.add(i, count=ring.virtual_per_server * (weights or {}).get(i, 1))
         return ring
 
     def copy(lookup: Lookup) -> HashRing:
@@ -94,14 +97,22 @@ def _ring_variant(name: str, preset: str, slots: int = 512, virtual: int = 9,
     return Variant(name, desc, build, grow, shrink, bounded)
 
 
-def _set_variant(name: str, description: str, make: Callable[[Ids], Lookup],
-                 bounded: float = 0.0) -> Variant:
+def _set_variant(name: str, description: str, strategy: str, bounded: float = 0.0) -> Variant:
+    """A strategy whose lookup is a function of the set of ids (and weights), built by
+    ``build_lookup`` as the router builds it."""
+    def make(ids: Ids, weights: Weights | None = None) -> Lookup:
+        return build_lookup(strategy, _no_spec_map, ids, weights)
+
     return Variant(
         name, description, make,
         grow=lambda lk, ids, new: make([*ids, new]),
         shrink=lambda lk, ids, leaving: make([i for i in ids if i != leaving]),
-        bounded=bounded,
+        bounded=bounded, strategy=strategy,
     )
+
+
+def _no_spec_map() -> HashRing:
+    raise AssertionError("only LB_STRATEGY=ring reads the spec map")
 
 
 def variants() -> list[Variant]:
@@ -110,13 +121,13 @@ def variants() -> list[Variant]:
         _ring_variant("ring cs60002", "cs60002", note="the course handout's formulas"),
         _ring_variant("ring xxhash", "xxhash", note="well-mixed hashes, spec's M and K"),
         _set_variant("ring160", "ring, xxhash, M=65536, K=160 (LB_STRATEGY=ring160)",
-                     well_mixed_ring),
-        _set_variant("maglev", "Maglev, table 65537 (LB_STRATEGY=maglev)", Maglev),
+                     "ring160"),
+        _set_variant("maglev", "Maglev, table 65537 (LB_STRATEGY=maglev)", "maglev"),
         _ring_variant("ring seed + bounded 1.25", "seed", bounded=1.25,
                       note="bounded loads c=1.25 (LB_BOUNDED_LOAD=1.25)"),
         _set_variant("maglev + bounded 1.05",
                      "Maglev with bounded loads c=1.05 (LB_STRATEGY=maglev LB_BOUNDED_LOAD=1.05)",
-                     Maglev, bounded=1.05),
+                     "maglev", bounded=1.05),
     ]
 
 
@@ -126,19 +137,25 @@ def request_ids(count: int, seed: int) -> list[int]:
     return [rng.randint(100000, 999999) for _ in range(count)]
 
 
-def assign(lookup: Lookup, ids: Ids, keys: Iterable[int], bounded: float = 0.0) -> list[int]:
+def assign(lookup: Lookup, ids: Ids, keys: Iterable[int], bounded: float = 0.0,
+           weights: Weights | None = None) -> list[int]:
     """The replica of each key, in order; with ``bounded`` = c, no replica takes more than
-    ceil(c x (requests so far) / N): a request walks on past full replicas."""
+    ceil(c x (requests so far) / N), or with ``weights`` ceil(c x (requests so far) x w / W)
+    (its part of them, as ``lb.bounded`` caps a weighted replica): a request walks on past
+    full replicas."""
     if not bounded:
         return [lookup.lookup(k) or 0 for k in keys]
     load = dict.fromkeys(ids, 0)
     out: list[int] = []
     n = len(ids)
+    total = sum(weights.get(i, 1) for i in ids) if weights else n
     for m, key in enumerate(keys):
         cap = math.ceil(bounded * (m + 1) / n)
         chosen = None
         for server_id in lookup.walk(key):
             chosen = chosen or server_id  # everyone full cannot happen, but never drop a key
+            if weights:
+                cap = math.ceil(bounded * (m + 1) * weights.get(server_id, 1) / total)
             if load[server_id] < cap:
                 chosen = server_id
                 break
@@ -601,11 +618,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the request ids")
     parser.add_argument("--repeats", type=int, default=20,
                         help="further samples for the median max/mean (20)")
-    parser.add_argument("--n-min", type=int, default=2)
-    parser.add_argument("--n-max", type=int, default=10)
+    parser.add_argument("--n-min", type=int, help="fewest replicas (2)")
+    parser.add_argument("--n-max", type=int, help="most replicas (10)")
     parser.add_argument("--only", action="append", metavar="STRATEGY",
                         help="measure only this strategy (repeatable)")
+    add_weights_argument(parser)
     add_hash_arguments(parser)
+
+
+def add_weights_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--weights", metavar="W1,W2,...",
+                        help="one weight (1..256) per replica: every strategy's share per "
+                             "replica against its target w / W, for N = the weights' count")
 
 
 def add_hash_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -620,6 +644,12 @@ def add_hash_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def run_args(args: argparse.Namespace) -> None:
+    """Run what ``args`` (settled by ``analysis.weighted.settle``) ask for."""
+    if args.weights:
+        from analysis import weighted
+
+        weighted.run(args.weights, args.out, args.requests, args.seed, args.only)
+        return
     if args.hash:
         run_hash(args.hash, args.out, args.chart, args.slots, args.virtual, args.probing,
                  args.requests, args.seed, args.n_min, args.n_max, args.repeats)
@@ -631,8 +661,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.balance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    from analysis import weighted  # it builds on this module
+
+    args = parser.parse_args(argv)
     try:
-        run_args(parser.parse_args(argv))
+        weighted.settle(args)
+    except AnalysisError as exc:
+        parser.exit(2, f"analysis.balance: {exc}\n")
+    try:
+        run_args(args)
     except AnalysisError as exc:
         sys.exit(f"analysis.balance: {exc}")
 

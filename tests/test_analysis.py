@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import balance, experiments
+from analysis import balance, experiments, weighted
 from analysis.client import AnalysisError, Result, parse_server_id
 from analysis.explain import explain_preset
 from analysis.report import markdown_table, summarize, text_table
@@ -108,6 +108,89 @@ def test_balance_hash_judges_a_formula_from_the_command_line(
     with pytest.raises(SystemExit, match=r"lb-analyze: --hash: LB_HASH, character 10 \(in Phi\): "
                                          "unknown name 'k'"):
         main(["balance", "--hash", "H=i; Phi=k", "--out", str(tmp_path)])
+
+
+def test_balance_weights_gives_each_replica_its_part(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.__main__ import main
+
+    main(["balance", "--weights", "1,2,3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "balance-weights.json").read_text())
+    strategies = data["strategies"]
+    targets = {"1": 1 / 6, "2": 2 / 6, "3": 3 / 6}
+    for name, within in (("maglev", 0.01), ("ring160", 0.05)):
+        share = strategies[name]["share"]
+        assert set(share) == set(targets)
+        for sid, target in targets.items():
+            assert abs(share[sid] / target - 1) < within, (name, sid, share)
+        assert strategies[name]["worst_error"] < within
+    # Bounded loads cap each replica at c x its part of the requests so far.
+    bounded = strategies["maglev + bounded 1.05"]["share"]
+    assert all(bounded[sid] <= 1.05 * t + 1 / data["requests"] for sid, t in targets.items())
+    assert "| 3 | 3 | 50.00 % | 50.01 % | +0.02 % |" in out  # maglev's row for id 3
+    assert "| target w / W | - | 16.67 / 33.33 / 50.00 |" in out
+    assert (tmp_path / "balance-weights.png").stat().st_size > 0
+    assert not (tmp_path / "balance.md").exists()  # the sweep's report is left as it was
+
+
+def test_balance_weights_says_where_there_is_no_room(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = {r.name: r for r in weighted.run(
+        [256, 256], str(tmp_path), count=500, only=["ring seed", "ring160", "maglev"],
+        plot=False, echo=False)}
+    assert results["ring seed"].share is None
+    assert results["ring seed"].no_room == ("w x K virtual servers for weights adding up to 512 "
+                                            "do not fit: all 512 slots are taken")
+    assert results["ring160"].no_room == ("ring160 has room for weights adding up to 409 "
+                                          "(160 virtual servers each in 65536 slots), not 512")
+    assert results["maglev"].no_room is None and results["maglev"].worst_error < 0.01
+    text = (tmp_path / "balance-weights.md").read_text()
+    assert "| ring160 | no room: ring160 has room for weights adding up to 409" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--weights", "1,2,x"], ("one integer per replica, separated by commas, like 1,2,3; "
+                              "not '1,2,x'")),
+    (["--weights", "1,,2"], "one integer per replica"),
+    (["--weights", ""], "one integer per replica"),
+    (["--weights", "1,0"], "a weight is an integer from 1 to 256, not 0"),
+    (["--weights", "257"], "a weight is an integer from 1 to 256, not 257"),
+    (["--weights", "1,2,3", "--n-max", "5"], "3 replicas, but --n-max says 5"),
+    (["--weights", "1,2", "--hash", "seed"], "goes without --hash"),
+])
+def test_balance_weights_rejects_bad_values_on_one_line(
+        argv: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["balance", *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lb-analyze: --weights: ") and message in err
+    assert err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_weights_of_one_build_the_unweighted_maps() -> None:
+    """Every strategy built with all weights 1 is the map the sweep measures without weights."""
+    ids = [1, 2, 3, 4]
+    for variant in balance.variants():
+        plain, ones = variant.build(ids), variant.build(ids, dict.fromkeys(ids, 1))
+        assert list(plain.owners()) == list(ones.owners()), variant.name
+
+
+def test_balance_without_weights_prints_the_sweep(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.__main__ import main
+
+    main(["balance", "--only", "maglev", "--requests", "500", "--repeats", "1", "--n-max", "3",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("# Balance of the lookup strategies\n")
+    assert "server ids 1..N, N = 2..3." in out and "| maglev |" in out
+    assert not list(tmp_path.glob("balance-weights*"))
 
 
 # -- against real stacks ---------------------------------------------------------------------
