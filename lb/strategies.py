@@ -11,8 +11,9 @@ that routes. Pure: no I/O.
 - ``ring``: the consistent hash map itself (``LB_HASH``, ``LB_SLOTS``, ``LB_VIRTUAL``), on the
   slots persisted in the registry: the specification's map.
 - ``ring160``: a well-mixed ring in one setting: xxHash, 65,536 slots, 160 virtual servers per
-  replica, placed from the routable server ids alone (ascending, so the map is a function of the
-  set of ids, and a replacement that keeps its server id moves no key).
+  replica, placed from the routable server ids and weights alone (a slot two virtual servers
+  hash to goes to the higher hash, whatever the order: the map is a function of the set, and a
+  replacement that keeps its server id moves no key).
 - ``maglev``: Maglev hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size 65,537
   that every replica fills in turn along its own permutation, so each owns M/N entries +- 1.
 
@@ -234,11 +235,24 @@ def well_mixed_ring(server_ids: Iterable[int], slots: int = RING160_SLOTS,
                     virtual: int = RING160_VIRTUAL,
                     weights: Mapping[int, int] | None = None) -> HashRing:
     """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers
-    (``virtual`` x weight each), ids placed in ascending order (the same ids and weights always
-    give the same map)."""
+    (``virtual`` x weight each). Virtual servers that hash to one slot are not probed on (the
+    one placed last would move when an earlier one comes or goes, taking keys from one
+    unchanged replica to another): the one of highest hash takes the slot, so the map is a
+    function of the ids and weights alone, and a weight change, an addition or a removal moves
+    keys only to or from the replica it concerns."""
     ring = HashRing(slots, virtual, "xxhash", "linear")
-    for server_id in sorted(set(server_ids)):
-        ring.add(server_id, count=virtual * (1 if weights is None else weights.get(server_id, 1)))
+    best: dict[int, tuple[int, int]] = {}  # slot -> (its hash // slots, server id) holding it
+    for server_id in set(server_ids):
+        for j in range(virtual * (1 if weights is None else weights.get(server_id, 1))):
+            point = ring.preset.virtual(server_id, j)
+            slot, rank = point % slots, (point // slots, server_id)
+            if slot not in best or best[slot] < rank:
+                best[slot] = rank
+    placement: dict[int, list[int]] = {server_id: [] for server_id in set(server_ids)}
+    for slot, (_, server_id) in best.items():
+        placement[server_id].append(slot)
+    for server_id in sorted(placement):
+        ring.add(server_id, slots=sorted(placement[server_id]))
     ring.lookup(0)  # build the slot table now, not under the first request
     return ring
 
