@@ -11,8 +11,9 @@ that routes. Pure: no I/O.
 - ``ring``: the consistent hash map itself (``LB_HASH``, ``LB_SLOTS``, ``LB_VIRTUAL``), on the
   slots persisted in the registry: the specification's map.
 - ``ring160``: a well-mixed ring in one setting: xxHash, 65,536 slots, 160 virtual servers per
-  replica, placed from the routable server ids alone (ascending, so the map is a function of the
-  set of ids, and a replacement that keeps its server id moves no key).
+  replica, placed from the routable server ids and weights alone (a slot two virtual servers
+  hash to goes to the higher hash, whatever the order: the map is a function of the set, and a
+  replacement that keeps its server id moves no key).
 - ``maglev``: Maglev hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size 65,537
   that every replica fills in turn along its own permutation, so each owns M/N entries +- 1.
 
@@ -234,29 +235,24 @@ def well_mixed_ring(server_ids: Iterable[int], slots: int = RING160_SLOTS,
                     virtual: int = RING160_VIRTUAL,
                     weights: Mapping[int, int] | None = None) -> HashRing:
     """The consistent hash map with the ``xxhash`` preset, many slots and many virtual servers
-    (``virtual`` x weight each, less the few whose slot is taken), ids placed in ascending order
-    (the same ids and weights always give the same map)."""
-    ids = sorted(set(server_ids))
+    (``virtual`` x weight each). Virtual servers that hash to one slot are not probed on (the
+    one placed last would move when an earlier one comes or goes, taking keys from one
+    unchanged replica to another): the one of highest hash takes the slot, so the map is a
+    function of the ids and weights alone, and a weight change, an addition or a removal moves
+    keys only to or from the replica it concerns."""
     ring = HashRing(slots, virtual, "xxhash", "linear")
-    for server_id in ids:
-        ring.add(server_id)
-    # The virtual servers past the first K of a weight above 1 come after every server's first
-    # K, in a fixed order, each at its own hash's slot or nowhere (no probing: a probe would
-    # shift the next server's one, and with it keys between two servers whose weight did not
-    # change). A weight change then moves keys only to or from its replica.
-    counts = {i: virtual * (1 if weights is None else weights.get(i, 1)) for i in ids}
-    more: dict[int, list[int]] = {i: [] for i in ids}
-    taken = {slot for placed in ring.placement().values() for slot in placed}
-    for j in range(virtual, max(counts.values(), default=0)):
-        for server_id in ids:
-            if j < counts[server_id]:
-                slot = ring.preset.virtual(server_id, j) % slots
-                if slot not in taken:
-                    taken.add(slot)
-                    more[server_id].append(slot)
-    for server_id, extra in more.items():
-        if extra:
-            ring.add(server_id, ring.remove(server_id) + tuple(extra))
+    best: dict[int, tuple[int, int]] = {}  # slot -> (its hash // slots, server id) holding it
+    for server_id in set(server_ids):
+        for j in range(virtual * (1 if weights is None else weights.get(server_id, 1))):
+            point = ring.preset.virtual(server_id, j)
+            slot, rank = point % slots, (point // slots, server_id)
+            if slot not in best or best[slot] < rank:
+                best[slot] = rank
+    placement: dict[int, list[int]] = {server_id: [] for server_id in set(server_ids)}
+    for slot, (_, server_id) in best.items():
+        placement[server_id].append(slot)
+    for server_id in sorted(placement):
+        ring.add(server_id, slots=sorted(placement[server_id]))
     ring.lookup(0)  # build the slot table now, not under the first request
     return ring
 

@@ -316,7 +316,8 @@ def test_shares_are_those_of_the_strategy_that_routes(
         assert s["ring"]["arcs"] == [] and s["ring"]["virtual_servers"] == []
     else:
         assert sum(last + 1 - first for first, last, _ in s["ring"]["arcs"]) == 65536
-        assert len(s["ring"]["virtual_servers"]) == 3 * 160
+        # 160 each, less the few that hash to a slot a higher hash holds (lb.strategies)
+        assert len(s["ring"]["virtual_servers"]) == len(lookup.virtual_servers()) > 3 * 150
     page = client.get("/_lb/status").get_data(as_text=True)
     assert f"{want[1] * 100:.1f}%" in page
     variant = next(v for v in balance.variants() if v.name == strategy)

@@ -125,6 +125,23 @@ def test_ring160_moves_only_the_leaving_replicas_keys() -> None:
             assert less.lookup(k) == full.lookup(k)
 
 
+@pytest.mark.parametrize("ids", [(1, 2, 3), (1, 2, 3, 4, 5), tuple(range(1, 9))])
+def test_ring160_moves_no_slot_between_replicas_a_change_leaves_alone(
+        ids: tuple[int, ...]) -> None:
+    """A weight change, or a replica leaving, gives slots only to or from that replica. With
+    linear probing a virtual server displaced by the changed one's moved with it, and its
+    neighbour's keys to another unchanged replica (1 to 29 slots in these cases)."""
+    def across(a: HashRing, b: HashRing, changed: int) -> int:
+        return sum(x != y and changed not in (x, y) for x, y in zip(a.owners(), b.owners()))
+
+    plain = well_mixed_ring(ids)
+    for changed in ids:
+        for weight in (2, 5, 10):
+            heavier = well_mixed_ring(ids, weights={changed: weight})
+            assert across(plain, heavier, changed) == 0, (changed, weight)
+        assert across(plain, well_mixed_ring(set(ids) - {changed}), changed) == 0
+
+
 # -- wiring: settings, registry, router --------------------------------------------------------
 def _router(tmp_path: Path, **overrides: object) -> Router:
     settings = Settings.from_env({}, registry=str(tmp_path / "registry.json"), **overrides)
