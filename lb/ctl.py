@@ -1,8 +1,9 @@
 """``lbctl``: the balancer's command-line client.
 
     lbctl rep                      the replicas (N and hostnames)
-    lbctl add 2 --name S5          start 2 replicas, one named S5
+    lbctl add 2 --name S5          start 2 replicas, one named S5 (--weight W: their weight)
     lbctl rm 1                     remove 1 replica (random), or --name to choose
+    lbctl weight S1=2 S3=0         change replicas' weights at once (0 drains); alone: list them
     lbctl status                   replicas with state, ring share, rates, heartbeats
     lbctl watch                    status, redrawn every --interval seconds until Ctrl-C
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ import requests
 OK, FAILURE, USAGE, UNREACHABLE, BAD_REPLY = 0, 1, 2, 3, 4
 DEFAULT_URL = "http://127.0.0.1:5000"
 STATUS_PATH = "/_lb/status.json"
+WEIGHT_ARG = re.compile(r"(?P<name>[^=]+)=(?P<weight>-?[0-9]+)\Z")
 
 
 class CtlError(Exception):
@@ -109,6 +112,21 @@ def _age(seconds: float | None) -> str:
     return "never" if seconds is None else f"{seconds:.1f}s"
 
 
+def show_weights(message: dict[str, Any]) -> str:
+    """``/weight``'s reply: N, then each replica's weight and share of the key space."""
+    rows = [(name, message["weights"].get(name), f"{message['shares'].get(name, 0.0) * 100:.1f}%")
+            for name in message["replicas"]]
+    return f"N={message['N']}\n" + table(["REPLICA", "WEIGHT", "SHARE"], rows,
+                                          [False, True, True])
+
+
+def _weight(r: dict[str, Any]) -> str:
+    """A status row's weight, and how far its slow start has gone while it ramps up (a
+    balancer older than weights has neither: 1)."""
+    ramp = r.get("ramp")
+    return f"{r.get('weight', 1)}" + ("" if ramp is None else f" ramp {ramp * 100:.0f}%")
+
+
 def show_status(s: dict[str, Any]) -> str:
     h = s["hash_map"]
     by = s["replicas_by_state"]
@@ -118,13 +136,13 @@ def show_status(s: dict[str, Any]) -> str:
             f"hash map: {h['preset']}, M={h['slots']}, K={h['virtual']}, {h['probing']}, "
             f"strategy {h['strategy']}, key {h['hash_key']}")
     rows: list[tuple[Any, ...]] = [
-        (r["hostname"], r["server_id"], r["state"], r["slots_owned"], f"{r['share'] * 100:.1f}%",
-         _rate(r["request_rate"]), _rate(r["error_rate"]), r["requests"], r["errors"],
-         _age(r["heartbeat_age"]), r["failures"])
+        (r["hostname"], r["server_id"], r["state"], _weight(r), r["slots_owned"],
+         f"{r['share'] * 100:.1f}%", _rate(r["request_rate"]), _rate(r["error_rate"]),
+         r["requests"], r["errors"], _age(r["heartbeat_age"]), r["failures"])
         for r in s["replicas"]]
-    heads = ["REPLICA", "ID", "STATE", "SLOTS", "SHARE", "REQ/S", "ERR/S", "REQUESTS", "ERRORS",
-             "HEARTBEAT", "MISSED"]
-    right = [False, True, False, True, True, True, True, True, True, True, True]
+    heads = ["REPLICA", "ID", "STATE", "WEIGHT", "SLOTS", "SHARE", "REQ/S", "ERR/S", "REQUESTS",
+             "ERRORS", "HEARTBEAT", "MISSED"]
+    right = [False, True, False, True, True, True, True, True, True, True, True, True]
     # Failure domains (Swarm nodes), when known; a balancer older than them has no such key.
     if any(r.get("domain") for r in s["replicas"]):
         rows = [(*row, r.get("domain") or "-") for row, r in zip(rows, s["replicas"], strict=True)]
@@ -154,9 +172,34 @@ def cmd_rep(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 def _scale(method: str, path: str) -> Callable[[Client, argparse.Namespace, TextIO], int]:
     def run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-        body = {"n": args.n, "hostnames": args.names or []}
+        body: dict[str, Any] = {"n": args.n, "hostnames": args.names or []}
+        if getattr(args, "weight", None) is not None:  # sent only when given: the contract's body
+            body["weight"] = args.weight
         return _emit(client.call(method, path, body), args, show_rep, out)
     return run
+
+
+def parse_weights(items: Sequence[str]) -> dict[str, int]:
+    """``NAME=W`` arguments -> {name: w}; a ``CtlError`` (usage) for one that is not that.
+    Only the form is checked here: the balancer says which weights it takes."""
+    weights: dict[str, int] = {}
+    for item in items:
+        match = WEIGHT_ARG.match(item)
+        if match is None:
+            raise CtlError(USAGE, f"weight: {item!r} is not NAME=W with W an integer "
+                                  "(e.g. Server1=2)")
+        name = match["name"]
+        if name in weights:
+            raise CtlError(USAGE, f"weight: {name!r} is named twice")
+        weights[name] = int(match["weight"])
+    return weights
+
+
+def cmd_weight(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """POST /weight with the weights given; with none, the same call lists them. A bad
+    argument is a usage error before any call."""
+    body = {"weights": parse_weights(args.pairs)}
+    return _emit(client.call("POST", "/weight", body), args, show_weights, out)
 
 
 def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -204,7 +247,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help="the balancer (default: $LB_URL or " + DEFAULT_URL + ")")
     common.add_argument("--token", default=argparse.SUPPRESS,
-                        help="admin token for add/rm (default: $LB_ADMIN_TOKEN)")
+                        help="admin token for add/rm/weight (default: $LB_ADMIN_TOKEN)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the balancer's JSON reply instead of a table")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
@@ -220,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--url", default=os.environ.get("LB_URL") or DEFAULT_URL,
                       help="the balancer (default: $LB_URL or " + DEFAULT_URL + ")")
     main.add_argument("--token", default=os.environ.get("LB_ADMIN_TOKEN") or None,
-                      help="admin token for add/rm (default: $LB_ADMIN_TOKEN)")
+                      help="admin token for add/rm/weight (default: $LB_ADMIN_TOKEN)")
     main.add_argument("--json", action="store_true", help="print the balancer's JSON reply")
     main.add_argument("--timeout", type=float, default=60.0,
                       help="seconds to wait for a reply (default 60)")
@@ -240,7 +283,18 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("n", type=_positive, metavar="N", help="how many")
         p.add_argument("--name", dest="names", action="extend", nargs="+", metavar="HOSTNAME",
                        help="hostname(s) to " + verb + " (repeat or list; at most N)")
+        if name == "add":
+            p.add_argument("--weight", type=_positive, metavar="W",
+                           help="the weight of each new replica (default 1; at most 256)")
         p.set_defaults(run=_scale(method, path))
+    p = sub.add_parser("weight", parents=[common],
+                       help="change replicas' weights (POST /weight); alone: list them",
+                       description="Change the weights of the replicas named, all at once or "
+                                   "none (POST /weight): W from 0 (drain: routed nothing "
+                                   "new) to 256. With no NAME=W, list every replica's weight "
+                                   "and share.")
+    p.add_argument("pairs", nargs="*", metavar="NAME=W", help="a replica and its new weight")
+    p.set_defaults(run=cmd_weight)
     p = sub.add_parser("status", parents=[common], help="replicas, ring shares, rates",
                        description=f"Replicas with state, server id, ring share, recent rates "
                                    f"and heartbeats (GET {STATUS_PATH}).")

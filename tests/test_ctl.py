@@ -52,8 +52,18 @@ def test_usage_errors_are_exit_2(argv: list[str]) -> None:
     assert exc.value.code == USAGE == 2
 
 
+@pytest.mark.parametrize("pairs", [["Server1"], ["Server1=x"], ["Server1=2.5"], ["=2"],
+                                   ["Server1=2", "Server1=3"], ["Server1=2", "Server2:1"]])
+def test_bad_weight_arguments_are_one_line_before_any_call(pairs: list[str]) -> None:
+    """Nothing listens at the URL: a call would be exit 3."""
+    code, out, err = inproc("--url", f"http://127.0.0.1:{free_port()}", "weight", *pairs)
+    assert (code, out) == (USAGE, "")
+    assert err.startswith("lbctl: weight: ") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["rep", "--help"], ["add", "--help"],
-                                  ["rm", "--help"], ["status", "--help"], ["watch", "--help"]])
+                                  ["rm", "--help"], ["status", "--help"], ["watch", "--help"],
+                                  ["weight", "--help"]])
 def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         inproc(*argv)
@@ -125,6 +135,40 @@ def test_lbctl_drives_every_admin_operation(make_stack: Callable[..., RunningSta
     assert (done.returncode, done.stdout) == (FAILURE, "")
     assert "Replica 'nobody' does not exist" in done.stderr
     assert rep_now(stack)["message"]["N"] == 3
+
+    # Weights: at /add, changed with NAME=W, listed with no argument (the same POST).
+    done = ctl("add", "1", "--name", "W1", "--weight", "3", "--token", TOKEN, *url)
+    assert done.returncode == OK, done.stderr
+    done = ctl("weight", "--json", *url)  # a read, but a POST all the same: the token
+    assert done.returncode == FAILURE and "HTTP 401" in done.stderr
+    done = ctl("weight", "--json", "--token", TOKEN, *url)
+    assert done.returncode == OK, done.stderr
+    listed = json.loads(done.stdout)["message"]
+    names = rep_now(stack)["message"]["replicas"]
+    assert listed["replicas"] == names and listed["weights"][names[0]] == 1
+    assert listed["weights"]["W1"] == 3
+    assert sum(listed["shares"].values()) == pytest.approx(1.0, abs=1e-5)  # 6 digits each
+    done = ctl("weight", f"{names[0]}=2", f"{names[1]}=0", *url, env={"LB_ADMIN_TOKEN": TOKEN})
+    assert done.returncode == OK, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "N=4" and lines[1].split() == ["REPLICA", "WEIGHT", "SHARE"]
+    shown = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert shown[names[0]][0] == "2" and shown[names[1]] == ["0", "0.0%"]
+    assert shown["W1"][0] == "3"
+    done = ctl("status", "--json", *url)
+    rows = {r["hostname"]: r for r in json.loads(done.stdout)["message"]["replicas"]}
+    assert {h: r["weight"] for h, r in rows.items()} == {
+        names[0]: 2, names[1]: 0, names[2]: 1, "W1": 3}
+    assert rows[names[1]]["share"] == 0.0 and rows["W1"]["share"] > rows[names[2]]["share"]
+    done = ctl("weight", "nobody=1", "--token", TOKEN, *url)
+    assert (done.returncode, done.stdout) == (FAILURE, "")
+    assert "HTTP 409" in done.stderr and "Replica 'nobody' does not exist" in done.stderr
+    done = ctl("weight", f"{names[0]}=257", "--json", "--token", TOKEN, *url)
+    assert done.returncode == FAILURE and "HTTP 400" in done.stderr
+    assert json.loads(done.stdout)["status"] == "failure"
+    done = ctl("weight", f"{names[0]}=x", "--token", TOKEN, *url)
+    assert (done.returncode, done.stdout) == (USAGE, "")
+    assert done.stderr.count("\n") == 1 and "is not NAME=W" in done.stderr
 
 
 @pytest.mark.system

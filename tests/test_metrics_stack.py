@@ -148,3 +148,37 @@ def test_supervisor_counts_a_replacement(make_stack: Callable[..., RunningStack]
     assert total(samples, "lb_replicas_desired") == 3
     ready = [v for labels, v in samples["lb_replicas"] if labels["state"] == "ready"]
     assert ready == [3]
+
+
+def test_a_replica_that_joins_ramps_in_status_and_metrics(
+        make_stack: Callable[..., RunningStack]) -> None:
+    """LB_SLOW_START on a real stack: a replica added with weight 2 shows its weight and its
+    ramp (just begun: a small part of its share) in /_lb/status.json, on the page and in the
+    metrics, whichever gunicorn worker answers."""
+    stack = make_stack(slow_start=600, strategy="maglev")
+    # Replicas ready long ago: the ones that were there before the join (a fresh stack's
+    # replicas all ramp together, with nothing to fall back on, so they take their keys at once).
+    with stack.registry.update() as state:
+        for r in state.replicas:
+            r.ready_since = time.time() - 1000
+    reply = stack.post("/add", json={"n": 1, "hostnames": ["big1"], "weight": 2})
+    assert reply.status_code == 200, reply.text
+    for _ in range(6):  # two workers: each answers some
+        status = stack.get("/_lb/status.json").json()["message"]
+        rows = {r["hostname"]: r for r in status["replicas"]}
+        big = rows["big1"]
+        assert big["weight"] == 2 and big["expected_share"] == pytest.approx(0.4, abs=0.01)
+        assert big["ramp"] is not None and 0 <= big["ramp"] < 0.1  # 60 s of its 600
+        assert big["share"] <= big["ramp"] * big["expected_share"] + 0.002
+        assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
+        assert all(rows[h]["ramp"] is None and rows[h]["share"] > rows[h]["expected_share"]
+                   for h in ("Server1", "Server2", "Server3"))
+        samples = scrape(stack)
+        assert {labels["replica"]: v for labels, v in samples["lb_replica_weight"]} == {
+            "Server1": 1, "Server2": 1, "Server3": 1, "big1": 2}
+        [(labels, ramp)] = samples["lb_replica_ramp"]
+        assert labels == {"replica": "big1"} and 0 <= ramp < 0.1
+        share = {labels["replica"]: v for labels, v in samples["lb_replica_share"]}
+        assert share["big1"] < 0.1 * 0.4 + 0.002
+        page = stack.get("/_lb/status").text
+        assert 'class="state ramp"' in page

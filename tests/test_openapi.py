@@ -6,8 +6,11 @@ status fails the test too."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from lb.balancer import Balancer
 from lb.ops.metrics import ENV_DIR
 from lb.ops.openapi import openapi_document
 from lb.registry import READY, Registry
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, free_port
 from tests.helpers_stack import stalled_body
 
 SPEC = openapi_document("test")
@@ -71,8 +74,8 @@ class Checker:
         else:
             assert reply.body, f"{where}: empty {media}"
 
-    def request_body_ok(self, body: Any) -> bool:
-        validator = Draft202012Validator({"$ref": f"{SPEC_URI}#/components/schemas/ScaleRequest"},
+    def request_body_ok(self, body: Any, schema: str = "ScaleRequest") -> bool:
+        validator = Draft202012Validator({"$ref": f"{SPEC_URI}#/components/schemas/{schema}"},
                                          registry=self.schemas)
         return validator.is_valid(body)
 
@@ -137,10 +140,13 @@ def test_live_replies_match_the_document(make_stack: Callable[..., RunningStack]
     assert json.loads(call("/_lb/openapi.json", "get").body) == openapi_document(
         json.loads(call("/_lb/openapi.json", "get").body)["info"]["version"])
 
-    body = {"n": 1, "hostnames": ["S5"]}
-    assert checker.request_body_ok(body)
+    body = {"n": 1, "hostnames": ["S5"], "weight": 2}
+    assert checker.request_body_ok(body, "AddRequest")
+    assert not checker.request_body_ok(body)  # /rm takes no weight
+    assert not checker.request_body_ok({"n": 1, "weight": 0}, "AddRequest")
     assert call("/add", "post", json=body, token=False).status == 401
     assert call("/add", "post", json=body).status == 200
+    assert call("/add", "post", json={"n": 1, "weight": 2.5}).status == 400
     assert call("/add", "post", json=body).status == 409  # S5 exists
     assert call("/add", "post", json={"n": 1, "hostnames": ["A", "B"]}).status == 400
     assert call("/add", "post", data=b"{" * 70000).status == 413
@@ -151,17 +157,69 @@ def test_live_replies_match_the_document(make_stack: Callable[..., RunningStack]
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["A", "B"]}).status == 400
     assert call("/rm", "delete", data=b"[" * 70000).status == 413
     assert stalled(stack, checker, "/rm", "delete").status == 408
+    # POST /weight is the balancer's; a GET of /weight is routed (no replica here serves it).
+    weights = {"weights": {"Server1": 3, "S5": 0}}
+    assert checker.request_body_ok(weights, "WeightsRequest")
+    assert not checker.request_body_ok({"weights": {"Server1": 257}}, "WeightsRequest")
+    assert call("/weight", "post", json=weights, token=False).status == 401
+    reply = call("/weight", "post", json=weights)
+    assert reply.status == 200
+    message = json.loads(reply.body)["message"]
+    assert message["weights"] == {"Server1": 3, "Server2": 1, "Server3": 1, "S5": 0}
+    assert message["shares"]["S5"] == 0.0 and message["replicas"] == rep_names(stack)
+    assert call("/weight", "post", json={"weights": {}}).status == 200
+    assert call("/weight", "post", json={"weights": {"Server1": -1}}).status == 400
+    assert call("/weight", "post", json={"weights": {"nope": 1}}).status == 409
+    assert call("/weight", "post", data=b"{" * 70000).status == 413
+    assert stalled(stack, checker, "/weight", "post").status == 408
+    assert call("/weight", "get").status == 400
+    status = json.loads(call("/_lb/status.json", "get").body)["message"]
+    assert {r["hostname"]: r["weight"] for r in status["replicas"]} == message["weights"]
     assert call("/rm", "delete", json={"n": 1, "hostnames": ["S5"]}).status == 200
 
     # With no replica left: routed GETs and readiness fail as documented.
     assert call("/rm", "delete", json={"n": 3}).status == 200
     assert call("/home", "get").status == 503
     assert call("/{path}", "get", "/anything").status == 503
+    assert call("/weight", "get").status == 503
     assert call("/_lb/readyz", "get").status == 503
     assert call("/_lb/status.json", "get").status == 200
 
 
+def rep_names(stack: RunningStack) -> list[str]:
+    names: list[str] = stack.get("/rep").json()["message"]["replicas"]
+    return names
+
+
 # -- faults injected in-process -------------------------------------------------------------------
+@contextmanager
+def replica_serving_weight() -> Iterator[str]:
+    """A loopback HTTP server that answers every GET with a JSON 200: a replica that serves
+    /weight itself (the project's replicas do not), whose answer the balancer passes back."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"weight": "the replica\'s own"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture
 def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
     monkeypatch.delenv(ENV_DIR, raising=False)
@@ -185,6 +243,13 @@ def test_fault_replies_match_the_document(app: Flask, checker: Checker,
             r.state, r.address, r.handle = READY, "http://127.0.0.1:9", "1/x"
     assert local(app, checker, "/home", "get").status == 502
     assert local(app, checker, "/{path}", "get", "/x").status == 502
+    assert local(app, checker, "/weight", "get").status == 502
+    with replica_serving_weight() as address:
+        with parts.registry.update() as state:
+            for r in state.replicas:
+                r.address = address
+        served = local(app, checker, "/weight", "get")
+        assert served.status == 200 and b"the replica's own" in served.body
 
     def refuse(spec: Any) -> Any:
         raise BackendError(f"cannot start {spec.hostname}: refused for the test")
@@ -205,6 +270,7 @@ def test_fault_replies_match_the_document(app: Flask, checker: Checker,
     assert local(app, checker, "/rep", "get").status == 503
     assert local(app, checker, "/rm", "delete", json={"n": 1}).status == 503
     assert local(app, checker, "/add", "post", json={"n": 1}).status == 503
+    assert local(app, checker, "/weight", "post", json={"weights": {}}).status == 503
     assert local(app, checker, "/_lb/status.json", "get").status == 503
 
 @pytest.mark.system  # the live test provokes most of them: without it, this cannot hold

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from lb.ctl import show_status
 from lb.hashring import PRESETS
 from lb.logs import JsonFormatter, logging_config
 from lb.ops.metrics import ENV_DIR, prepare_multiprocess_dir
-from lb.ops.status import Counts, RateWindow, arcs, build_status
+from lb.ops.status import Counts, RateWindow, arcs, build_status, key_space
 from lb.registry import READY, Registry
 from lb.settings import Settings, SettingsError
+from lb.slowstart import Ramped
 from lb.strategies import Maglev, well_mixed_ring
 from lb.threads.forward import Upstream
 from tests.helpers_stack import immutable
@@ -433,3 +435,110 @@ def test_no_reply_names_a_file(app: Flask, client: FlaskClient) -> None:
         assert "registry.json" not in reply.get_data(as_text=True)
         assert "/tmp" not in reply.get_data(as_text=True)
     assert [r.status_code for r in replies] == [503] * 8 + [200]
+
+
+# -- weights and slow start in the status, the page and the metrics ------------------------------
+def test_status_and_metrics_show_weights_and_the_shares_in_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights 2:1:0 on Maglev: the status, lb_replica_weight and lb_replica_share give the
+    router's own shares (the drained replica none); nothing ramps."""
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    app = create_app({"registry": str(tmp_path / "registry.json"), "deployment": "t-ops",
+                      "strategy": "maglev"})
+    client = app.test_client()
+    make_ready(app, "http://127.0.0.1:9")
+    reply = client.post("/weight", json={"weights": {"Server1": 2, "Server3": 0}})
+    assert reply.status_code == 200, reply.data
+    want = Maglev([1, 2], weights={1: 2, 2: 1}).shares()
+    assert Balancer.of(app).router.table().ring.shares() == want  # what routes
+    s = js(client.get("/_lb/status.json"))["message"]
+    rows = {r["hostname"]: r for r in s["replicas"]}
+    assert {h: r["weight"] for h, r in rows.items()} == {"Server1": 2, "Server2": 1, "Server3": 0}
+    assert rows["Server1"]["share"] == pytest.approx(want[1]) == pytest.approx(2 / 3, abs=0.01)
+    assert rows["Server3"]["share"] == rows["Server3"]["expected_share"] == 0.0
+    assert all(r["ramp"] is None and r["share"] == r["expected_share"] for r in rows.values())
+    values = metric_values(client)
+    weights = {dict(labels)["replica"]: v for (name, labels), v in values.items()
+               if name == "lb_replica_weight"}
+    assert weights == {"Server1": 2, "Server2": 1, "Server3": 0}
+    shares = {dict(labels)["replica"]: v for (name, labels), v in values.items()
+              if name == "lb_replica_share"}
+    assert shares == pytest.approx({"Server1": want[1], "Server2": want[2], "Server3": 0.0})
+    assert not any(name == "lb_replica_ramp" for name, _ in values)
+    page = client.get("/_lb/status").get_data(as_text=True)
+    assert ">drained</span>" in page and "ramp " not in page
+    assert show_status(s).splitlines()[3].split()[3] == "WEIGHT"
+
+
+def test_a_ramping_replica_shows_its_ramp_and_the_share_it_gets_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LB_SLOW_START=100 and Server3 ready 40 s ago: its ramp is 0.4, its share 0.4 x its full
+    share (the rest with the others), the same in the status, the page, lbctl and the metrics,
+    and the same as the router's lookup."""
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    app = create_app({"registry": str(tmp_path / "registry.json"), "deployment": "t-ops",
+                      "strategy": "maglev", "slow_start": 100})
+    client = app.test_client()
+    make_ready(app, "http://127.0.0.1:9")
+    with file_registry(app).update() as state:
+        state.replicas[2].ready_since = time.time() - 40
+    ring = Balancer.of(app).router.table().ring
+    assert isinstance(ring, Ramped)
+    full = Maglev([1, 2, 3]).shares()
+    s = js(client.get("/_lb/status.json"))["message"]
+    rows = {r["hostname"]: r for r in s["replicas"]}
+    ramp = rows["Server3"]["ramp"]
+    assert ramp == pytest.approx(0.4, abs=0.02)  # a generous 2 s for a loaded machine
+    assert (rows["Server1"]["ramp"], rows["Server2"]["ramp"]) == (None, None)
+    assert {r["server_id"]: r["expected_share"] for r in rows.values()} == pytest.approx(full)
+    assert rows["Server3"]["share"] == pytest.approx(ramp * full[3], abs=0.002)
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
+    assert rows["Server1"]["share"] > full[1]  # it keeps part of Server3's keys meanwhile
+    values = metric_values(client)
+    ramps = {dict(labels)["replica"]: v for (name, labels), v in values.items()
+             if name == "lb_replica_ramp"}
+    assert list(ramps) == ["Server3"] and ramps["Server3"] == pytest.approx(ramp, abs=0.02)
+    shares = {dict(labels)["replica"]: v for (name, labels), v in values.items()
+              if name == "lb_replica_share"}
+    assert shares["Server3"] == pytest.approx(rows["Server3"]["share"], abs=0.005)
+    page = client.get("/_lb/status").get_data(as_text=True)
+    assert re.search(r">ramp (39|40|41|42)%</span>", page), page
+    assert "once slow start's ramps end" in page
+    assert re.search(r"\b1 ramp (39|40|41|42)%", show_status(s))
+    # A registry change rebuilds the router's lookup: past its ramp, Server3 ramps no more.
+    with file_registry(app).update() as state:
+        state.replicas[2].ready_since = time.time() - 100
+    rows = {r["hostname"]: r for r in js(client.get("/_lb/status.json"))["message"]["replicas"]}
+    assert not isinstance(Balancer.of(app).router.table().ring, Ramped)
+    assert all(r["ramp"] is None and r["share"] == r["expected_share"] for r in rows.values())
+
+
+def test_key_space_follows_the_ramp_of_the_lookup_in_use() -> None:
+    """The router keeps a ``Ramped`` lookup until the registry changes: its ramps are read at
+    each call, and one that has ended is no ramp."""
+    now = [50.0]
+    lookup = Ramped(Maglev([1, 2, 3]), Maglev([1, 2]), {3: 0.0}, 100, clock=lambda: now[0])
+    space = key_space(lookup)
+    assert space.ramps == {3: 0.5} and space.full == Maglev([1, 2, 3]).shares()
+    assert space.shares[3] == pytest.approx(space.full[3] / 2, abs=1e-4)
+    now[0] = 150.0
+    space = key_space(lookup)
+    assert space.ramps == {} and space.shares == pytest.approx(space.full)
+    plain = key_space(Maglev([1, 2]))
+    assert plain.shares == plain.full and plain.ramps == {}
+
+
+def test_routing_lookup_is_the_routers_own_or_built_the_same_way(app: Flask) -> None:
+    """The status reads the router's current lookup; for a state of another version (the
+    registry changed in between), the one the router builds for it."""
+    from lb.ops.blueprint import routing_lookup
+
+    router = Balancer.of(app).router
+    make_ready(app, "http://127.0.0.1:9")
+    before = file_registry(app).read()
+    assert routing_lookup(router, before) is router.table().ring
+    with file_registry(app).update() as state:
+        state.replicas[0].weight = 0
+    assert router.table().version != before.version
+    assert routing_lookup(router, before).shares() == pytest.approx(
+        before.lookup("ring", before.routable()).shares())

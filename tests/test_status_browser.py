@@ -1,5 +1,6 @@
 """The status page in a real headless browser (Debian's chromium + chromedriver, via Selenium):
-it loads, shows the replicas and the ring, and follows an /add and a replica kill by itself.
+it loads, shows the replicas and the ring, and follows an /add, a weight change and a replica
+kill by itself.
 
 Without chromium these tests skip with the reason; under CI (``CI=true``) they fail instead.
 """
@@ -112,6 +113,7 @@ def test_status_page_follows_add_and_a_replica_kill(stack: RunningStack, browser
     assert list(shown) == ["Server1", "Server2", "Server3"]
     assert all(r["state"] == "ready" for r in shown.values())
     assert [r["server id"] for r in shown.values()] == ["1", "2", "3"]
+    assert [r["weight"] for r in shown.values()] == ["1", "1", "1"]
     assert sum(int(r["slots owned"]) for r in shown.values()) == 512
     assert arcs_of(browser) == {"1", "2", "3"}
     browser.execute_script("window.notReloaded = true;")  # updates come without a reload
@@ -122,6 +124,14 @@ def test_status_page_follows_add_and_a_replica_kill(stack: RunningStack, browser
     assert browser.find_element(By.ID, "n").text == "4"
     assert rows(browser)["S9"]["server id"] == "4"
     wait_for(browser, "S9's arcs", lambda d: "4" in arcs_of(d))
+    reply = stack.post("/weight", json={"weights": {"S9": 2, "Server3": 0}})
+    assert reply.status_code == 200, reply.text
+    wait_for(browser, "the new weights", lambda d: (rows(d)["S9"]["weight"],
+                                                    rows(d)["Server3"]["weight"])
+             == ("2", "0 drained"))
+    assert rows(browser)["Server3"]["share"] == "0.0%"
+    reply = stack.post("/weight", json={"weights": {"Server3": 1}})
+    assert reply.status_code == 200, reply.text
 
     victim = next(r for r in stack.state().members() if r.hostname == "Server2")
     assert victim.handle

@@ -30,6 +30,7 @@ from lb.registry import READY, RegistryError, State
 from lb.routing import Router, reason_phrase
 from lb.settings import Settings
 from lb.stores import Store, View
+from lb.strategies import Lookup
 
 STARTED_KEY = "lb.started"
 ENDPOINTS = ("healthz", "readyz", "status", "status.json", "metrics", "openapi.json")
@@ -77,6 +78,19 @@ def registry_facts(view: View, state: State) -> dict[str, Any]:
         except RegistryError:
             pass  # unknown while etcd cannot be reached; the view says why elsewhere
     return facts
+
+
+def routing_lookup(router: Router, state: State) -> Lookup:
+    """The lookup ``router`` routes ``state`` with: its current table's (slow start's ramps
+    included), or, when the registry changed in between, the one it will build for ``state``
+    (the same method), so that shares and ramps are never worked out twice."""
+    try:
+        table = router.table()
+    except RegistryError:
+        table = None  # the view cannot give a state now: this one is what there is
+    if table is not None and table.version == state.version:
+        return table.ring
+    return router._lookup(state, state.routable())
 
 
 def _no_store(reply: Response) -> Response:
@@ -158,7 +172,8 @@ class OpsEndpoints:
                    for hostname, left in self.parts.router.ejections.remaining().items()}
         return build_status(state, counts, rates, span, self.parts.settings, now=now,
                             registry=registry_facts(view, state), ejected=ejected,
-                            load=self.parts.router.limits.load())
+                            load=self.parts.router.limits.load(),
+                            lookup=routing_lookup(self.parts.router, state))
 
     def status_json(self) -> Response:
         return _no_store(jsonify(success(self.status_document())))
@@ -176,7 +191,9 @@ class OpsEndpoints:
             facts = registry_facts(view, view.latest())
         except RegistryError:
             facts = None  # lb_registry_up says so
-        text = metrics.exposition(self.parts.registry, self.parts.settings, facts)
+        router = self.parts.router
+        text = metrics.exposition(self.parts.registry, self.parts.settings, facts,
+                                  lambda state: routing_lookup(router, state))
         return _no_store(Response(text, content_type=CONTENT_TYPE))
 
 

@@ -6,8 +6,8 @@ in prometheus-client's *multiprocess mode*: every process writes its own memory-
 it at start) and a scrape, whichever worker answers it, adds up the files of every process.
 Without that variable (a bare ``create_app()`` in tests) each process counts for itself.
 
-Figures about the replica set (desired, ready, down, shares of the ring, the hash map's
-parameters) are not counted anywhere: a collector reads them from the registry at scrape time.
+Figures about the replica set (desired, ready, down, weights, shares of the ring, slow start's
+ramps, the hash map's parameters) are not counted anywhere: a collector reads them from the registry at scrape time.
 
 prometheus-client is the optional ``ops`` extra: without it everything here is a no-op and
 /_lb/metrics answers 503.
@@ -23,8 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from lb.events import RouterEvents
-from lb.registry import Registry, RegistryError, Replica, ReplicaState
+from lb.ops.status import key_space
+from lb.registry import Registry, RegistryError, Replica, ReplicaState, State
 from lb.settings import Settings
+from lb.strategies import Lookup
 
 if TYPE_CHECKING:
     from lb.stores import Store
@@ -222,8 +224,9 @@ class BalancerMetrics(RouterEvents):
         return self.registry.collect()
 
     def exposition(self, registry: Store, settings: Settings,
-                   facts: dict[str, Any] | None = None) -> bytes:
-        """The Prometheus text of everything: counted figures plus the registry's."""
+                   facts: dict[str, Any] | None, lookup: Callable[[State], Lookup]) -> bytes:
+        """The Prometheus text of everything: counted figures plus the registry's.
+        ``lookup``: the router's lookup for a state (``blueprint.routing_lookup``)."""
         if not self.enabled:
             raise RuntimeError("prometheus-client is not installed")
         out = CollectorRegistry(auto_describe=False)
@@ -231,7 +234,7 @@ class BalancerMetrics(RouterEvents):
             MultiProcessCollector(out)
         else:
             out.register(_Families(self.registry))
-        out.register(ReplicaSetCollector(registry, self.multiprocess, settings, facts))
+        out.register(ReplicaSetCollector(registry, self.multiprocess, settings, facts, lookup))
         return prometheus_client.generate_latest(out)
 
 
@@ -322,11 +325,12 @@ class ReplicaSetCollector:
     events, so the workers need not agree on them."""
 
     def __init__(self, registry: Store, multiprocess: bool, settings: Settings,
-                 facts: dict[str, Any] | None = None) -> None:
+                 facts: dict[str, Any] | None, lookup: Callable[[State], Lookup]) -> None:
         self.registry = registry
         self.multiprocess = multiprocess
         self.settings = settings
         self.facts = facts  # blueprint.registry_facts: what this worker applied
+        self.lookup = lookup  # the router's for a state, ramps included
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("lb_registry_up", "1 when the registry could be read")
@@ -361,15 +365,7 @@ class ReplicaSetCollector:
         for name in ReplicaState:
             by_state.add_metric([name], float(sum(r.state == name for r in state.replicas)))
         yield by_state
-        routable = state.routable()
-        # The strategy that routes, through the interface the status page reads too.
-        shares = state.lookup(self.settings.strategy, routable).shares()
-        share = GaugeMetricFamily("lb_replica_share", "Fraction of the routing strategy's "
-                                  "key space (ring slots or Maglev table entries) a routable "
-                                  "replica answers for", labels=["replica", "server_id"])
-        for r in routable:
-            share.add_metric([r.hostname, str(r.server_id)], shares.get(r.server_id, 0.0))
-        yield share
+        yield from self._key_space(state)
         missed = GaugeMetricFamily("lb_replica_heartbeat_failures", "Consecutive heartbeats a "
                                    "replica has missed", labels=["replica"])
         age = GaugeMetricFamily("lb_replica_heartbeat_age_seconds", "Seconds since a replica's "
@@ -397,6 +393,29 @@ class ReplicaSetCollector:
         virtual.add_metric([], float(ring.virtual))
         yield virtual
 
+
+    def _key_space(self, state: State) -> Iterator[Metric]:
+        """Weights, and shares and ramps as the router has them now: the lookup it routes
+        with, through the interface (``status.key_space``) the status page reads too."""
+        weight = GaugeMetricFamily("lb_replica_weight", "A replica's weight: its share of the "
+                                   "keys relative to the others' (0: drained)",
+                                   labels=["replica", "server_id"])
+        for r in state.members():
+            weight.add_metric([r.hostname, str(r.server_id)], float(r.weight))
+        yield weight
+        space = key_space(self.lookup(state))
+        share = GaugeMetricFamily("lb_replica_share", "Fraction of the routing strategy's "
+                                  "key space (ring slots or Maglev table entries) a routable "
+                                  "replica answers for now (less while slow start ramps it "
+                                  "up)", labels=["replica", "server_id"])
+        ramp = GaugeMetricFamily("lb_replica_ramp", "How far a replica's slow start has gone "
+                                 "(0..1; only replicas that ramp up now)", labels=["replica"])
+        for r in state.routable():
+            share.add_metric([r.hostname, str(r.server_id)], space.shares.get(r.server_id, 0.0))
+            if r.server_id in space.ramps:
+                ramp.add_metric([r.hostname], space.ramps[r.server_id])
+        yield share
+        yield ramp
 
     def _applied(self) -> Iterator[Metric]:
         """Which store, the revision this worker routes from, who leads, how old the last

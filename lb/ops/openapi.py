@@ -11,6 +11,7 @@ from typing import Any
 
 from lb.naming import HOSTNAME_RE, MAX_HOSTNAME
 from lb.registry import ReplicaState
+from lb.strategies import MAX_WEIGHT
 
 JSON = "application/json"
 PREFIX = "/_lb"
@@ -43,6 +44,26 @@ def _success(schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _scale_request(**more: dict[str, Any]) -> dict[str, Any]:
+    """/rm's body, or /add's with its ``weight`` as ``more``."""
+    return {
+        "type": "object",
+        "required": ["n"],
+        "additionalProperties": False,
+        "properties": {
+            "n": {"type": "integer", "minimum": 1},
+            "hostnames": {
+                "type": "array",
+                "description": "At most n names; the rest are chosen at random (/add) or "
+                               "removed at random (/rm)",
+                "items": {"type": "string", "maxLength": MAX_HOSTNAME,
+                          "pattern": "^" + HOSTNAME_RE.pattern.removesuffix("\\Z") + "$"},
+            },
+            **more,
+        },
+    }
+
+
 SCHEMAS: dict[str, Any] = {
     "Failure": {
         "description": "The contract's error envelope, for every error the balancer returns.",
@@ -65,21 +86,39 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "RepReply": _success(_ref("Rep")),
-    "ScaleRequest": {
+    "ScaleRequest": _scale_request(),
+    "AddRequest": _scale_request(weight={
+        "type": "integer", "minimum": 1, "maximum": MAX_WEIGHT, "default": 1,
+        "description": "The weight of every replica the call starts: its share of the keys "
+                       "relative to the others' (see POST /weight)"}),
+    "WeightsRequest": {
         "type": "object",
-        "required": ["n"],
+        "required": ["weights"],
+        "additionalProperties": False,
+        "properties": {"weights": {
+            "type": "object", "description": "Hostname -> its new weight (0 drains it: "
+                                             "routed nothing new). Empty: a read, nothing "
+                                             "changes",
+            "additionalProperties": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT}}},
+    },
+    "Weights": {
+        "type": "object",
+        "required": ["N", "replicas", "weights", "shares"],
         "additionalProperties": False,
         "properties": {
-            "n": {"type": "integer", "minimum": 1},
-            "hostnames": {
-                "type": "array",
-                "description": "At most n names; the rest are chosen at random (/add) or "
-                               "removed at random (/rm)",
-                "items": {"type": "string", "maxLength": MAX_HOSTNAME,
-                          "pattern": "^" + HOSTNAME_RE.pattern.removesuffix("\\Z") + "$"},
-            },
+            "N": {"type": "integer", "minimum": 0},
+            "replicas": {"type": "array", "items": {"type": "string"}},
+            "weights": {"type": "object", "description": "Hostname -> weight, every managed "
+                        "replica",
+                        "additionalProperties": {"type": "integer", "minimum": 0,
+                                                 "maximum": MAX_WEIGHT}},
+            "shares": {"type": "object", "description": "Hostname -> its part of the key "
+                       "space (ring slots or Maglev table entries) at these weights, slow "
+                       "start's ramps aside (0: drained, or not ready)",
+                       "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}},
         },
     },
+    "WeightsReply": _success(_ref("Weights")),
     "HomeReply": {
         "description": "A replica's /home reply, passed through as it is.",
         "type": "object",
@@ -109,7 +148,8 @@ SCHEMAS: dict[str, Any] = {
     "ReplicaStatus": {
         "type": "object",
         "required": ["hostname", "server_id", "state", "routable", "address", "domain",
-                     "virtual_slots", "slots_owned", "share", "last_heartbeat", "heartbeat_age",
+                     "virtual_slots", "slots_owned", "weight", "share", "expected_share", "ramp",
+                     "last_heartbeat", "heartbeat_age",
                      "failures", "restarts", "requests", "errors", "request_rate", "error_rate",
                      "ejected_until", "ejections", "in_flight", "queued"],
         "additionalProperties": False,
@@ -125,12 +165,26 @@ SCHEMAS: dict[str, Any] = {
                                       "when unknown or when all replicas share one host. A "
                                       "failed try is retried in another domain first"},
             "virtual_slots": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                              "description": "Where its K virtual servers sit on the map"},
+                              "description": "Where its virtual servers sit on the map (K, "
+                                             "or weight x K when LB_STRATEGY=ring)"},
             "slots_owned": {"type": "integer", "minimum": 0,
                             "description": "Slots (ring) or table entries (maglev) of the "
-                                           "routing strategy whose requests it answers now"},
+                                           "routing strategy that are its at its weight"},
+            "weight": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT,
+                       "description": "Its share of the keys relative to the others' (0: "
+                                      "drained, routed nothing new)"},
             "share": {"type": "number", "minimum": 0, "maximum": 1,
-                      "description": "slots_owned / ring.slots"},
+                      "description": "The part of the key space the router gives it now: "
+                                     "slots_owned / ring.slots, but while a replica ramps up "
+                                     "(LB_SLOW_START) that one's expected_share x ramp, and "
+                                     "the rest of its slots' keys with their former owners"},
+            "expected_share": {"type": "number", "minimum": 0, "maximum": 1,
+                               "description": "Its share at its weight once no ramp runs "
+                                              "(equal to share when nothing ramps)"},
+            "ramp": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                     "description": "How far its slow start has gone (LB_SLOW_START): the "
+                                    "fraction of its keys it takes so far; null when it does "
+                                    "not ramp up now"},
             "last_heartbeat": {"type": ["number", "null"],
                                "description": "Unix time of the last heartbeat on record "
                                               "(recorded at least every max(2 s, 4 x "
@@ -256,6 +310,8 @@ SCHEMAS: dict[str, Any] = {
 }
 
 _SCALE_BODY = {"required": False, "content": {JSON: {"schema": _ref("ScaleRequest")}}}
+_ADD_BODY = {"required": False, "content": {JSON: {"schema": _ref("AddRequest")}}}
+_WEIGHTS_BODY = {"required": True, "content": {JSON: {"schema": _ref("WeightsRequest")}}}
 _TOKEN: list[dict[str, list[str]]] = [{}, {"adminToken": []}]
 _UNAUTHORIZED = _failure("LB_ADMIN_TOKEN is set and the request lacks "
                          "'Authorization: Bearer <token>'")
@@ -286,15 +342,15 @@ PATHS: dict[str, Any] = {
         "summary": "Start n new replicas (named as given, the rest at random)",
         "description": "All or nothing: a rejected or failed call changes nothing. The body is "
                        "read as JSON whatever its Content-Type.",
-        "requestBody": _SCALE_BODY,
+        "requestBody": _ADD_BODY,
         "responses": {
             "200": _json("The replica set after the call", "RepReply"),
-            "400": _failure("Malformed body, n not a positive integer, an invalid hostname, or "
-                            "more hostnames than n",
+            "400": _failure("Malformed body, n not a positive integer, an invalid hostname, "
+                            f"more hostnames than n, or a weight not an integer 1..{MAX_WEIGHT}",
                             "Length of hostname list is more than newly added instances"),
             "401": _UNAUTHORIZED,
             "409": _failure("A name already exists, the maximum or the hash map would be "
-                            "exceeded"),
+                            "exceeded (weights included)"),
             "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
             "413": _failure("Body larger than LB_MAX_BODY"),
             "503": _failure("The new replicas could not be started in time (nothing was "
@@ -318,6 +374,40 @@ PATHS: dict[str, Any] = {
             "default": _DEFAULT,
         },
     }},
+    "/weight": {
+        "post": {
+            "operationId": "setWeights", "tags": ["admin"], "security": _TOKEN,
+            "summary": "Change the weights of any replicas at once; {\"weights\": {}} lists "
+                       "them",
+            "description": "All or nothing. A weight change moves keys only between the "
+                           "replica whose weight changed and the others (on the rings; "
+                           "Maglev's table moves a few more). Weight 0 drains a replica: it "
+                           "stays in /rep and answers what it has. The body is read as JSON "
+                           "whatever its Content-Type.",
+            "requestBody": _WEIGHTS_BODY,
+            "responses": {
+                "200": _json("/rep's message, every replica's weight and share", "WeightsReply"),
+                "400": _failure("Malformed body, or a weight not an integer 0.."
+                                f"{MAX_WEIGHT}", "The weight of 'Server1' must be an integer "
+                                f"from 0 to {MAX_WEIGHT} (0 drains the replica)"),
+                "401": _UNAUTHORIZED,
+                "409": _failure("A name that is not a replica, or one still being added, or "
+                                "weights that do not fit the strategy's map",
+                                "Replica 'nobody' does not exist"),
+                "408": _failure("The body stopped arriving for LB_CLIENT_TIMEOUT seconds"),
+                "413": _failure("Body larger than LB_MAX_BODY"),
+                "503": _failure(_REGISTRY),
+                "default": _DEFAULT,
+            },
+        },
+        "get": {
+            "operationId": "routedWeight", "tags": ["routed"],
+            "summary": "Routed to one replica like any GET: only POST /weight is the "
+                       "balancer's",
+            "responses": _routed({"description": "The replica's reply, as it sent it"},
+                                 not_served=True),
+        },
+    },
     "/home": {"get": {
         "operationId": "home", "tags": ["routed"],
         "summary": "Routed to one replica by the consistent hash map",
@@ -388,12 +478,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                            "Every error uses the envelope {\"message\": \"<Error> ...\", "
                            "\"status\": \"failure\"}. A method a path does not take, "
                            "OPTIONS included, is a 405 in that envelope, with the path's one "
-                           "Allow: POST for /add, DELETE for /rm, GET, HEAD for every other "
-                           "path.",
+                           "Allow: POST for /add, DELETE for /rm, GET, HEAD, POST for "
+                           "/weight, GET, HEAD for every other path.",
         },
         "tags": [
             {"name": "contract", "description": "Fixed by the contract: same keys, strings, "
                                                 "codes"},
+            {"name": "admin", "description": "The balancer's own admin endpoints beyond "
+                                             "the contract (weights)"},
             {"name": "routed", "description": "GETs passed on to a replica"},
             {"name": "operations", "description": f"The balancer's own, under {PREFIX}/"},
         ],
@@ -402,6 +494,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "schemas": SCHEMAS,
             "securitySchemes": {"adminToken": {
                 "type": "http", "scheme": "bearer",
-                "description": "Needed by /add and /rm only when LB_ADMIN_TOKEN is set"}},
+                "description": "Needed by /add, /rm and POST /weight only when "
+                               "LB_ADMIN_TOKEN is set"}},
         },
     }

@@ -1,7 +1,8 @@
 """The status document behind /_lb/status.json, the status page and ``lbctl status``.
 
-Built from the registry (replicas, states, heartbeats, the hash map), the lookup strategy's own
-view of the key space, and the metrics counters
+Built from the registry (replicas, states, heartbeats, weights, the hash map), the lookup the
+router uses (its strategy's view of the key space, slow start's ramps included), and the
+metrics counters
 (requests and errors per replica, added up over every worker). Recent rates come from a small
 window of earlier samples this worker took: the counters are shared, so any worker's samples
 give the deployment's rate.
@@ -19,6 +20,8 @@ from typing import Any
 from lb.hashring import resolve_preset
 from lb.registry import ReplicaState, State
 from lb.settings import Settings
+from lb.slowstart import Ramped
+from lb.strategies import Lookup
 
 RATE_WINDOW_SECONDS = 60.0  # samples older than this are dropped
 RATE_MIN_SECONDS = 1.0  # a rate needs samples at least this far apart
@@ -65,6 +68,29 @@ class RateWindow:
         return span, out
 
 
+@dataclass(frozen=True)
+class KeySpace:
+    """What a lookup gives each server id: ``shares`` of the key space now (what the router
+    sends it), ``full`` shares at its weight once no ramp runs, and the ``ramps`` (fraction
+    0..1) of the replicas that slow start ramps up now."""
+
+    shares: dict[int, float]
+    full: dict[int, float]
+    ramps: dict[int, float]
+
+
+def key_space(lookup: Lookup) -> KeySpace:
+    """The shares and ramps of ``lookup``, the router's own (``Router.table().ring``): a
+    ``Ramped`` lookup knows both its shares now and its full map's; any other has no ramp."""
+    shares = lookup.shares()
+    if not isinstance(lookup, Ramped):
+        return KeySpace(shares, shares, {})
+    # A replica whose ramp has ended stays in the lookup (fraction 1) until the registry next
+    # changes: it ramps no more.
+    ramps = {sid: f for sid in lookup.ramps if (f := lookup.fraction(sid)) < 1.0}
+    return KeySpace(shares, lookup.full.shares(), ramps)
+
+
 def arcs(owner_by_slot: Iterable[int | None]) -> list[list[int]]:
     """Runs of consecutive slots with one owner: ``[first, last, server_id]`` each."""
     runs: list[list[int]] = []
@@ -83,24 +109,27 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
                  now: float | None = None,
                  registry: dict[str, Any] | None = None,
                  ejected: dict[str, float] | None = None,
-                 load: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+                 load: dict[str, tuple[int, int]] | None = None,
+                 lookup: Lookup | None = None) -> dict[str, Any]:
     """The status document (see the OpenAPI description's ``Status`` schema).
 
     ``ejected``: the Unix time each replica this worker has ejected comes back
     (``lb.ejections``). ``load``: this worker's requests in flight and queued per replica
     (``lb.limits``).
 
-    Shares and slot ownership come from the lookup of the strategy that routes (the same
-    ``build_lookup`` the router uses), through the ``Lookup`` interface: a ring's slots, or
-    Maglev's table entries.
+    ``lookup``: the one the router uses for ``state`` (``Router.table().ring``); shares, ramps
+    and slot ownership come from it, through the ``Lookup`` interface: a ring's slots, or
+    Maglev's table entries. Without it, the strategy's lookup at full weights (no ramp).
     """
     now = time.time() if now is None else now
     ejected = ejected or {}
     load = load or {}
     routable = state.routable()
-    lookup = state.lookup(settings.strategy, routable)
-    shares = lookup.shares()
-    owners = lookup.owners()  # which routable replica answers for each slot or entry
+    lookup = state.lookup(settings.strategy, routable) if lookup is None else lookup
+    space = key_space(lookup)
+    # Which routable replica answers for each slot or entry at full weight (while a replica
+    # ramps, part of its slots' keys still go to their former owners: ``share`` says how much).
+    owners = lookup.owners()
     slots = len(owners)
     owned = Counter(owners)
     routable_names = {r.hostname for r in routable}
@@ -119,7 +148,10 @@ def build_status(state: State, counts: dict[str, Counts], rates: dict[str, Count
             "domain": r.domain,
             "virtual_slots": sorted(r.slots),
             "slots_owned": owned[r.server_id] if routes else 0,
-            "share": shares.get(r.server_id, 0.0) if routes else 0.0,
+            "weight": r.weight,
+            "share": space.shares.get(r.server_id, 0.0) if routes else 0.0,
+            "expected_share": space.full.get(r.server_id, 0.0) if routes else 0.0,
+            "ramp": space.ramps.get(r.server_id) if routes else None,
             "last_heartbeat": r.last_heartbeat,
             "heartbeat_age": None if r.last_heartbeat is None else max(0.0, now - r.last_heartbeat),
             "failures": r.failures,

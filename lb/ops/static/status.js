@@ -75,8 +75,8 @@
         }, "ejected"));
       }
       tr.append(
-        name, el("td", {}, r.server_id), state, el("td", {}, r.slots_owned),
-        el("td", {}, `${(r.share * 100).toFixed(1)}%`),
+        name, el("td", {}, r.server_id), state, drawWeight(r), el("td", {}, r.slots_owned),
+        drawShare(r),
         el("td", {}, fixed(r.request_rate, 1)), el("td", {}, fixed(r.error_rate, 2)),
         el("td", {}, r.requests), el("td", {}, r.errors),
         el("td", {}, age(r.heartbeat_age)), el("td", {}, r.failures),
@@ -84,6 +84,33 @@
       return tr;
     });
     body.replaceChildren(...rows);
+  }
+
+  // The weight, with a badge while the replica is drained (0) or ramps up (slow start).
+  function drawWeight(r) {
+    const td = el("td", {class: "weight"}, String(r.weight));
+    if (r.weight === 0) {
+      td.append(" ", el("span", {class: "state drained",
+                                 title: "drained: routed nothing new, answers what it has"},
+                        "drained"));
+    }
+    if (r.ramp !== null && r.ramp !== undefined) {
+      const pct = (r.ramp * 100).toFixed(0);
+      td.append(" ", el("span", {class: "state ramp",
+                                 title: `slow start: it takes its keys gradually, ${pct}% of ` +
+                                        "them so far"}, `ramp ${pct}%`));
+    }
+    return td;
+  }
+
+  // The share the router gives it now; its share at full weight in the title while a ramp
+  // makes them differ.
+  function drawShare(r) {
+    const td = el("td", {}, `${(r.share * 100).toFixed(1)}%`);
+    if (Math.abs(r.share - r.expected_share) > 0.0005) {
+      td.title = `${(r.expected_share * 100).toFixed(1)}% once slow start's ramps end`;
+    }
+    return td;
   }
 
   function point(slot, slots, radius) {
