@@ -251,7 +251,10 @@ class Supervisor:
             if r.state != READY:
                 log.info("replica %s (server id %d) is ready", r.hostname, r.server_id)
                 self.events.became_ready(r)
-                r.ready_since = now  # slow start ramps its share from here
+                if r.last_heartbeat is not None:
+                    # A replacement or a recovery: slow start ramps its share from here. (A
+                    # stack's first replicas have none to hand their keys to meanwhile.)
+                    r.ready_since = now
             if r.state != READY or r.failures or r.restarts or r.lease is not None:
                 r.last_heartbeat = now  # the entry is written anyway: the time goes with it
             r.state, r.failures, r.restarts, r.lease = READY, 0, 0, None
