@@ -15,9 +15,11 @@ temporary git worktree), in one run on one machine, loopback only, every load bo
    suite's echo replicas, ``tests/helpers_overload.py``), capacity measured in the same run by a
    closed loop. An open loop (a new connection per request, as independent clients) offers 2x
    and 4x that through this balancer with its limits (``LB_REPLICA_MAXCONN`` 2 per worker, 4
-   per replica in all, ``LB_QUEUE_TIMEOUT`` 1 s), the same with limits off, and HAProxy with
-   ``maxconn 4`` per server and ``timeout queue 1s`` on the same replicas: goodput and its share
-   of capacity, the served requests' p99, 503s (with ``Retry-After``), requests unanswered.
+   per replica in all, ``LB_QUEUE_TIMEOUT`` 1 s), the same with limits off, on each worker of
+   ``--workers`` (default async), and HAProxy with ``maxconn 4`` per server and ``timeout queue
+   1s`` on the same replicas: goodput and its share of capacity, the served requests' p99, 503s
+   (with ``Retry-After``), requests unanswered. ``--only overload --workers async,threads``
+   compares the two data paths.
 
 Clients: ``tests/helpers_chaos.py`` ``Load`` (keep-alive sessions) for 1 and 2,
 ``tests/helpers_overload.py`` for 3: the same clients the suite's tests use.
@@ -169,15 +171,20 @@ def shots_summary(shots: Shots, capacity: float) -> dict[str, Any]:
             "unanswered": shots.timeouts, "errors": len(shots.errors)}
 
 
-def overload(folder: str, service: float, seconds: float,
-             factors: list[float]) -> dict[str, Any]:
+def overload(folder: str, service: float, seconds: float, factors: list[float],
+             workers: list[str]) -> dict[str, Any]:
     """Fresh echo replicas for every target and load: an overloaded replica goes on serving
     its backlog long after the clients left, which the next target must not inherit."""
     out: dict[str, Any] = {}
     limits: dict[str, Any] = {"replica_maxconn": OVERLOAD_MAXCONN,
                               "queue_timeout": OVERLOAD_QUEUE_TIMEOUT}
-    targets: dict[str, dict[str, Any] | None] = {
-        "limits on": limits, "limits off": {"replica_maxconn": 0}, "haproxy": None}
+    targets: dict[str, dict[str, Any] | None] = {}
+    for worker in workers:
+        # The name says which worker once there are two: one table, the same rows as before.
+        label = f"{worker}, " if len(workers) > 1 else ""
+        targets[f"{label}limits on"] = {"worker": worker, **limits}
+        targets[f"{label}limits off"] = {"worker": worker, "replica_maxconn": 0}
+    targets["haproxy"] = None
     for factor in factors:
         for name, config in targets.items():
             with echo_replicas(3, threads=OVERLOAD_THREADS, delay=service) as replicas, \
@@ -195,10 +202,10 @@ def overload(folder: str, service: float, seconds: float,
 
 @contextlib.contextmanager
 def _balancer(folder: Path, replicas: list[str], config: dict[str, Any]) -> Iterator[str]:
-    """This checkout's async balancer (2 workers) over ``replicas``, no supervisor."""
-    with threads_balancer(folder, replicas, worker="async", workers=2, threads=16,
-                          strategy="maglev", hash_key="query:id", log_level="warning",
-                          **config) as (url, _):
+    """This checkout's balancer (2 workers of ``config["worker"]``) over ``replicas``, no
+    supervisor. 64 threads: under the threads worker a queued request holds one."""
+    with threads_balancer(folder, replicas, workers=2, threads=64, strategy="maglev",
+                          hash_key="query:id", log_level="warning", **config) as (url, _):
         yield url
 
 
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--service", type=float, default=0.2)
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument("--only", default="saturation,hang,overload")
+    parser.add_argument("--workers", default="async",
+                        help="the data paths the overload runs: async, threads or both")
     parser.add_argument("--keep", help="a folder to keep logs and configs in (default: none)")
     parser.add_argument("--out", default=os.path.join(HERE, "results-pressure.md"))
     args = parser.parse_args(argv)
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(label, json.dumps(data["hang"][label]), flush=True)
         if "overload" in only:
             data["overload"] = overload(folder, args.service, args.overload_seconds,
-                                        [2.0, 4.0])
+                                        [2.0, 4.0], args.workers.split(","))
     text = render(data)
     print(text)
     if args.out:
