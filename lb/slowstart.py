@@ -6,8 +6,10 @@ seconds ago *ramps*: its fraction f grows linearly from 0 to 1 over that period,
 
 Each request key has a fixed *gate* in [0, 1) (a hash of the key alone). A key whose replica
 in the full map (every routable replica at its weight) is ramping goes there once its gate is
-below f; until then it goes where the *base* map sends it: the map without the replicas that
-joined since the oldest ramp under way began. So:
+below f; until then it stays where it was when that replica joined: where the map without it
+(and without those that joined after it) sent the key then (``Ramped``). With one ramp that is
+the *base* map, the one without the replicas that joined since the oldest ramp under way began.
+So:
 
 - the ramping replica's share is f x its full share at every moment: it rises monotonically;
 - a key changes owner once, from its base owner to its full owner, when its gate opens, and
@@ -15,8 +17,10 @@ joined since the oldest ramp under way began. So:
   sends them from the start (on a ring that is where they were; Maglev moves a few, as it
   does for any join);
 - the base stays the same until every ramp under way has ended (a replica that finished its
-  ramp while a later one still ramps stays out of it, open to all its keys), so a key between
-  two joining replicas does not move twice either.
+  ramp while a later one still ramps stays out of it, open to all its keys). A key that an
+  earlier ramp already took, and that the full map gives a later joiner, stays with the
+  earlier one until the later one's gate opens: it moves once per join at most, never more
+  often than the maps without slow start move it, and never back to a replica it left.
 
 With nothing ramping, or nothing else to send the keys to (the first replicas of a stack), the
 router uses the full map itself: no cost per request.
@@ -58,21 +62,40 @@ def ramping(since: Mapping[int, float | None], period: float,
     return chain
 
 
+def joining_order(ramps: Mapping[int, float]) -> list[int]:
+    """The ramping replicas in the order they joined (server id breaks a tie)."""
+    return sorted(ramps, key=lambda server_id: (ramps[server_id], server_id))
+
+
 class Ramped:
     """A ``Lookup`` over the full map whose ramping replicas take their keys gradually.
 
-    ``full``: every routable replica at its weight; ``base``: the same without the ramping
-    ones (``ramps``: server id -> ready_since); ``clock``: wall-clock seconds.
+    ``ramps``: server id -> ready_since of the ramping replicas; ``maps``: the strategy's map
+    of every routable replica but the ramping ones (the base), then of each ramping one added
+    in ``joining_order``: ``maps[i]`` has the first i, the last is the full map. ``clock``:
+    wall-clock seconds.
+
+    A key whose owner in a map is a replica still ramping and whose gate is shut goes where it
+    was when that replica joined: where the previous map sent it then (``_owner``). With one
+    ramp that is the base; with several, a key the earlier one had already taken stays there
+    until the later one's gate opens, rather than going back to the base meanwhile.
     """
 
-    def __init__(self, full: Lookup, base: Lookup, ramps: Mapping[int, float], period: float,
+    def __init__(self, maps: Sequence[Lookup], ramps: Mapping[int, float], period: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self.full, self.base = full, base
+        self.joins = [(server_id, ramps[server_id]) for server_id in joining_order(ramps)]
+        if len(maps) != len(self.joins) + 1:
+            raise ValueError("one map per ramping replica, plus the base")
+        self.maps = list(maps)
+        self.full, self.base = self.maps[-1], self.maps[0]
         self.ramps = dict(ramps)
+        # Server id -> how many joined before it: the map its waiting keys fall back to (the
+        # replicas of one /add join at the same time, so none of them falls back to another).
+        self.before = {server_id: sum(t < since for _, t in self.joins)
+                       for server_id, since in self.joins}
         self.period = period
         self.clock = clock
-        self.layout = full.layout
-        self.ends = max(self.ramps.values()) + period
+        self.layout = self.full.layout
 
     def fraction(self, server_id: int, now: float | None = None) -> float:
         """How far ``server_id``'s ramp has gone: 0 at its start, 1 at its end (and for a
@@ -83,23 +106,37 @@ class Ramped:
         now = self.clock() if now is None else now
         return min(1.0, max(0.0, (now - since) / self.period))
 
-    def _waits(self, key: int, owner: int | None) -> bool:
-        """Whether ``key``, whose full owner is ``owner``, still goes where the base sends it."""
-        return owner in self.ramps and gate(key) >= self.fraction(owner)
+    def _owner(self, key: int) -> tuple[int | None, bool]:
+        """Where ``key`` goes now, and whether that is its full owner."""
+        i, now, place = len(self.joins), self.clock(), None
+        while True:
+            owner = self.maps[i].lookup(key)
+            if owner is None or owner not in self.ramps:
+                return owner, i == len(self.joins)
+            place = gate(key) if place is None else place
+            if place < self.fraction(owner, now):
+                return owner, i == len(self.joins)
+            # Its gate is shut: it stays where it was when this replica joined, i.e. where
+            # the map before it sent the key at that time.
+            i, now = self.before[owner], self.ramps[owner]
 
     def lookup(self, key: int) -> int | None:
-        owner = self.full.lookup(key)
-        return self.base.lookup(key) if self._waits(key, owner) else owner
+        return self._owner(key)[0]
 
     def walk(self, key: int, skip: Iterable[int] = ()) -> Iterator[int]:
-        """The full map's walk for a key whose gate is open; else the base's, then the ramping
-        replicas (when every other one cannot serve, one still ramping beats a 502)."""
-        if not self._waits(key, self.full.lookup(key)):
+        """The full map's walk for a key that goes to its full owner; else where it waits,
+        then the base's walk, then the ramping replicas (when every other one cannot serve,
+        one still ramping beats a 502)."""
+        owner, settled = self._owner(key)
+        if settled:
             yield from self.full.walk(key, skip)
             return
         skip = set(skip)
+        if owner is not None and owner not in skip:
+            skip.add(owner)
+            yield owner
         yield from self.base.walk(key, skip)
-        for server_id in sorted(self.ramps):
+        for server_id, _ in self.joins:
             if server_id not in skip:
                 yield server_id
 
@@ -110,19 +147,20 @@ class Ramped:
         return self.full.owners()
 
     def shares(self) -> dict[int, float]:
-        """Each server's share of the key space now: a ramping replica's full share times its
-        fraction, the rest of it with the base owners of its slots."""
-        full, base = self.full.owners(), self.base.owners()
+        """Each server's share of the key space now: the keys of each slot split by their
+        gates as ``_owner`` splits them (gates are uniform over [0, 1))."""
+        owners = [m.owners() for m in self.maps]
         now = self.clock()
         out = dict.fromkeys(self.full.shares(), 0.0)
-        unit = 1.0 / len(full) if full else 0.0
-        for owner, fallback in zip(full, base):
-            if owner is None:
-                continue
-            f = self.fraction(owner, now)
-            out[owner] += f * unit
-            if f < 1.0 and fallback is not None:
-                out[fallback] = out.get(fallback, 0.0) + (1.0 - f) * unit
+        unit = 1.0 / len(owners[-1]) if owners[-1] else 0.0
+        for slot in range(len(owners[-1])):
+            i, at, low = len(self.joins), now, 0.0  # the slot's keys with gates in [low, 1)
+            while low < 1.0 and (owner := owners[i][slot]) is not None:
+                cut = max(low, self.fraction(owner, at))  # 1 for one that does not ramp
+                out[owner] = out.get(owner, 0.0) + (cut - low) * unit
+                if owner in self.ramps:
+                    i, at = self.before[owner], self.ramps[owner]
+                low = cut
         return out
 
     def virtual_servers(self) -> list[tuple[int, int]]:
