@@ -59,7 +59,7 @@ from lb.registry import (
     State,
 )
 from lb.settings import Settings
-from lb.slowstart import Ramped, joining_order, ramping
+from lb.slowstart import Ramped, fallbacks, joining_order, ramping
 from lb.strategies import Lookup
 
 if TYPE_CHECKING:
@@ -593,9 +593,9 @@ class Router:
             return lookup
         by_id = {r.server_id: r for r in routable}
         joined = [by_id[server_id] for server_id in joining_order(ramps)]
-        maps = [state.lookup(self.settings.strategy, base + joined[:i])
-                for i in range(len(joined))]
-        return Ramped([*maps, lookup], ramps, period)
+        maps = {i: state.lookup(self.settings.strategy, base + joined[:i])
+                for i in fallbacks(ramps)}
+        return Ramped({**maps, len(joined): lookup}, ramps, period)
 
     def candidates(self, key: int) -> list[Replica]:
         """Up to 1 + retries distinct replicas clockwise from ``key``, other failure domains

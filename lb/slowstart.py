@@ -67,13 +67,25 @@ def joining_order(ramps: Mapping[int, float]) -> list[int]:
     return sorted(ramps, key=lambda server_id: (ramps[server_id], server_id))
 
 
+def joined_before(ramps: Mapping[int, float]) -> dict[int, int]:
+    """Server id -> how many ramping replicas joined before it: the map its waiting keys fall
+    back to has those (the replicas of one /add join together: none falls back to another)."""
+    return {server_id: sum(t < since for t in ramps.values())
+            for server_id, since in ramps.items()}
+
+
+def fallbacks(ramps: Mapping[int, float]) -> set[int]:
+    """The prefixes of ``joining_order`` whose maps ``Ramped`` needs besides the full one."""
+    return set(joined_before(ramps).values())
+
+
 class Ramped:
     """A ``Lookup`` over the full map whose ramping replicas take their keys gradually.
 
-    ``ramps``: server id -> ready_since of the ramping replicas; ``maps``: the strategy's map
-    of every routable replica but the ramping ones (the base), then of each ramping one added
-    in ``joining_order``: ``maps[i]`` has the first i, the last is the full map. ``clock``:
-    wall-clock seconds.
+    ``ramps``: server id -> ready_since of the ramping replicas; ``maps``: i -> the strategy's
+    map of every routable replica but the ramping ones (the base) and the first i of them in
+    ``joining_order``, for i = ``len(ramps)`` (the full map) and each i in ``fallbacks``
+    (0 among them: the base). ``clock``: wall-clock seconds.
 
     A key whose owner in a map is a replica still ramping and whose gate is shut goes where it
     was when that replica joined: where the previous map sent it then (``_owner``). With one
@@ -81,18 +93,14 @@ class Ramped:
     until the later one's gate opens, rather than going back to the base meanwhile.
     """
 
-    def __init__(self, maps: Sequence[Lookup], ramps: Mapping[int, float], period: float,
+    def __init__(self, maps: Mapping[int, Lookup], ramps: Mapping[int, float], period: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self.joins = [(server_id, ramps[server_id]) for server_id in joining_order(ramps)]
-        if len(maps) != len(self.joins) + 1:
-            raise ValueError("one map per ramping replica, plus the base")
-        self.maps = list(maps)
-        self.full, self.base = self.maps[-1], self.maps[0]
+        if not fallbacks(ramps) | {len(ramps)} <= maps.keys():
+            raise ValueError("a map missing: the full one, or one to fall back to")
+        self.maps = dict(maps)
+        self.full, self.base = self.maps[len(ramps)], self.maps[0]
         self.ramps = dict(ramps)
-        # Server id -> how many joined before it: the map its waiting keys fall back to (the
-        # replicas of one /add join at the same time, so none of them falls back to another).
-        self.before = {server_id: sum(t < since for _, t in self.joins)
-                       for server_id, since in self.joins}
+        self.before = joined_before(ramps)
         self.period = period
         self.clock = clock
         self.layout = self.full.layout
@@ -108,14 +116,14 @@ class Ramped:
 
     def _owner(self, key: int) -> tuple[int | None, bool]:
         """Where ``key`` goes now, and whether that is its full owner."""
-        i, now, place = len(self.joins), self.clock(), None
+        i, now, place = len(self.ramps), self.clock(), None
         while True:
             owner = self.maps[i].lookup(key)
             if owner is None or owner not in self.ramps:
-                return owner, i == len(self.joins)
+                return owner, i == len(self.ramps)
             place = gate(key) if place is None else place
             if place < self.fraction(owner, now):
-                return owner, i == len(self.joins)
+                return owner, i == len(self.ramps)
             # Its gate is shut: it stays where it was when this replica joined, i.e. where
             # the map before it sent the key at that time.
             i, now = self.before[owner], self.ramps[owner]
@@ -136,7 +144,7 @@ class Ramped:
             skip.add(owner)
             yield owner
         yield from self.base.walk(key, skip)
-        for server_id, _ in self.joins:
+        for server_id in joining_order(self.ramps):
             if server_id not in skip:
                 yield server_id
 
@@ -149,12 +157,12 @@ class Ramped:
     def shares(self) -> dict[int, float]:
         """Each server's share of the key space now: the keys of each slot split by their
         gates as ``_owner`` splits them (gates are uniform over [0, 1))."""
-        owners = [m.owners() for m in self.maps]
-        now = self.clock()
+        owners = {i: m.owners() for i, m in self.maps.items()}
+        now, top = self.clock(), len(self.ramps)
         out = dict.fromkeys(self.full.shares(), 0.0)
-        unit = 1.0 / len(owners[-1]) if owners[-1] else 0.0
-        for slot in range(len(owners[-1])):
-            i, at, low = len(self.joins), now, 0.0  # the slot's keys with gates in [low, 1)
+        unit = 1.0 / len(owners[top]) if owners[top] else 0.0
+        for slot in range(len(owners[top])):
+            i, at, low = top, now, 0.0  # the slot's keys with gates in [low, 1)
             while low < 1.0 and (owner := owners[i][slot]) is not None:
                 cut = max(low, self.fraction(owner, at))  # 1 for one that does not ramp
                 out[owner] = out.get(owner, 0.0) + (cut - low) * unit

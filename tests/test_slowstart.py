@@ -24,7 +24,7 @@ from lb.hashring import HashRing
 from lb.registry import READY, Registry
 from lb.routing import Router
 from lb.settings import Settings
-from lb.slowstart import Ramped, gate, joining_order, ramping
+from lb.slowstart import Ramped, fallbacks, gate, joining_order, ramping
 from lb.strategies import REQUEST_IDS, Lookup, build_lookup
 
 PERIOD = 10.0
@@ -54,8 +54,8 @@ def _table(strategy: str, since: Mapping[int, float], now: float,
     if not ramps or not base:
         return full
     order = joining_order(ramps)
-    maps = [_map(strategy, base + order[:i]) for i in range(len(order))]
-    return Ramped([*maps, full], ramps, period, clock=lambda: now)
+    maps = {i: _map(strategy, base + order[:i]) for i in fallbacks(ramps)}
+    return Ramped({**maps, len(order): full}, ramps, period, clock=lambda: now)
 
 
 def _owners(strategy: str, since: Mapping[int, float], times: list[float],
@@ -188,6 +188,15 @@ def test_ramping_edge_cases() -> None:
     # A fresh stack: every replica joined within the period of the next.
     fresh = {1: 0.0, 2: 0.4, 3: 0.9}
     assert ramping(fresh, PERIOD, 2.0) == fresh
+
+
+def test_replicas_that_join_together_need_only_the_base_and_the_full_map() -> None:
+    assert fallbacks({5: 0.0, 6: 0.0, 7: 0.0}) == {0}  # one /add of three
+    assert fallbacks({5: 0.0, 6: 4.0, 7: 4.0}) == {0, 1}
+    full, base = _map("maglev", [1, 2, 5, 6]), _map("maglev", [1, 2])
+    Ramped({0: base, 2: full}, {5: 0.0, 6: 0.0}, PERIOD)
+    with pytest.raises(ValueError, match="a map missing"):
+        Ramped({0: base, 2: full}, {5: 0.0, 6: 1.0}, PERIOD)
 
 
 @settings(max_examples=200, deadline=None)
