@@ -59,7 +59,7 @@ from lb.registry import (
     State,
 )
 from lb.settings import Settings
-from lb.slowstart import Ramped, ramping
+from lb.slowstart import Ramped, fallbacks, joining_order, ramping
 from lb.strategies import Lookup
 
 if TYPE_CHECKING:
@@ -596,7 +596,11 @@ class Router:
         base = [r for r in routable if r.server_id not in ramps and r.weight]
         if not ramps or not base:  # nothing ramps, or nothing else takes its keys meanwhile
             return lookup
-        return Ramped(lookup, state.lookup(self.settings.strategy, base), ramps, period)
+        by_id = {r.server_id: r for r in routable}
+        joined = [by_id[server_id] for server_id in joining_order(ramps)]
+        maps = {i: state.lookup(self.settings.strategy, base + joined[:i])
+                for i in fallbacks(ramps)}
+        return Ramped({**maps, len(joined): lookup}, ramps, period)
 
     def candidates(self, key: int) -> list[Replica]:
         """Up to 1 + retries distinct replicas clockwise from ``key``, other failure domains
