@@ -517,7 +517,8 @@ def test_key_space_follows_the_ramp_of_the_lookup_in_use() -> None:
     """The router keeps a ``Ramped`` lookup until the registry changes: its ramps are read at
     each call, and one that has ended is no ramp."""
     now = [50.0]
-    lookup = Ramped(Maglev([1, 2, 3]), Maglev([1, 2]), {3: 0.0}, 100, clock=lambda: now[0])
+    lookup = Ramped({1: Maglev([1, 2, 3]), 0: Maglev([1, 2])}, {3: 0.0}, 100,
+                    clock=lambda: now[0])
     space = key_space(lookup)
     assert space.ramps == {3: 0.5} and space.full == Maglev([1, 2, 3]).shares()
     assert space.shares[3] == pytest.approx(space.full[3] / 2, abs=1e-4)
