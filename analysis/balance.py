@@ -14,7 +14,7 @@ a leaving one frees only its slots); ``ring160`` and ``maglev`` are functions of
 as in the router. Bounded loads are simulated in the model of Mirrokni et al.: requests stay, and
 a request passes over a replica that already holds ceil(c x mean) of them.
 
-``python -m analysis.balance`` or ``lb-analyze balance`` prints the tables and writes
+``lb-analyze balance`` prints the tables and writes
 ``balance.md``, ``balance.json`` and ``balance.png`` into the results folder; with ``--weights
 1,2,3``, each strategy's share per replica at those weights instead (``analysis.weighted``).
 """
@@ -641,38 +641,3 @@ def add_hash_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                         help="--hash: virtual servers per replica K (9)")
     parser.add_argument("--probing", default="linear", help="--hash: linear or quadratic")
     parser.add_argument("--chart", action="store_true", help="--hash: also write a PNG")
-
-
-def run_args(args: argparse.Namespace) -> None:
-    """Run what ``args`` (settled by ``analysis.weighted.settle``) ask for."""
-    if args.weights:
-        from analysis import weighted
-
-        weighted.run(args.weights, args.out, args.requests, args.seed, args.only)
-        return
-    if args.hash:
-        run_hash(args.hash, args.out, args.chart, args.slots, args.virtual, args.probing,
-                 args.requests, args.seed, args.n_min, args.n_max, args.repeats)
-        return
-    run(args.out, args.requests, args.seed, args.n_min, args.n_max, args.only, args.repeats)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.balance", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    from analysis import weighted  # it builds on this module
-
-    args = parser.parse_args(argv)
-    try:
-        weighted.settle(args)
-    except AnalysisError as exc:
-        parser.exit(2, f"analysis.balance: {exc}\n")
-    try:
-        run_args(args)
-    except AnalysisError as exc:
-        sys.exit(f"analysis.balance: {exc}")
-
-
-if __name__ == "__main__":
-    main()

@@ -19,7 +19,8 @@ temporary git worktree), in one run on one machine, loopback only, every load bo
    ``--workers`` (default async), and HAProxy with ``maxconn 4`` per server and ``timeout queue
    1s`` on the same replicas: goodput and its share of capacity, the served requests' p99, 503s
    (with ``Retry-After``), requests unanswered. ``--only overload --workers async,threads``
-   compares the two data paths.
+   compares the two data paths (the threads worker with ``LB_QUEUE_SIZE`` 8: a queued request
+   holds one of its threads).
 
 Clients: ``tests/helpers_chaos.py`` ``Load`` (keep-alive sessions) for 1 and 2,
 ``tests/helpers_overload.py`` for 3: the same clients the suite's tests use.
@@ -57,6 +58,7 @@ HANG_CLIENTS = 32
 HANG_STOP_AT, HANG_STOPPED, HANG_AFTER = 3.0, 8.0, 4.0
 EVEN = {"strategy": "maglev"}  # keys spread evenly: "one replica of three" means a third
 OVERLOAD_THREADS, OVERLOAD_MAXCONN, OVERLOAD_QUEUE_TIMEOUT = 4, 2, 1.0
+OVERLOAD_THREADS_QUEUE = 8  # LB_QUEUE_SIZE of the threads worker's runs
 
 
 # -- stacks of either commit --------------------------------------------------------------------
@@ -182,7 +184,10 @@ def overload(folder: str, service: float, seconds: float, factors: list[float],
     for worker in workers:
         # The name says which worker once there are two: one table, the same rows as before.
         label = f"{worker}, " if len(workers) > 1 else ""
-        targets[f"{label}limits on"] = {"worker": worker, **limits}
+        # A queued request holds one of the threads worker's threads: its queues must leave
+        # threads to take new connections (3 replicas x 8 queued < 64 threads).
+        queue = {"queue_size": OVERLOAD_THREADS_QUEUE} if worker == "threads" else {}
+        targets[f"{label}limits on"] = {"worker": worker, **limits, **queue}
         targets[f"{label}limits off"] = {"worker": worker, "replica_maxconn": 0}
     targets["haproxy"] = None
     for factor in factors:
