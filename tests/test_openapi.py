@@ -6,11 +6,8 @@ status fails the test too."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,8 @@ from lb.balancer import Balancer
 from lb.ops.metrics import ENV_DIR
 from lb.ops.openapi import openapi_document
 from lb.registry import READY, Registry
-from tests.conftest import RunningStack, free_port
+from tests.conftest import RunningStack
+from tests.helpers_echo import serve_in_thread
 from tests.helpers_stack import stalled_body
 
 SPEC = openapi_document("test")
@@ -192,34 +190,6 @@ def rep_names(stack: RunningStack) -> list[str]:
 
 
 # -- faults injected in-process -------------------------------------------------------------------
-@contextmanager
-def replica_serving_weight() -> Iterator[str]:
-    """A loopback HTTP server that answers every GET with a JSON 200: a replica that serves
-    /weight itself (the project's replicas do not), whose answer the balancer passes back."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'{"weight": "the replica\'s own"}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 @pytest.fixture
 def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
     monkeypatch.delenv(ENV_DIR, raising=False)
@@ -244,12 +214,12 @@ def test_fault_replies_match_the_document(app: Flask, checker: Checker,
     assert local(app, checker, "/home", "get").status == 502
     assert local(app, checker, "/{path}", "get", "/x").status == 502
     assert local(app, checker, "/weight", "get").status == 502
-    with replica_serving_weight() as address:
+    with serve_in_thread() as address:  # a replica that serves /weight: an echo of it
         with parts.registry.update() as state:
             for r in state.replicas:
                 r.address = address
         served = local(app, checker, "/weight", "get")
-        assert served.status == 200 and b"the replica's own" in served.body
+        assert served.status == 200 and json.loads(served.body)["path"] == "/weight"
 
     def refuse(spec: Any) -> Any:
         raise BackendError(f"cannot start {spec.hostname}: refused for the test")
