@@ -236,3 +236,26 @@ def test_state_lookup_leaves_out_drained_replicas(tmp_path: Path) -> None:
     lookup = state.lookup("maglev", state.routable())
     assert set(lookup.shares()) == {2, 3}
     assert all(lookup.lookup(k) != 1 for k in KEYS[:2000])
+
+
+# -- bounded loads with weights ----------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(weights=st.lists(st.integers(1, 5), min_size=2, max_size=6),
+       homes=st.lists(st.integers(0, 5), min_size=1, max_size=1500))
+def test_bounded_loads_cap_each_replica_at_c_times_its_weights_part(
+        weights: list[int], homes: list[int]) -> None:
+    """``Router._bounded``'s rule over a window, a replica's mean being its weight's part:
+    however the keys' homes fall, no replica holds more than ceil(c x its part) of the window,
+    and there is always one with room (the walk here: home first, then the others in order)."""
+    from lb.bounded import RecentLoad
+
+    c, total = 1.25, sum(weights)
+    load = RecentLoad(c, size=256)
+    names = [f"r{i}" for i in range(len(weights))]
+    caps = {h: load.caps(w / total) for h, w in zip(names, weights)}
+    for home in homes:
+        walk = names[home % len(names):] + names[:home % len(names)]
+        chosen = next(h for i, h in enumerate(walk) if load.room(h, i == 0, caps[h]))
+        load.given(chosen)
+        for h in names:
+            assert load.counts.get(h, 0) <= caps[h][0], (h, load.counts, caps)
