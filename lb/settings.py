@@ -52,9 +52,9 @@ class Settings:
     probing: str = _opt("linear", "Slot conflict resolution: linear or quadratic")
     strategy: str = _opt("ring", "Lookup strategy: ring (the hash map above), ring160 (xxhash, 65536 slots, 160 virtual servers) or maglev")
     bounded_load: float = _opt(
-        0.0, "Bounded loads: no replica gets more than c x the mean of a worker's last 1024 "
-             "requests; the overflow goes clockwise to replicas below the mean (c > 1, e.g. "
-             "1.25); 0 turns it off")
+        0.0, "Bounded loads: no replica gets more than c x its part (the mean, or its weight's "
+             "share) of a worker's last 1024 requests; the overflow goes clockwise to replicas "
+             "below theirs (c > 1, e.g. 1.25); 0 turns it off")
     slow_start: float = _opt(
         0.0, "Seconds over which a replica that joins (an /add, a replacement) takes its share: "
              "its keys move to it gradually, each once; 0 turns it off")
