@@ -574,7 +574,7 @@ class Router:
             if self._table is None or self._table.version != state.version:
                 routable = state.routable()
                 self._table = RoutingTable(
-                    state.version, self._lookup(state, routable),
+                    state.version, self.lookup_for(state, routable),
                     {r.server_id: r for r in routable},
                     any(r.state == STARTING for r in state.members()))
                 # Forget idle counters of replicas that left (hostnames churn with replacements).
@@ -584,7 +584,7 @@ class Router:
                 self.ejections.keep(names)
             return self._table
 
-    def _lookup(self, state: State, routable: list[Replica]) -> Lookup:
+    def lookup_for(self, state: State, routable: list[Replica]) -> Lookup:
         """The strategy's lookup over the routable replicas at their weights; while some ramp
         up (``LB_SLOW_START``), one that gives them their keys gradually (``lb.slowstart``)."""
         lookup = state.lookup(self.settings.strategy, routable)

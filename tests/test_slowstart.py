@@ -1,6 +1,6 @@
 """Slow start (``lb.slowstart``): the guarantees its docstring states, on every strategy.
 
-No sockets: a fake clock. ``_table`` builds the lookup the way ``Router._lookup`` does at each
+No sockets: a fake clock. ``_table`` builds the lookup the way ``Router.lookup_for`` does at each
 table rebuild (the ramps and the maps recomputed from the join times and the time), so a test
 that samples it over time sees what a router rebuilding its table at each sample routes.
 """
@@ -46,7 +46,7 @@ def _map(strategy: str, ids: list[int]) -> Lookup:
 
 def _table(strategy: str, since: Mapping[int, float], now: float,
            period: float = PERIOD) -> Lookup:
-    """What ``Router._lookup`` builds at ``now`` for the replicas that joined by then."""
+    """What ``Router.lookup_for`` builds at ``now`` for the replicas that joined by then."""
     joined = {i: t for i, t in since.items() if t <= now}
     full = _map(strategy, list(joined))
     ramps = ramping(joined, period, now)

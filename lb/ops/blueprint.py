@@ -90,7 +90,7 @@ def routing_lookup(router: Router, state: State) -> Lookup:
         table = None  # the view cannot give a state now: this one is what there is
     if table is not None and table.version == state.version:
         return table.ring
-    return router._lookup(state, state.routable())
+    return router.lookup_for(state, state.routable())
 
 
 def _no_store(reply: Response) -> Response:
