@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +147,56 @@ def threads_balancer(stack: RunningStack) -> tuple[subprocess.Popen[bytes], str]
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the threads balancer did not come up")
+
+
+# -- who answers which key ------------------------------------------------------------------------
+def served_by(stack: RunningStack, keys: list[int], path: str = "/home",
+              clients: int = 8) -> dict[int, str]:
+    """Who answers each key's ``GET path?id=key`` (``X-Served-By``; a 200 each), ``clients``
+    keep-alive connections in threads (raw http.client: 20,000 requests take seconds). Needs
+    a stack whose key is ``query:id``."""
+    host, port = stack.url.removeprefix("http://").split(":")
+
+    def send(chunk: list[int]) -> dict[int, str]:
+        served: dict[int, str] = {}
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            for key in chunk:
+                for attempt in (1, 2):  # a kept-alive connection the server closed: once more
+                    try:
+                        conn.request("GET", f"{path}?id={key}")
+                        reply = reply_of(conn)
+                        break
+                    except (http.client.RemoteDisconnected, ConnectionError):
+                        conn.close()
+                        if attempt == 2:
+                            raise
+                assert reply[0] == 200, (key, reply)
+                served[key] = reply[1]
+        finally:
+            conn.close()
+        return served
+
+    with ThreadPoolExecutor(clients) as pool:
+        result: dict[int, str] = {}
+        for part in pool.map(send, [keys[i::clients] for i in range(clients)]):
+            result.update(part)
+    return result
+
+
+def reply_of(conn: http.client.HTTPConnection) -> tuple[int, str, bytes]:
+    """Status, ``X-Served-By`` and body of the answer waiting on ``conn``."""
+    reply = conn.getresponse()
+    body = reply.read()
+    return reply.status, reply.getheader("X-Served-By") or "", body
+
+
+def owners_by_map(stack: RunningStack, keys: list[int]) -> dict[int, str]:
+    """Each key's owner by the registry's map at full weights (no ramp), computed here: what
+    the balancer must route to once nothing ramps."""
+    state = stack.state()
+    routable = state.routable()
+    lookup = state.lookup(stack.settings.strategy, routable)
+    names = {r.server_id: r.hostname for r in routable}
+    return {k: names[lookup.lookup(k)] for k in keys}  # type: ignore[index]
+

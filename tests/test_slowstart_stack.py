@@ -9,19 +9,16 @@ routes), and no key changes owner twice.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 
 import pytest
-import requests
 
-from lb.routing import Router
 from tests.conftest import RunningStack
 from tests.helpers_chaos import wait_for
+from tests.helpers_stack import owners_by_map, served_by
 from tests.test_chaos import kill_replica, restored
 
 pytestmark = pytest.mark.system
@@ -31,34 +28,19 @@ KEYS = random.Random(7).sample(range(100000, 1000000), 300)
 THREADS = 6
 
 
-def _sample(url: str, sessions: list[requests.Session]) -> dict[int, str]:
-    """Key -> the replica that served it now (``X-Served-By``), THREADS keep-alive clients."""
-    def serve(part: int) -> list[tuple[int, str]]:
-        out = []
-        for k in KEYS[part::THREADS]:
-            reply = sessions[part].get(f"{url}/home?id={k}", timeout=10)
-            assert reply.status_code == 200, reply.text
-            out.append((k, reply.headers["X-Served-By"]))
-        return out
-    with ThreadPoolExecutor(THREADS) as pool:
-        return dict(pair for part in pool.map(serve, range(THREADS)) for pair in part)
-
-
-def _ramp(stack: RunningStack, name: str, sessions: list[requests.Session],
-          ready_since: float) -> list[dict[int, str]]:
+def _ramp(stack: RunningStack, name: str, ready_since: float) -> list[dict[int, str]]:
     """Samples about every second from now until a second after ``name``'s ramp has ended;
     asserts the ramp's guarantees and returns the samples."""
     samples: list[dict[int, str]] = []
     times = []
     while True:
         now = time.time()
-        samples.append(_sample(stack.url, sessions))
+        samples.append(served_by(stack, KEYS, clients=THREADS))
         times.append(now - ready_since)
         if now > ready_since + RAMP + 1.0:
             break
         time.sleep(max(0.0, now + 1.0 - time.time()))
-    plain = Router(dataclasses.replace(stack.settings, slow_start=0.0), stack.registry)
-    full = {k: plain.candidates(k)[0].hostname for k in KEYS}
+    full = owners_by_map(stack, KEYS)
     mine = sum(owner == name for owner in full.values())
     counts = [sum(owner == name for owner in s.values()) for s in samples]
     print(f"{name}: full share {mine}/{len(KEYS)}; per sample (s since ready: count) "
@@ -81,27 +63,22 @@ def test_a_joining_and_a_replacement_replica_ramp_up(
                        slow_start=RAMP)
     # The stack's own replicas do not ramp: nobody could take their keys meanwhile.
     assert all(r.ready_since is None for r in stack.state().members())
-    sessions = [requests.Session() for _ in range(THREADS)]
-    try:
-        before = _sample(stack.url, sessions)
-        reply = stack.post("/add", json={"n": 1, "hostnames": ["Joiner"]})
-        assert reply.status_code == 200, reply.text
-        joiner = next(r for r in stack.state().members() if r.hostname == "Joiner")
-        assert joiner.ready_since is not None
-        samples = _ramp(stack, "Joiner", sessions, joiner.ready_since)
-        # The first sample: every key where it was before the join, or moved to the joiner.
-        assert all(samples[0][k] in (before[k], "Joiner") for k in KEYS)
+    before = served_by(stack, KEYS, clients=THREADS)
+    reply = stack.post("/add", json={"n": 1, "hostnames": ["Joiner"]})
+    assert reply.status_code == 200, reply.text
+    joiner = next(r for r in stack.state().members() if r.hostname == "Joiner")
+    assert joiner.ready_since is not None
+    samples = _ramp(stack, "Joiner", joiner.ready_since)
+    # The first sample: every key where it was before the join, or moved to the joiner.
+    assert all(samples[0][k] in (before[k], "Joiner") for k in KEYS)
 
-        # The supervisor's replacement of a killed replica (same server id, so the same keys
-        # under ring160) ramps too.
-        assert joiner.handle is not None
-        assert kill_replica(joiner.handle, whole=True) >= 1
-        wait_for(restored(stack, 4, "Joiner"), timeout=30)
-        new = next(r for r in stack.state().members() if r.server_id == joiner.server_id)
-        assert new.ready_since is not None and new.ready_since > joiner.ready_since
-        again = _ramp(stack, new.hostname, sessions, new.ready_since)
-        assert {k for k, s in again[-1].items() if s == new.hostname} == \
-            {k for k, s in samples[-1].items() if s == "Joiner"}
-    finally:
-        for session in sessions:
-            session.close()
+    # The supervisor's replacement of a killed replica (same server id, so the same keys under
+    # ring160) ramps too.
+    assert joiner.handle is not None
+    assert kill_replica(joiner.handle, whole=True) >= 1
+    wait_for(restored(stack, 4, "Joiner"), timeout=30)
+    new = next(r for r in stack.state().members() if r.server_id == joiner.server_id)
+    assert new.ready_since is not None and new.ready_since > joiner.ready_since
+    again = _ramp(stack, new.hostname, new.ready_since)
+    assert {k for k, s in again[-1].items() if s == new.hostname} == \
+        {k for k, s in samples[-1].items() if s == "Joiner"}

@@ -10,7 +10,6 @@ before the reply, and the workers see it before any later request (``lb.watch``)
 
 from __future__ import annotations
 
-import http.client
 import random
 import threading
 import time
@@ -25,52 +24,13 @@ import requests
 from lb.registry import READY
 from tests.conftest import RunningStack
 from tests.helpers_echo import start_echo_replica
+from tests.helpers_stack import owners_by_map, served_by
 
-SESSIONS = 8  # keep-alive client connections sending a batch at once
 NAMES = ["Server1", "Server2", "Server3"]
 
 
 def sticky_stack(make_stack: Callable[..., RunningStack], **overrides: Any) -> RunningStack:
     return make_stack(hash_key="query:id", hedge_share=0, **overrides)
-
-
-def owners(stack: RunningStack, keys: list[int], path: str = "/home") -> dict[int, str]:
-    """Who answers each key's ``GET path?id=key``: SESSIONS keep-alive connections in threads
-    (raw http.client: a third of requests' time per request, so 20,000 take seconds)."""
-    host, port = stack.url.removeprefix("http://").split(":")
-    chunks = [keys[i::SESSIONS] for i in range(SESSIONS)]
-
-    def send(chunk: list[int]) -> dict[int, str]:
-        served: dict[int, str] = {}
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        try:
-            for key in chunk:
-                for attempt in (1, 2):  # a kept-alive connection the server closed: once more
-                    try:
-                        conn.request("GET", f"{path}?id={key}")
-                        reply = reply_of(conn)
-                        break
-                    except (http.client.RemoteDisconnected, ConnectionError):
-                        conn.close()
-                        if attempt == 2:
-                            raise
-                assert reply[0] == 200, (key, reply)
-                served[key] = reply[1]
-        finally:
-            conn.close()
-        return served
-
-    with ThreadPoolExecutor(SESSIONS) as pool:
-        result: dict[int, str] = {}
-        for part in pool.map(send, chunks):
-            result.update(part)
-    return result
-
-
-def reply_of(conn: http.client.HTTPConnection) -> tuple[int, str, bytes]:
-    reply = conn.getresponse()
-    body = reply.read()
-    return reply.status, reply.getheader("X-Served-By") or "", body
 
 
 def set_weights(stack: RunningStack, weights: dict[str, int]) -> dict[str, Any]:
@@ -81,15 +41,6 @@ def set_weights(stack: RunningStack, weights: dict[str, int]) -> dict[str, Any]:
     for name, weight in weights.items():
         assert body["message"]["weights"][name] == weight
     return dict(body["message"])
-
-
-def expected_owners(stack: RunningStack, keys: list[int]) -> dict[int, str]:
-    """The owner of each key by the registry's map, computed here (what the balancer must do)."""
-    state = stack.state()
-    routable = state.routable()
-    lookup = state.lookup(stack.settings.strategy, routable)
-    names = {r.server_id: r.hostname for r in routable}
-    return {k: names[lookup.lookup(k)] for k in keys}  # type: ignore[index]
 
 
 def fixed_keys(count: int, seed: int) -> list[int]:
@@ -111,7 +62,7 @@ def test_maglev_weights_1_2_3_give_a_sixth_two_sixths_three_sixths(
     want = {"Server1": 1 / 6, "Server2": 2 / 6, "Server3": 3 / 6}
     assert message["shares"] == pytest.approx(want, abs=0.005)
     began = time.monotonic()
-    served = owners(stack, fixed_keys(20_000, seed=11))
+    served = served_by(stack, fixed_keys(20_000, seed=11))
     took = time.monotonic() - began
     counts = Counter(served.values())
     shares = {name: counts[name] / len(served) for name in NAMES}
@@ -138,13 +89,13 @@ def test_a_weight_change_moves_only_the_keys_it_must(
     the table is a function of the ids and weights, so the old weight gives the old table."""
     stack = sticky_stack(make_stack, strategy=strategy, hash="xxhash")
     keys = fixed_keys(3000, seed=22)
-    start = owners(stack, keys)
-    assert start == expected_owners(stack, keys)
+    start = served_by(stack, keys)
+    assert start == owners_by_map(stack, keys)
     set_weights(stack, {"Server2": 3})
-    grown = owners(stack, keys)
-    assert grown == expected_owners(stack, keys)  # routed as the registry says, at once
+    grown = served_by(stack, keys)
+    assert grown == owners_by_map(stack, keys)  # routed as the registry says, at once
     set_weights(stack, {"Server2": 1})
-    back = owners(stack, keys)
+    back = served_by(stack, keys)
     up, down = moves(start, grown), moves(grown, back)
     across_up = sum(c for (a, b), c in up.items() if "Server2" not in (a, b))
     across_down = sum(c for (a, b), c in down.items() if "Server2" not in (a, b))
@@ -173,7 +124,7 @@ def test_weight_0_drains_a_replica_and_weight_1_brings_its_keys_back(
     stack = sticky_stack(make_stack, n=2, hash="xxhash")
     start_echo_replica(stack.registry, stack.settings.deployment, "drain-echo")
     keys = fixed_keys(400, seed=33)
-    home = owners(stack, keys)
+    home = served_by(stack, keys)
     mine = [k for k in keys if home[k] == "drain-echo"]
     assert len(mine) >= 20, Counter(home.values())
     results: list[tuple[int, str, str]] = []
@@ -191,7 +142,7 @@ def test_weight_0_drains_a_replica_and_weight_1_brings_its_keys_back(
     drained_at = time.time()
     assert message["shares"]["drain-echo"] == 0.0
     assert sum(message["shares"].values()) == pytest.approx(1.0)
-    after = owners(stack, keys)
+    after = served_by(stack, keys)
     for t in threads:
         t.join(timeout=60)
     assert results == [(200, "drain-echo", "drain-echo")] * 4
@@ -208,9 +159,9 @@ def test_weight_0_drains_a_replica_and_weight_1_brings_its_keys_back(
         time.sleep(0.2)
     status = stack.get("/_lb/status.json").json()["message"]
     assert {r["hostname"]: r for r in status["replicas"]}["drain-echo"]["share"] == 0.0
-    assert owners(stack, keys) == after  # still drained
+    assert served_by(stack, keys) == after  # still drained
     set_weights(stack, {"drain-echo": 1})
-    assert owners(stack, keys) == home
+    assert served_by(stack, keys) == home
 
 
 # -- 4. bad input changes nothing --------------------------------------------------------------
@@ -322,6 +273,6 @@ def test_concurrent_weight_calls_and_an_add_lose_no_update(
     assert len(slots) == len(set(slots))
     listed = stack.post("/weight", json={"weights": {}})
     assert listed.json()["message"]["weights"] == weights
-    served = Counter(owners(stack, fixed_keys(600, seed=55)).values())
+    served = Counter(served_by(stack, fixed_keys(600, seed=55)).values())
     assert set(served) == set(weights), served  # all five route
     print(f"\nconcurrent admin: final weights {weights}; 600 keys served {dict(served)}")
