@@ -101,6 +101,7 @@ class Ramped:
         self.full, self.base = self.maps[len(ramps)], self.maps[0]
         self.ramps = dict(ramps)
         self.before = joined_before(ramps)
+        self.order = joining_order(ramps)  # the last resort of a waiting key's walk
         self.period = period
         self.clock = clock
         self.layout = self.full.layout
@@ -144,7 +145,7 @@ class Ramped:
             skip.add(owner)
             yield owner
         yield from self.base.walk(key, skip)
-        for server_id in joining_order(self.ramps):
+        for server_id in self.order:
             if server_id not in skip:
                 yield server_id
 
